@@ -1,0 +1,159 @@
+/*
+ * bgworker.h: the C contract between the bgworker helper and utility libraries.
+ *
+ * A utility library is any native library whose background threads hand
+ * results to a Lua state. It includes this header only: it never links
+ * against bgworker. Opening `bgworker.core` in a Lua state publishes a
+ * `bgw_api` table of function pointers in that state's registry;
+ * `bgw_api_get` fetches and checks it.
+ *
+ * Threads
+ *   Functions marked (Lua thread) may only be called on the thread that runs
+ *   the Lua state, with a valid `lua_State *`. Functions marked (any thread)
+ *   are safe from any thread at any time, also after the Lua state has been
+ *   closed, as long as the caller holds a handle it has not released.
+ *
+ * Ownership of `data`: the one rule
+ *   Every deliver call takes ownership of `data`, whatever it returns. The
+ *   helper frees it exactly once with `free_data(data)` (with `free(data)`
+ *   when `free_data` is NULL):
+ *     - after `decode` ran on the Lua thread (and, for bgw_api.call, after
+ *       `result` ran), whether they succeeded or raised an error;
+ *     - before returning, when the item is rejected (BGW_FULL, BGW_CLOSED,
+ *       BGW_TIMEOUT while waiting for room, BGW_INVALID);
+ *     - when a queued item is cancelled: `stop()` in Lua, or the Lua state
+ *       being closed (`lua_close`).
+ *   `free_data` may run on the Lua thread or on the delivering thread. After
+ *   a handle's Lua state is closed, the helper never calls `decode` or
+ *   `result` again, and calls `free_data` only from inside a deliver call
+ *   that rejects its item.
+ *
+ * Lifetimes
+ *   Pending items are freed during the state's close while utility libraries
+ *   are still loaded. A utility library whose threads may outlive its Lua
+ *   state must keep its own code loaded (or join its threads from a __gc
+ *   metamethod): bgworker cannot keep another library's code mapped.
+ *   bgworker keeps its own code loaded for the life of the process, so a
+ *   handle stays usable after `lua_close`.
+ */
+#ifndef BGWORKER_H
+#define BGWORKER_H
+
+#include <stddef.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Registry key under which the helper stores a light userdata: `const bgw_api *`. */
+#define BGW_REGISTRY_KEY "bgworker.api"
+
+/* Incremented when a change breaks existing callers. Additions are appended
+ * to bgw_api and announced by a larger `size`. */
+#define BGW_API_VERSION 1
+
+/* Return codes. bgw_api.strerror gives their names. */
+enum bgw_status {
+    BGW_OK = 0,        /* delivered; for call: the callback returned and `result` ran */
+    BGW_FULL = 1,      /* bounded queue full and timeout_ms was BGW_NOWAIT */
+    BGW_CLOSED = 2,    /* the dispatcher is stopped, or the Lua state is closed */
+    BGW_TIMEOUT = 3,   /* no room in time (deliver, call), or no reply in time (call) */
+    BGW_INVALID = 4,   /* NULL handle, NULL decode, or NULL result for call */
+    BGW_CANCELLED = 5, /* call only: the item was cancelled before its callback ran to the end */
+    BGW_ERROR = 6      /* call only: decode, the callback or result raised a Lua error */
+};
+
+/* Values for timeout_ms. Any positive value waits at most that many milliseconds. */
+#define BGW_NOWAIT 0
+#define BGW_FOREVER (-1)
+
+/* A counted reference to one Lua state's helper instance. Opaque. */
+typedef struct bgw_handle bgw_handle;
+
+/* (Lua thread) Push the values for one item onto L and return how many:
+ * first a function (the callback), then its arguments. It may raise a Lua
+ * error; the helper then reports the error, frees `data`, and goes on.
+ * It must not free `data`. */
+typedef int (*bgw_decode_fn)(lua_State *L, void *data);
+
+/* (any thread) Free `data`. Called exactly once per delivered item. */
+typedef void (*bgw_free_fn)(void *data);
+
+/* (Lua thread) For call: the callback's `nresults` return values are the top
+ * `nresults` slots of L's stack. Copy what the waiting thread needs (for
+ * example into memory that `data` points to); do not pop them. It may raise
+ * a Lua error, and the waiting thread then gets BGW_ERROR. It runs only while
+ * the caller of call is still waiting. */
+typedef void (*bgw_result_fn)(lua_State *L, void *data, int nresults);
+
+typedef struct bgw_api {
+    /* BGW_API_VERSION of the helper that published this table. */
+    unsigned int version;
+    /* sizeof(bgw_api) in the helper: members past it are absent. */
+    size_t size;
+
+    /* (Lua thread) A new handle to L's helper instance, or NULL when L has
+     * none (bgworker.core not opened in L, or L's instance closed). The
+     * handle is valid until released, on any thread, even after lua_close. */
+    bgw_handle *(*acquire)(lua_State *L);
+
+    /* (any thread) Give a handle back. NULL is ignored. Each handle is
+     * released exactly once; it must not be used afterwards. */
+    void (*release)(bgw_handle *handle);
+
+    /* (any thread) Queue one item. `data` belongs to the helper from this
+     * call on, whatever the return code (see "Ownership" above).
+     * timeout_ms matters only for a bounded queue that is full:
+     *   BGW_NOWAIT  return BGW_FULL at once;
+     *   BGW_FOREVER wait until there is room or the dispatcher stops;
+     *   n > 0       wait up to n ms, then return BGW_TIMEOUT.
+     * Returns BGW_OK, BGW_FULL, BGW_TIMEOUT, BGW_CLOSED or BGW_INVALID. */
+    int (*deliver)(bgw_handle *handle, bgw_decode_fn decode, void *data, bgw_free_fn free_data,
+                   int timeout_ms);
+
+    /* (any thread but the Lua thread, which it would deadlock) Round trip:
+     * queue one item and wait for its callback's return values. On the Lua
+     * thread, decode runs, the callback is called, then `result` receives
+     * its return values, and the waiting thread is released. timeout_ms
+     * (BGW_FOREVER or n > 0 ms) bounds the whole wait: for room and for the
+     * reply. `decode` and `result` run only while this call is waiting, so
+     * `data` may point to the caller's stack through a field it owns;
+     * `free_data` may run after call returned and must not touch that.
+     * Returns BGW_OK (result ran), BGW_TIMEOUT, BGW_CANCELLED, BGW_ERROR,
+     * BGW_FULL (BGW_NOWAIT and a full queue), BGW_CLOSED or BGW_INVALID. */
+    int (*call)(bgw_handle *handle, bgw_decode_fn decode, bgw_result_fn result, void *data,
+                bgw_free_fn free_data, int timeout_ms);
+
+    /* (any thread) A static name for a return code, such as "BGW_FULL". */
+    const char *(*strerror)(int code);
+} bgw_api;
+
+/* (Lua thread) The helper's API published in L, or NULL when bgworker.core
+ * is not loaded in L or speaks another major version. Leaves the stack as
+ * it was. */
+static inline const bgw_api *bgw_api_get(lua_State *L)
+{
+    const bgw_api *api;
+    lua_getfield(L, LUA_REGISTRYINDEX, BGW_REGISTRY_KEY);
+    api = (const bgw_api *)lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (api == NULL || api->version != BGW_API_VERSION || api->size < sizeof(bgw_api))
+        return NULL;
+    return api;
+}
+
+/* (any thread) The seed's simple form: deliver `data` (freed with free())
+ * for `decode`, waiting for room if the queue is bounded. */
+static inline int bgw_deliver_simple(const bgw_api *api, bgw_handle *handle, bgw_decode_fn decode,
+                                     void *data)
+{
+    return api->deliver(handle, decode, data, NULL, BGW_FOREVER);
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BGWORKER_H */

@@ -1,0 +1,173 @@
+//! The thread-safe half of the C contract (`include/bgworker.h`): what a
+//! utility library's threads call. `acquire` needs a Lua state and lives
+//! with the Lua binding.
+//!
+//! A `bgw_handle *` is an `Arc<Shared>` turned into a raw pointer: each
+//! handle is one strong count, so the producers' side outlives the Lua
+//! state for as long as a handle is held, and a deliver after the state
+//! closed finds no route and returns `BGW_CLOSED`.
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::instance::Shared;
+use crate::item::{free_payload, DecodeFn, FreeFn, Item, ResultFn};
+use crate::room::Wait;
+use crate::status::Status;
+
+/// `bgw_handle`: opaque to C.
+#[repr(C)]
+pub struct Handle {
+    _opaque: [u8; 0],
+}
+
+/// `bgw_api` of the header, member for member.
+#[repr(C)]
+pub struct Api {
+    pub version: c_uint,
+    pub size: usize,
+    pub acquire: unsafe extern "C-unwind" fn(state: *mut c_void) -> *mut Handle,
+    pub release: unsafe extern "C" fn(handle: *mut Handle),
+    pub deliver: unsafe extern "C" fn(
+        handle: *mut Handle,
+        decode: Option<DecodeFn>,
+        data: *mut c_void,
+        free_data: Option<FreeFn>,
+        timeout_ms: c_int,
+    ) -> c_int,
+    pub call: unsafe extern "C" fn(
+        handle: *mut Handle,
+        decode: Option<DecodeFn>,
+        result: Option<ResultFn>,
+        data: *mut c_void,
+        free_data: Option<FreeFn>,
+        timeout_ms: c_int,
+    ) -> c_int,
+    pub strerror: extern "C" fn(code: c_int) -> *const c_char,
+}
+
+pub const API_VERSION: c_uint = 1;
+
+/// A new handle: one more strong count on `shared`.
+pub fn new_handle(shared: &Arc<Shared>) -> *mut Handle {
+    Arc::into_raw(shared.clone()) as *mut Handle
+}
+
+/// Borrow the shared side behind a handle, or `None` for NULL.
+///
+/// # Safety
+/// `handle` is NULL or a handle from `new_handle` not yet released.
+unsafe fn shared<'a>(handle: *mut Handle) -> Option<&'a Shared> {
+    // SAFETY: a live handle is a leaked strong count, so the `Shared` is alive.
+    unsafe { (handle as *const Shared).as_ref() }
+}
+
+/// # Safety
+/// `handle` is NULL or a live handle, released this once.
+pub unsafe extern "C" fn release(handle: *mut Handle) {
+    if !handle.is_null() {
+        // SAFETY: the contract releases each handle from `new_handle` once.
+        drop(unsafe { Arc::from_raw(handle as *const Shared) });
+    }
+}
+
+fn wait_for(timeout_ms: c_int) -> Wait {
+    match timeout_ms {
+        0 => Wait::No,
+        t if t < 0 => Wait::Forever,
+        t => Wait::Until(Instant::now() + Duration::from_millis(t as u64)),
+    }
+}
+
+/// # Safety
+/// `handle` is NULL or a live handle; `data` is the caller's to give away.
+pub unsafe extern "C" fn deliver(
+    handle: *mut Handle,
+    decode: Option<DecodeFn>,
+    data: *mut c_void,
+    free_data: Option<FreeFn>,
+    timeout_ms: c_int,
+) -> c_int {
+    // SAFETY: the caller holds the handle (contract).
+    let (Some(shared), Some(decode)) = (unsafe { shared(handle) }, decode) else {
+        unsafe { free_payload(data, free_data) };
+        return Status::Invalid.code();
+    };
+    shared.deliver(Item::new(decode, data, free_data, None), wait_for(timeout_ms)).code()
+}
+
+/// # Safety
+/// As for `deliver`.
+pub unsafe extern "C" fn call(
+    handle: *mut Handle,
+    decode: Option<DecodeFn>,
+    result: Option<ResultFn>,
+    data: *mut c_void,
+    free_data: Option<FreeFn>,
+    timeout_ms: c_int,
+) -> c_int {
+    // SAFETY: the caller holds the handle (contract).
+    let (Some(shared), Some(decode), Some(result)) = (unsafe { shared(handle) }, decode, result) else {
+        unsafe { free_payload(data, free_data) };
+        return Status::Invalid.code();
+    };
+    let deadline = match wait_for(timeout_ms) {
+        Wait::Forever => None,
+        Wait::Until(deadline) => Some(deadline),
+        // A round trip always waits for its reply; "do not wait" has no meaning here.
+        Wait::No => {
+            unsafe { free_payload(data, free_data) };
+            return Status::Invalid.code();
+        }
+    };
+    shared.call(decode, result, data, free_data, deadline).code()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::Instance;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    static FREED: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe extern "C" fn count_free(_data: *mut c_void) {
+        FREED.fetch_add(1, SeqCst);
+    }
+
+    unsafe extern "C-unwind" fn decode(_state: *mut c_void, _data: *mut c_void) -> c_int {
+        0
+    }
+
+    unsafe extern "C-unwind" fn result(_state: *mut c_void, _data: *mut c_void, _n: c_int) {}
+
+    #[test]
+    fn invalid_arguments_free_the_data_and_say_so() {
+        let instance = Instance::default();
+        let handle = new_handle(instance.shared());
+        let before = FREED.load(SeqCst);
+        let invalid = Status::Invalid.code();
+        let null: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `handle` is live until released at the end; NULL is allowed.
+        unsafe {
+            assert_eq!(deliver(null.cast(), Some(decode), null, Some(count_free), 0), invalid);
+            assert_eq!(deliver(handle, None, null, Some(count_free), 0), invalid);
+            assert_eq!(call(handle, Some(decode), None, null, Some(count_free), -1), invalid);
+            assert_eq!(call(handle, Some(decode), Some(result), null, Some(count_free), 0), invalid);
+            // Not started: refused, and still freed.
+            assert_eq!(deliver(handle, Some(decode), null, Some(count_free), 0), Status::Closed.code());
+            assert_eq!(FREED.load(SeqCst) - before, 5);
+            release(handle);
+            release(null.cast());
+        }
+    }
+
+    #[test]
+    fn strerror_names_every_code() {
+        let name = |c| unsafe { std::ffi::CStr::from_ptr(crate::status::strerror(c)) }.to_str().unwrap();
+        assert_eq!(name(0), "BGW_OK");
+        assert_eq!(name(6), "BGW_ERROR");
+        assert_eq!(name(99), "BGW_UNKNOWN");
+    }
+}

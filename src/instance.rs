@@ -1,0 +1,339 @@
+//! One Lua state's helper instance: the queue, its producers' side
+//! ([`Shared`], reached from any thread through counted handles) and its
+//! reader's side ([`Instance`], owned by the Lua state).
+//!
+//! # Invariants
+//!
+//! - Producers reach the queue only through `Shared::route`, under its read
+//!   lock. `stop` removes the route under the write lock *before* it drains
+//!   the queue, so once the write lock is taken no producer is between
+//!   "saw the route" and "pushed": every item is either drained by `stop`
+//!   or refused with `Closed`. Nothing is stranded in a stopped instance.
+//! - A producer never waits for room while holding the route lock, so
+//!   `stop` on the Lua thread cannot deadlock against a blocked producer:
+//!   it closes the [`Room`] first, which wakes them.
+//! - No user code (free_data) runs under the route lock: rejected items
+//!   are handed back out of the locked scope and dropped there.
+//! - `delivered` is not counted on the hot path: every accepted item is
+//!   later polled, cancelled, or still pending, so it is their sum.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use crate::item::{DecodeFn, FreeFn, Item, ResultFn, RoundTrip};
+use crate::reply::Reply;
+use crate::room::{Room, Wait};
+use crate::status::Status;
+use crate::wake::WakeFlag;
+
+/// What producers need while the instance is started.
+struct Route {
+    queue: flume::Sender<Item>,
+    /// Bound to 127.0.0.1 port 0 and connected to the reader's port.
+    wake_socket: UdpSocket,
+    room: Option<Arc<Room>>,
+}
+
+/// The producers' side, shared by the Lua state and every handle.
+#[derive(Default)]
+pub struct Shared {
+    route: RwLock<Option<Route>>,
+    wake: WakeFlag,
+    rejected: AtomicU64,
+    wakeups: AtomicU64,
+    wake_errors: AtomicU64,
+}
+
+impl Shared {
+    fn route(&self) -> RwLockReadGuard<'_, Option<Route>> {
+        self.route.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue `item`. The item is consumed whatever the outcome: a rejected
+    /// item is dropped (so freed) before this returns.
+    pub fn deliver(&self, item: Item, wait: Wait) -> Status {
+        match self.enqueue(item, wait) {
+            Ok(()) => Status::Ok,
+            Err((status, item)) => {
+                self.rejected.fetch_add(1, Relaxed);
+                drop(item);
+                status
+            }
+        }
+    }
+
+    /// Queue a round trip and wait for its outcome until `deadline`.
+    pub fn call(
+        &self,
+        decode: DecodeFn,
+        result: ResultFn,
+        data: *mut std::ffi::c_void,
+        free_data: Option<FreeFn>,
+        deadline: Option<std::time::Instant>,
+    ) -> Status {
+        let reply = Arc::new(Reply::default());
+        let item = Item::new(decode, data, free_data, Some(RoundTrip { reply: reply.clone(), result }));
+        let wait = deadline.map_or(Wait::Forever, Wait::Until);
+        match self.deliver(item, wait) {
+            Status::Ok => reply.wait(deadline),
+            refused => refused,
+        }
+    }
+
+    fn enqueue(&self, item: Item, wait: Wait) -> Result<(), (Status, Item)> {
+        let room = {
+            let route = self.route();
+            let Some(route) = route.as_ref() else {
+                return Err((Status::Closed, item));
+            };
+            match &route.room {
+                None => return self.push(route, item),
+                Some(room) => room.clone(),
+            }
+        };
+        match room.acquire(wait) {
+            Status::Ok => {}
+            refused => return Err((refused, item)),
+        }
+        let route = self.route();
+        match route.as_ref() {
+            // The same start as the room we waited on: not a stop and restart in between.
+            Some(route) if route.room.as_ref().is_some_and(|r| Arc::ptr_eq(r, &room)) => self.push(route, item),
+            _ => {
+                room.release();
+                Err((Status::Closed, item))
+            }
+        }
+    }
+
+    fn push(&self, route: &Route, item: Item) -> Result<(), (Status, Item)> {
+        route.queue.send(item).map_err(|flume::SendError(item)| (Status::Closed, item))?;
+        if self.wake.arm() {
+            self.send_wake(route);
+        }
+        Ok(())
+    }
+
+    fn send_wake(&self, route: &Route) {
+        // A connected UDP socket reports an earlier ICMP error on the next
+        // send without sending; one retry sends the datagram after all.
+        for _ in 0..2 {
+            if route.wake_socket.send(&[1]).is_ok() {
+                self.wakeups.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        self.wake_errors.fetch_add(1, Relaxed);
+        self.wake.disarm_after_failed_send();
+    }
+}
+
+/// The reader's side of a started instance.
+struct Inbox {
+    queue: flume::Receiver<Item>,
+    room: Option<Arc<Room>>,
+}
+
+/// Counters kept by the Lua thread alone.
+#[derive(Default, Debug, Clone, Copy)]
+struct ReaderCounters {
+    polled: u64,
+    cancelled: u64,
+    errors: u64,
+    empty_polls: u64,
+}
+
+/// A snapshot of all counters, for `core.stats()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub delivered: u64,
+    pub polled: u64,
+    pub wakeups: u64,
+    pub cancelled: u64,
+    pub rejected: u64,
+    pub errors: u64,
+    pub empty_polls: u64,
+    pub wake_errors: u64,
+}
+
+impl Stats {
+    pub fn fields(&self) -> [(&'static std::ffi::CStr, u64); 8] {
+        [
+            (c"delivered", self.delivered),
+            (c"polled", self.polled),
+            (c"wakeups", self.wakeups),
+            (c"cancelled", self.cancelled),
+            (c"rejected", self.rejected),
+            (c"errors", self.errors),
+            (c"empty_polls", self.empty_polls),
+            (c"wake_errors", self.wake_errors),
+        ]
+    }
+}
+
+/// The Lua state's instance. Only the thread that runs the state touches it.
+#[derive(Default)]
+pub struct Instance {
+    shared: Arc<Shared>,
+    inbox: Option<Inbox>,
+    counters: ReaderCounters,
+    closed: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartError {
+    AlreadyStarted,
+    Closed,
+    Socket(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::AlreadyStarted => f.write_str("already started; call stop() first"),
+            StartError::Closed => f.write_str("the instance is closed"),
+            StartError::Socket(e) => write!(f, "cannot create the wake socket: {e}"),
+        }
+    }
+}
+
+impl Instance {
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.inbox.is_some()
+    }
+
+    /// Start: wake datagrams go to 127.0.0.1:`port`; `capacity` bounds the queue.
+    pub fn start(&mut self, port: u16, capacity: Option<usize>) -> Result<(), StartError> {
+        if self.closed {
+            return Err(StartError::Closed);
+        }
+        if self.inbox.is_some() {
+            return Err(StartError::AlreadyStarted);
+        }
+        let wake_socket = wake_socket(port).map_err(|e| StartError::Socket(e.to_string()))?;
+        let (tx, rx) = flume::unbounded();
+        let room = capacity.map(|c| Arc::new(Room::new(c)));
+        // No producer can see the new queue yet: a flag left up by the last
+        // run must not swallow the first wake of this one.
+        self.shared.wake.reset();
+        *self.shared.route.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Route { queue: tx, wake_socket, room: room.clone() });
+        self.inbox = Some(Inbox { queue: rx, room });
+        Ok(())
+    }
+
+    /// Stop: refuse later delivers, cancel what is queued. Returns how many
+    /// items were cancelled.
+    pub fn stop(&mut self) -> usize {
+        let Some(inbox) = self.inbox.take() else {
+            return 0;
+        };
+        if let Some(room) = &inbox.room {
+            room.close();
+        }
+        let route = self.shared.route.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(route);
+        // The route is gone, so nobody can push: this drains everything.
+        let mut cancelled = 0;
+        for item in inbox.queue.drain() {
+            item.finish(Status::Cancelled);
+            cancelled += 1;
+        }
+        self.counters.cancelled += cancelled as u64;
+        cancelled
+    }
+
+    /// The state is closing: stop for good.
+    pub fn close(&mut self) {
+        self.stop();
+        self.closed = true;
+    }
+
+    /// The next item, following the wake protocol (see `wake.rs`).
+    pub fn take_next(&mut self) -> Option<Item> {
+        let inbox = self.inbox.as_ref()?;
+        match self.shared.wake.take(|| inbox.queue.try_recv().ok()) {
+            Some(item) => {
+                if let Some(room) = &inbox.room {
+                    room.release();
+                }
+                self.counters.polled += 1;
+                Some(item)
+            }
+            None => {
+                self.counters.empty_polls += 1;
+                None
+            }
+        }
+    }
+
+    pub fn note_error(&mut self) {
+        self.counters.errors += 1;
+    }
+
+    pub fn pending(&self) -> usize {
+        self.inbox.as_ref().map_or(0, |inbox| inbox.queue.len())
+    }
+
+    pub fn capacity(&self) -> Option<usize> {
+        self.inbox.as_ref()?.room.as_ref().map(|room| room.capacity())
+    }
+
+    /// Send a wake datagram now (a reader that stopped draining early).
+    /// `false` when not started.
+    pub fn wake(&self) -> bool {
+        let route = self.shared.route();
+        let Some(route) = route.as_ref() else {
+            return false;
+        };
+        self.shared.wake.force();
+        self.shared.send_wake(route);
+        true
+    }
+
+    /// Where wake datagrams come from.
+    pub fn sender(&self) -> Option<SocketAddr> {
+        self.shared.route().as_ref()?.wake_socket.local_addr().ok()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = self.counters;
+        Stats {
+            delivered: c.polled + c.cancelled + self.pending() as u64,
+            polled: c.polled,
+            wakeups: self.shared.wakeups.load(Relaxed),
+            cancelled: c.cancelled,
+            rejected: self.shared.rejected.load(Relaxed),
+            errors: c.errors,
+            empty_polls: c.empty_polls,
+            wake_errors: self.shared.wake_errors.load(Relaxed),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn wake_socket(port: u16) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    socket.connect((Ipv4Addr::LOCALHOST, port))?;
+    // A producer thread must never block on a wake-up.
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,304 @@
+//! The instance without Lua: the queue, the wake protocol over a real UDP
+//! socket, stop, bounded room and round trips. Items carry a boxed payload
+//! whose free counts itself, so every test also checks "freed exactly once".
+
+use super::*;
+use std::ffi::{c_int, c_void};
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Mutex as StdMutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Tests run in parallel: each payload counts into its own test's counter.
+struct Payload {
+    producer: usize,
+    seq: usize,
+    freed: Arc<AtomicUsize>,
+}
+
+unsafe extern "C-unwind" fn never_decoded(_state: *mut c_void, _data: *mut c_void) -> c_int {
+    unreachable!("these tests take items without decoding them")
+}
+
+unsafe extern "C-unwind" fn no_result(_state: *mut c_void, _data: *mut c_void, _n: c_int) {}
+
+unsafe extern "C" fn free_payload(data: *mut c_void) {
+    let payload = unsafe { Box::from_raw(data as *mut Payload) };
+    payload.freed.fetch_add(1, SeqCst);
+}
+
+fn payload(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> *mut c_void {
+    Box::into_raw(Box::new(Payload { producer, seq, freed: freed.clone() })) as *mut c_void
+}
+
+fn item(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> Item {
+    Item::new(never_decoded, payload(producer, seq, freed), Some(free_payload), None)
+}
+
+fn peek(item: &Item) -> (usize, usize) {
+    let payload = unsafe { &*(item.data as *const Payload) };
+    (payload.producer, payload.seq)
+}
+
+/// A started instance and the reader socket its datagrams go to.
+fn started(capacity: Option<usize>) -> (Instance, UdpSocket) {
+    let reader = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut instance = Instance::default();
+    instance.start(reader.local_addr().unwrap().port(), capacity).unwrap();
+    reader.connect(instance.sender().unwrap()).unwrap();
+    (instance, reader)
+}
+
+fn receive_all(reader: &UdpSocket) -> usize {
+    reader.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 16];
+    let mut n = 0;
+    while reader.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn many_producers_exactly_once_in_order_with_coalesced_wakeups() {
+    const PRODUCERS: usize = 4;
+    const ITEMS: usize = 100_000;
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, reader) = started(None);
+    let shared = instance.shared().clone();
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let (shared, freed) = (shared.clone(), freed.clone());
+            thread::spawn(move || {
+                for seq in 0..ITEMS {
+                    assert_eq!(shared.deliver(item(p, seq, &freed), Wait::Forever), Status::Ok);
+                }
+            })
+        })
+        .collect();
+
+    let mut next_seq = [0usize; PRODUCERS];
+    let mut seen = 0;
+    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    while seen < PRODUCERS * ITEMS {
+        // Wait for a datagram, then drain to empty: the reader's contract.
+        reader.recv(&mut buf).expect("an item was stranded: no wake-up came");
+        while let Some(item) = instance.take_next() {
+            let (p, seq) = peek(&item);
+            assert_eq!(seq, next_seq[p], "producer {p} out of order");
+            next_seq[p] += 1;
+            seen += 1;
+        }
+    }
+    for p in producers {
+        p.join().unwrap();
+    }
+    assert_eq!(freed.load(SeqCst), PRODUCERS * ITEMS);
+    let stats = instance.stats();
+    assert_eq!(stats.delivered, (PRODUCERS * ITEMS) as u64);
+    assert!(stats.wakeups < (PRODUCERS * ITEMS / 10) as u64, "wake-ups not coalesced: {stats:?}");
+}
+
+#[test]
+fn stop_cancels_pending_items_and_later_delivers_are_closed() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, _reader) = started(None);
+    let shared = instance.shared().clone();
+    for seq in 0..10 {
+        assert_eq!(shared.deliver(item(0, seq, &freed), Wait::No), Status::Ok);
+    }
+    assert_eq!(instance.pending(), 10);
+    assert_eq!(instance.stop(), 10);
+    assert_eq!(freed.load(SeqCst), 10);
+    assert_eq!(shared.deliver(item(0, 10, &freed), Wait::No), Status::Closed);
+    assert_eq!(freed.load(SeqCst), 11, "a refused item is freed before deliver returns");
+    let stats = instance.stats();
+    assert_eq!((stats.cancelled, stats.rejected, stats.delivered), (10, 1, 10));
+}
+
+#[test]
+fn start_after_stop_works_and_start_twice_does_not() {
+    let (mut instance, _reader) = started(None);
+    let port = instance.sender().unwrap().port();
+    assert_eq!(instance.start(port, None), Err(StartError::AlreadyStarted));
+    instance.stop();
+    assert!(instance.sender().is_none());
+    instance.start(port, None).unwrap();
+    instance.close();
+    assert_eq!(instance.start(port, None), Err(StartError::Closed));
+}
+
+#[test]
+fn the_wake_socket_is_loopback_only() {
+    let (instance, _reader) = started(None);
+    assert!(instance.sender().unwrap().ip().is_loopback());
+}
+
+#[test]
+fn a_handle_outlives_the_instance() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (instance, _reader) = started(None);
+    let shared = instance.shared().clone();
+    shared.deliver(item(0, 0, &freed), Wait::No);
+    drop(instance);
+    assert_eq!(freed.load(SeqCst), 1, "closing frees what is pending");
+    assert_eq!(shared.deliver(item(0, 1, &freed), Wait::Forever), Status::Closed);
+    assert_eq!(freed.load(SeqCst), 2);
+}
+
+#[test]
+fn bounded_queue_full_timeout_and_blocking() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, _reader) = started(Some(2));
+    let shared = instance.shared().clone();
+    assert_eq!(shared.deliver(item(0, 0, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.deliver(item(0, 1, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.deliver(item(0, 2, &freed), Wait::No), Status::Full);
+    let soon = Instant::now() + Duration::from_millis(10);
+    assert_eq!(shared.deliver(item(0, 3, &freed), Wait::Until(soon)), Status::Timeout);
+    assert_eq!(freed.load(SeqCst), 2);
+
+    let blocked = {
+        let (shared, freed) = (shared.clone(), freed.clone());
+        thread::spawn(move || shared.deliver(item(0, 4, &freed), Wait::Forever))
+    };
+    thread::sleep(Duration::from_millis(20));
+    assert!(!blocked.is_finished(), "a blocking deliver into a full queue must wait");
+    assert_eq!(peek(&instance.take_next().unwrap()), (0, 0));
+    assert_eq!(blocked.join().unwrap(), Status::Ok);
+    assert_eq!(peek(&instance.take_next().unwrap()), (0, 1));
+    assert_eq!(peek(&instance.take_next().unwrap()), (0, 4));
+    assert!(instance.take_next().is_none());
+    assert_eq!(freed.load(SeqCst), 5);
+}
+
+#[test]
+fn stop_releases_a_producer_blocked_on_a_full_queue() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, _reader) = started(Some(1));
+    let shared = instance.shared().clone();
+    assert_eq!(shared.deliver(item(0, 0, &freed), Wait::No), Status::Ok);
+    let blocked = {
+        let (shared, freed) = (shared.clone(), freed.clone());
+        thread::spawn(move || shared.deliver(item(0, 1, &freed), Wait::Forever))
+    };
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(instance.stop(), 1);
+    assert_eq!(blocked.join().unwrap(), Status::Closed);
+    assert_eq!(freed.load(SeqCst), 2);
+}
+
+#[test]
+fn wake_forces_a_datagram() {
+    let (instance, reader) = started(None);
+    assert_eq!(receive_all(&reader), 0);
+    assert!(instance.wake());
+    thread::sleep(Duration::from_millis(10));
+    assert_eq!(receive_all(&reader), 1);
+    assert_eq!(instance.stats().wakeups, 1);
+}
+
+/// The round trip as seen by a waiting thread, with the Lua side played by
+/// the test: what matters here is who is told what, and that data is freed
+/// once.
+mod round_trip {
+    use super::*;
+
+    fn call(shared: &Arc<Shared>, freed: &Arc<AtomicUsize>, timeout_ms: u64) -> thread::JoinHandle<Status> {
+        let (shared, freed) = (shared.clone(), freed.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            shared.call(never_decoded, no_result, payload(9, 0, &freed), Some(free_payload), Some(deadline))
+        })
+    }
+
+    fn wait_for_item(instance: &mut Instance) -> Item {
+        let give_up = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(item) = instance.take_next() {
+                return item;
+            }
+            assert!(Instant::now() < give_up, "the round trip never arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn completed() {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let (mut instance, _reader) = started(None);
+        let waiter = call(instance.shared(), &freed, 5_000);
+        let item = wait_for_item(&mut instance);
+        let reply = item.reply().unwrap();
+        assert!(reply.begin_decode());
+        reply.decoded();
+        assert!(reply.begin_result());
+        item.finish(Status::Ok);
+        assert_eq!(waiter.join().unwrap(), Status::Ok);
+        assert_eq!(freed.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn cancelled_by_stop() {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let (mut instance, _reader) = started(None);
+        let waiter = call(instance.shared(), &freed, 5_000);
+        while instance.pending() == 0 {
+            thread::yield_now();
+        }
+        instance.stop();
+        assert_eq!(waiter.join().unwrap(), Status::Cancelled);
+        assert_eq!(freed.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn timed_out_while_queued_is_freed_later_and_never_decoded() {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let (mut instance, _reader) = started(None);
+        assert_eq!(call(instance.shared(), &freed, 10).join().unwrap(), Status::Timeout);
+        assert_eq!(freed.load(SeqCst), 0, "the item is still queued");
+        let item = instance.take_next().unwrap();
+        assert!(!item.reply().unwrap().begin_decode());
+        drop(item);
+        assert_eq!(freed.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn refused_when_closed() {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let (mut instance, _reader) = started(None);
+        instance.stop();
+        assert_eq!(call(instance.shared(), &freed, 1_000).join().unwrap(), Status::Closed);
+        assert_eq!(freed.load(SeqCst), 1);
+    }
+}
+
+#[test]
+fn stats_are_consistent_under_concurrent_delivery() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, _reader) = started(None);
+    let shared = instance.shared().clone();
+    let done = Arc::new(StdMutex::new(false));
+    let producer = {
+        let (shared, freed, done) = (shared.clone(), freed.clone(), done.clone());
+        thread::spawn(move || {
+            for seq in 0..10_000 {
+                shared.deliver(item(0, seq, &freed), Wait::No);
+            }
+            *done.lock().unwrap() = true;
+        })
+    };
+    let mut taken = 0u64;
+    while !*done.lock().unwrap() || instance.pending() > 0 {
+        if instance.take_next().is_some() {
+            taken += 1;
+        }
+        let stats = instance.stats();
+        assert!(stats.delivered >= stats.polled + stats.cancelled);
+    }
+    producer.join().unwrap();
+    assert_eq!(taken, 10_000);
+    assert_eq!(instance.stats().delivered, 10_000);
+}

@@ -1,0 +1,17 @@
+//! bgworker: background threads of any native library deliver results into
+//! a single-threaded Lua state.
+//!
+//! The crate is a Lua-independent core (queue, wake-up protocol, round
+//! trips, the C contract's functions) and, with a Lua-version feature, the
+//! `bgworker.core` Lua module built on it (`lua/`).
+
+pub mod capi;
+pub mod instance;
+pub mod item;
+pub mod reply;
+pub mod room;
+pub mod status;
+pub mod wake;
+
+#[cfg(feature = "lua")]
+mod lua;

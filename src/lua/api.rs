@@ -1,0 +1,112 @@
+//! The registry side of the C contract: publishing `bgw_api`, `acquire`,
+//! and the two lifetime guarantees the header makes.
+//!
+//! 1. *bgworker stays loaded.* Handles outlive their state, and their
+//!    functions live in this library; `lua_close` would otherwise unload it
+//!    under a thread that still delivers. We reopen ourselves with
+//!    `RTLD_NODELETE`.
+//! 2. *Pending items are freed while utility libraries are loaded.* The
+//!    state closes the instance from a finaliser; finalisers run newest
+//!    first (Lua 5.1 and LuaJIT: reverse creation; 5.2+: reverse marking),
+//!    and a utility library that acquires a handle was loaded before that
+//!    call. So every `acquire` installs a fresh *closer* userdata, newer
+//!    than the library, whose finaliser closes the instance. Replaced
+//!    closers do nothing when collected: only the current one acts.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::Once;
+
+use mlua::ffi::*;
+
+use super::{InstanceCell, INSTANCE_KEY};
+use crate::capi::{self, Api, Handle, API_VERSION};
+use crate::status;
+
+/// `BGW_REGISTRY_KEY` of the header.
+const API_KEY: &CStr = c"bgworker.api";
+const CLOSER_KEY: &CStr = c"bgworker.core.closer";
+const CLOSER_METATABLE: &CStr = c"bgworker.core.closer";
+
+static API: Api = Api {
+    version: API_VERSION,
+    size: std::mem::size_of::<Api>(),
+    acquire,
+    release: capi::release,
+    deliver: capi::deliver,
+    call: capi::call,
+    strerror: status::strerror,
+};
+
+/// # Safety
+/// `state` is valid.
+pub unsafe fn publish(state: *mut lua_State) {
+    unsafe {
+        lua_pushlightuserdata(state, &API as *const Api as *mut c_void);
+        lua_setfield(state, LUA_REGISTRYINDEX, API_KEY.as_ptr());
+    }
+}
+
+/// The instance cell of `state`, if `bgworker.core` was opened in it.
+unsafe fn instance_cell<'a>(state: *mut lua_State) -> Option<&'a mut InstanceCell> {
+    unsafe {
+        lua_getfield(state, LUA_REGISTRYINDEX, INSTANCE_KEY.as_ptr());
+        let cell = lua_touserdata(state, -1) as *mut InstanceCell;
+        lua_pop(state, 1);
+        cell.as_mut()
+    }
+}
+
+/// `bgw_api.acquire`.
+unsafe extern "C-unwind" fn acquire(state: *mut c_void) -> *mut Handle {
+    let state = state as *mut lua_State;
+    unsafe {
+        let Some(instance) = instance_cell(state).and_then(|cell| cell.instance.as_ref()) else {
+            return std::ptr::null_mut();
+        };
+        if instance.is_closed() {
+            return std::ptr::null_mut();
+        }
+        let handle = capi::new_handle(instance.shared());
+        install_closer(state);
+        handle
+    }
+}
+
+unsafe fn install_closer(state: *mut lua_State) {
+    unsafe {
+        lua_newuserdata(state, 1);
+        if luaL_newmetatable(state, CLOSER_METATABLE.as_ptr()) != 0 {
+            lua_pushcfunction(state, closer_gc);
+            lua_setfield(state, -2, c"__gc".as_ptr());
+        }
+        lua_setmetatable(state, -2);
+        lua_setfield(state, LUA_REGISTRYINDEX, CLOSER_KEY.as_ptr());
+    }
+}
+
+unsafe extern "C-unwind" fn closer_gc(state: *mut lua_State) -> c_int {
+    unsafe {
+        lua_getfield(state, LUA_REGISTRYINDEX, CLOSER_KEY.as_ptr());
+        let current = lua_touserdata(state, -1) == lua_touserdata(state, 1);
+        lua_pop(state, 1);
+        if current {
+            if let Some(cell) = instance_cell(state) {
+                drop(cell.instance.take());
+            }
+        }
+    }
+    0
+}
+
+/// Pin this shared library for the life of the process (guarantee 1).
+pub fn keep_this_library_loaded() {
+    static PINNED: Once = Once::new();
+    PINNED.call_once(|| unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        let here = super::luaopen_bgworker_core as *const c_void;
+        if libc::dladdr(here, &mut info) != 0 && !info.dli_fname.is_null() {
+            // Leaked on purpose: this reference is what keeps us mapped.
+            libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE);
+        }
+    });
+}

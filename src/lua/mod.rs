@@ -1,0 +1,217 @@
+//! `bgworker.core`: the Lua module over the instance.
+//!
+//! Every module function is a C closure whose first upvalue is the state's
+//! instance userdata (`InstanceCell`), so no call looks anything up. The
+//! binding uses mlua's raw C API (`mlua::ffi`, `module` feature): the hot
+//! path (`poll`) and the registry contract need the Lua stack itself, and
+//! errors must reach Lua as plain strings.
+
+mod api;
+mod error;
+mod poll;
+
+use std::ffi::{c_int, CStr};
+use std::ptr;
+
+use mlua::ffi::*;
+
+use crate::instance::Instance;
+use error::{integer_in, push_str, LuaResult, Raise};
+
+/// Registry field holding the state's instance userdata.
+const INSTANCE_KEY: &CStr = c"bgworker.core.instance";
+const INSTANCE_METATABLE: &CStr = c"bgworker.core.instance";
+
+/// The instance userdata. `None` once its state has closed it.
+struct InstanceCell {
+    instance: Option<Instance>,
+}
+
+/// The instance of the running function's first upvalue.
+///
+/// # Safety
+/// Called from a module function, whose upvalue 1 is the instance userdata.
+unsafe fn instance<'a>(state: *mut lua_State) -> LuaResult<&'a mut Instance> {
+    let cell = unsafe { lua_touserdata(state, lua_upvalueindex(1)) } as *mut InstanceCell;
+    // SAFETY: upvalue 1 is always an InstanceCell, alive while the function is.
+    unsafe { (*cell).instance.as_mut() }.ok_or_else(|| Raise::Message("bgworker.core: the Lua state is closing".into()))
+}
+
+/// Wrap an inner function as a `lua_CFunction` that raises its errors.
+macro_rules! lua_fn {
+    ($name:ident => $inner:path) => {
+        unsafe extern "C-unwind" fn $name(state: *mut lua_State) -> c_int {
+            // SAFETY: Lua calls us with a valid state.
+            match unsafe { $inner(state) } {
+                Ok(n) => n,
+                Err(raise) => unsafe { raise.raise(state) },
+            }
+        }
+    };
+}
+
+lua_fn!(core_start => start);
+lua_fn!(core_stop => stop);
+lua_fn!(core_pending => pending);
+lua_fn!(core_wake => wake);
+lua_fn!(core_running => running);
+lua_fn!(core_sender => sender);
+lua_fn!(core_stats => stats);
+lua_fn!(core_poll => poll::poll);
+lua_fn!(core_complete => poll::complete);
+
+const MAX_CAPACITY: f64 = i32::MAX as f64;
+
+/// `start(port [, opts])`.
+unsafe fn start(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let port = integer_in(state, 1, "port", 1.0, 65535.0).map_err(|m| Raise::Arg(1, m))? as u16;
+        let capacity = match lua_type(state, 2) {
+            LUA_TNONE | LUA_TNIL => None,
+            LUA_TTABLE => {
+                lua_getfield(state, 2, c"capacity".as_ptr());
+                let capacity = match lua_type(state, -1) {
+                    LUA_TNIL => None,
+                    _ => Some(integer_in(state, -1, "opts.capacity", 1.0, MAX_CAPACITY).map_err(|m| Raise::Arg(2, m))?
+                        as usize),
+                };
+                lua_pop(state, 1);
+                capacity
+            }
+            _ => return Err(Raise::Arg(2, format!("opts must be a table or nil, got {}", error::type_name(state, 2)))),
+        };
+        instance(state)?.start(port, capacity).map_err(|e| Raise::Message(format!("bgworker.core.start: {e}")))?;
+        Ok(0)
+    }
+}
+
+/// `stop()`: the number of items cancelled.
+unsafe fn stop(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let cancelled = instance(state)?.stop();
+        lua_pushinteger(state, cancelled as lua_Integer);
+    }
+    Ok(1)
+}
+
+unsafe fn pending(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let pending = instance(state)?.pending();
+        lua_pushinteger(state, pending as lua_Integer);
+    }
+    Ok(1)
+}
+
+unsafe fn wake(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        if !instance(state)?.wake() {
+            return Err(Raise::Message("bgworker.core.wake: not started".into()));
+        }
+    }
+    Ok(0)
+}
+
+unsafe fn running(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let running = instance(state)?.is_running();
+        lua_pushboolean(state, running as c_int);
+    }
+    Ok(1)
+}
+
+/// `sender()`: `"127.0.0.1", port`, or nil when not started.
+unsafe fn sender(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        match instance(state)?.sender() {
+            Some(addr) => {
+                let ip = addr.ip().to_string();
+                push_str(state, &ip);
+                lua_pushinteger(state, addr.port() as lua_Integer);
+                Ok(2)
+            }
+            None => {
+                lua_pushnil(state);
+                Ok(1)
+            }
+        }
+    }
+}
+
+unsafe fn stats(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let fields = instance(state)?.stats().fields();
+        lua_createtable(state, 0, fields.len() as c_int);
+        for (name, value) in fields {
+            lua_pushinteger(state, value as lua_Integer);
+            lua_setfield(state, -2, name.as_ptr());
+        }
+    }
+    Ok(1)
+}
+
+unsafe extern "C-unwind" fn instance_gc(state: *mut lua_State) -> c_int {
+    let cell = unsafe { lua_touserdata(state, 1) } as *mut InstanceCell;
+    // SAFETY: only set as __gc of InstanceCell userdata. Closing frees the
+    // pending items now, while the utility libraries are still loaded.
+    if let Some(cell) = unsafe { cell.as_mut() } {
+        drop(cell.instance.take());
+    }
+    0
+}
+
+/// Push the state's instance userdata, creating it on first open.
+unsafe fn push_instance(state: *mut lua_State) {
+    unsafe {
+        lua_getfield(state, LUA_REGISTRYINDEX, INSTANCE_KEY.as_ptr());
+        if !lua_touserdata(state, -1).is_null() {
+            return;
+        }
+        lua_pop(state, 1);
+        let cell = lua_newuserdata(state, std::mem::size_of::<InstanceCell>()) as *mut InstanceCell;
+        ptr::write(cell, InstanceCell { instance: Some(Instance::default()) });
+        luaL_newmetatable(state, INSTANCE_METATABLE.as_ptr());
+        lua_pushcfunction(state, instance_gc);
+        lua_setfield(state, -2, c"__gc".as_ptr());
+        lua_setmetatable(state, -2);
+        lua_pushvalue(state, -1);
+        lua_setfield(state, LUA_REGISTRYINDEX, INSTANCE_KEY.as_ptr());
+    }
+}
+
+/// # Safety
+/// Called by `require` with a valid state.
+#[no_mangle]
+pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> c_int {
+    unsafe {
+        api::keep_this_library_loaded();
+        push_instance(state);
+        let instance_index = lua_gettop(state);
+        api::publish(state);
+        poll::open(state, instance_index);
+        let wrapper_index = instance_index + 1;
+        let pcall_index = instance_index + 2;
+
+        let functions: [(&CStr, lua_CFunction); 8] = [
+            (c"start", core_start),
+            (c"stop", core_stop),
+            (c"pending", core_pending),
+            (c"wake", core_wake),
+            (c"running", core_running),
+            (c"sender", core_sender),
+            (c"stats", core_stats),
+            (c"poll", core_poll),
+        ];
+        lua_createtable(state, 0, functions.len() as c_int + 2);
+        for (name, function) in functions {
+            lua_pushvalue(state, instance_index);
+            lua_pushvalue(state, wrapper_index);
+            lua_pushcclosure(state, function, 2);
+            lua_setfield(state, -2, name.as_ptr());
+        }
+        lua_pushvalue(state, pcall_index);
+        lua_setfield(state, -2, c"pcall".as_ptr());
+        push_str(state, env!("CARGO_PKG_VERSION"));
+        lua_setfield(state, -2, c"version".as_ptr());
+    }
+    1
+}

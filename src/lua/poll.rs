@@ -1,0 +1,189 @@
+//! `poll()`: take one item, decode it on the Lua thread, free it; and the
+//! round trip's way back to the waiting thread.
+//!
+//! Decode and result are utility-library code that may raise Lua errors, so
+//! both run under `lua_pcall` through a trampoline: an error unwinds to the
+//! pcall, never through a Rust frame that owns the item. The item is then
+//! dropped (freed) on the Rust side, and only afterwards is the error raised.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::ptr;
+
+use mlua::ffi::*;
+
+use super::error::{error_text, type_name, LuaResult, Raise};
+use super::instance;
+use crate::item::{DecodeFn, Item, ResultFn};
+use crate::status::Status;
+
+const ROUND_TRIP_METATABLE: &CStr = c"bgworker.core.roundtrip";
+
+/// A round trip between decode and its completion: owns the item, so data
+/// stays alive for `result`. Dropped unfinished (the callback was never
+/// completed, or the state closed): the waiter gets `BGW_CANCELLED`.
+struct RoundTripCell {
+    item: Option<Item>,
+}
+
+/// `poll()`: decode's values, or nothing when the queue is empty.
+pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let instance = instance(state)?;
+        loop {
+            let Some(item) = instance.take_next() else {
+                return Ok(0);
+            };
+            if let Some(reply) = item.reply() {
+                if !reply.begin_decode() {
+                    // The caller timed out while the item was queued.
+                    continue;
+                }
+            }
+            let base = lua_gettop(state);
+            lua_pushcfunction(state, decode_trampoline);
+            lua_pushlightuserdata(state, item.decode as *mut c_void);
+            lua_pushlightuserdata(state, item.data);
+            if lua_pcall(state, 2, LUA_MULTRET, 0) != LUA_OK {
+                let message = format!("bgworker: decode raised an error: {}", error_text(state, -1));
+                lua_settop(state, base);
+                instance.note_error();
+                item.finish(Status::Error);
+                return Err(Raise::Message(message));
+            }
+            let count = lua_gettop(state) - base;
+            if count == 0 || lua_type(state, base + 1) != LUA_TFUNCTION {
+                let pushed = match count {
+                    0 => "nothing".to_string(),
+                    _ => format!("a {} first", type_name(state, base + 1)),
+                };
+                lua_settop(state, base);
+                instance.note_error();
+                item.finish(Status::Error);
+                return Err(Raise::Message(format!("bgworker: decode must push a function first; it pushed {pushed}")));
+            }
+            let Some(reply) = item.reply() else {
+                drop(item);
+                return Ok(count);
+            };
+            reply.decoded();
+            // Return `wrapper, token, callback, args...`: the wrapper calls
+            // the callback and completes the round trip through the token.
+            luaL_checkstack(state, 2, ptr::null());
+            lua_pushvalue(state, lua_upvalueindex(2));
+            push_round_trip(state, item);
+            lua_rotate(state, base + 1, 2);
+            return Ok(count + 2);
+        }
+    }
+}
+
+unsafe extern "C-unwind" fn decode_trampoline(state: *mut lua_State) -> c_int {
+    unsafe {
+        // SAFETY: poll pushed these two light userdata: decode and its data.
+        let decode: DecodeFn = std::mem::transmute::<*mut c_void, DecodeFn>(lua_touserdata(state, 1));
+        let data = lua_touserdata(state, 2);
+        lua_settop(state, 0);
+        let count = decode(state.cast(), data);
+        if count < 0 || count > lua_gettop(state) {
+            lua_pushfstring(state, c"decode returned %d but pushed %d values".as_ptr(), count, lua_gettop(state));
+            lua_error(state);
+        }
+        count
+    }
+}
+
+unsafe extern "C-unwind" fn result_trampoline(state: *mut lua_State) -> c_int {
+    unsafe {
+        // SAFETY: complete pushed result and its data, then the values.
+        let result: ResultFn = std::mem::transmute::<*mut c_void, ResultFn>(lua_touserdata(state, 1));
+        let data = lua_touserdata(state, 2);
+        result(state.cast(), data, lua_gettop(state) - 2);
+    }
+    0
+}
+
+unsafe fn push_round_trip(state: *mut lua_State, item: Item) {
+    unsafe {
+        let cell = lua_newuserdata(state, std::mem::size_of::<RoundTripCell>()) as *mut RoundTripCell;
+        ptr::write(cell, RoundTripCell { item: Some(item) });
+        luaL_getmetatable(state, ROUND_TRIP_METATABLE.as_ptr());
+        lua_setmetatable(state, -2);
+    }
+}
+
+unsafe extern "C-unwind" fn round_trip_gc(state: *mut lua_State) -> c_int {
+    // SAFETY: only set as __gc of RoundTripCell userdata.
+    if let Some(cell) = unsafe { (lua_touserdata(state, 1) as *mut RoundTripCell).as_mut() } {
+        drop(cell.item.take());
+    }
+    0
+}
+
+/// `complete(token, ok, ...)`, called by the wrapper with the callback's
+/// pcall results. Hands the values to `result` and releases the waiter;
+/// returns the values, or re-raises the callback's error.
+pub unsafe fn complete(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let cell = luaL_checkudata(state, 1, ROUND_TRIP_METATABLE.as_ptr()) as *mut RoundTripCell;
+        let Some(item) = (*cell).item.take() else {
+            return Err(Raise::Message("bgworker: this round trip is already complete".into()));
+        };
+        let values = lua_gettop(state) - 2;
+        if lua_toboolean(state, 2) == 0 {
+            if let Ok(instance) = instance(state) {
+                instance.note_error();
+            }
+            item.finish(Status::Error);
+            lua_settop(state, 3);
+            return Err(Raise::Value);
+        }
+        let round_trip = item.round_trip.as_ref().expect("a round-trip token holds a round trip");
+        if !round_trip.reply.begin_result() {
+            // The caller timed out while the callback ran: nobody to hand values to.
+            drop(item);
+            return Ok(values);
+        }
+        luaL_checkstack(state, values + 3, ptr::null());
+        lua_pushcfunction(state, result_trampoline);
+        lua_pushlightuserdata(state, round_trip.result as *mut c_void);
+        lua_pushlightuserdata(state, item.data);
+        for index in 3..3 + values {
+            lua_pushvalue(state, index);
+        }
+        if lua_pcall(state, values + 2, 0, 0) != LUA_OK {
+            let message =
+                format!("bgworker: a round trip's result function raised an error: {}", error_text(state, -1));
+            if let Ok(instance) = instance(state) {
+                instance.note_error();
+            }
+            item.finish(Status::Error);
+            return Err(Raise::Message(message));
+        }
+        item.finish(Status::Ok);
+        Ok(values)
+    }
+}
+
+/// Register the round-trip metatable and build the wrapper: pushes the
+/// wrapper and the pcall it uses (for `core.pcall`).
+///
+/// # Safety
+/// `instance_index` holds the instance userdata.
+pub unsafe fn open(state: *mut lua_State, instance_index: c_int) {
+    unsafe {
+        luaL_newmetatable(state, ROUND_TRIP_METATABLE.as_ptr());
+        lua_pushcfunction(state, round_trip_gc);
+        lua_setfield(state, -2, c"__gc".as_ptr());
+        lua_pop(state, 1);
+
+        let chunk = include_str!("round_trip.lua");
+        if luaL_loadbuffer(state, chunk.as_ptr().cast(), chunk.len(), c"=bgworker.core.round_trip".as_ptr()) != LUA_OK {
+            lua_error(state);
+        }
+        lua_pushvalue(state, instance_index);
+        lua_pushcclosure(state, super::core_complete, 1);
+        // Lua 5.1's pcall cannot be yielded across; LuaJIT's and 5.2's can.
+        lua_pushboolean(state, cfg!(feature = "lua51") as c_int);
+        lua_call(state, 2, 2);
+    }
+}

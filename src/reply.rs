@@ -1,0 +1,183 @@
+//! The rendezvous of a round trip (`bgw_api.call`): a thread waits, with a
+//! timeout, for the Lua side to run the callback and hand back its values.
+//!
+//! # Invariant
+//!
+//! `decode` and `result` run only while the caller of `call` is still
+//! waiting, because their `data` may point into the caller's stack. So the
+//! waiter may give up (time out) only in the phases where neither runs:
+//!
+//! ```text
+//!  Queued --begin_decode--> Decoding --decoded--> Running --begin_result--> Completing --finish--> Done
+//!    |                                              |
+//!    +--------------- waiter times out -------------+--> Abandoned
+//! ```
+//!
+//! In `Decoding` and `Completing` a waiter whose time is up keeps waiting:
+//! those phases run one C function each and do not call Lua code of the
+//! user's. `finish` from any phase but `Abandoned` ends in `Done`; once
+//! abandoned, the Lua side skips `decode`/`result` and only frees the data.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::status::Status;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Queued,
+    Decoding,
+    Running,
+    Completing,
+    Done(Status),
+    Abandoned,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    phase: Mutex<Phase>,
+    changed: Condvar,
+}
+
+impl Default for Reply {
+    fn default() -> Self {
+        Reply { phase: Mutex::new(Phase::Queued), changed: Condvar::new() }
+    }
+}
+
+impl Reply {
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        // A poisoned lock only means a panic elsewhere; the phase is still valid.
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn advance(&self, from: Phase, to: Phase) -> bool {
+        let mut phase = self.phase();
+        if *phase != from {
+            return false;
+        }
+        *phase = to;
+        true
+    }
+
+    /// Lua thread, before decode. `false`: the waiter gave up; skip decode.
+    pub fn begin_decode(&self) -> bool {
+        self.advance(Phase::Queued, Phase::Decoding)
+    }
+
+    /// Lua thread, after a successful decode: the callback may now take
+    /// as long as it likes, and the waiter may time out meanwhile.
+    pub fn decoded(&self) {
+        self.advance(Phase::Decoding, Phase::Running);
+        self.changed.notify_all();
+    }
+
+    /// Lua thread, before result. `false`: the waiter gave up; skip result.
+    pub fn begin_result(&self) -> bool {
+        self.advance(Phase::Running, Phase::Completing)
+    }
+
+    /// Any thread: the item is over, with this outcome for the waiter.
+    pub fn finish(&self, status: Status) {
+        let mut phase = self.phase();
+        if matches!(*phase, Phase::Abandoned | Phase::Done(_)) {
+            return;
+        }
+        *phase = Phase::Done(status);
+        drop(phase);
+        self.changed.notify_all();
+    }
+
+    /// The waiting thread: block until done, or until `deadline` passes in a
+    /// phase where giving up is safe.
+    pub fn wait(&self, deadline: Option<Instant>) -> Status {
+        let mut phase = self.phase();
+        loop {
+            match *phase {
+                Phase::Done(status) => return status,
+                Phase::Abandoned => unreachable!("only the waiter abandons"),
+                Phase::Queued | Phase::Running => match deadline {
+                    None => phase = self.changed.wait(phase).unwrap_or_else(|e| e.into_inner()),
+                    Some(deadline) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            *phase = Phase::Abandoned;
+                            return Status::Timeout;
+                        }
+                        phase = self.changed.wait_timeout(phase, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                    }
+                },
+                Phase::Decoding | Phase::Completing => {
+                    phase = self.changed.wait(phase).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    fn soon(ms: u64) -> Option<Instant> {
+        Some(Instant::now() + Duration::from_millis(ms))
+    }
+
+    #[test]
+    fn the_waiter_gets_the_outcome() {
+        let reply = Arc::new(Reply::default());
+        let lua = {
+            let reply = reply.clone();
+            thread::spawn(move || {
+                assert!(reply.begin_decode());
+                reply.decoded();
+                assert!(reply.begin_result());
+                reply.finish(Status::Ok);
+            })
+        };
+        assert_eq!(reply.wait(None), Status::Ok);
+        lua.join().unwrap();
+    }
+
+    #[test]
+    fn a_queued_item_times_out_and_is_then_skipped() {
+        let reply = Reply::default();
+        assert_eq!(reply.wait(soon(5)), Status::Timeout);
+        assert!(!reply.begin_decode(), "decode must not run after the waiter left");
+        reply.finish(Status::Cancelled);
+    }
+
+    #[test]
+    fn a_running_callback_can_be_abandoned_and_result_is_skipped() {
+        let reply = Reply::default();
+        assert!(reply.begin_decode());
+        reply.decoded();
+        assert_eq!(reply.wait(soon(5)), Status::Timeout);
+        assert!(!reply.begin_result());
+    }
+
+    #[test]
+    fn a_waiter_does_not_leave_during_decode() {
+        let reply = Arc::new(Reply::default());
+        assert!(reply.begin_decode());
+        let waiter = {
+            let reply = reply.clone();
+            thread::spawn(move || reply.wait(soon(1)))
+        };
+        thread::sleep(Duration::from_millis(30));
+        assert!(!waiter.is_finished(), "the waiter left while decode could still read its data");
+        reply.finish(Status::Error);
+        assert_eq!(waiter.join().unwrap(), Status::Error);
+    }
+
+    #[test]
+    fn finish_is_first_wins() {
+        let reply = Reply::default();
+        reply.finish(Status::Cancelled);
+        reply.finish(Status::Ok);
+        assert_eq!(reply.wait(None), Status::Cancelled);
+    }
+}
