@@ -26,9 +26,10 @@ define build_version
 build-$(1): $(BUILD)/$(1)/bgworker/core.so $(BUILD)/$(1)/bgworker_ticker.so $(BUILD)/$(1)/bgworker_testutil.so
 
 $(BUILD)/$(1)/bgworker/core.so: FORCE
-	$(CARGO) build --release --quiet --features $(call cargo_feature,$(1)) --target-dir target/lua-$(1)
+	$(CARGO) build --release --quiet --features $(call cargo_feature,$(1)),module --target-dir target/lua-$(1)
 	@mkdir -p $$(@D)
-	cp target/lua-$(1)/release/libbgworker.so $$@
+	# A new file, not an overwrite: a running Lua may have the old one mapped.
+	cp target/lua-$(1)/release/libbgworker.so $$@.tmp && mv $$@.tmp $$@
 
 $(BUILD)/$(1)/bgworker_ticker.so: examples/c/ticker.c include/bgworker.h
 	@mkdir -p $$(@D)
@@ -53,13 +54,13 @@ demo: setup build-5.1
 specs: $(addprefix specs-,$(LUA_VERSIONS))
 
 cargo-test:
-	$(CARGO) test --quiet
+	$(CARGO) test --quiet -p bgworker
 	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
 
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --quiet --all-targets -- -D warnings
-	$(CARGO) clippy --quiet --features lua54 --target-dir target/lua-5.4 -- -D warnings
+	$(CARGO) clippy --quiet --features lua54,module --target-dir target/lua-5.4 -- -D warnings
 	luacheck --quiet lua spec examples bench
 
 # Install the rock with luarocks into temporary trees (5.4, LuaJIT) and run
