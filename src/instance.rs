@@ -17,22 +17,22 @@
 //! - `delivered` is not counted on the hot path: every accepted item is
 //!   later polled, cancelled, or still pending, so it is their sum.
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::item::{DecodeFn, FreeFn, Item, ResultFn, RoundTrip};
 use crate::reply::Reply;
 use crate::room::{Room, Wait};
+use crate::signal::Signal;
 use crate::status::Status;
 use crate::wake::WakeFlag;
 
 /// What producers need while the instance is started.
 struct Route {
     queue: flume::Sender<Item>,
-    /// Bound to 127.0.0.1 port 0 and connected to the reader's port.
-    wake_socket: UdpSocket,
+    signal: Arc<Signal>,
     room: Option<Arc<Room>>,
 }
 
@@ -120,7 +120,7 @@ impl Shared {
         // A connected UDP socket reports an earlier ICMP error on the next
         // send without sending; one retry sends the datagram after all.
         for _ in 0..2 {
-            if route.wake_socket.send(&[1]).is_ok() {
+            if route.signal.notify().is_ok() {
                 self.wakeups.fetch_add(1, Relaxed);
                 return;
             }
@@ -134,6 +134,7 @@ impl Shared {
 struct Inbox {
     queue: flume::Receiver<Item>,
     room: Option<Arc<Room>>,
+    signal: Arc<Signal>,
 }
 
 /// Counters kept by the Lua thread alone.
@@ -186,7 +187,6 @@ pub struct Instance {
 pub enum StartError {
     AlreadyStarted,
     Closed,
-    Socket(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -194,7 +194,6 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::AlreadyStarted => f.write_str("already started; call stop() first"),
             StartError::Closed => f.write_str("the instance is closed"),
-            StartError::Socket(e) => write!(f, "cannot create the wake socket: {e}"),
         }
     }
 }
@@ -212,23 +211,29 @@ impl Instance {
         self.inbox.is_some()
     }
 
-    /// Start: wake datagrams go to 127.0.0.1:`port`; `capacity` bounds the queue.
-    pub fn start(&mut self, port: u16, capacity: Option<usize>) -> Result<(), StartError> {
+    /// Whether `start` would succeed, before the caller builds a signal.
+    pub fn can_start(&self) -> Result<(), StartError> {
         if self.closed {
-            return Err(StartError::Closed);
+            Err(StartError::Closed)
+        } else if self.inbox.is_some() {
+            Err(StartError::AlreadyStarted)
+        } else {
+            Ok(())
         }
-        if self.inbox.is_some() {
-            return Err(StartError::AlreadyStarted);
-        }
-        let wake_socket = wake_socket(port).map_err(|e| StartError::Socket(e.to_string()))?;
+    }
+
+    /// Start: wake-ups go through `signal`; `capacity` bounds the queue.
+    pub fn start(&mut self, signal: Signal, capacity: Option<usize>) -> Result<(), StartError> {
+        self.can_start()?;
+        let signal = Arc::new(signal);
         let (tx, rx) = flume::unbounded();
         let room = capacity.map(|c| Arc::new(Room::new(c)));
         // No producer can see the new queue yet: a flag left up by the last
         // run must not swallow the first wake of this one.
         self.shared.wake.reset();
         *self.shared.route.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Route { queue: tx, wake_socket, room: room.clone() });
-        self.inbox = Some(Inbox { queue: rx, room });
+            Some(Route { queue: tx, signal: signal.clone(), room: room.clone() });
+        self.inbox = Some(Inbox { queue: rx, room, signal });
         Ok(())
     }
 
@@ -262,7 +267,7 @@ impl Instance {
     /// The next item, following the wake protocol (see `wake.rs`).
     pub fn take_next(&mut self) -> Option<Item> {
         let inbox = self.inbox.as_ref()?;
-        match self.shared.wake.take(|| inbox.queue.try_recv().ok()) {
+        match self.shared.wake.take(|| inbox.queue.try_recv().ok(), || inbox.signal.clear()) {
             Some(item) => {
                 if let Some(room) = &inbox.room {
                     room.release();
@@ -301,9 +306,19 @@ impl Instance {
         true
     }
 
-    /// Where wake datagrams come from.
+    /// The started signal, for its reader-side details.
+    pub fn signal(&self) -> Option<&Signal> {
+        self.inbox.as_ref().map(|inbox| &*inbox.signal)
+    }
+
+    /// Where wake datagrams come from (or, greeting mode, where to greet).
     pub fn sender(&self) -> Option<SocketAddr> {
-        self.shared.route().as_ref()?.wake_socket.local_addr().ok()
+        self.signal()?.local_addr()
+    }
+
+    /// The descriptor to wait on, for a descriptor signal.
+    pub fn reader_fd(&self) -> Option<RawFd> {
+        self.signal()?.reader_fd()
     }
 
     pub fn stats(&self) -> Stats {
@@ -325,14 +340,6 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-fn wake_socket(port: u16) -> io::Result<UdpSocket> {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    socket.connect((Ipv4Addr::LOCALHOST, port))?;
-    // A producer thread must never block on a wake-up.
-    socket.set_nonblocking(true)?;
-    Ok(socket)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod instance;
 pub mod item;
 pub mod reply;
 pub mod room;
+pub mod signal;
 pub mod status;
 pub mod wake;
 

@@ -73,10 +73,16 @@ impl WakeFlag {
 
     /// Reader side: the next item, or `None` when the queue is empty, in
     /// which case the flag is down and the next push will send a datagram.
-    pub fn take<T>(&self, mut try_pop: impl FnMut() -> Option<T>) -> Option<T> {
+    ///
+    /// `clear` runs at the empty poll just before the flag goes down: a
+    /// descriptor signal consumes its readiness there. Any signal after the
+    /// flag is down comes from a later push, so clearing never eats one that
+    /// announces an item this drain has not seen.
+    pub fn take<T>(&self, mut try_pop: impl FnMut() -> Option<T>, clear: impl FnOnce()) -> Option<T> {
         if let Some(item) = try_pop() {
             return Some(item);
         }
+        clear();
         self.armed.store(false, SeqCst);
         let late = try_pop()?;
         // We are draining again: raise the flag so that the producers behind
@@ -120,7 +126,7 @@ mod loom_model {
             let mut received = 0;
             let mut taken = Vec::new();
             let drain = |taken: &mut Vec<i32>| {
-                while let Some(item) = flag.take(|| queue.lock().unwrap().pop_front()) {
+                while let Some(item) = flag.take(|| queue.lock().unwrap().pop_front(), || {}) {
                     taken.push(item);
                 }
             };
@@ -142,6 +148,49 @@ mod loom_model {
             taken.sort();
             assert_eq!(taken, vec![0, 1], "an item was stranded or duplicated");
             assert!(queue.lock().unwrap().is_empty());
+        });
+    }
+
+    /// The descriptor signal: a level ("readable") instead of datagrams, and
+    /// the reader clears it at the empty poll. Clearing must never swallow
+    /// the signal of an item the drain has not taken.
+    #[test]
+    fn descriptor_signal_cleared_at_the_empty_poll_loses_nothing() {
+        loom::model(|| {
+            let queue = Arc::new(Mutex::new(VecDeque::new()));
+            let flag = Arc::new(WakeFlag::new());
+            let readable = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+
+            let producers: Vec<_> = (0..2)
+                .map(|id| {
+                    let (queue, flag, readable) = (queue.clone(), flag.clone(), readable.clone());
+                    thread::spawn(move || {
+                        queue.lock().unwrap().push_back(id);
+                        if flag.arm() {
+                            readable.store(true, SeqCst);
+                        }
+                    })
+                })
+                .collect();
+
+            let mut taken = Vec::new();
+            let drain = |taken: &mut Vec<i32>| {
+                while let Some(item) = flag.take(|| queue.lock().unwrap().pop_front(), || readable.store(false, SeqCst))
+                {
+                    taken.push(item);
+                }
+            };
+            if readable.load(SeqCst) {
+                drain(&mut taken);
+            }
+            for p in producers {
+                p.join().unwrap();
+            }
+            while readable.load(SeqCst) {
+                drain(&mut taken);
+            }
+            taken.sort();
+            assert_eq!(taken, vec![0, 1], "an item was stranded with the descriptor quiet");
         });
     }
 
@@ -171,7 +220,7 @@ mod loom_model {
             if datagrams.load(SeqCst) > received {
                 received += 1;
                 // Budget of one item, then a self-sent wake.
-                if let Some(item) = flag.take(|| queue.lock().unwrap().pop_front()) {
+                if let Some(item) = flag.take(|| queue.lock().unwrap().pop_front(), || {}) {
                     taken.push(item);
                     flag.force();
                     datagrams.fetch_add(1, SeqCst);
@@ -180,7 +229,7 @@ mod loom_model {
             producer.join().unwrap();
             while datagrams.load(SeqCst) > received {
                 received += 1;
-                while let Some(item) = flag.take(|| queue.lock().unwrap().pop_front()) {
+                while let Some(item) = flag.take(|| queue.lock().unwrap().pop_front(), || {}) {
                     taken.push(item);
                 }
             }
@@ -202,7 +251,7 @@ mod tests {
         assert!(!flag.arm());
         assert!(!flag.arm());
         let mut queue: VecDeque<u32> = VecDeque::new();
-        assert_eq!(flag.take(|| queue.pop_front()), None);
+        assert_eq!(flag.take(|| queue.pop_front(), || {}), None);
         assert!(flag.arm(), "an empty take must lower the flag");
     }
 
@@ -211,10 +260,13 @@ mod tests {
         let flag = WakeFlag::new();
         flag.force();
         let mut looks = 0;
-        let item = flag.take(|| {
-            looks += 1;
-            (looks == 2).then_some(7)
-        });
+        let item = flag.take(
+            || {
+                looks += 1;
+                (looks == 2).then_some(7)
+            },
+            || {},
+        );
         assert_eq!(item, Some(7));
         assert!(!flag.arm(), "the reader is draining again: producers need not wake it");
     }

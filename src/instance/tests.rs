@@ -3,6 +3,7 @@
 //! whose free counts itself, so every test also checks "freed exactly once".
 
 use super::*;
+use crate::signal::FdKind;
 use std::ffi::{c_int, c_void};
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -45,7 +46,7 @@ fn peek(item: &Item) -> (usize, usize) {
 fn started(capacity: Option<usize>) -> (Instance, UdpSocket) {
     let reader = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut instance = Instance::default();
-    instance.start(reader.local_addr().unwrap().port(), capacity).unwrap();
+    instance.start(Signal::udp(reader.local_addr().unwrap().port()).unwrap(), capacity).unwrap();
     reader.connect(instance.sender().unwrap()).unwrap();
     (instance, reader)
 }
@@ -122,12 +123,13 @@ fn stop_cancels_pending_items_and_later_delivers_are_closed() {
 fn start_after_stop_works_and_start_twice_does_not() {
     let (mut instance, _reader) = started(None);
     let port = instance.sender().unwrap().port();
-    assert_eq!(instance.start(port, None), Err(StartError::AlreadyStarted));
+    let signal = || Signal::udp(port).unwrap();
+    assert_eq!(instance.start(signal(), None), Err(StartError::AlreadyStarted));
     instance.stop();
     assert!(instance.sender().is_none());
-    instance.start(port, None).unwrap();
+    instance.start(signal(), None).unwrap();
     instance.close();
-    assert_eq!(instance.start(port, None), Err(StartError::Closed));
+    assert_eq!(instance.start(signal(), None), Err(StartError::Closed));
 }
 
 #[test]
@@ -301,4 +303,29 @@ fn stats_are_consistent_under_concurrent_delivery() {
     producer.join().unwrap();
     assert_eq!(taken, 10_000);
     assert_eq!(instance.stats().delivered, 10_000);
+}
+
+#[test]
+fn a_descriptor_signal_is_readable_until_the_empty_poll_clears_it() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    for kind in [FdKind::native(), FdKind::Pipe] {
+        let mut instance = Instance::default();
+        instance.start(Signal::fd(kind).unwrap(), None).unwrap();
+        let fd = instance.reader_fd().unwrap();
+        let readable = || {
+            let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            unsafe { libc::poll(&mut pollfd, 1, 0) == 1 }
+        };
+        let shared = instance.shared().clone();
+        shared.deliver(item(0, 0, &freed), Wait::No);
+        shared.deliver(item(0, 1, &freed), Wait::No);
+        assert!(readable(), "{kind:?}: the first deliver signals");
+        assert!(instance.take_next().is_some() && instance.take_next().is_some());
+        assert!(readable(), "{kind:?}: still readable until the drain ends");
+        assert!(instance.take_next().is_none());
+        assert!(!readable(), "{kind:?}: the empty poll clears the descriptor");
+        assert_eq!(instance.stats().wakeups, 1);
+        assert!(instance.wake());
+        assert!(readable(), "{kind:?}: wake() signals");
+    }
 }

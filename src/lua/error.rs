@@ -76,16 +76,17 @@ pub unsafe fn error_text(state: *mut lua_State, index: c_int) -> String {
     }
 }
 
-/// What was passed, for "got ..." in argument errors: numbers by value.
+/// What was passed, for "got ..." in argument errors: numbers and strings
+/// by value, anything else by type.
 ///
 /// # Safety
 /// `state` is valid.
 pub unsafe fn describe(state: *mut lua_State, index: c_int) -> String {
     unsafe {
-        if lua_type(state, index) == LUA_TNUMBER {
-            format!("{}", lua_tonumber(state, index))
-        } else {
-            type_name(state, index)
+        match lua_type(state, index) {
+            LUA_TNUMBER => format!("{}", lua_tonumber(state, index)),
+            LUA_TSTRING => format!("{:?}", string_at(state, index).unwrap_or_default()),
+            _ => type_name(state, index),
         }
     }
 }
@@ -104,5 +105,20 @@ pub unsafe fn integer_in(state: *mut lua_State, index: c_int, what: &str, min: f
         } else {
             Err(format!("{what} must be an integer in {min}..{max}, got {}", describe(state, index)))
         }
+    }
+}
+
+/// The string at `index`, if it is one (numbers are not).
+///
+/// # Safety
+/// `state` is valid.
+pub unsafe fn string_at(state: *mut lua_State, index: c_int) -> Option<String> {
+    unsafe {
+        if lua_type(state, index) != LUA_TSTRING {
+            return None;
+        }
+        let mut len = 0;
+        let ptr = lua_tolstring(state, index, &mut len);
+        Some(String::from_utf8_lossy(std::slice::from_raw_parts(ptr.cast(), len)).into_owned())
     }
 }

@@ -16,6 +16,7 @@ use std::ptr;
 use mlua::ffi::*;
 
 use crate::instance::Instance;
+use crate::signal::{FdKind, Signal};
 use error::{integer_in, push_str, LuaResult, Raise};
 
 /// Registry field holding the state's instance userdata.
@@ -51,6 +52,10 @@ macro_rules! lua_fn {
 }
 
 lua_fn!(core_start => start);
+lua_fn!(core_start_fd => start_fd);
+lua_fn!(core_start_greeting => start_greeting);
+lua_fn!(core_greeted => greeted);
+lua_fn!(core_fd => fd);
 lua_fn!(core_stop => stop);
 lua_fn!(core_pending => pending);
 lua_fn!(core_wake => wake);
@@ -62,27 +67,117 @@ lua_fn!(core_complete => poll::complete);
 
 const MAX_CAPACITY: f64 = i32::MAX as f64;
 
-/// `start(port [, opts])`.
+/// The options table at `index`, if any: `capacity`, and (descriptor
+/// signal) `kind`.
+struct StartOptions {
+    capacity: Option<usize>,
+    fd_kind: FdKind,
+}
+
+unsafe fn start_options(state: *mut lua_State, index: c_int) -> LuaResult<StartOptions> {
+    let mut options = StartOptions { capacity: None, fd_kind: FdKind::native() };
+    unsafe {
+        match lua_type(state, index) {
+            LUA_TNONE | LUA_TNIL => return Ok(options),
+            LUA_TTABLE => {}
+            _ => {
+                return Err(Raise::Arg(
+                    index,
+                    format!("opts must be a table or nil, got {}", error::type_name(state, index)),
+                ))
+            }
+        }
+        lua_getfield(state, index, c"capacity".as_ptr());
+        if lua_isnil(state, -1) == 0 {
+            let capacity =
+                integer_in(state, -1, "opts.capacity", 1.0, MAX_CAPACITY).map_err(|m| Raise::Arg(index, m))?;
+            options.capacity = Some(capacity as usize);
+        }
+        lua_getfield(state, index, c"kind".as_ptr());
+        options.fd_kind = match error::string_at(state, -1).as_deref() {
+            None if lua_isnil(state, -1) != 0 => options.fd_kind,
+            Some("eventfd") => FdKind::EventFd,
+            Some("pipe") => FdKind::Pipe,
+            _ => {
+                let got = error::describe(state, -1);
+                return Err(Raise::Arg(index, format!("opts.kind must be \"eventfd\", \"pipe\" or nil, got {got}")));
+            }
+        };
+        lua_pop(state, 2);
+    }
+    Ok(options)
+}
+
+/// Start the instance with the signal `make_signal` builds.
+unsafe fn start_with<'a>(
+    state: *mut lua_State,
+    options: StartOptions,
+    make_signal: impl FnOnce(&StartOptions) -> std::io::Result<Signal>,
+) -> LuaResult<&'a mut Instance> {
+    unsafe {
+        let instance = instance(state)?;
+        let failed = |e: &dyn std::fmt::Display| Raise::Message(format!("bgworker.core: cannot start: {e}"));
+        instance.can_start().map_err(|e| failed(&e))?;
+        let signal = make_signal(&options).map_err(|e| failed(&e))?;
+        instance.start(signal, options.capacity).map_err(|e| failed(&e))?;
+        Ok(instance)
+    }
+}
+
+/// `start(port [, opts])`: wake datagrams go to 127.0.0.1:`port`.
 unsafe fn start(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
         let port = integer_in(state, 1, "port", 1.0, 65535.0).map_err(|m| Raise::Arg(1, m))? as u16;
-        let capacity = match lua_type(state, 2) {
-            LUA_TNONE | LUA_TNIL => None,
-            LUA_TTABLE => {
-                lua_getfield(state, 2, c"capacity".as_ptr());
-                let capacity = match lua_type(state, -1) {
-                    LUA_TNIL => None,
-                    _ => Some(integer_in(state, -1, "opts.capacity", 1.0, MAX_CAPACITY).map_err(|m| Raise::Arg(2, m))?
-                        as usize),
-                };
-                lua_pop(state, 1);
-                capacity
-            }
-            _ => return Err(Raise::Arg(2, format!("opts must be a table or nil, got {}", error::type_name(state, 2)))),
-        };
-        instance(state)?.start(port, capacity).map_err(|e| Raise::Message(format!("bgworker.core.start: {e}")))?;
-        Ok(0)
+        let options = start_options(state, 2)?;
+        start_with(state, options, |_| Signal::udp(port))?;
     }
+    Ok(0)
+}
+
+/// `start_fd([opts])`: wake-ups make a descriptor readable; returns it.
+unsafe fn start_fd(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let options = start_options(state, 1)?;
+        let instance = start_with(state, options, |o| Signal::fd(o.fd_kind))?;
+        let fd = instance.reader_fd().expect("a descriptor signal has a descriptor");
+        lua_pushinteger(state, fd as lua_Integer);
+    }
+    Ok(1)
+}
+
+/// `start_greeting([opts])`: the native side binds; returns `host, port,
+/// token`: greet that address with the token, then call `greeted()`.
+unsafe fn start_greeting(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let options = start_options(state, 1)?;
+        let instance = start_with(state, options, |_| Signal::greeting())?;
+        let signal = instance.signal().expect("just started");
+        let addr = signal.local_addr().expect("a greeting socket has an address");
+        push_str(state, &addr.ip().to_string());
+        lua_pushinteger(state, addr.port() as lua_Integer);
+        push_str(state, signal.token().expect("a greeting signal has a token"));
+    }
+    Ok(3)
+}
+
+/// `greeted()`: true once a greeting with the token has arrived.
+unsafe fn greeted(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let greeted = instance(state)?.signal().is_some_and(Signal::accept_greeting);
+        lua_pushboolean(state, greeted as c_int);
+    }
+    Ok(1)
+}
+
+/// `fd()`: the descriptor of a descriptor signal, or nil.
+unsafe fn fd(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        match instance(state)?.reader_fd() {
+            Some(fd) => lua_pushinteger(state, fd as lua_Integer),
+            None => lua_pushnil(state),
+        }
+    }
+    Ok(1)
 }
 
 /// `stop()`: the number of items cancelled.
@@ -191,8 +286,12 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         let wrapper_index = instance_index + 1;
         let pcall_index = instance_index + 2;
 
-        let functions: [(&CStr, lua_CFunction); 8] = [
+        let functions: [(&CStr, lua_CFunction); 12] = [
             (c"start", core_start),
+            (c"start_fd", core_start_fd),
+            (c"start_greeting", core_start_greeting),
+            (c"greeted", core_greeted),
+            (c"fd", core_fd),
             (c"stop", core_stop),
             (c"pending", core_pending),
             (c"wake", core_wake),
