@@ -25,7 +25,7 @@ use crate::status;
 /// `BGW_REGISTRY_KEY` of the header.
 const API_KEY: &CStr = c"bgworker.api";
 const CLOSER_KEY: &CStr = c"bgworker.core.closer";
-const CLOSER_METATABLE: &CStr = c"bgworker.core.closer";
+const CLOSER_METATABLE: &CStr = c"bgworker.core.Closer";
 
 static API: Api = Api {
     version: API_VERSION,

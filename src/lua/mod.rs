@@ -21,7 +21,8 @@ use error::{integer_in, push_str, LuaResult, Raise};
 
 /// Registry field holding the state's instance userdata.
 const INSTANCE_KEY: &CStr = c"bgworker.core.instance";
-const INSTANCE_METATABLE: &CStr = c"bgworker.core.instance";
+/// Metatable names live in the registry too: they must differ from the keys.
+const INSTANCE_METATABLE: &CStr = c"bgworker.core.Instance";
 
 /// The instance userdata. `None` once its state has closed it.
 struct InstanceCell {

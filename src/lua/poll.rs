@@ -16,7 +16,7 @@ use super::instance;
 use crate::item::{DecodeFn, Item, ResultFn};
 use crate::status::Status;
 
-const ROUND_TRIP_METATABLE: &CStr = c"bgworker.core.roundtrip";
+const ROUND_TRIP_METATABLE: &CStr = c"bgworker.core.RoundTrip";
 
 /// A round trip between decode and its completion: owns the item, so data
 /// stays alive for `result`. Dropped unfinished (the callback was never
