@@ -5,7 +5,7 @@ LUA_VERSIONS := 5.1 5.2 5.3 5.4 jit
 # Copas from Debian exists for Lua 5.1 (and so LuaJIT) and 5.2 only.
 CARGO ?= cargo
 CC ?= gcc
-CFLAGS ?= -O2 -g -Wall -Wextra -Werror -std=c99
+CFLAGS ?= -O2 -g -Wall -Wextra -Werror -std=c11
 BUILD := build
 
 lua_bin      = $(if $(filter jit,$(1)),luajit,lua$(1))

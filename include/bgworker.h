@@ -60,7 +60,7 @@ enum bgw_status {
     BGW_FULL = 1,      /* bounded queue full and timeout_ms was BGW_NOWAIT */
     BGW_CLOSED = 2,    /* the dispatcher is stopped, or the Lua state is closed */
     BGW_TIMEOUT = 3,   /* no room in time (deliver, call), or no reply in time (call) */
-    BGW_INVALID = 4,   /* NULL handle, NULL decode, or NULL result for call */
+    BGW_INVALID = 4,   /* NULL handle, NULL decode; for call: NULL result or BGW_NOWAIT */
     BGW_CANCELLED = 5, /* call only: the item was cancelled before its callback ran to the end */
     BGW_ERROR = 6      /* call only: decode, the callback or result raised a Lua error */
 };
@@ -118,11 +118,12 @@ typedef struct bgw_api {
      * thread, decode runs, the callback is called, then `result` receives
      * its return values, and the waiting thread is released. timeout_ms
      * (BGW_FOREVER or n > 0 ms) bounds the whole wait: for room and for the
-     * reply. `decode` and `result` run only while this call is waiting, so
+     * reply; BGW_NOWAIT is BGW_INVALID, since a round trip always waits.
+     * `decode` and `result` run only while this call is waiting, so
      * `data` may point to the caller's stack through a field it owns;
      * `free_data` may run after call returned and must not touch that.
      * Returns BGW_OK (result ran), BGW_TIMEOUT, BGW_CANCELLED, BGW_ERROR,
-     * BGW_FULL (BGW_NOWAIT and a full queue), BGW_CLOSED or BGW_INVALID. */
+     * BGW_CLOSED or BGW_INVALID. */
     int (*call)(bgw_handle *handle, bgw_decode_fn decode, bgw_result_fn result, void *data,
                 bgw_free_fn free_data, int timeout_ms);
 

@@ -72,6 +72,19 @@ pub unsafe extern "C" fn release(handle: *mut Handle) {
     }
 }
 
+/// Refuse a call with invalid arguments: free the data (the contract takes
+/// it whatever happens) and count the rejection where there is an instance.
+///
+/// # Safety
+/// As for `free_payload`.
+unsafe fn invalid(shared: Option<&Shared>, data: *mut c_void, free_data: Option<FreeFn>) -> c_int {
+    unsafe { free_payload(data, free_data) };
+    if let Some(shared) = shared {
+        shared.note_rejected();
+    }
+    Status::Invalid.code()
+}
+
 fn wait_for(timeout_ms: c_int) -> Wait {
     match timeout_ms {
         0 => Wait::No,
@@ -90,9 +103,9 @@ pub unsafe extern "C" fn deliver(
     timeout_ms: c_int,
 ) -> c_int {
     // SAFETY: the caller holds the handle (contract).
-    let (Some(shared), Some(decode)) = (unsafe { shared(handle) }, decode) else {
-        unsafe { free_payload(data, free_data) };
-        return Status::Invalid.code();
+    let shared = unsafe { shared(handle) };
+    let (Some(shared), Some(decode)) = (shared, decode) else {
+        return unsafe { invalid(shared, data, free_data) };
     };
     shared.deliver(Item::new(decode, data, free_data, None), wait_for(timeout_ms)).code()
 }
@@ -108,18 +121,15 @@ pub unsafe extern "C" fn call(
     timeout_ms: c_int,
 ) -> c_int {
     // SAFETY: the caller holds the handle (contract).
-    let (Some(shared), Some(decode), Some(result)) = (unsafe { shared(handle) }, decode, result) else {
-        unsafe { free_payload(data, free_data) };
-        return Status::Invalid.code();
-    };
+    let shared = unsafe { shared(handle) };
     let deadline = match wait_for(timeout_ms) {
         Wait::Forever => None,
         Wait::Until(deadline) => Some(deadline),
         // A round trip always waits for its reply; "do not wait" has no meaning here.
-        Wait::No => {
-            unsafe { free_payload(data, free_data) };
-            return Status::Invalid.code();
-        }
+        Wait::No => return unsafe { invalid(shared, data, free_data) },
+    };
+    let (Some(shared), Some(decode), Some(result)) = (shared, decode, result) else {
+        return unsafe { invalid(shared, data, free_data) };
     };
     shared.call(decode, result, data, free_data, deadline).code()
 }

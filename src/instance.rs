@@ -57,11 +57,15 @@ impl Shared {
         match self.enqueue(item, wait) {
             Ok(()) => Status::Ok,
             Err((status, item)) => {
-                self.rejected.fetch_add(1, Relaxed);
+                self.note_rejected();
                 drop(item);
                 status
             }
         }
+    }
+
+    pub fn note_rejected(&self) {
+        self.rejected.fetch_add(1, Relaxed);
     }
 
     /// Queue a round trip and wait for its outcome until `deadline`.
