@@ -66,9 +66,9 @@ unsafe extern "C-unwind" fn acquire(state: *mut c_void) -> *mut Handle {
         if instance.is_closed() {
             return std::ptr::null_mut();
         }
-        let handle = capi::new_handle(instance.shared());
+        // First the closer: it may raise (out of memory), and must not leak a handle when it does.
         install_closer(state);
-        handle
+        capi::new_handle(instance.shared())
     }
 }
 

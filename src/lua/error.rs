@@ -59,21 +59,44 @@ pub unsafe fn type_name(state: *mut lua_State, index: c_int) -> String {
     unsafe { CStr::from_ptr(lua_typename(state, lua_type(state, index))) }.to_string_lossy().into_owned()
 }
 
-/// A readable form of an error value, for messages that wrap it.
+/// A readable form of an error value, for messages that wrap it: strings
+/// and numbers as they are, other values through `__tostring` (mlua's error
+/// objects have one), else their type.
+///
+/// `__tostring` is user code that may raise, and our callers may own values
+/// with destructors, so it runs under `lua_pcall`.
 ///
 /// # Safety
-/// `state` is valid.
+/// `state` is valid and has two free stack slots.
 pub unsafe fn error_text(state: *mut lua_State, index: c_int) -> String {
     unsafe {
-        match lua_type(state, index) {
-            LUA_TSTRING | LUA_TNUMBER => {
-                let mut len = 0;
-                let ptr = lua_tolstring(state, index, &mut len);
-                String::from_utf8_lossy(std::slice::from_raw_parts(ptr.cast(), len)).into_owned()
-            }
-            _ => format!("(error object is a {} value)", type_name(state, index)),
+        let index = lua_absindex(state, index);
+        if lua_type(state, index) != LUA_TSTRING && lua_type(state, index) != LUA_TNUMBER {
+            lua_pushcfunction(state, to_string);
+            lua_pushvalue(state, index);
+            let converted = lua_pcall(state, 1, 1, 0) == LUA_OK && lua_type(state, -1) == LUA_TSTRING;
+            let text = match converted {
+                true => string_at(state, -1).unwrap_or_default(),
+                false => format!("(error object is a {} value)", type_name(state, index)),
+            };
+            lua_pop(state, 1);
+            return text;
         }
+        let mut len = 0;
+        let ptr = lua_tolstring(state, index, &mut len);
+        String::from_utf8_lossy(std::slice::from_raw_parts(ptr.cast(), len)).into_owned()
     }
+}
+
+unsafe extern "C-unwind" fn to_string(state: *mut lua_State) -> c_int {
+    unsafe {
+        if luaL_getmetafield(state, 1, c"__tostring".as_ptr()) == LUA_TNIL {
+            return 0;
+        }
+        lua_pop(state, 1);
+        luaL_tolstring(state, 1, std::ptr::null_mut());
+    }
+    1
 }
 
 /// What was passed, for "got ..." in argument errors: numbers and strings
