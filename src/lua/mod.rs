@@ -285,7 +285,6 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         api::publish(state);
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
-        let pcall_index = instance_index + 2;
 
         let functions: [(&CStr, lua_CFunction); 12] = [
             (c"start", core_start),
@@ -301,15 +300,13 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             (c"stats", core_stats),
             (c"poll", core_poll),
         ];
-        lua_createtable(state, 0, functions.len() as c_int + 2);
+        lua_createtable(state, 0, functions.len() as c_int + 1);
         for (name, function) in functions {
             lua_pushvalue(state, instance_index);
             lua_pushvalue(state, wrapper_index);
             lua_pushcclosure(state, function, 2);
             lua_setfield(state, -2, name.as_ptr());
         }
-        lua_pushvalue(state, pcall_index);
-        lua_setfield(state, -2, c"pcall".as_ptr());
         push_str(state, env!("CARGO_PKG_VERSION"));
         lua_setfield(state, -2, c"version".as_ptr());
     }

@@ -164,8 +164,7 @@ pub unsafe fn complete(state: *mut lua_State) -> LuaResult<c_int> {
     }
 }
 
-/// Register the round-trip metatable and build the wrapper: pushes the
-/// wrapper and the pcall it uses (for `core.pcall`).
+/// Register the round-trip metatable and build the wrapper: pushes it.
 ///
 /// # Safety
 /// `instance_index` holds the instance userdata.
@@ -184,6 +183,6 @@ pub unsafe fn open(state: *mut lua_State, instance_index: c_int) {
         lua_pushcclosure(state, super::core_complete, 1);
         // Lua 5.1's pcall cannot be yielded across; LuaJIT's and 5.2's can.
         lua_pushboolean(state, cfg!(feature = "lua51") as c_int);
-        lua_call(state, 2, 2);
+        lua_call(state, 2, 1);
     }
 }

@@ -1,5 +1,5 @@
 -- Part of bgworker.core: runs a round trip's callback and hands its outcome
--- to the core, and provides a pcall that callbacks may yield across.
+-- to the core. The callback may yield across it, on every Lua version.
 local complete, pcall_cannot_yield = ...
 
 local pcall = pcall
@@ -32,4 +32,4 @@ end
 
 return function(token, callback, ...)
   return complete(token, pcall(callback, ...))
-end, pcall
+end

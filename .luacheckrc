@@ -1,0 +1,6 @@
+-- luacheck configuration: `luacheck lua spec examples bench`
+std = "max"
+
+files["spec"] = {
+  std = "+busted",
+}

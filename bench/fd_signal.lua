@@ -1,0 +1,306 @@
+-- The descriptor signal (core.start_fd: an eventfd, or a pipe) against the
+-- UDP datagram signal, measured in one process so that the ratio compares
+-- like with like. Section "fd" of bench/run.lua; also runs on its own:
+--
+--   LUA_PATH="lua/?.lua;lua/?/init.lua;bench/?.lua;;" LUA_CPATH="build/5.4/?.so;;" \
+--     lua5.4 bench/fd_signal.lua
+--
+-- The producer is bgworker_bench (bench/native/bench.c): one thread that
+-- delivers small items stamped with CLOCK_MONOTONIC. Rows:
+--   udp_select    bgworker.new(): a UDP socket in socket.select, dispatch()
+--   fd_select     the eventfd in socket.select (an object with getfd), drained
+--                 the same way (bgworker.drain.batch, same budget)
+--   pipe_select   the same with a pipe
+--   luv           bgworker.luv: the eventfd in a uv_poll_t, inside uv.run()
+--   cqueues       bgworker.cqueues: the eventfd polled by a cqueues controller
+-- Throughput: BENCH_ITEMS items as fast as the producer can (median of
+-- BENCH_REPS runs); latency: BENCH_LATENCY_ITEMS items, one per ms.
+
+local bgworker = require "bgworker"
+local core = require "bgworker.core"
+local drain = require "bgworker.drain"
+local bench = require "bgworker_bench"
+local socket = require "socket"
+local has_luv, uv = pcall(require, "luv")
+local has_cqueues, cqueues = pcall(require, "cqueues")
+
+local M = {}
+
+local function env_number(name, default)
+  return tonumber(os.getenv(name)) or default
+end
+
+local ITEMS = env_number("BENCH_ITEMS", 2000000)
+local REPS = env_number("BENCH_REPS", 3)
+local LATENCY_ITEMS = env_number("BENCH_LATENCY_ITEMS", 2000)
+-- A run that sees no callback for this long has lost items: give up.
+local STALL = 10
+
+local now = bench.now -- microseconds, CLOCK_MONOTONIC
+local function seconds() return now() / 1e6 end
+
+local function progress(...)
+  io.stderr:write("[", _VERSION, jit and " (LuaJIT)" or "", "] fd: ", string.format(...), "\n")
+end
+
+local function stats_delta(before)
+  local after, d = core.stats(), {}
+  for k, v in pairs(after) do d[k] = v - before[k] end
+  return d
+end
+
+-- A descriptor dispatcher for socket.select: the drain of bgworker.luv and
+-- bgworker.cqueues, waited on with select like the UDP dispatcher.
+local function fd_dispatcher(kind)
+  local self = {}
+  drain.start_fd(self, "fd_signal", { kind = kind })
+  local fd = self.fd
+  self.waitable = { getfd = function() return fd end }
+  return self
+end
+
+-- Each mode: mode(n, callback, producer_opts) starts its dispatcher, starts
+-- the producer, runs until `done()` and stops. Returns the stats delta.
+local modes = {}
+
+local function until_done(done, step)
+  local last, seen = seconds(), nil
+  while true do
+    local c = done()
+    if c == true then return end
+    step()
+    if c ~= seen then
+      last, seen = seconds(), c
+    elseif seconds() - last > STALL then
+      error(("stalled at %s items"):format(tostring(c)))
+    end
+  end
+end
+
+function modes.udp_select(done, produce)
+  local d = bgworker.new()
+  local before, set = core.stats(), { d.socket }
+  local job = produce()
+  until_done(done, function()
+    local readable = socket.select(set, nil, 1)
+    if readable[d.socket] then d:dispatch() end
+  end)
+  job:join()
+  local delta = stats_delta(before)
+  d:stop()
+  return delta
+end
+
+local function fd_select(kind)
+  return function(done, produce)
+    local d = fd_dispatcher(kind)
+    local before, set, w = core.stats(), { d.waitable }, d.waitable
+    local job = produce()
+    until_done(done, function()
+      local readable = socket.select(set, nil, 1)
+      if readable[w] then drain.batch(d, d.budget) end
+    end)
+    job:join()
+    local delta = stats_delta(before)
+    core.stop()
+    return delta
+  end
+end
+modes.fd_select = fd_select("eventfd")
+modes.pipe_select = fd_select("pipe")
+
+if has_luv then
+  local bgluv = require "bgworker.luv"
+  function modes.luv(done, produce)
+    local d = bgluv.start()
+    local before = core.stats()
+    -- A timer checks for the end (and for stalls) without touching the drain.
+    local timer = uv.new_timer()
+    local last, seen, failed = seconds(), nil, nil
+    timer:start(1, 1, function()
+      local c = done()
+      if c == true then
+        timer:close()
+        d:stop()
+      elseif c ~= seen then
+        last, seen = seconds(), c
+      elseif seconds() - last > STALL then
+        failed = ("stalled at %s items"):format(tostring(c))
+        timer:close()
+        d:stop()
+      end
+    end)
+    local job = produce()
+    uv.run()
+    job:join()
+    if failed then error(failed) end
+    return stats_delta(before)
+  end
+end
+
+if has_cqueues then
+  local bgcq = require "bgworker.cqueues"
+  function modes.cqueues(done, produce)
+    local cq = cqueues.new()
+    local d = bgcq.start()
+    local before = core.stats()
+    local failed
+    cq:wrap(function() d:loop() end)
+    cq:wrap(function()
+      local last, seen = seconds(), nil
+      while true do
+        cqueues.sleep(0.001)
+        local c = done()
+        if c == true then break end
+        if c ~= seen then
+          last, seen = seconds(), c
+        elseif seconds() - last > STALL then
+          failed = ("stalled at %s items"):format(tostring(c))
+          break
+        end
+      end
+      d:stop()
+    end)
+    local job = produce()
+    assert(cq:loop())
+    job:join()
+    if failed then error(failed) end
+    return stats_delta(before)
+  end
+end
+
+local ORDER = { "udp_select", "fd_select", "pipe_select", "luv", "cqueues" }
+
+--------------------------------------------------------------------------
+-- Throughput: seconds from the producer's start to the last callback.
+
+local function throughput_once(mode, n)
+  local count, t1 = 0, nil
+  local function callback()
+    count = count + 1
+    if count == n then t1 = seconds() end
+  end
+  collectgarbage()
+  local t0
+  local delta = modes[mode](function() return count >= n or count end, function()
+    t0 = seconds()
+    return bench.produce { items = n, callback = callback }
+  end)
+  assert(count == n, "items lost")
+  return t1 - t0, delta
+end
+
+local function throughput(n, reps)
+  local out = { items = n, reps = reps }
+  for _, mode in ipairs(ORDER) do
+    if modes[mode] then
+      progress("throughput: %s, %d items", mode, n)
+      local runs = {}
+      for i = 1, reps do
+        local t, delta = throughput_once(mode, n)
+        runs[i] = { t = t, delta = delta }
+      end
+      table.sort(runs, function(a, b) return a.t < b.t end)
+      local median = runs[math.ceil(reps / 2)]
+      out[mode] = { seconds = median.t, per_second = n / median.t,
+        wakeups_per_item = median.delta.wakeups / median.delta.delivered }
+    else
+      out[mode] = "not available"
+    end
+  end
+  return out
+end
+
+--------------------------------------------------------------------------
+-- Latency: one item per ms, stamped at the deliver, read in the callback.
+
+local function percentiles(lat, n)
+  table.sort(lat)
+  local function at(p) return lat[math.max(1, math.ceil(p * n))] end
+  return { n = n, p50_us = at(0.5), p99_us = at(0.99), max_us = lat[n] }
+end
+
+local function latency(n)
+  local out = { items = n, interval_us = 1000 }
+  for _, mode in ipairs(ORDER) do
+    if modes[mode] then
+      progress("latency: %s, %d items, one per ms", mode, n)
+      local lat, count = {}, 0
+      local function record(_, _, stamp)
+        count = count + 1
+        lat[count] = now() - stamp
+      end
+      collectgarbage()
+      local delta = modes[mode](function() return count >= n or count end, function()
+        return bench.produce { items = n, interval_us = 1000, callback = record }
+      end)
+      local r = percentiles(lat, count)
+      r.wakeups_per_item = delta.wakeups / delta.delivered
+      out[mode] = r
+    else
+      out[mode] = "not available"
+    end
+  end
+  return out
+end
+
+--------------------------------------------------------------------------
+
+local function ratio(a, b)
+  if type(a) == "number" and type(b) == "number" and b ~= 0 then return a / b end
+end
+
+--- Run both measurements. Returns { throughput = ..., latency = ...,
+-- ratio = { throughput, p50, p99 } } where each ratio is eventfd (select)
+-- over UDP (select): above 1 is more callbacks/s, or more latency.
+function M.run()
+  if core.running() then core.stop() end
+  local out = {
+    throughput = throughput(ITEMS, REPS),
+    latency = latency(LATENCY_ITEMS),
+  }
+  local t, l = out.throughput, out.latency
+  out.ratio = {
+    throughput = ratio(t.fd_select.per_second, t.udp_select.per_second),
+    p50 = ratio(l.fd_select.p50_us, l.udp_select.p50_us),
+    p99 = ratio(l.fd_select.p99_us, l.udp_select.p99_us),
+  }
+  return out
+end
+
+M.ORDER = ORDER
+
+--- The table: one row per mode, with the ratio to UDP (select).
+function M.format(out)
+  local function si(x)
+    if x >= 1e6 then return ("%.2f M"):format(x / 1e6) end
+    if x >= 1e3 then return ("%.1f k"):format(x / 1e3) end
+    return ("%.0f"):format(x)
+  end
+  local t, l = out.throughput, out.latency
+  local base_t, base_l = t.udp_select, l.udp_select
+  local lines = {
+    ("%-12s %14s %8s %10s %10s %10s %8s %8s"):format("signal/loop", "callbacks/s", "x UDP",
+      "p50 us", "p99 us", "max us", "x UDP50", "x UDP99"),
+  }
+  for _, mode in ipairs(ORDER) do
+    local a, b = t[mode], l[mode]
+    if type(a) == "table" and type(b) == "table" then
+      lines[#lines + 1] = ("%-12s %12s/s %8.2f %10.1f %10.1f %10.0f %8.2f %8.2f"):format(mode,
+        si(a.per_second), a.per_second / base_t.per_second, b.p50_us, b.p99_us, b.max_us,
+        b.p50_us / base_l.p50_us, b.p99_us / base_l.p99_us)
+    else
+      lines[#lines + 1] = ("%-12s not available"):format(mode)
+    end
+  end
+  lines[#lines + 1] = ("(%d items per throughput run, median of %d; latency: %d items, one per ms)")
+    :format(t.items, t.reps, l.items)
+  return table.concat(lines, "\n")
+end
+
+if arg and arg[0] and arg[0]:match("fd_signal%.lua$") then
+  print(("%s%s"):format(_VERSION, jit and (" (" .. jit.version .. ")") or ""))
+  print(M.format(M.run()))
+end
+
+return M

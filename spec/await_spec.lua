@@ -1,0 +1,247 @@
+-- bgworker.await: waiting for a callback in a Copas thread, or through a
+-- dispatcher outside one. Callbacks come from real deliveries
+-- (bgworker_testutil producers) through a real dispatcher.
+--
+-- Debian packages Copas 1.x for Lua 5.1 (and so LuaJIT) and 5.2: there the
+-- Copas specs must run, and fail if Copas is missing. On Lua 5.3 and 5.4
+-- they are pending unless a Copas is on LUA_PATH. The Copas 2+ path
+-- (pauseforever/wakeup) is also checked against a stand-in scheduler, since
+-- no such Copas is installed here.
+
+local await = require "bgworker.await"
+local bgworker = require "bgworker"
+local core = require "bgworker.core"
+local socket = require "socket"
+local testutil = require "bgworker_testutil"
+
+local has_copas, copas = pcall(require, "copas")
+local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
+
+local jobs = {} -- testutil jobs not yet joined
+
+-- Deliver one item whose decode calls `callback(1, 1, true)`.
+local function deliver_to(callback)
+  local job = testutil.produce { callback = callback }
+  jobs[#jobs + 1] = job
+end
+
+local function join_jobs()
+  for _, job in ipairs(jobs) do testutil.join(job) end
+  jobs = {}
+end
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+setup(function()
+  if core.running() then core.stop() end
+end)
+
+describe("bgworker.await", function()
+  local d
+
+  after_each(function()
+    if d then d:stop() end
+    d = nil
+    join_jobs()
+  end)
+
+  it("checks its arguments", function()
+    assert.has_error(function() await(nil) end, "bad argument #1 to 'await' (function expected, got nil)")
+    assert.has_error(function() await(print, 42) end, "bad argument #2 to 'await' (dispatcher expected, got number)")
+  end)
+
+  it("refuses to wait outside a Copas thread with no dispatcher, before starting anything", function()
+    local started = false
+    local ok, err = pcall(await, function() started = true end)
+    assert.is_false(ok)
+    assert.matches("not in a Copas thread, and no dispatcher to wait with", err, 1, true)
+    assert.is_false(started)
+  end)
+
+  it("waits through a dispatcher outside any coroutine", function()
+    d = bgworker.new()
+    assert.same({ n = 3, 1, 1, true }, pack(await(deliver_to, d)))
+  end)
+
+  it("returns at once when the callback fires during start, keeping nils", function()
+    d = bgworker.new()
+    local got = pack(await(function(callback) callback(nil, 2, nil) end, d))
+    assert.same({ n = 3, nil, 2, nil }, got)
+  end)
+
+  it("keeps the first call of the callback only", function()
+    d = bgworker.new()
+    local got = pack(await(function(callback)
+      callback("first")
+      callback("second")
+    end, d))
+    assert.same({ n = 1, "first" }, got)
+  end)
+
+  it("fails when the dispatcher stops before the callback fires", function()
+    d = bgworker.new()
+    local ok, err = pcall(await, function() d:stop() end, d)
+    assert.is_false(ok)
+    assert.matches("the dispatcher stopped before the callback was called", err, 1, true)
+  end)
+
+  describe("with a Copas 2+ scheduler (pauseforever, wakeup)", function()
+    -- A stand-in for Copas: pausing yields to the test, which plays the loop.
+    local real
+    local woken
+
+    before_each(function()
+      real = package.loaded.copas
+      woken = {}
+    end)
+
+    after_each(function()
+      package.loaded.copas = real
+    end)
+
+    local function scheduler(fields)
+      local fake = {
+        wakeup = function(co) woken[#woken + 1] = co end,
+      }
+      for k, v in pairs(fields) do fake[k] = v end
+      package.loaded.copas = fake
+    end
+
+    local function check_sleeping_wait()
+      local callback
+      local co = coroutine.create(function()
+        return await(function(cb) callback = cb end)
+      end)
+      assert.same({ true, "paused" }, { coroutine.resume(co) })
+      -- Woken by someone else: it goes back to sleep.
+      assert.same({ true, "paused" }, { coroutine.resume(co) })
+      callback("a", nil)
+      callback("ignored")
+      assert.same({ co }, woken)
+      assert.same({ n = 3, true, "a", nil }, pack(coroutine.resume(co)))
+      assert.equals("dead", coroutine.status(co))
+    end
+
+    it("sleeps with pauseforever until the callback wakes it", function()
+      scheduler { pauseforever = function() coroutine.yield("paused") end }
+      check_sleeping_wait()
+    end)
+
+    it("sleeps with sleep(-1) on Copas 2 and 3", function()
+      scheduler { sleep = function(t)
+        assert.equals(-1, t)
+        coroutine.yield("paused")
+      end }
+      check_sleeping_wait()
+    end)
+  end)
+end)
+
+describe("bgworker.await in Copas", function()
+  if not has_copas then
+    if copas_expected then
+      it("needs Copas on " .. _VERSION, function()
+        error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
+          tostring(copas))
+      end)
+    else
+      pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
+        " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
+    end
+    return
+  end
+
+  local d
+
+  local function run_until(cond, timeout)
+    local deadline = socket.gettime() + (timeout or 5)
+    while not cond() do
+      if socket.gettime() > deadline then return false end
+      copas.step(0.01)
+    end
+    return true
+  end
+
+  before_each(function()
+    d = bgworker.copas()
+  end)
+
+  after_each(function()
+    d:stop()
+    run_until(function() return coroutine.status(d.reader) == "dead" end, 2)
+    join_jobs()
+  end)
+
+  it("suspends the thread until the callback fires, and returns its values", function()
+    local got
+    copas.addthread(function()
+      got = pack(await(deliver_to))
+    end)
+    assert.is_true(run_until(function() return got ~= nil end))
+    assert.same({ n = 3, 1, 1, true }, got)
+  end)
+
+  it("serves many waiting threads at once, each with its own values", function()
+    local n, got, done = 20, {}, 0
+    for i = 1, n do
+      copas.addthread(function()
+        got[i] = await(function(callback)
+          deliver_to(function() callback(i) end)
+        end)
+        done = done + 1
+      end)
+    end
+    assert.is_true(run_until(function() return done == n end))
+    for i = 1, n do assert.equals(i, got[i]) end
+  end)
+
+  it("keeps working after threads that waited have ended", function()
+    -- Copas 1.x closes the socket that last resumed a thread when the thread
+    -- ends; the wait's socket must survive that for the next wait.
+    for round = 1, 3 do
+      local got
+      copas.addthread(function()
+        got = await(function(callback)
+          deliver_to(function() callback(round) end)
+        end)
+      end)
+      assert.is_true(run_until(function() return got ~= nil end), "round " .. round)
+      assert.equals(round, got)
+    end
+  end)
+
+  it("lets other threads run while one waits", function()
+    local gate = assert(socket.udp())
+    assert(gate:setsockname("127.0.0.1", 0))
+    gate:settimeout(0)
+    local ip, port = gate:getsockname()
+    local release -- the waiting thread's callback
+    local got, ticks, ticks_seen, ticker_done = nil, 0, nil, false
+    copas.addthread(function()
+      got = await(function(callback) release = callback end)
+      ticks_seen = ticks
+    end)
+    copas.addthread(function()
+      while got == nil do
+        copas.receive(gate, 16)
+        ticks = ticks + 1
+        if ticks == 3 then release("done") end
+      end
+      ticker_done = true
+    end)
+    -- Each step, a datagram lets the ticker thread tick once.
+    local poke = assert(socket.udp())
+    assert.is_true(run_until(function()
+      if not ticker_done then poke:sendto("x", ip, tonumber(port)) end
+      return ticker_done
+    end))
+    poke:close()
+    gate:close()
+    assert.equals("done", got)
+    -- Released at the third tick; the ticker may tick once more in the step
+    -- that resumes the waiter.
+    assert.is_true(ticks_seen == 3 or ticks_seen == 4, "resumed after tick " .. tostring(ticks_seen))
+  end)
+end)

@@ -1,0 +1,430 @@
+-- The Lua layer `bgworker` inside a Copas loop: bgworker.copas(). Debian
+-- packages Copas (1.x) for Lua 5.1 (and so LuaJIT) and 5.2: there these
+-- specs must run, and fail if Copas is missing. Lua 5.3 and 5.4 have no
+-- Copas package, so there they are pending unless a Copas (such as 4.x) is
+-- on LUA_PATH. The tests drive Copas with copas.step, which every version
+-- has; Copas 1.x's copas.loop never returns.
+
+local has_copas, copas = pcall(require, "copas")
+local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
+
+if not has_copas and not copas_expected then
+  describe("bgworker.copas", function()
+    pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
+      " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
+  end)
+  return
+end
+
+describe("bgworker.copas", function()
+  if not has_copas then
+    it("needs Copas on " .. _VERSION, function()
+      error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
+        tostring(copas))
+    end)
+    return
+  end
+
+  local bgworker = require "bgworker"
+  local core = require "bgworker.core"
+  local socket = require "socket"
+  local testutil = require "bgworker_testutil"
+  local ticker = require "bgworker_ticker"
+
+  local d -- the dispatcher of the current test
+  local jobs = {} -- testutil jobs not yet joined
+  local closers = {} -- sockets to close after the test
+  local steps = 0 -- copas.step calls so far
+
+  local function produce(opts)
+    local job = testutil.produce(opts)
+    jobs[job] = true
+    return job
+  end
+
+  local function join(job)
+    jobs[job] = nil
+    return testutil.join(job)
+  end
+
+  -- Step Copas until cond() is true or `timeout` seconds passed.
+  local function run_until(cond, timeout)
+    local deadline = socket.gettime() + (timeout or 5)
+    while not cond() do
+      if socket.gettime() > deadline then return false end
+      copas.step(0.01)
+      steps = steps + 1
+    end
+    return true
+  end
+
+  local function reader_done()
+    return coroutine.status(d.reader) == "dead"
+  end
+
+  -- A gate: a UDP socket that a Copas thread can wait on until open() sends
+  -- it a datagram.
+  local function gate()
+    local s = assert(socket.udp())
+    assert(s:setsockname("127.0.0.1", 0))
+    s:settimeout(0)
+    closers[#closers + 1] = s
+    local _, port = s:getsockname()
+    return {
+      wait = function() return copas.receive(s, 16) end,
+      open = function()
+        local o = socket.udp()
+        o:sendto("x", "127.0.0.1", tonumber(port))
+        o:close()
+      end,
+    }
+  end
+
+  -- A TCP server that answers each line "echo <line>".
+  local function echo_server()
+    local server = assert(socket.bind("127.0.0.1", 0))
+    closers[#closers + 1] = server
+    copas.addserver(server, function(skt)
+      while true do
+        local line = copas.receive(skt, "*l")
+        if not line then return end
+        copas.send(skt, "echo " .. line .. "\n")
+      end
+    end)
+    local _, port = server:getsockname()
+    return tonumber(port), server
+  end
+
+  -- One request over a new TCP connection, with Copas I/O: it yields.
+  local function echo(port, text)
+    local c = socket.tcp()
+    c:settimeout(0)
+    assert(copas.connect(c, "127.0.0.1", port))
+    assert(copas.send(c, text .. "\n"))
+    local reply, err = copas.receive(c, "*l")
+    c:close()
+    return reply or error(err)
+  end
+
+  local function collector()
+    local errors = {}
+    return errors, function(err, tb)
+      errors[#errors + 1] = { err = err, tb = tb }
+    end
+  end
+
+  setup(function()
+    if core.running() then core.stop() end
+  end)
+
+  after_each(function()
+    if d then
+      d:stop()
+      assert(run_until(reader_done, 2), "the reader thread did not end")
+    end
+    d = nil
+    for job in pairs(jobs) do join(job) end
+    for _, s in ipairs(closers) do
+      if copas.removeserver then pcall(copas.removeserver, s) end
+      s:close()
+    end
+    closers = {}
+  end)
+
+  it("runs ticker callbacks in a Copas loop", function()
+    d = bgworker.copas()
+    local got = {}
+    local t = ticker.start(5, 5, function(v) got[#got + 1] = v end)
+    assert.is_true(run_until(function() return #got == 5 end))
+    t:stop()
+    assert.same({ 1, 2, 3, 4, 5 }, got)
+  end)
+
+  it("runs many items from several threads", function()
+    d = bgworker.copas()
+    local last, count = { 0, 0, 0 }, 0
+    local job = produce { producers = 3, items = 2000, callback = function(p, seq, ok)
+      assert(ok and seq == last[p] + 1)
+      last[p] = seq
+      count = count + 1
+    end }
+    assert.is_true(run_until(function() return count == 6000 end, 10))
+    join(job)
+    assert.same({ 2000, 2000, 2000 }, last)
+  end)
+
+  it("lets other threads run between batches of the budget", function()
+    d = bgworker.copas { budget = 10 }
+    local count, seen_by_other = 0, nil
+    local step_of = {}
+    local g = gate()
+    copas.addthread(function()
+      g.wait()
+      seen_by_other = count
+    end)
+    join(produce { items = 100, callback = function()
+      count = count + 1
+      step_of[count] = steps
+      if count == 1 then g.open() end
+    end })
+    assert.is_true(run_until(function() return count == 100 end))
+    -- The other thread ran while the queue was being drained.
+    assert.is_number(seen_by_other)
+    assert.is_true(seen_by_other < 100, "other thread ran after " .. seen_by_other)
+    -- And the drain went over at least ten steps of the loop.
+    assert.is_true(step_of[100] - step_of[1] >= 9, "steps " .. step_of[1] .. ".." .. step_of[100])
+  end)
+
+  it("drains a batch within one step when the budget allows", function()
+    d = bgworker.copas()
+    local count, first_step = 0, nil
+    join(produce { items = 100, callback = function()
+      count = count + 1
+      first_step = first_step or steps
+    end })
+    assert.is_true(run_until(function() return count == 100 end))
+    assert.equals(first_step, steps - 1)
+  end)
+
+  it("lets callbacks do Copas I/O", function()
+    local port = echo_server()
+    d = bgworker.copas()
+    local replies = {}
+    local t = ticker.start(3, 1, function(v)
+      replies[#replies + 1] = echo(port, "ping " .. v)
+    end)
+    assert.is_true(run_until(function() return #replies == 3 end))
+    t:stop()
+    assert.same({ "echo ping 1", "echo ping 2", "echo ping 3" }, replies)
+  end)
+
+  it("sends errors of yielding callbacks to the errorhandler and goes on", function()
+    local port = echo_server()
+    local errors, handler = collector()
+    d = bgworker.copas { errorhandler = handler }
+    local done = 0
+    local t = ticker.start(4, 1, function(v)
+      local reply = echo(port, "v" .. v)
+      done = done + 1
+      if v % 2 == 1 then error("after " .. reply) end
+    end)
+    assert.is_true(run_until(function() return done == 4 end))
+    t:stop()
+    assert.equals(2, #errors)
+    assert.matches("after echo v1", errors[1].err)
+    assert.matches("after echo v3", errors[2].err)
+    assert.matches("stack traceback", errors[1].tb)
+  end)
+
+  it("lets callbacks use Copas socket timeouts", function()
+    if not copas.settimeout then
+      pending(tostring(copas._VERSION) .. " has no socket timeouts")
+      return
+    end
+    d = bgworker.copas()
+    local results = {}
+    local t = ticker.start(2, 1, function(v)
+      local s = assert(socket.udp())
+      assert(s:setsockname("127.0.0.1", 0))
+      s:settimeout(0)
+      copas.settimeout(s, 0.2)
+      local t0 = socket.gettime()
+      local data, err = copas.receive(s, 16)
+      s:close()
+      results[v] = { data = data, err = err, elapsed = socket.gettime() - t0 }
+    end)
+    assert.is_true(run_until(function() return results[2] ~= nil end))
+    t:stop()
+    for v = 1, 2 do
+      assert.is_nil(results[v].data)
+      assert.equals("timeout", results[v].err)
+      assert.is_true(results[v].elapsed >= 0.15, "timed out after " .. results[v].elapsed)
+    end
+  end)
+
+  it("sends decode errors to the errorhandler and goes on", function()
+    local errors, handler = collector()
+    d = bgworker.copas { errorhandler = handler }
+    local count = 0
+    join(produce { items = 2, decode = "raise" })
+    join(produce { items = 3, callback = function() count = count + 1 end })
+    assert.is_true(run_until(function() return count == 3 end))
+    assert.equals(2, #errors)
+  end)
+
+  describe("without spawn", function()
+    it("runs callbacks one after the other", function()
+      d = bgworker.copas()
+      local g = gate()
+      local log = {}
+      join(produce { items = 3, callback = function(_, seq)
+        log[#log + 1] = "start " .. seq
+        if seq == 1 then g.wait() end
+        log[#log + 1] = "end " .. seq
+      end })
+      run_until(function() return #log >= 1 end)
+      run_until(function() return false end, 0.1)
+      assert.same({ "start 1" }, log)
+      g.open()
+      assert.is_true(run_until(function() return #log == 6 end))
+      assert.same({ "start 1", "end 1", "start 2", "end 2", "start 3", "end 3" }, log)
+    end)
+  end)
+
+  describe("with spawn", function()
+    it("does not let a slow callback delay the others", function()
+      d = bgworker.copas { spawn = true }
+      local g = gate()
+      local log = {}
+      join(produce { items = 3, callback = function(_, seq)
+        log[#log + 1] = "start " .. seq
+        if seq == 1 then g.wait() end
+        log[#log + 1] = "end " .. seq
+      end })
+      assert.is_true(run_until(function() return #log == 5 end))
+      assert.same({ "start 1", "start 2", "end 2", "start 3", "end 3" }, log)
+      g.open()
+      assert.is_true(run_until(function() return #log == 6 end))
+      assert.equals("end 1", log[6])
+    end)
+
+    it("lets callbacks do Copas I/O", function()
+      local port = echo_server()
+      d = bgworker.copas { spawn = true }
+      local replies = {}
+      local t = ticker.start(3, 1, function(v)
+        replies[v] = echo(port, "ping " .. v)
+      end)
+      assert.is_true(run_until(function() return replies[1] and replies[2] and replies[3] end))
+      t:stop()
+      assert.same({ "echo ping 1", "echo ping 2", "echo ping 3" }, replies)
+    end)
+
+    it("sends callback and decode errors to the errorhandler", function()
+      local errors, handler = collector()
+      d = bgworker.copas { spawn = true, errorhandler = handler }
+      local count = 0
+      join(produce { items = 1, decode = "raise" })
+      join(produce { items = 4, callback = function(_, seq)
+        count = count + 1
+        if seq % 2 == 0 then error("spawned " .. seq) end
+      end })
+      assert.is_true(run_until(function() return count == 4 and #errors == 3 end))
+      assert.matches("spawned 2", errors[2].err)
+      assert.matches("spawned 4", errors[3].err)
+      assert.matches("stack traceback", errors[3].tb)
+    end)
+  end)
+
+  describe("stop", function()
+    it("ends the reader, closes the socket and stops the core", function()
+      d = bgworker.copas()
+      run_until(function() return false end, 0.05)
+      assert.equals("suspended", coroutine.status(d.reader))
+      local sock = d.socket
+      assert.equals(0, d:stop())
+      assert.is_false(core.running())
+      assert.is_true(run_until(reader_done, 2))
+      assert.equals(-1, sock:getfd())
+    end)
+
+    it("cancels pending items", function()
+      local count = 0
+      d = bgworker.copas()
+      join(produce { items = 5, callback = function() count = count + 1 end })
+      assert.equals(5, d:stop())
+      assert.is_true(run_until(reader_done, 2))
+      assert.equals(0, count)
+    end)
+
+    it("can be called from a callback", function()
+      local count = 0
+      d = bgworker.copas()
+      join(produce { items = 10, callback = function(_, seq)
+        count = count + 1
+        if seq == 3 then d:stop() end
+      end })
+      assert.is_true(run_until(reader_done, 2))
+      assert.equals(3, count)
+      assert.is_false(core.running())
+    end)
+
+    it("can be called while a callback waits on I/O", function()
+      d = bgworker.copas()
+      local g = gate()
+      local log = {}
+      join(produce { items = 2, callback = function(_, seq)
+        log[#log + 1] = seq
+        g.wait()
+      end })
+      run_until(function() return #log == 1 end)
+      d:stop()
+      g.open()
+      assert.is_true(run_until(reader_done, 2))
+      assert.same({ 1 }, log)
+    end)
+
+    it("lets copas.loop() return when nothing else runs", function()
+      if not copas.finished then
+        pending(tostring(copas._VERSION) .. ": copas.loop never returns")
+        return
+      end
+      local got = {}
+      copas.addthread(function()
+        d = bgworker.copas()
+        local t
+        t = ticker.start(3, 5, function(v)
+          got[#got + 1] = v
+          if v == 3 then
+            t:stop()
+            d:stop()
+          end
+        end)
+      end)
+      copas.loop()
+      assert.same({ 1, 2, 3 }, got)
+      assert.is_true(reader_done())
+    end)
+
+    it("happens on copas.exit()", function()
+      if not copas.exit then
+        pending(tostring(copas._VERSION) .. " has no copas.exit")
+        return
+      end
+      copas.addthread(function()
+        d = bgworker.copas()
+        copas.pause(0.05)
+        copas.exit()
+      end)
+      copas.loop()
+      assert.is_true(d.stopped)
+      assert.is_true(reader_done())
+    end)
+  end)
+
+  describe("refuses", function()
+    it("a second dispatcher while one runs", function()
+      d = bgworker.copas()
+      assert.has_error(function() bgworker.copas() end,
+        "bgworker.copas: a dispatcher is already running in this Lua state; stop it first")
+      assert.has_error(function() bgworker.new() end,
+        "bgworker.new: a dispatcher is already running in this Lua state; stop it first")
+    end)
+
+    it("dispatch and wait", function()
+      d = bgworker.copas()
+      assert.has_error(function() d:dispatch() end,
+        "dispatch: this dispatcher is driven by Copas; make one with bgworker.new()")
+      assert.has_error(function() d:wait(0) end,
+        "wait: this dispatcher is driven by Copas; make one with bgworker.new()")
+    end)
+
+    it("bad options", function()
+      assert.has_error(function() bgworker.copas { budget = 0 } end,
+        "bad argument #1 to 'bgworker.copas' (opts.budget must be a positive integer, got 0)")
+      assert.has_error(function() bgworker.copas { errorhandler = "x" } end,
+        "bad argument #1 to 'bgworker.copas' (opts.errorhandler must be a function, got x)")
+      assert.is_false(core.running())
+    end)
+  end)
+end)

@@ -1,0 +1,495 @@
+-- The Lua layer `bgworker` in a plain LuaSocket loop: bgworker.new(),
+-- dispatch, wait, error handling, stop, and argument checks. The producers
+-- are the example ticker (examples/c/ticker.c) and the test utility library
+-- (spec/native/testutil.c), both real background threads.
+
+local bgworker = require "bgworker"
+local core = require "bgworker.core"
+local protect = require "bgworker.protect"
+local socket = require "socket"
+local testutil = require "bgworker_testutil"
+local ticker = require "bgworker_ticker"
+
+local d -- the dispatcher of the current test
+local jobs = {} -- testutil jobs not yet joined
+
+local function produce(opts)
+  local job = testutil.produce(opts)
+  jobs[job] = true
+  return job
+end
+
+local function join(job)
+  jobs[job] = nil
+  return testutil.join(job)
+end
+
+-- Is the dispatcher's socket readable within `timeout` seconds?
+local function readable(timeout)
+  local r = socket.select({ d.socket }, nil, timeout)
+  return r[d.socket] ~= nil
+end
+
+-- Errors sent to an errorhandler, as { err, traceback } pairs.
+local function collector()
+  local errors = {}
+  return errors, function(err, tb)
+    errors[#errors + 1] = { err = err, tb = tb }
+  end
+end
+
+describe("bgworker", function()
+  setup(function()
+    -- Start from a stopped core, whatever ran before in this Lua state.
+    if core.running() then core.stop() end
+  end)
+
+  after_each(function()
+    if d then d:stop() end
+    d = nil
+    for job in pairs(jobs) do join(job) end
+  end)
+
+  it("has a version and its core", function()
+    assert.is_string(bgworker.version)
+    assert.matches("^%d+%.%d+%.%d+", bgworker.version)
+    assert.equals("bgworker " .. bgworker.version, bgworker._VERSION)
+    assert.equals(core, bgworker.core)
+    assert.equals(1000, bgworker.DEFAULT_BUDGET)
+  end)
+
+  describe("new", function()
+    it("runs ticker callbacks in a socket.select loop", function()
+      d = bgworker.new()
+      assert.is_true(core.running())
+      local got = {}
+      local t = ticker.start(5, 5, function(v) got[#got + 1] = v end)
+      local deadline = socket.gettime() + 5
+      while #got < 5 and socket.gettime() < deadline do
+        local r = socket.select({ d.socket }, nil, 1)
+        if r[d.socket] then d:dispatch() end
+      end
+      t:stop()
+      assert.same({ 1, 2, 3, 4, 5 }, got)
+    end)
+
+    for _, kind in ipairs { "eventfd", "pipe" } do
+      it("wakes through a " .. kind .. " that socket.select takes as the dispatcher itself", function()
+        d = bgworker.new { kind = kind }
+        assert.is_nil(d.socket)
+        assert.equals(core.fd(), d:getfd())
+        assert.is_false(d:dirty())
+        local got = {}
+        local job = produce { producers = 2, items = 500, callback = function(p, seq)
+          got[#got + 1] = p * 1000 + seq
+        end }
+        local deadline = socket.gettime() + 10
+        while #got < 1000 and socket.gettime() < deadline do
+          local r = socket.select({ d }, nil, 1)
+          if r[d] then d:dispatch(100) end
+        end
+        join(job)
+        assert.equals(1000, #got)
+        -- A dispatch that stops at its max leaves the descriptor readable
+        -- (the rest may be pending); the one that finds the queue empty
+        -- clears it.
+        assert.equals(0, d:dispatch())
+        assert.equals(0, #socket.select({ d }, nil, 0.05))
+        assert.equals(0, d:wait(0.05))
+        d:stop()
+        assert.equals(-1, d:getfd())
+      end)
+    end
+
+    it("refuses an unknown descriptor kind", function()
+      local ok, err = pcall(bgworker.new, { kind = "socketpair" })
+      assert.is_false(ok)
+      assert.matches('opts.kind must be "eventfd" or "pipe", got socketpair', err, 1, true)
+      assert.is_false(core.running())
+    end)
+
+    it("runs many items from several threads, each once and in order per thread", function()
+      d = bgworker.new()
+      local last, count = { 0, 0, 0 }, 0
+      local job = produce { producers = 3, items = 2000, callback = function(p, seq, ok)
+        assert(ok and seq == last[p] + 1)
+        last[p] = seq
+        count = count + 1
+      end }
+      local deadline = socket.gettime() + 10
+      while count < 6000 and socket.gettime() < deadline do d:wait(1) end
+      assert.equals(6000, join(job).BGW_OK)
+      assert.equals(6000, count)
+      assert.same({ 2000, 2000, 2000 }, last)
+    end)
+
+    it("stops a dispatch at max and brings the rest with a new wake-up", function()
+      d = bgworker.new()
+      local got = {}
+      join(produce { items = 10, callback = function(_, seq) got[#got + 1] = seq end })
+      assert.is_true(readable(2))
+      local wakeups = core.stats().wakeups
+      assert.equals(3, d:dispatch(3))
+      assert.same({ 1, 2, 3 }, got)
+      -- The instance stays armed: the datagram comes from the dispatcher's wake.
+      assert.is_true(readable(2))
+      assert.equals(wakeups + 1, core.stats().wakeups)
+      assert.equals(3, d:dispatch(3))
+      assert.is_true(readable(2))
+      assert.equals(4, d:dispatch(5))
+      assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 }, got)
+      -- Drained to the empty poll: no wake-up is owed.
+      assert.is_false(readable(0.05))
+      assert.equals(0, d:dispatch())
+    end)
+
+    it("dispatches at most the budget by default", function()
+      d = bgworker.new { budget = 4 }
+      local count = 0
+      join(produce { items = 10, callback = function() count = count + 1 end })
+      assert.is_true(readable(2))
+      assert.equals(4, d:dispatch())
+      assert.equals(4, count)
+      assert.equals(4, d:wait(2))
+      assert.equals(2, d:wait(2))
+      assert.equals(10, count)
+    end)
+
+    it("takes items delivered during a dispatch", function()
+      d = bgworker.new()
+      local count = 0
+      local job = produce { items = 20000, callback = function() count = count + 1 end }
+      local deadline = socket.gettime() + 10
+      while count < 20000 and socket.gettime() < deadline do d:wait(1) end
+      join(job)
+      assert.equals(20000, count)
+      assert.equals(0, core.pending())
+    end)
+
+    it("passes capacity to the core", function()
+      d = bgworker.new { capacity = 2 }
+      local counts = join(produce {
+        items = 5, timeout = testutil.NOWAIT, callback = function() end,
+      })
+      assert.equals(2, counts.BGW_OK)
+      assert.equals(3, counts.BGW_FULL)
+      assert.equals(2, d:wait(2))
+    end)
+  end)
+
+  describe("wait", function()
+    it("returns 0 when the timeout passes with nothing delivered", function()
+      d = bgworker.new()
+      local t0 = socket.gettime()
+      assert.equals(0, d:wait(0.2))
+      local elapsed = socket.gettime() - t0
+      assert.is_true(elapsed >= 0.15, "returned after " .. elapsed)
+      assert.is_true(elapsed < 2, "returned after " .. elapsed)
+      assert.equals(0, d:wait(0))
+    end)
+
+    it("returns as soon as a callback ran", function()
+      d = bgworker.new()
+      local got
+      local t = ticker.start(1, 50, function(v) got = v end)
+      local t0 = socket.gettime()
+      assert.equals(1, d:wait(10))
+      assert.equals(1, got)
+      assert.is_true(socket.gettime() - t0 < 5)
+      t:stop()
+    end)
+
+    it("takes timeouts too long for one socket.select", function()
+      d = bgworker.new()
+      for _, timeout in ipairs { 2 ^ 31, 2 ^ 53, 1e308, math.huge } do
+        join(produce { items = 1, callback = function() end })
+        assert.equals(1, d:wait(timeout))
+      end
+    end)
+
+    it("waits without a timeout", function()
+      d = bgworker.new()
+      local t = ticker.start(2, 50, function() end)
+      local n = d:wait()
+      assert.is_true(n == 1 or n == 2)
+      if n == 1 then assert.equals(1, d:wait()) end
+      t:stop()
+    end)
+  end)
+
+  describe("errors", function()
+    it("sends callback errors to the errorhandler and goes on", function()
+      local errors, handler = collector()
+      d = bgworker.new { errorhandler = handler }
+      local got = {}
+      local t = ticker.start(6, 1, function(v)
+        got[#got + 1] = v
+        if v % 2 == 0 then error("even " .. v) end
+      end)
+      local deadline = socket.gettime() + 5
+      while #got < 6 and socket.gettime() < deadline do d:wait(1) end
+      t:stop()
+      assert.same({ 1, 2, 3, 4, 5, 6 }, got)
+      assert.equals(3, #errors)
+      for i, e in ipairs(errors) do
+        assert.matches("even " .. 2 * i, e.err)
+        assert.is_string(e.tb)
+        assert.matches("even " .. 2 * i, e.tb)
+        assert.matches("stack traceback", e.tb)
+      end
+    end)
+
+    it("passes error values that are not strings unchanged", function()
+      local errors, handler = collector()
+      d = bgworker.new { errorhandler = handler }
+      local value = { code = 42 }
+      local t = ticker.start(1, 1, function() error(value) end)
+      assert.equals(1, d:wait(5))
+      t:stop()
+      assert.equals(value, errors[1].err)
+      assert.is_string(errors[1].tb)
+    end)
+
+    it("sends decode errors to the errorhandler and goes on", function()
+      local errors, handler = collector()
+      d = bgworker.new { errorhandler = handler }
+      local count = 0
+      join(produce { items = 2, decode = "raise" })
+      join(produce { items = 2, decode = "nofunc" })
+      join(produce { items = 3, callback = function() count = count + 1 end })
+      local handled, deadline = 0, socket.gettime() + 5
+      while handled < 7 and socket.gettime() < deadline do handled = handled + d:wait(1) end
+      assert.equals(7, handled)
+      assert.equals(3, count)
+      assert.equals(4, #errors)
+      for _, e in ipairs(errors) do assert.is_string(e.err) end
+    end)
+
+    it("reports a callback that yields outside any coroutine", function()
+      local errors, handler = collector()
+      d = bgworker.new { errorhandler = handler }
+      local after = false
+      local n = 0
+      local t = ticker.start(2, 1, function()
+        n = n + 1
+        if n == 1 then coroutine.yield() end
+        after = true
+      end)
+      local deadline = socket.gettime() + 5
+      while n < 2 and socket.gettime() < deadline do d:wait(1) end
+      t:stop()
+      assert.is_true(after)
+      assert.equals(1, #errors)
+      assert.matches("yield", tostring(errors[1].err))
+    end)
+
+    it("survives an errorhandler that raises", function()
+      d = bgworker.new { errorhandler = function() error("handler failed") end }
+      local stderr = io.stderr
+      local written = {}
+      io.stderr = { write = function(_, ...) -- luacheck: ignore 122
+        for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
+      end }
+      local count = 0
+      local ok, err = pcall(function()
+        join(produce { items = 1, decode = "raise" })
+        join(produce { items = 1, callback = function() count = count + 1 end })
+        local handled, deadline = 0, socket.gettime() + 5
+        while handled < 2 and socket.gettime() < deadline do handled = handled + d:wait(1) end
+      end)
+      io.stderr = stderr -- luacheck: ignore 122
+      assert(ok, err)
+      assert.equals(1, count)
+      assert.matches("handler failed", table.concat(written))
+    end)
+
+    it("writes to stderr by default", function()
+      d = bgworker.new()
+      local stderr = io.stderr
+      local written = {}
+      io.stderr = { write = function(_, ...) -- luacheck: ignore 122
+        for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
+      end }
+      local ok, err = pcall(function()
+        local t = ticker.start(1, 1, function() error("to stderr") end)
+        assert.equals(1, d:wait(5))
+        t:stop()
+      end)
+      io.stderr = stderr -- luacheck: ignore 122
+      assert(ok, err)
+      local text = table.concat(written)
+      assert.matches("to stderr", text)
+      assert.matches("stack traceback", text)
+    end)
+  end)
+
+  describe("yielding callbacks", function()
+    it("pass their yields to the coroutine that called dispatch", function()
+      d = bgworker.new()
+      local log = {}
+      local t = ticker.start(2, 1, function(v)
+        log[#log + 1] = "start " .. v
+        local answer = coroutine.yield("paused " .. v)
+        log[#log + 1] = "resumed " .. v .. " with " .. answer
+      end)
+      local deadline = socket.gettime() + 5
+      while core.pending() < 2 and socket.gettime() < deadline do socket.sleep(0.005) end
+      assert.is_true(readable(2))
+      local co = coroutine.create(function() return d:dispatch() end)
+      assert.same({ true, "paused 1" }, { coroutine.resume(co) })
+      assert.same({ true, "paused 2" }, { coroutine.resume(co, "a") })
+      assert.same({ true, 2 }, { coroutine.resume(co, "b") })
+      t:stop()
+      assert.same({ "start 1", "resumed 1 with a", "start 2", "resumed 2 with b" }, log)
+    end)
+
+    it("can raise after they yielded", function()
+      local errors, handler = collector()
+      d = bgworker.new { errorhandler = handler }
+      local t = ticker.start(2, 1, function(v)
+        coroutine.yield()
+        if v == 1 then error("late") end
+      end)
+      local deadline = socket.gettime() + 5
+      while core.pending() < 2 and socket.gettime() < deadline do socket.sleep(0.005) end
+      local co = coroutine.create(function() return d:dispatch() end)
+      local results
+      repeat results = { coroutine.resume(co) } until coroutine.status(co) == "dead"
+      t:stop()
+      assert.same({ true, 2 }, results)
+      assert.equals(1, #errors)
+      assert.matches("late", errors[1].err)
+    end)
+  end)
+
+  describe("protect", function()
+    it("calls like pcall and adds a traceback", function()
+      assert.same({ true, 3, "x" }, { protect.call(function(a, b) return a + b, "x" end, 1, 2) })
+      local ok, err, tb = protect.call(function() error("boom") end)
+      assert.is_false(ok)
+      assert.matches("boom", err)
+      assert.matches("stack traceback", tb)
+    end)
+
+    it("lets the function yield", function()
+      local co = coroutine.wrap(function()
+        return protect.call(function(x) return 2 * coroutine.yield(x) end, 5)
+      end)
+      assert.equals(5, co())
+      local ok, v = co(21)
+      assert.is_true(ok)
+      assert.equals(42, v)
+    end)
+
+    it("is native exactly where xpcall can yield", function()
+      local jit = rawget(_G, "jit")
+      assert.equals(_VERSION ~= "Lua 5.1" or jit ~= nil, protect.native)
+    end)
+  end)
+
+  describe("stop", function()
+    it("cancels pending items, closes the socket and stops the core", function()
+      local count = 0
+      d = bgworker.new()
+      join(produce { items = 5, callback = function() count = count + 1 end })
+      local sock = d.socket
+      assert.equals(5, d:stop())
+      assert.is_false(core.running())
+      assert.equals(-1, sock:getfd())
+      assert.equals(0, d:dispatch())
+      assert.equals(0, d:wait(0.01))
+      assert.equals(0, d:wait())
+      assert.equals(0, count)
+      assert.equals(0, d:stop())
+      d = nil
+    end)
+
+    it("can be called from a callback", function()
+      d = bgworker.new()
+      local count = 0
+      join(produce { items = 10, callback = function(_, seq)
+        count = count + 1
+        if seq == 3 then d:stop() end
+      end })
+      assert.equals(3, d:wait(2))
+      assert.equals(3, count)
+      assert.is_false(core.running())
+    end)
+
+    it("lets a new dispatcher start", function()
+      d = bgworker.new()
+      d:stop()
+      d = bgworker.new()
+      assert.is_true(core.running())
+      local t = ticker.start(1, 1, function() end)
+      assert.equals(1, d:wait(5))
+      t:stop()
+    end)
+  end)
+
+  describe("refuses", function()
+    it("a second dispatcher while one runs", function()
+      d = bgworker.new()
+      assert.has_error(function() bgworker.new() end,
+        "bgworker.new: a dispatcher is already running in this Lua state; stop it first")
+      assert.is_true(core.running())
+    end)
+
+    it("to start when the core was started directly", function()
+      local s = socket.udp()
+      s:setsockname("127.0.0.1", 0)
+      local _, port = s:getsockname()
+      core.start(tonumber(port))
+      local ok, err = pcall(bgworker.new)
+      core.stop()
+      s:close()
+      assert.is_false(ok)
+      assert.matches("already started", err)
+    end)
+
+    local function refuses(pattern, f, ...)
+      local ok, err = pcall(f, ...)
+      assert.is_false(ok, "no error")
+      assert.is_string(err)
+      assert.is_truthy(err:find(pattern, 1, true), err)
+      -- Blamed on the caller, not on bgworker's own files.
+      assert.is_falsy(err:find("bgworker/init.lua", 1, true), err)
+    end
+
+    it("bad options", function()
+      refuses("bad argument #1 to 'bgworker.new' (options table expected, got string)",
+        bgworker.new, "x")
+      refuses("(opts.budget must be a positive integer, got 0)", bgworker.new, { budget = 0 })
+      refuses("(opts.budget must be a positive integer, got 1.5)", bgworker.new, { budget = 1.5 })
+      refuses("(opts.budget must be a positive integer, got 3)", bgworker.new, { budget = "3" })
+      refuses("(opts.budget must be a positive integer, got inf)", bgworker.new,
+        { budget = math.huge })
+      refuses("(opts.capacity must be a positive integer, got -1)", bgworker.new,
+        { capacity = -1 })
+      refuses("(opts.errorhandler must be a function, got true)", bgworker.new,
+        { errorhandler = true })
+      refuses("(unknown option 'bugdet')", bgworker.new, { bugdet = 1 })
+      refuses("(unknown option 'spawn')", bgworker.new, { spawn = true })
+      refuses("bad argument #1 to 'bgworker.copas' (opts.spawn must be a boolean, got 1)",
+        bgworker.copas, { spawn = 1 })
+      refuses("bad argument #1 to 'bgworker.copas' (options table expected, got number)",
+        bgworker.copas, 5)
+      assert.is_false(core.running())
+    end)
+
+    it("bad method arguments", function()
+      d = bgworker.new()
+      refuses("bad argument #2 to 'dispatch' (max must be a positive integer, got 0)",
+        d.dispatch, d, 0)
+      refuses("(max must be a positive integer, got 2.5)", d.dispatch, d, 2.5)
+      refuses("(max must be a positive integer, got 2)", d.dispatch, d, "2")
+      refuses("bad argument #2 to 'wait' (timeout must be a non-negative number, got -1)",
+        d.wait, d, -1)
+      refuses("(timeout must be a non-negative number, got 1)", d.wait, d, "1")
+      refuses("bad argument #1 to 'dispatch' (dispatcher expected, got nil;", d.dispatch)
+      refuses("bad argument #1 to 'wait' (dispatcher expected, got table;", d.wait, {})
+      refuses("bad argument #1 to 'stop' (dispatcher expected, got number;", d.stop, 1)
+      assert.is_true(core.running())
+    end)
+  end)
+end)

@@ -1,0 +1,306 @@
+-- bgworker.dns: getaddrinfo on worker threads, answers through a real
+-- dispatcher. Only names this machine answers for without a network:
+-- localhost, its own host name (when LuaSocket's toip resolves it, so
+-- /etc/hosts has it), numeric IPv4 and IPv6 addresses, and an invalid name.
+-- That one is malformed (an empty label), so the C library refuses it
+-- before asking any server: a well-formed unknown name such as
+-- "nonexistent.invalid" would go to DNS, and be slow or fail otherwise
+-- without a network.
+--
+-- The Copas specs follow spec/copas_spec.lua: required on Lua 5.1 (and so
+-- LuaJIT) and 5.2, where Debian packages Copas; pending on 5.3 and 5.4
+-- unless a Copas is on LUA_PATH.
+
+local bgworker = require "bgworker"
+local core = require "bgworker.core"
+local dns = require "bgworker.dns"
+local socket = require "socket"
+
+local has_copas, copas = pcall(require, "copas")
+local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
+
+local INVALID = "nonexistent..invalid"
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+-- What LuaSocket's blocking toip says, for comparison.
+local function luasocket_toip(host)
+  return socket.dns.toip(host)
+end
+
+setup(function()
+  if core.running() then core.stop() end
+end)
+
+describe("bgworker.dns", function()
+  local d
+
+  before_each(function()
+    d = bgworker.new()
+  end)
+
+  after_each(function()
+    d:stop()
+  end)
+
+  -- Resolve with dns.resolve, waiting through the dispatcher.
+  local function resolve(host)
+    local got
+    dns.resolve(host, function(...) got = pack(...) end)
+    while not got do
+      assert(d:wait(5) > 0, "no answer within 5 s")
+    end
+    return got
+  end
+
+  it("resolves localhost to the IPv4 loopback, first", function()
+    local got = resolve("localhost")
+    assert.equals(2, got.n)
+    assert.equals("127.0.0.1", got[1][1])
+    assert.equals("localhost", got[2])
+  end)
+
+  it("resolves numeric IPv4 and IPv6 addresses to themselves", function()
+    assert.same({ n = 2, { "127.0.0.1" }, "127.0.0.1" }, resolve("127.0.0.1"))
+    assert.same({ n = 2, { "::1" }, "::1" }, resolve("::1"))
+  end)
+
+  it("reports a name that does not resolve as LuaSocket does", function()
+    local _, expected = luasocket_toip(INVALID)
+    assert.equals("host not found", expected)
+    assert.same({ n = 2, nil, expected }, resolve(INVALID))
+  end)
+
+  it("answers every one of many concurrent lookups once", function()
+    -- More than the worker threads at once: the rest queue.
+    local hosts = { "localhost", "127.0.0.1", "::1", INVALID }
+    local answers, count = {}, 0
+    for i = 1, 100 do
+      local host = hosts[i % #hosts + 1]
+      dns.resolve(host, function(addresses, name)
+        assert.is_nil(answers[i], "answered twice")
+        answers[i] = { host = host, first = addresses and addresses[1], name = name }
+        count = count + 1
+      end)
+    end
+    while count < 100 do
+      assert(d:wait(5) > 0, "answers stopped coming after " .. count)
+    end
+    for i = 1, 100 do
+      local a = answers[i]
+      if a.host == INVALID then
+        assert.same({ host = INVALID, name = "host not found" }, a)
+      elseif a.host == "::1" then
+        assert.equals("::1", a.first)
+      else
+        assert.equals("127.0.0.1", a.first)
+      end
+    end
+  end)
+
+  describe("toip outside a coroutine, waiting through the dispatcher", function()
+    it("matches LuaSocket's toip for localhost", function()
+      local ip, resolved = dns.toip("localhost", d)
+      local lip, lresolved = luasocket_toip("localhost")
+      assert.equals(lip, ip)
+      assert.equals(lresolved.name, resolved.name)
+      assert.same({}, resolved.alias)
+      assert.equals(ip, resolved.ip[1])
+      for _, address in ipairs(lresolved.ip) do
+        assert.truthy(resolved.ip[address] == nil) -- a list, not a set
+        local found = false
+        for _, mine in ipairs(resolved.ip) do found = found or mine == address end
+        assert.is_true(found, address .. " missing")
+      end
+    end)
+
+    it("resolves this machine's host name as LuaSocket does", function()
+      local hostname = socket.dns.gethostname()
+      local lip = luasocket_toip(hostname)
+      assert.is_string(lip, "LuaSocket cannot resolve " .. hostname .. " here")
+      local ip, resolved = dns.toip(hostname, d)
+      assert.equals(lip, ip)
+      assert.is_string(resolved.name)
+    end)
+
+    it("returns an IPv6 address and the address itself as the name", function()
+      assert.same({ n = 2, "::1", { name = "::1", alias = {}, ip = { "::1" } } }, pack(dns.toip("::1", d)))
+      assert.same({ n = 2, "127.0.0.1", { name = "127.0.0.1", alias = {}, ip = { "127.0.0.1" } } },
+        pack(dns.toip("127.0.0.1", d)))
+    end)
+
+    it("returns nil and LuaSocket's message for a name that does not resolve", function()
+      assert.same(pack(luasocket_toip(INVALID)), pack(dns.toip(INVALID, d)))
+    end)
+
+    it("needs a dispatcher to wait with outside Copas", function()
+      local ok, err = pcall(dns.toip, "localhost")
+      assert.is_false(ok)
+      assert.matches("no dispatcher to wait with", err, 1, true)
+    end)
+  end)
+
+  describe("arguments", function()
+    it("are checked, naming the argument", function()
+      assert.has_error(function() dns.toip() end, "bad argument #1 to 'toip' (string expected, got nil)")
+      assert.has_error(function() dns.toip(42, d) end, "bad argument #1 to 'toip' (string expected, got number)")
+      assert.has_error(function() dns.toip("local\0host", d) end,
+        "bad argument #1 to 'toip' (host name contains a NUL byte)")
+      assert.has_error(function() dns.resolve({}, print) end,
+        "bad argument #1 to 'resolve' (string expected, got table)")
+      assert.has_error(function() dns.resolve("localhost") end,
+        "bad argument #2 to 'resolve' (function expected, got nil)")
+    end)
+
+    it("need a running dispatcher", function()
+      d:stop()
+      local ok, err = pcall(dns.resolve, "localhost", print)
+      assert.is_false(ok)
+      assert.matches("no bgworker dispatcher is running", err, 1, true)
+    end)
+  end)
+
+  describe("when the answer has nowhere to go", function()
+    it("drops it if the dispatcher stopped, and the next dispatcher works", function()
+      local called = false
+      for _ = 1, 20 do
+        dns.resolve("localhost", function() called = true end)
+      end
+      d:stop()
+      socket.sleep(0.1) -- the lookups finish and find the dispatcher stopped
+      d = bgworker.new()
+      assert.is_false(called)
+      assert.equals("127.0.0.1", (dns.toip("localhost", d)))
+      assert.is_false(called)
+    end)
+
+    it("survives the Lua state closing with lookups in flight", function()
+      -- In a child process, the only state with bgworker.dns closes while
+      -- its lookups run: the worker threads' deliveries are refused
+      -- (BGW_CLOSED), their answers dropped there, and the process lives on.
+      local lua = os.getenv("BGWORKER_LUA")
+      assert.is_string(lua, "BGWORKER_LUA names the interpreter (set by make specs-*)")
+      local child = [[
+        local testutil = require "bgworker_testutil"
+        local ok, err = testutil.fresh_state([=[
+          local bgworker = require "bgworker"
+          local dns = require "bgworker.dns"
+          bgworker.new()
+          for i = 1, 50 do
+            dns.resolve(i % 2 == 0 and "localhost" or "::1", function() end)
+          end
+        ]=])
+        assert(ok, err)
+        require("socket").sleep(0.2)
+        io.write("alive")
+      ]]
+      local out = assert(io.popen(lua .. " -e '" .. child:gsub("'", "'\\''") .. "' 2>&1"))
+      local text = out:read("*a")
+      out:close()
+      assert.equals("alive", text)
+    end)
+  end)
+end)
+
+describe("bgworker.dns in Copas", function()
+  if not has_copas then
+    if copas_expected then
+      it("needs Copas on " .. _VERSION, function()
+        error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
+          tostring(copas))
+      end)
+    else
+      pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
+        " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
+    end
+    return
+  end
+
+  local d
+
+  local function run_until(cond, timeout)
+    local deadline = socket.gettime() + (timeout or 5)
+    while not cond() do
+      if socket.gettime() > deadline then return false end
+      copas.step(0.01)
+    end
+    return true
+  end
+
+  before_each(function()
+    d = bgworker.copas()
+  end)
+
+  after_each(function()
+    d:stop()
+    run_until(function() return coroutine.status(d.reader) == "dead" end, 2)
+  end)
+
+  -- toip in a Copas thread of its own; its values once it returned.
+  local function toip_in_thread(host)
+    local got
+    copas.addthread(function()
+      got = pack(dns.toip(host))
+    end)
+    return function() return got end
+  end
+
+  it("toip matches LuaSocket's toip, also for a name that does not resolve", function()
+    local results = {}
+    for _, host in ipairs { "localhost", "127.0.0.1", INVALID } do
+      results[host] = toip_in_thread(host)
+    end
+    assert.is_true(run_until(function()
+      for _, got in pairs(results) do
+        if not got() then return false end
+      end
+      return true
+    end))
+    local ip, resolved = results.localhost()[1], results.localhost()[2]
+    assert.equals((luasocket_toip("localhost")), ip)
+    assert.same({ name = "localhost", alias = {}, ip = resolved.ip }, resolved)
+    assert.equals("127.0.0.1", results["127.0.0.1"]()[1])
+    assert.same(pack(luasocket_toip(INVALID)), results[INVALID]())
+  end)
+
+  it("toip returns IPv6 answers", function()
+    local got = toip_in_thread("::1")
+    assert.is_true(run_until(got))
+    assert.same({ n = 2, "::1", { name = "::1", alias = {}, ip = { "::1" } } }, got())
+  end)
+
+  it("toip suspends only its own thread: another thread keeps running", function()
+    local gate = assert(socket.udp())
+    assert(gate:setsockname("127.0.0.1", 0))
+    gate:settimeout(0)
+    local ip, port = gate:getsockname()
+    local answer, ticks, ticks_at_answer, ticker_done = nil, 0, nil, false
+    copas.addthread(function()
+      answer = pack(dns.toip("localhost"))
+      ticks_at_answer = ticks
+    end)
+    local toip_returned_at_once = answer ~= nil
+    copas.addthread(function()
+      while answer == nil do
+        copas.receive(gate, 16)
+        ticks = ticks + 1
+      end
+      ticker_done = true
+    end)
+    -- Each step, a datagram lets the ticker thread tick once.
+    local poke = assert(socket.udp())
+    assert.is_true(run_until(function()
+      if not ticker_done then poke:sendto("x", ip, tonumber(port)) end
+      return ticker_done
+    end))
+    poke:close()
+    gate:close()
+    assert.is_false(toip_returned_at_once)
+    assert.equals("127.0.0.1", answer[1])
+    -- The answer comes through the dispatcher's socket, then the waiting
+    -- thread's: at least one loop step in which the ticker ran.
+    assert.is_true(ticks_at_answer >= 1, "ticks before the answer: " .. tostring(ticks_at_answer))
+  end)
+end)

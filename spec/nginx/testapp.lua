@@ -1,0 +1,131 @@
+-- The request handlers of the nginx integration test (nginx_test.lua), run
+-- inside nginx workers. Each answer comes from a background thread through
+-- bgworker.ngx. The shared dict "counters" adds up, across workers and
+-- reloads, what the callbacks received, so the test can tell that no item
+-- was lost.
+
+-- luacheck: globals ngx
+
+local bgngx = require "bgworker.ngx"
+local core = require "bgworker.core"
+local ticker = require "bgworker_ticker"
+
+local ngx = ngx
+local counters = ngx.shared.counters
+
+local app = {}
+
+local function int_arg(name, default)
+  return tonumber(ngx.var["arg_" .. name]) or default
+end
+
+local function reply(status, body)
+  ngx.status = status
+  ngx.say(body)
+  return ngx.exit(status)
+end
+
+-- Start a ticker of n values and collect them; done(values) after the last.
+-- `yield`: each callback sleeps first, as callbacks that use cosockets do.
+local function collect(n, interval, yield, fail_at)
+  return function(done)
+    local values = {}
+    return ticker.start(n, interval, function(v)
+      counters:incr("ticks", 1, 0)
+      if yield then
+        ngx.sleep(0.001)
+      end
+      if v == fail_at then
+        error("deliberate failure in a callback")
+      end
+      values[#values + 1] = v
+      if v == n then
+        done(values)
+      end
+    end)
+  end
+end
+
+-- GET /ticker?n=5&interval=10[&yield=1][&timeout=10]: "1,2,3,4,5".
+function app.ticker()
+  local n = int_arg("n", 5)
+  local values, err, job = bgngx.await(collect(n, int_arg("interval", 10), ngx.var.arg_yield),
+    int_arg("timeout", 10))
+  if not values then
+    if job then job:stop() end
+    return reply(504, err)
+  end
+  counters:incr("requests", 1, 0)
+  return reply(200, table.concat(values, ","))
+end
+
+-- GET /timeout: a ticker slower than the wait; "timeout" and a stopped job.
+function app.timeout()
+  local values, err, job = bgngx.await(collect(1, 2000), 0.05)
+  if values or not job then
+    return reply(500, "expected a timeout and the job, got " .. tostring(values))
+  end
+  job:stop()
+  return reply(200, err)
+end
+
+-- GET /error: the callback of value 1 raises; the reader goes on, and value
+-- 2 completes the request: "2".
+function app.error()
+  local values, err = bgngx.await(collect(2, 1, false, 1), 10)
+  return reply(values and 200 or 504, values and table.concat(values, ",") or err)
+end
+
+-- GET /twice: a second start in the same worker is refused.
+function app.twice()
+  local ok, err = pcall(bgngx.start)
+  return reply(ok and 500 or 200, tostring(err))
+end
+
+-- The utility libraries other than the ticker load on first use, so that
+-- the ticker's endpoints work without them.
+
+-- A pool job: moved to a worker thread by string.dump, so no upvalues.
+local function sum_to(n)
+  local s = 0
+  for i = 1, n do
+    s = s + i
+  end
+  return s
+end
+
+local pool -- this worker's bgworker.pool, made by the first /pool request
+
+-- GET /pool?n=1000: the sum 1 + ... + n, computed on a pool thread.
+function app.pool()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local ok, sum = bgngx.await(function(done)
+    pool:submit(sum_to, int_arg("n", 1000), done)
+  end, 10)
+  return reply(ok and 200 or 504, tostring(sum))
+end
+
+-- GET /dns?host=localhost: the addresses getaddrinfo found, comma-separated.
+function app.dns()
+  local dns = require "bgworker.dns"
+  local addresses, err = bgngx.await(function(done)
+    dns.resolve(ngx.var.arg_host or "localhost", done)
+  end, 10)
+  return reply(addresses and 200 or 504, addresses and table.concat(addresses, ",") or err)
+end
+
+-- GET /stats: this worker's core counters and the shared counters, one
+-- "name value" a line.
+function app.stats()
+  local lines = { "pid " .. ngx.worker.pid() }
+  for k, v in pairs(core.stats()) do
+    lines[#lines + 1] = "core." .. k .. " " .. v
+  end
+  for _, k in ipairs(counters:get_keys()) do
+    lines[#lines + 1] = k .. " " .. counters:get(k)
+  end
+  table.sort(lines)
+  return reply(200, table.concat(lines, "\n"))
+end
+
+return app
