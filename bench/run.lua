@@ -172,9 +172,9 @@ end
 
 -- Drain ceilings: the same items queued first, then drained with no
 -- wake-up and no producer running. Besides the tight loop and
--- dispatcher:dispatch(), loops that add one at a time what dispatch() does
--- per item, to show where its time goes: the vararg call layers, a
--- protected call, and bgworker.protect's traceback handler.
+-- dispatcher:dispatch(), loops that add one at a time what a drain that
+-- protects every item would pay: the vararg call layers, a pcall, and
+-- bgworker.protect's traceback handler. (dispatch() protects a batch.)
 local protect = require "bgworker.protect"
 
 local function run_item(f, ...)
