@@ -21,23 +21,30 @@ setup:
 
 build: $(addprefix build-,$(LUA_VERSIONS))
 
+# C utility libraries, as <Lua module>:<source>: built per Lua version into
+# build/<ver>/<module>.so, against include/bgworker.h only.
+C_MODULES := bgworker_ticker:examples/c/ticker.c answer:examples/c/answer.c \
+  bgworker_testutil:spec/native/testutil.c bgworker_bench:bench/native/bench.c
+
+define c_module
+build-$(1): $(BUILD)/$(1)/$(2).so
+
+$(BUILD)/$(1)/$(2).so: $(3) include/bgworker.h
+	@mkdir -p $$(@D)
+	$(CC) $(CFLAGS) -fPIC -shared -pthread -Iinclude -I$(call lua_incdir,$(1)) -o $$@ $$<
+endef
+$(foreach v,$(LUA_VERSIONS),$(foreach m,$(C_MODULES),\
+  $(eval $(call c_module,$(v),$(word 1,$(subst :, ,$(m))),$(word 2,$(subst :, ,$(m)))))))
+
 # One cargo target directory per Lua version, so switching versions never rebuilds.
 define build_version
-build-$(1): $(BUILD)/$(1)/bgworker/core.so $(BUILD)/$(1)/bgworker_ticker.so $(BUILD)/$(1)/bgworker_testutil.so
+build-$(1): $(BUILD)/$(1)/bgworker/core.so
 
 $(BUILD)/$(1)/bgworker/core.so: FORCE
 	$(CARGO) build --release --quiet --workspace --features $(call cargo_feature,$(1)),module --target-dir target/lua-$(1)
 	@mkdir -p $$(@D)
 	# A new file, not an overwrite: a running Lua may have the old one mapped.
 	cp target/lua-$(1)/release/libbgworker.so $$@.tmp && mv $$@.tmp $$@
-
-$(BUILD)/$(1)/bgworker_ticker.so: examples/c/ticker.c include/bgworker.h
-	@mkdir -p $$(@D)
-	$(CC) $(CFLAGS) -fPIC -shared -pthread -Iinclude -I$(call lua_incdir,$(1)) -o $$@ $$<
-
-$(BUILD)/$(1)/bgworker_testutil.so: spec/native/testutil.c include/bgworker.h
-	@mkdir -p $$(@D)
-	$(CC) $(CFLAGS) -fPIC -shared -pthread -Iinclude -I$(call lua_incdir,$(1)) -o $$@ $$<
 
 specs-$(1): build-$(1)
 	LUA_PATH="lua/?.lua;lua/?/init.lua;spec/?.lua;;" LUA_CPATH="$(BUILD)/$(1)/?.so;;" \
@@ -76,18 +83,9 @@ clean:
 # --- Benchmarks and reliability suite (issue 4; bench/README.md, spec/reliability/README.md) ---
 BENCH_LUA ?= 5.4 jit
 
-define bench_version
-build-bench-$(1): build-$(1) $(BUILD)/$(1)/bgworker_bench.so
+.PHONY: bench leakcheck
 
-$(BUILD)/$(1)/bgworker_bench.so: bench/native/bench.c include/bgworker.h
-	@mkdir -p $$(@D)
-	$(CC) $(CFLAGS) -fPIC -shared -pthread -Iinclude -I$(call lua_incdir,$(1)) -o $$@ $$<
-endef
-$(foreach v,$(LUA_VERSIONS),$(eval $(call bench_version,$(v))))
-
-.PHONY: bench leakcheck $(addprefix build-bench-,$(LUA_VERSIONS))
-
-bench: setup $(addprefix build-bench-,$(BENCH_LUA))
+bench: setup $(addprefix build-,$(BENCH_LUA))
 	BENCH_LUA="$(BENCH_LUA)" BENCH_BUILD="$(BUILD)" lua5.4 bench/bench.lua
 
 # Every spec under memcheck on Lua 5.4, the reliability specs at small sizes.
