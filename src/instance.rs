@@ -17,6 +17,7 @@
 //! - `delivered` is not counted on the hot path: every accepted item is
 //!   later polled, cancelled, or still pending, so it is their sum.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -137,8 +138,19 @@ impl Shared {
 /// The reader's side of a started instance.
 struct Inbox {
     queue: flume::Receiver<Item>,
+    /// Items moved out of `queue` in one go, not yet handed out: the reader
+    /// takes the channel's lock once per batch, not once per item, so it
+    /// contends far less with the producers. Still pending: they count in
+    /// `pending()`, hold their room, and are cancelled by `stop`.
+    batch: VecDeque<Item>,
     room: Option<Arc<Room>>,
     signal: Arc<Signal>,
+}
+
+impl Inbox {
+    fn len(&self) -> usize {
+        self.batch.len() + self.queue.len()
+    }
 }
 
 /// Counters kept by the Lua thread alone.
@@ -237,7 +249,7 @@ impl Instance {
         self.shared.wake.reset();
         *self.shared.route.write().unwrap_or_else(|e| e.into_inner()) =
             Some(Route { queue: tx, signal: signal.clone(), room: room.clone() });
-        self.inbox = Some(Inbox { queue: rx, room, signal });
+        self.inbox = Some(Inbox { queue: rx, batch: VecDeque::new(), room, signal });
         Ok(())
     }
 
@@ -254,7 +266,7 @@ impl Instance {
         drop(route);
         // The route is gone, so nobody can push: this drains everything.
         let mut cancelled = 0;
-        for item in inbox.queue.drain() {
+        for item in inbox.batch.into_iter().chain(inbox.queue.drain()) {
             item.finish(Status::Cancelled);
             cancelled += 1;
         }
@@ -270,10 +282,16 @@ impl Instance {
 
     /// The next item, following the wake protocol (see `wake.rs`).
     pub fn take_next(&mut self) -> Option<Item> {
-        let inbox = self.inbox.as_ref()?;
-        match self.shared.wake.take(|| inbox.queue.try_recv().ok(), || inbox.signal.clear()) {
+        let Inbox { queue, batch, room, signal } = self.inbox.as_mut()?;
+        let pop = || {
+            if batch.is_empty() {
+                batch.extend(queue.drain());
+            }
+            batch.pop_front()
+        };
+        match self.shared.wake.take(pop, || signal.clear()) {
             Some(item) => {
-                if let Some(room) = &inbox.room {
+                if let Some(room) = room {
                     room.release();
                 }
                 self.counters.polled += 1;
@@ -291,7 +309,7 @@ impl Instance {
     }
 
     pub fn pending(&self) -> usize {
-        self.inbox.as_ref().map_or(0, |inbox| inbox.queue.len())
+        self.inbox.as_ref().map_or(0, Inbox::len)
     }
 
     pub fn capacity(&self) -> Option<usize> {
