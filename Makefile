@@ -12,7 +12,7 @@ lua_bin      = $(if $(filter jit,$(1)),luajit,lua$(1))
 lua_incdir   = $(if $(filter jit,$(1)),/usr/include/luajit-2.1,/usr/include/lua$(1))
 cargo_feature = $(if $(filter jit,$(1)),luajit,lua$(subst .,,$(1)))
 
-.PHONY: all setup build demo test check lint specs cargo-test rock-check clean $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS))
+.PHONY: all setup build demo demo-ticker test check lint specs cargo-test rock-check clean $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS))
 
 all: build
 
@@ -55,7 +55,13 @@ $(foreach v,$(LUA_VERSIONS),$(eval $(call build_version,$(v))))
 
 FORCE:
 
-demo: setup build-5.1
+# A Copas server under load, with its work done inline and then with
+# bgworker.pool and bgworker.dns (examples/demo.lua).
+demo: setup build-jit
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/jit/?.so;;" luajit examples/demo.lua
+
+# The C ticker's background thread delivering into a Copas loop.
+demo-ticker: setup build-5.1
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/5.1/?.so;;" lua5.1 examples/ticker_copas.lua
 
 specs: $(addprefix specs-,$(LUA_VERSIONS))
@@ -76,6 +82,10 @@ rock-check: build-5.4 build-jit
 	bash scripts/rock-check 5.4 jit
 
 test: setup lint cargo-test specs rock-check
+
+# The Lua API reference (LDoc) in build/docs.
+docs:
+	ldoc .
 
 clean:
 	rm -rf $(BUILD) target

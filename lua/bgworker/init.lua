@@ -218,9 +218,9 @@ end
 
 --- Run the callbacks of waiting items, without blocking.
 -- Reads the waiting wake-up datagrams, then handles items until the queue
--- is empty or `max` were handled; in the latter case it arranges for the
+-- is empty or `limit` were handled; in the latter case it arranges for the
 -- socket to become readable again, so the rest is not forgotten.
--- @tparam[opt] int max handle at most this many items (default: the budget)
+-- @tparam[opt] int limit handle at most this many items (default: the budget)
 -- @treturn int the number of items handled: callbacks run, including those
 -- that raised, and items whose decode failed
 function Dispatcher:dispatch(limit)
@@ -389,6 +389,10 @@ local function exit_watch(call, waitforexit)
   end
 end
 
+local function require_copas(self)
+  self.copas = require "copas"
+end
+
 --- Dispatch inside a Copas loop: add a Copas thread that waits on the
 -- wake-up socket and runs the callbacks.
 --
@@ -409,10 +413,6 @@ end
 --   by default writes the traceback to stderr.
 --   `spawn` (boolean): run each callback in a Copas thread of its own.
 -- @return a dispatcher; stop it with `dispatcher:stop()`
-local function require_copas(self)
-  self.copas = require "copas"
-end
-
 function bgworker.copas(opts)
   local self
   self, opts = open("copas", opts, require_copas)
