@@ -129,6 +129,15 @@ typedef struct bgw_api {
 
     /* (any thread) A static name for a return code, such as "BGW_FULL". */
     const char *(*strerror)(int code);
+
+    /* (Lua thread) Bound L's queue to `capacity` items, 0 for unbounded: at
+     * once if the dispatcher runs, else from its next start; until it stops
+     * (stop clears the bound). Lua's core.capacity and start's
+     * opts.capacity change the same setting. Producers waiting for room see
+     * the new bound at once; a bound below the items queued makes producers
+     * wait until the reader took the excess. Returns BGW_OK, or BGW_CLOSED
+     * when L has no open instance. */
+    int (*set_capacity)(lua_State *L, size_t capacity);
 } bgw_api;
 
 /* (Lua thread) The helper's API published in L, or NULL when bgworker.core

@@ -45,6 +45,7 @@ pub struct Api {
         timeout_ms: c_int,
     ) -> c_int,
     pub strerror: extern "C" fn(code: c_int) -> *const c_char,
+    pub set_capacity: unsafe extern "C-unwind" fn(state: *mut c_void, capacity: usize) -> c_int,
 }
 
 pub const API_VERSION: c_uint = 1;

@@ -88,27 +88,35 @@ impl Shared {
     }
 
     fn enqueue(&self, item: Item, wait: Wait) -> Result<(), (Status, Item)> {
-        let room = {
-            let route = self.route();
-            let Some(route) = route.as_ref() else {
-                return Err((Status::Closed, item));
+        loop {
+            let room = {
+                let route = self.route();
+                let Some(route) = route.as_ref() else {
+                    return Err((Status::Closed, item));
+                };
+                match &route.room {
+                    None => return self.push(route, item),
+                    Some(room) => room.clone(),
+                }
             };
-            match &route.room {
-                None => return self.push(route, item),
-                Some(room) => room.clone(),
+            match room.acquire(wait) {
+                Status::Ok => {}
+                refused => return Err((refused, item)),
             }
-        };
-        match room.acquire(wait) {
-            Status::Ok => {}
-            refused => return Err((refused, item)),
-        }
-        let route = self.route();
-        match route.as_ref() {
-            // The same start as the room we waited on: not a stop and restart in between.
-            Some(route) if route.room.as_ref().is_some_and(|r| Arc::ptr_eq(r, &room)) => self.push(route, item),
-            _ => {
-                room.release();
-                Err((Status::Closed, item))
+            let route = self.route();
+            match route.as_ref() {
+                None => {
+                    room.release();
+                    return Err((Status::Closed, item));
+                }
+                Some(route) => match &route.room {
+                    Some(current) if Arc::ptr_eq(current, &room) => return self.push(route, item),
+                    // The bound was lifted while we waited.
+                    None => return self.push(route, item),
+                    // Another room came meanwhile (a new bound, or a stop and
+                    // a start): our slot means nothing there; try again.
+                    Some(_) => room.release(),
+                },
             }
         }
     }
@@ -195,6 +203,9 @@ impl Stats {
 pub struct Instance {
     shared: Arc<Shared>,
     inbox: Option<Inbox>,
+    /// The bound of the queue, `None`: unbounded. Set before a start, it
+    /// applies to that start; `stop` clears it.
+    capacity: Option<usize>,
     counters: ReaderCounters,
     closed: bool,
 }
@@ -238,12 +249,13 @@ impl Instance {
         }
     }
 
-    /// Start: wake-ups go through `signal`; `capacity` bounds the queue.
-    pub fn start(&mut self, signal: Signal, capacity: Option<usize>) -> Result<(), StartError> {
+    /// Start: wake-ups go through `signal`; the queue is bounded by the
+    /// capacity set last (see `set_capacity`).
+    pub fn start(&mut self, signal: Signal) -> Result<(), StartError> {
         self.can_start()?;
         let signal = Arc::new(signal);
         let (tx, rx) = flume::unbounded();
-        let room = capacity.map(|c| Arc::new(Room::new(c)));
+        let room = self.capacity.map(|c| Arc::new(Room::new(c, 0)));
         // No producer can see the new queue yet: a flag left up by the last
         // run must not swallow the first wake of this one.
         self.shared.wake.reset();
@@ -259,6 +271,7 @@ impl Instance {
         let Some(inbox) = self.inbox.take() else {
             return 0;
         };
+        self.capacity = None;
         if let Some(room) = &inbox.room {
             room.close();
         }
@@ -313,7 +326,33 @@ impl Instance {
     }
 
     pub fn capacity(&self) -> Option<usize> {
-        self.inbox.as_ref()?.room.as_ref().map(|room| room.capacity())
+        self.capacity
+    }
+
+    /// Bound the queue to `capacity` items (`None`: unbounded): at once if
+    /// started, else from the next start, until the next stop. Producers
+    /// waiting for room see the new bound straight away.
+    pub fn set_capacity(&mut self, capacity: Option<usize>) {
+        self.capacity = capacity;
+        let Some(inbox) = self.inbox.as_mut() else {
+            return;
+        };
+        match (inbox.room.clone(), capacity) {
+            (Some(room), Some(capacity)) => room.resize(capacity),
+            (None, None) => {}
+            (old, capacity) => {
+                let mut route = self.shared.route.write().unwrap_or_else(|e| e.into_inner());
+                let route = route.as_mut().expect("a started instance has a route");
+                // Under the write lock nobody pushes: the count is exact.
+                let queued = inbox.batch.len() + inbox.queue.len();
+                let room = capacity.map(|c| Arc::new(Room::new(c, queued)));
+                route.room = room.clone();
+                inbox.room = room;
+                if let Some(old) = old {
+                    old.lift();
+                }
+            }
+        }
     }
 
     /// Send a wake datagram now (a reader that stopped draining early).

@@ -61,6 +61,7 @@
  *     that state. Returns the chunk's values (nil, booleans, numbers,
  *     strings) or its error.
  *   testutil.strerror(code) -> bgw_api.strerror(code)
+ *   testutil.set_capacity(n) -> the name of bgw_api.set_capacity(L, n)'s code
  *   testutil.api() -> {version, size, client_size}: the published table's
  *     version and size, and sizeof(bgw_api) in this build.
  *   testutil.NOWAIT, testutil.FOREVER: BGW_NOWAIT, BGW_FOREVER.
@@ -710,6 +711,14 @@ static int tu_strerror(lua_State *L)
     return 1;
 }
 
+static int tu_set_capacity(lua_State *L)
+{
+    lua_Integer capacity = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, capacity >= 0, 1, "capacity must be >= 0");
+    lua_pushstring(L, checked_api(L)->strerror(checked_api(L)->set_capacity(L, (size_t)capacity)));
+    return 1;
+}
+
 static int tu_api(lua_State *L)
 {
     const bgw_api *api = checked_api(L);
@@ -734,6 +743,7 @@ int luaopen_bgworker_testutil(lua_State *L)
         {"reset", tu_reset},
         {"fresh_state", tu_fresh_state},
         {"strerror", tu_strerror},
+        {"set_capacity", tu_set_capacity},
         {"api", tu_api},
         {NULL, NULL},
     };

@@ -46,7 +46,8 @@ fn peek(item: &Item) -> (usize, usize) {
 fn started(capacity: Option<usize>) -> (Instance, UdpSocket) {
     let reader = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut instance = Instance::default();
-    instance.start(Signal::udp(reader.local_addr().unwrap().port()).unwrap(), capacity).unwrap();
+    instance.set_capacity(capacity);
+    instance.start(Signal::udp(reader.local_addr().unwrap().port()).unwrap()).unwrap();
     reader.connect(instance.sender().unwrap()).unwrap();
     (instance, reader)
 }
@@ -124,12 +125,12 @@ fn start_after_stop_works_and_start_twice_does_not() {
     let (mut instance, _reader) = started(None);
     let port = instance.sender().unwrap().port();
     let signal = || Signal::udp(port).unwrap();
-    assert_eq!(instance.start(signal(), None), Err(StartError::AlreadyStarted));
+    assert_eq!(instance.start(signal()), Err(StartError::AlreadyStarted));
     instance.stop();
     assert!(instance.sender().is_none());
-    instance.start(signal(), None).unwrap();
+    instance.start(signal()).unwrap();
     instance.close();
-    assert_eq!(instance.start(signal(), None), Err(StartError::Closed));
+    assert_eq!(instance.start(signal()), Err(StartError::Closed));
 }
 
 #[test]
@@ -310,7 +311,7 @@ fn a_descriptor_signal_is_readable_until_the_empty_poll_clears_it() {
     let freed = Arc::new(AtomicUsize::new(0));
     for kind in [FdKind::native(), FdKind::Pipe] {
         let mut instance = Instance::default();
-        instance.start(Signal::fd(kind).unwrap(), None).unwrap();
+        instance.start(Signal::fd(kind).unwrap()).unwrap();
         let fd = instance.reader_fd().unwrap();
         let readable = || {
             let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
@@ -328,4 +329,42 @@ fn a_descriptor_signal_is_readable_until_the_empty_poll_clears_it() {
         assert!(instance.wake());
         assert!(readable(), "{kind:?}: wake() signals");
     }
+}
+
+#[test]
+fn the_capacity_changes_while_running_and_a_stop_clears_it() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, reader) = started(None);
+    let shared = instance.shared().clone();
+    for seq in 0..3 {
+        assert_eq!(shared.deliver(item(0, seq, &freed), Wait::No), Status::Ok);
+    }
+    // Bounded now, with 3 queued: full until the reader took two.
+    instance.set_capacity(Some(2));
+    assert_eq!(shared.deliver(item(0, 3, &freed), Wait::No), Status::Full);
+    let blocked = {
+        let (shared, freed) = (shared.clone(), freed.clone());
+        thread::spawn(move || shared.deliver(item(0, 4, &freed), Wait::Forever))
+    };
+    thread::sleep(Duration::from_millis(20));
+    assert!(!blocked.is_finished());
+    // Unbounded again: the waiting producer goes through.
+    instance.set_capacity(None);
+    assert_eq!(blocked.join().unwrap(), Status::Ok);
+    let seqs: Vec<_> = std::iter::from_fn(|| instance.take_next()).map(|item| peek(&item).1).collect();
+    assert_eq!(seqs, vec![0, 1, 2, 4]);
+
+    // Set while stopped: it bounds the next start, and its stop clears it.
+    instance.stop();
+    instance.set_capacity(Some(1));
+    let restart = |instance: &mut Instance| instance.start(Signal::udp(reader.local_addr().unwrap().port()).unwrap());
+    restart(&mut instance).unwrap();
+    assert_eq!(instance.capacity(), Some(1));
+    assert_eq!(shared.deliver(item(0, 5, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.deliver(item(0, 6, &freed), Wait::No), Status::Full);
+    instance.stop();
+    restart(&mut instance).unwrap();
+    assert_eq!(instance.capacity(), None);
+    drop(instance);
+    assert_eq!(freed.load(SeqCst), 7);
 }

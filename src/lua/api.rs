@@ -20,7 +20,7 @@ use mlua::ffi::*;
 
 use super::{InstanceCell, INSTANCE_KEY};
 use crate::capi::{self, Api, Handle, API_VERSION};
-use crate::status;
+use crate::status::{self, Status};
 
 /// `BGW_REGISTRY_KEY` of the header.
 const API_KEY: &CStr = c"bgworker.api";
@@ -35,6 +35,7 @@ static API: Api = Api {
     deliver: capi::deliver,
     call: capi::call,
     strerror: status::strerror,
+    set_capacity,
 };
 
 /// # Safety
@@ -69,6 +70,18 @@ unsafe extern "C-unwind" fn acquire(state: *mut c_void) -> *mut Handle {
         // First the closer: it may raise (out of memory), and must not leak a handle when it does.
         install_closer(state);
         capi::new_handle(instance.shared())
+    }
+}
+
+/// `bgw_api.set_capacity`.
+unsafe extern "C-unwind" fn set_capacity(state: *mut c_void, capacity: usize) -> c_int {
+    let state = state as *mut lua_State;
+    match unsafe { instance_cell(state) }.and_then(|cell| cell.instance.as_mut()) {
+        Some(instance) if !instance.is_closed() => {
+            instance.set_capacity((capacity > 0).then_some(capacity));
+            Status::Ok.code()
+        }
+        _ => Status::Closed.code(),
     }
 }
 

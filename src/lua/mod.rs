@@ -57,6 +57,7 @@ lua_fn!(core_start_fd => start_fd);
 lua_fn!(core_start_greeting => start_greeting);
 lua_fn!(core_greeted => greeted);
 lua_fn!(core_fd => fd);
+lua_fn!(core_capacity => capacity);
 lua_fn!(core_stop => stop);
 lua_fn!(core_pending => pending);
 lua_fn!(core_wake => wake);
@@ -120,7 +121,10 @@ unsafe fn start_with<'a>(
         let failed = |e: &dyn std::fmt::Display| Raise::Message(format!("bgworker.core: cannot start: {e}"));
         instance.can_start().map_err(|e| failed(&e))?;
         let signal = make_signal(&options).map_err(|e| failed(&e))?;
-        instance.start(signal, options.capacity).map_err(|e| failed(&e))?;
+        if options.capacity.is_some() {
+            instance.set_capacity(options.capacity);
+        }
+        instance.start(signal).map_err(|e| failed(&e))?;
         Ok(instance)
     }
 }
@@ -166,6 +170,23 @@ unsafe fn greeted(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
         let greeted = instance(state)?.signal().is_some_and(Signal::accept_greeting);
         lua_pushboolean(state, greeted as c_int);
+    }
+    Ok(1)
+}
+
+/// `capacity([n])`: the queue's bound (nil: unbounded); with `n`, set it
+/// first (0: unbounded), at once and for later starts.
+unsafe fn capacity(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let instance = instance(state)?;
+        if lua_isnoneornil(state, 1) == 0 {
+            let n = integer_in(state, 1, "capacity", 0.0, MAX_CAPACITY).map_err(|m| Raise::Arg(1, m))?;
+            instance.set_capacity((n >= 1.0).then_some(n as usize));
+        }
+        match instance.capacity() {
+            Some(n) => lua_pushinteger(state, n as lua_Integer),
+            None => lua_pushnil(state),
+        }
     }
     Ok(1)
 }
@@ -286,7 +307,8 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
 
-        let functions: [(&CStr, lua_CFunction); 12] = [
+        let functions: [(&CStr, lua_CFunction); 13] = [
+            (c"capacity", core_capacity),
             (c"start", core_start),
             (c"start_fd", core_start_fd),
             (c"start_greeting", core_start_greeting),
