@@ -7,47 +7,26 @@ local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local protect = require "bgworker.protect"
 local socket = require "socket"
+local support = require "support"
 local testutil = require "bgworker_testutil"
 local ticker = require "bgworker_ticker"
 
+local produce, join, collector = support.produce, support.join, support.collector
+
 local d -- the dispatcher of the current test
-local jobs = {} -- testutil jobs not yet joined
-
-local function produce(opts)
-  local job = testutil.produce(opts)
-  jobs[job] = true
-  return job
-end
-
-local function join(job)
-  jobs[job] = nil
-  return testutil.join(job)
-end
 
 -- Is the dispatcher's socket readable within `timeout` seconds?
 local function readable(timeout)
-  local r = socket.select({ d.socket }, nil, timeout)
-  return r[d.socket] ~= nil
-end
-
--- Errors sent to an errorhandler, as { err, traceback } pairs.
-local function collector()
-  local errors = {}
-  return errors, function(err, tb)
-    errors[#errors + 1] = { err = err, tb = tb }
-  end
+  return support.readable(d.socket, timeout)
 end
 
 describe("bgworker", function()
-  setup(function()
-    -- Start from a stopped core, whatever ran before in this Lua state.
-    if core.running() then core.stop() end
-  end)
+  -- Start from a stopped core, whatever ran before in this Lua state.
+  setup(support.stop_core)
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    for job in pairs(jobs) do join(job) end
   end)
 
   it("has a version and its core", function()
@@ -56,6 +35,10 @@ describe("bgworker", function()
     assert.equals("bgworker " .. bgworker.version, bgworker._VERSION)
     assert.equals(core, bgworker.core)
     assert.equals(1000, bgworker.DEFAULT_BUDGET)
+    -- The utilities load on first use.
+    assert.equals(require "bgworker.pool", bgworker.pool)
+    assert.equals(require "bgworker.dns", bgworker.dns)
+    assert.is_nil(bgworker.no_such_module)
   end)
 
   describe("new", function()
@@ -110,17 +93,13 @@ describe("bgworker", function()
 
     it("runs many items from several threads, each once and in order per thread", function()
       d = bgworker.new()
-      local last, count = { 0, 0, 0 }, 0
-      local job = produce { producers = 3, items = 2000, callback = function(p, seq, ok)
-        assert(ok and seq == last[p] + 1)
-        last[p] = seq
-        count = count + 1
-      end }
+      local callback, seen = support.in_order(3)
+      local job = produce { producers = 3, items = 2000, callback = callback }
       local deadline = socket.gettime() + 10
-      while count < 6000 and socket.gettime() < deadline do d:wait(1) end
+      while seen.count < 6000 and socket.gettime() < deadline do d:wait(1) end
       assert.equals(6000, join(job).BGW_OK)
-      assert.equals(6000, count)
-      assert.same({ 2000, 2000, 2000 }, last)
+      assert.equals(6000, seen.count)
+      assert.same({ 2000, 2000, 2000 }, seen.last)
     end)
 
     it("stops a dispatch at max and brings the rest with a new wake-up", function()
@@ -285,39 +264,26 @@ describe("bgworker", function()
 
     it("survives an errorhandler that raises", function()
       d = bgworker.new { errorhandler = function() error("handler failed") end }
-      local stderr = io.stderr
-      local written = {}
-      io.stderr = { write = function(_, ...) -- luacheck: ignore 122
-        for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
-      end }
       local count = 0
-      local ok, err = pcall(function()
+      local ok, err, written = support.capture_stderr(function()
         join(produce { items = 1, decode = "raise" })
         join(produce { items = 1, callback = function() count = count + 1 end })
         local handled, deadline = 0, socket.gettime() + 5
         while handled < 2 and socket.gettime() < deadline do handled = handled + d:wait(1) end
       end)
-      io.stderr = stderr -- luacheck: ignore 122
       assert(ok, err)
       assert.equals(1, count)
-      assert.matches("handler failed", table.concat(written))
+      assert.matches("handler failed", written)
     end)
 
     it("writes to stderr by default", function()
       d = bgworker.new()
-      local stderr = io.stderr
-      local written = {}
-      io.stderr = { write = function(_, ...) -- luacheck: ignore 122
-        for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
-      end }
-      local ok, err = pcall(function()
+      local ok, err, text = support.capture_stderr(function()
         local t = ticker.start(1, 1, function() error("to stderr") end)
         assert.equals(1, d:wait(5))
         t:stop()
       end)
-      io.stderr = stderr -- luacheck: ignore 122
       assert(ok, err)
-      local text = table.concat(written)
       assert.matches("to stderr", text)
       assert.matches("stack traceback", text)
     end)
@@ -436,10 +402,8 @@ describe("bgworker", function()
     end)
 
     it("to start when the core was started directly", function()
-      local s = socket.udp()
-      s:setsockname("127.0.0.1", 0)
-      local _, port = s:getsockname()
-      core.start(tonumber(port))
+      local s, port = support.udp_socket()
+      core.start(port)
       local ok, err = pcall(bgworker.new)
       core.stop()
       s:close()

@@ -486,4 +486,19 @@ function Dispatcher:stop()
   return cancelled
 end
 
+-- The utilities load on first use: `bgworker.pool`, `bgworker.dns`, ...
+-- are `require "bgworker.pool"`, ... (each needs its native library, which
+-- a program that only dispatches should not have to load).
+local SUBMODULES = { pool = true, dns = true, await = true, ngx = true, luv = true, cqueues = true }
+
+setmetatable(bgworker, {
+  __index = function(t, name)
+    if SUBMODULES[name] then
+      local module = require("bgworker." .. name)
+      rawset(t, name, module)
+      return module
+    end
+  end,
+})
+
 return bgworker
