@@ -20,34 +20,21 @@ local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local drain = require "bgworker.drain"
 local bench = require "bgworker_bench"
+local common = require "common"
 local socket = require "socket"
 local has_luv, uv = pcall(require, "luv")
 local has_cqueues, cqueues = pcall(require, "cqueues")
 
 local M = {}
 
-local function env_number(name, default)
-  return tonumber(os.getenv(name)) or default
-end
+local env_number, now, seconds = common.env_number, common.now, common.seconds
+local stats_delta, until_done = common.stats_delta, common.until_done
 
 local ITEMS = env_number("BENCH_ITEMS", 2000000)
 local REPS = env_number("BENCH_REPS", 3)
 local LATENCY_ITEMS = env_number("BENCH_LATENCY_ITEMS", 2000)
--- A run that sees no callback for this long has lost items: give up.
-local STALL = 10
 
-local now = bench.now -- microseconds, CLOCK_MONOTONIC
-local function seconds() return now() / 1e6 end
-
-local function progress(...)
-  io.stderr:write("[", _VERSION, jit and " (LuaJIT)" or "", "] fd: ", string.format(...), "\n")
-end
-
-local function stats_delta(before)
-  local after, d = core.stats(), {}
-  for k, v in pairs(after) do d[k] = v - before[k] end
-  return d
-end
+local progress = common.progress("fd: ")
 
 -- A descriptor dispatcher for socket.select: the drain of bgworker.luv and
 -- bgworker.cqueues, waited on with select like the UDP dispatcher.
@@ -59,32 +46,16 @@ local function fd_dispatcher(kind)
   return self
 end
 
--- Each mode: mode(n, callback, producer_opts) starts its dispatcher, starts
--- the producer, runs until `done()` and stops. Returns the stats delta.
+-- Each mode: mode(done, produce) starts its dispatcher, starts the producer
+-- (produce()), runs until `done()` (as for common.watch) and stops. Returns
+-- the stats delta.
 local modes = {}
-
-local function until_done(done, step)
-  local last, seen = seconds(), nil
-  while true do
-    local c = done()
-    if c == true then return end
-    step()
-    if c ~= seen then
-      last, seen = seconds(), c
-    elseif seconds() - last > STALL then
-      error(("stalled at %s items"):format(tostring(c)))
-    end
-  end
-end
 
 function modes.udp_select(done, produce)
   local d = bgworker.new()
-  local before, set = core.stats(), { d.socket }
+  local before = core.stats()
   local job = produce()
-  until_done(done, function()
-    local readable = socket.select(set, nil, 1)
-    if readable[d.socket] then d:dispatch() end
-  end)
+  until_done(done, common.select_step(d))
   job:join()
   local delta = stats_delta(before)
   d:stop()
@@ -116,16 +87,11 @@ if has_luv then
     local before = core.stats()
     -- A timer checks for the end (and for stalls) without touching the drain.
     local timer = uv.new_timer()
-    local last, seen, failed = seconds(), nil, nil
+    local watch, failed = common.watch(done), nil
     timer:start(1, 1, function()
-      local c = done()
-      if c == true then
-        timer:close()
-        d:stop()
-      elseif c ~= seen then
-        last, seen = seconds(), c
-      elseif seconds() - last > STALL then
-        failed = ("stalled at %s items"):format(tostring(c))
+      local over, stalled = watch()
+      if over or stalled then
+        failed = stalled
         timer:close()
         d:stop()
       end
@@ -147,18 +113,12 @@ if has_cqueues then
     local failed
     cq:wrap(function() d:loop() end)
     cq:wrap(function()
-      local last, seen = seconds(), nil
-      while true do
+      local watch = common.watch(done)
+      repeat
         cqueues.sleep(0.001)
-        local c = done()
-        if c == true then break end
-        if c ~= seen then
-          last, seen = seconds(), c
-        elseif seconds() - last > STALL then
-          failed = ("stalled at %s items"):format(tostring(c))
-          break
-        end
-      end
+        local over
+        over, failed = watch()
+      until over or failed
       d:stop()
     end)
     local job = produce()
@@ -200,8 +160,7 @@ local function throughput(n, reps)
         local t, delta = throughput_once(mode, n)
         runs[i] = { t = t, delta = delta }
       end
-      table.sort(runs, function(a, b) return a.t < b.t end)
-      local median = runs[math.ceil(reps / 2)]
+      local median = common.median(runs)
       out[mode] = { seconds = median.t, per_second = n / median.t,
         wakeups_per_item = median.delta.wakeups / median.delta.delivered }
     else
@@ -213,12 +172,6 @@ end
 
 --------------------------------------------------------------------------
 -- Latency: one item per ms, stamped at the deliver, read in the callback.
-
-local function percentiles(lat, n)
-  table.sort(lat)
-  local function at(p) return lat[math.max(1, math.ceil(p * n))] end
-  return { n = n, p50_us = at(0.5), p99_us = at(0.99), max_us = lat[n] }
-end
 
 local function latency(n)
   local out = { items = n, interval_us = 1000 }
@@ -234,7 +187,7 @@ local function latency(n)
       local delta = modes[mode](function() return count >= n or count end, function()
         return bench.produce { items = n, interval_us = 1000, callback = record }
       end)
-      local r = percentiles(lat, count)
+      local r = common.percentiles(lat, count)
       r.wakeups_per_item = delta.wakeups / delta.delivered
       out[mode] = r
     else

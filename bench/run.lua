@@ -17,12 +17,12 @@
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local bench = require "bgworker_bench"
+local common = require "common"
 local socket = require "socket"
 local has_copas, copas = pcall(require, "copas")
 
-local function env_number(name, default)
-  return tonumber(os.getenv(name)) or default
-end
+local env_number, now, seconds = common.env_number, common.now, common.seconds
+local stats_delta, select_step = common.stats_delta, common.select_step
 
 -- A multiple of 4, so that 1, 2 and 4 producers share it evenly.
 local ITEMS = math.ceil(env_number("BENCH_ITEMS", 2000000) / 4) * 4
@@ -31,15 +31,8 @@ local LATENCY_ITEMS = env_number("BENCH_LATENCY_ITEMS", 2000)
 local PENDING = env_number("BENCH_PENDING", 1000000)
 local IDLE_SECONDS = env_number("BENCH_IDLE_SECONDS", 2)
 local PRODUCERS = { 1, 2, 4 }
--- A loop that sees no progress for this long has lost items: give up.
-local STALL = 10
 
-local now = bench.now -- microseconds, CLOCK_MONOTONIC
-local function seconds() return now() / 1e6 end
-
-local function progress(...)
-  io.stderr:write("[", _VERSION, jit and " (LuaJIT)" or "", "] ", string.format(...), "\n")
-end
+local progress = common.progress("")
 
 --------------------------------------------------------------------------
 -- The callback of every throughput figure, and the drain loops.
@@ -80,24 +73,10 @@ local function stop_core(reader)
   reader:close()
 end
 
-local function stats_delta(before)
-  local after, d = core.stats(), {}
-  for k, v in pairs(after) do d[k] = v - before[k] end
-  return d
-end
-
--- Run `step` until `done()`; raise if a step passes STALL seconds without
--- progress.
-local function run_until(done, step)
-  local last, seen = seconds(), count
-  while not done() do
-    step()
-    if count ~= seen then
-      last, seen = seconds(), count
-    elseif seconds() - last > STALL then
-      error(("stalled at %d items"):format(count))
-    end
-  end
+-- Run `step` until `count` reaches `n`; raise if it stalls (common.STALL
+-- seconds without progress).
+local function run_until(n, step)
+  common.until_done(function() return count >= n or count end, step)
 end
 
 -- `total` items split among `producers` threads (PRODUCERS divide ITEMS).
@@ -115,37 +94,33 @@ end
 -- start of the producers to the last callback, and the stats delta.
 local loops = {}
 
-function loops.select_tight(total, producers, extra)
-  local reader = start_core()
-  local before, set = core.stats(), { reader }
+-- One such run, its loop started: `step` until the last callback.
+local function timed(total, producers, extra, step)
+  local before = core.stats()
   count = 0
   local t0 = seconds()
   local job = produce(total, producers, extra)
-  run_until(function() return count >= total end, function()
+  run_until(total, step)
+  local t = seconds() - t0
+  job:join()
+  return t, stats_delta(before)
+end
+
+function loops.select_tight(total, producers, extra)
+  local reader = start_core()
+  local set = { reader }
+  local t, delta = timed(total, producers, extra, function()
     socket.select(set, nil, 1)
     discard(reader)
     drain()
   end)
-  local t = seconds() - t0
-  job:join()
-  local delta = stats_delta(before)
   stop_core(reader)
   return t, delta
 end
 
 function loops.select_dispatcher(total, producers, extra)
   local d = bgworker.new()
-  local before, set = core.stats(), { d.socket }
-  count = 0
-  local t0 = seconds()
-  local job = produce(total, producers, extra)
-  run_until(function() return count >= total end, function()
-    local readable = socket.select(set, nil, 1)
-    if readable[d.socket] then d:dispatch() end
-  end)
-  local t = seconds() - t0
-  job:join()
-  local delta = stats_delta(before)
+  local t, delta = timed(total, producers, extra, select_step(d))
   d:stop()
   return t, delta
 end
@@ -158,14 +133,7 @@ end
 
 function loops.copas(total, producers, extra)
   local d = bgworker.copas()
-  local before = core.stats()
-  count = 0
-  local t0 = seconds()
-  local job = produce(total, producers, extra)
-  run_until(function() return count >= total end, function() copas.step(1) end)
-  local t = seconds() - t0
-  job:join()
-  local delta = stats_delta(before)
+  local t, delta = timed(total, producers, extra, function() copas.step(1) end)
   stop_copas(d)
   return t, delta
 end
@@ -277,8 +245,7 @@ local function throughput()
     end
   end
   for _, m in ipairs(measures) do
-    table.sort(m.runs, function(a, b) return a.t < b.t end)
-    local median = m.runs[math.ceil(REPS / 2)]
+    local median = common.median(m.runs)
     m.put({ seconds = median.t, per_second = ITEMS / median.t }, median.delta)
   end
   return out
@@ -289,12 +256,13 @@ end
 -- read again by the callback. The baseline is a raw datagram carrying the
 -- stamp from a C thread to a select loop: the wake-up cost of the kernel.
 
+-- common.percentiles, and the mean.
 local function percentiles(lat, n)
-  table.sort(lat)
-  local function at(p) return lat[math.max(1, math.ceil(p * n))] end
+  local r = common.percentiles(lat, n)
   local sum = 0
   for i = 1, n do sum = sum + lat[i] end
-  return { n = n, p50_us = at(0.5), p99_us = at(0.99), max_us = lat[n], mean_us = sum / n }
+  r.mean_us = sum / n
+  return r
 end
 
 local latency_loops = {}
@@ -320,12 +288,8 @@ end
 
 function latency_loops.select(n, record)
   local d = bgworker.new()
-  local set = { d.socket }
   local job = bench.produce { items = n, interval_us = 1000, callback = record }
-  run_until(function() return count >= n end, function()
-    local readable = socket.select(set, nil, 1)
-    if readable[d.socket] then d:dispatch() end
-  end)
+  run_until(n, select_step(d))
   job:join()
   d:stop()
 end
@@ -333,7 +297,7 @@ end
 function latency_loops.copas(n, record)
   local d = bgworker.copas()
   local job = bench.produce { items = n, interval_us = 1000, callback = record }
-  run_until(function() return count >= n end, function() copas.step(1) end)
+  run_until(n, function() copas.step(1) end)
   job:join()
   stop_copas(d)
 end

@@ -10,41 +10,26 @@
 
 local await = require "bgworker.await"
 local bgworker = require "bgworker"
-local core = require "bgworker.core"
-local socket = require "socket"
-local testutil = require "bgworker_testutil"
+local support = require "support"
 
-local has_copas, copas = pcall(require, "copas")
-local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
-
-local jobs = {} -- testutil jobs not yet joined
-
--- Deliver one item whose decode calls `callback(1, 1, true)`.
+-- Deliver one item whose decode calls `callback(1, 1, true)`; the job is
+-- joined after the test.
 local function deliver_to(callback)
-  local job = testutil.produce { callback = callback }
-  jobs[#jobs + 1] = job
-end
-
-local function join_jobs()
-  for _, job in ipairs(jobs) do testutil.join(job) end
-  jobs = {}
+  support.produce { callback = callback }
 end
 
 local function pack(...)
   return { n = select("#", ...), ... }
 end
 
-setup(function()
-  if core.running() then core.stop() end
-end)
+setup(support.stop_core)
 
 describe("bgworker.await", function()
   local d
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    join_jobs()
   end)
 
   it("checks its arguments", function()
@@ -140,39 +125,11 @@ describe("bgworker.await", function()
 end)
 
 describe("bgworker.await in Copas", function()
-  if not has_copas then
-    if copas_expected then
-      it("needs Copas on " .. _VERSION, function()
-        error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
-          tostring(copas))
-      end)
-    else
-      pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
-        " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
-    end
-    return
-  end
+  local copas = support.needs_copas()
+  if not copas then return end
 
-  local d
-
-  local function run_until(cond, timeout)
-    local deadline = socket.gettime() + (timeout or 5)
-    while not cond() do
-      if socket.gettime() > deadline then return false end
-      copas.step(0.01)
-    end
-    return true
-  end
-
-  before_each(function()
-    d = bgworker.copas()
-  end)
-
-  after_each(function()
-    d:stop()
-    run_until(function() return coroutine.status(d.reader) == "dead" end, 2)
-    join_jobs()
-  end)
+  support.copas_dispatcher_each()
+  local run_until = support.copas_until
 
   it("suspends the thread until the callback fires, and returns its values", function()
     local got
@@ -213,32 +170,17 @@ describe("bgworker.await in Copas", function()
   end)
 
   it("lets other threads run while one waits", function()
-    local gate = assert(socket.udp())
-    assert(gate:setsockname("127.0.0.1", 0))
-    gate:settimeout(0)
-    local ip, port = gate:getsockname()
     local release -- the waiting thread's callback
-    local got, ticks, ticks_seen, ticker_done = nil, 0, nil, false
+    local got, ticks_seen, ticker = nil, nil, nil
     copas.addthread(function()
       got = await(function(callback) release = callback end)
-      ticks_seen = ticks
+      ticks_seen = ticker.ticks
     end)
-    copas.addthread(function()
-      while got == nil do
-        copas.receive(gate, 16)
-        ticks = ticks + 1
-        if ticks == 3 then release("done") end
-      end
-      ticker_done = true
+    -- A thread that ticks once a loop step, until the waiter got its value.
+    ticker = support.copas_ticker(function() return got ~= nil end, function(ticks)
+      if ticks == 3 then release("done") end
     end)
-    -- Each step, a datagram lets the ticker thread tick once.
-    local poke = assert(socket.udp())
-    assert.is_true(run_until(function()
-      if not ticker_done then poke:sendto("x", ip, tonumber(port)) end
-      return ticker_done
-    end))
-    poke:close()
-    gate:close()
+    assert.is_true(ticker.run())
     assert.equals("done", got)
     -- Released at the third tick; the ticker may tick once more in the step
     -- that resumes the waiter.

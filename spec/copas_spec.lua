@@ -5,58 +5,22 @@
 -- on LUA_PATH. The tests drive Copas with copas.step, which every version
 -- has; Copas 1.x's copas.loop never returns.
 
-local has_copas, copas = pcall(require, "copas")
-local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
-
-if not has_copas and not copas_expected then
-  describe("bgworker.copas", function()
-    pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
-      " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
-  end)
-  return
-end
+local support = require "support"
 
 describe("bgworker.copas", function()
-  if not has_copas then
-    it("needs Copas on " .. _VERSION, function()
-      error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
-        tostring(copas))
-    end)
-    return
-  end
+  local copas = support.needs_copas()
+  if not copas then return end
 
   local bgworker = require "bgworker"
   local core = require "bgworker.core"
   local socket = require "socket"
-  local testutil = require "bgworker_testutil"
   local ticker = require "bgworker_ticker"
 
+  local produce, join, collector = support.produce, support.join, support.collector
+  local run_until = support.copas_until
+
   local d -- the dispatcher of the current test
-  local jobs = {} -- testutil jobs not yet joined
   local closers = {} -- sockets to close after the test
-  local steps = 0 -- copas.step calls so far
-
-  local function produce(opts)
-    local job = testutil.produce(opts)
-    jobs[job] = true
-    return job
-  end
-
-  local function join(job)
-    jobs[job] = nil
-    return testutil.join(job)
-  end
-
-  -- Step Copas until cond() is true or `timeout` seconds passed.
-  local function run_until(cond, timeout)
-    local deadline = socket.gettime() + (timeout or 5)
-    while not cond() do
-      if socket.gettime() > deadline then return false end
-      copas.step(0.01)
-      steps = steps + 1
-    end
-    return true
-  end
 
   local function reader_done()
     return coroutine.status(d.reader) == "dead"
@@ -65,16 +29,13 @@ describe("bgworker.copas", function()
   -- A gate: a UDP socket that a Copas thread can wait on until open() sends
   -- it a datagram.
   local function gate()
-    local s = assert(socket.udp())
-    assert(s:setsockname("127.0.0.1", 0))
-    s:settimeout(0)
+    local s, port = support.udp_socket()
     closers[#closers + 1] = s
-    local _, port = s:getsockname()
     return {
       wait = function() return copas.receive(s, 16) end,
       open = function()
         local o = socket.udp()
-        o:sendto("x", "127.0.0.1", tonumber(port))
+        o:sendto("x", "127.0.0.1", port)
         o:close()
       end,
     }
@@ -106,24 +67,14 @@ describe("bgworker.copas", function()
     return reply or error(err)
   end
 
-  local function collector()
-    local errors = {}
-    return errors, function(err, tb)
-      errors[#errors + 1] = { err = err, tb = tb }
-    end
-  end
-
-  setup(function()
-    if core.running() then core.stop() end
-  end)
+  setup(support.stop_core)
 
   after_each(function()
     if d then
-      d:stop()
-      assert(run_until(reader_done, 2), "the reader thread did not end")
+      assert(support.stop_copas(d), "the reader thread did not end")
     end
     d = nil
-    for job in pairs(jobs) do join(job) end
+    support.join_all()
     for _, s in ipairs(closers) do
       if copas.removeserver then pcall(copas.removeserver, s) end
       s:close()
@@ -142,15 +93,11 @@ describe("bgworker.copas", function()
 
   it("runs many items from several threads", function()
     d = bgworker.copas()
-    local last, count = { 0, 0, 0 }, 0
-    local job = produce { producers = 3, items = 2000, callback = function(p, seq, ok)
-      assert(ok and seq == last[p] + 1)
-      last[p] = seq
-      count = count + 1
-    end }
-    assert.is_true(run_until(function() return count == 6000 end, 10))
+    local callback, seen = support.in_order(3)
+    local job = produce { producers = 3, items = 2000, callback = callback }
+    assert.is_true(run_until(function() return seen.count == 6000 end, 10))
     join(job)
-    assert.same({ 2000, 2000, 2000 }, last)
+    assert.same({ 2000, 2000, 2000 }, seen.last)
   end)
 
   it("lets other threads run between batches of the budget", function()
@@ -164,7 +111,7 @@ describe("bgworker.copas", function()
     end)
     join(produce { items = 100, callback = function()
       count = count + 1
-      step_of[count] = steps
+      step_of[count] = support.copas_steps
       if count == 1 then g.open() end
     end })
     assert.is_true(run_until(function() return count == 100 end))
@@ -180,10 +127,10 @@ describe("bgworker.copas", function()
     local count, first_step = 0, nil
     join(produce { items = 100, callback = function()
       count = count + 1
-      first_step = first_step or steps
+      first_step = first_step or support.copas_steps
     end })
     assert.is_true(run_until(function() return count == 100 end))
-    assert.equals(first_step, steps - 1)
+    assert.equals(first_step, support.copas_steps - 1)
   end)
 
   it("lets callbacks do Copas I/O", function()
@@ -224,9 +171,7 @@ describe("bgworker.copas", function()
     d = bgworker.copas()
     local results = {}
     local t = ticker.start(2, 1, function(v)
-      local s = assert(socket.udp())
-      assert(s:setsockname("127.0.0.1", 0))
-      s:settimeout(0)
+      local s = support.udp_socket()
       copas.settimeout(s, 0.2)
       local t0 = socket.gettime()
       local data, err = copas.receive(s, 16)

@@ -60,10 +60,7 @@ local function fresh_state(code)
 end
 
 describe("bgworker.core", function()
-  before_each(function()
-    core.stop()
-    testutil.reset()
-  end)
+  before_each(support.reset)
 
   after_each(function()
     core.stop()

@@ -9,42 +9,13 @@
 -- cannot load there, the specs are pending, with the reason.
 
 local core = require "bgworker.core"
-local testutil = require "bgworker_testutil"
+local support = require "support"
 local ticker = require "bgworker_ticker"
 
-local cqueues, bgcq
-do
-  local ok, err = pcall(require, "cqueues")
-  if ok then
-    cqueues = err
-    bgcq = require "bgworker.cqueues"
-  elseif type(jit) ~= "table" then
-    error("cqueues is required for these specs on " .. _VERSION .. ": " .. tostring(err))
-  else
-    bgcq = err
-  end
-end
+local cqueues, bgcq = support.require_native("cqueues", "bgworker.cqueues")
+local produce, join, collector = support.produce, support.join, support.collector
 
 local d -- the dispatcher of the current test
-local jobs = {} -- testutil jobs not yet joined
-
-local function produce(opts)
-  local job = testutil.produce(opts)
-  jobs[job] = true
-  return job
-end
-
-local function join(job)
-  jobs[job] = nil
-  return testutil.join(job)
-end
-
-local function collector()
-  local errors = {}
-  return errors, function(err, tb)
-    errors[#errors + 1] = { err = err, tb = tb }
-  end
-end
 
 -- Run the controller until all its coroutines ended, at most `seconds`.
 -- Fails on a controller error; stops the dispatcher and fails on timeout.
@@ -70,15 +41,11 @@ describe("bgworker.cqueues", function()
     return
   end
 
-  setup(function()
-    if core.running() then core.stop() end
-  end)
+  setup(support.stop_core)
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    for job in pairs(jobs) do join(job) end
-    if core.running() then core.stop() end
   end)
 
   it("runs ticker callbacks in d:loop(), which returns after stop", function()
@@ -107,18 +74,15 @@ describe("bgworker.cqueues", function()
     local cq = cqueues.new()
     local errors, handler = collector()
     d = bgcq.start { errorhandler = handler }
-    local last, count = { 0, 0, 0 }, 0
-    produce { producers = 3, items = 3000, callback = function(p, seq, ok)
-      assert(ok and seq == last[p] + 1)
-      last[p] = seq
-      count = count + 1
+    local callback, seen = support.in_order(3, function(count)
       if count == 9000 then d:stop() end
-    end }
+    end)
+    produce { producers = 3, items = 3000, callback = callback }
     cq:wrap(function() d:loop() end)
     run(cq, 10)
     assert.same({}, errors)
-    assert.equals(9000, count)
-    assert.same({ 3000, 3000, 3000 }, last)
+    assert.equals(9000, seen.count)
+    assert.same({ 3000, 3000, 3000 }, seen.last)
   end)
 
   it("is pollable by hand: cqueues.poll(d), then d:dispatch()", function()
@@ -173,12 +137,7 @@ describe("bgworker.cqueues", function()
   end)
 
   it("writes errors to stderr by default", function()
-    local written = {}
-    local stderr = io.stderr
-    io.stderr = { write = function(_, ...) -- luacheck: ignore 122
-      for _, s in ipairs { ... } do written[#written + 1] = s end
-    end }
-    local ok, err = pcall(function()
+    local ok, err, text = support.capture_stderr(function()
       local cq = cqueues.new()
       d = bgcq.start()
       join(produce { items = 1, callback = function() error("to stderr") end })
@@ -188,9 +147,7 @@ describe("bgworker.cqueues", function()
       end)
       run(cq)
     end)
-    io.stderr = stderr -- luacheck: ignore 122
     assert(ok, err)
-    local text = table.concat(written)
     assert.matches("bgworker: [^\n]*to stderr", text)
     assert.matches("stack traceback", text)
   end)

@@ -12,12 +12,9 @@
 -- unless a Copas is on LUA_PATH.
 
 local bgworker = require "bgworker"
-local core = require "bgworker.core"
 local dns = require "bgworker.dns"
 local socket = require "socket"
-
-local has_copas, copas = pcall(require, "copas")
-local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
+local support = require "support"
 
 local INVALID = "nonexistent..invalid"
 
@@ -30,9 +27,7 @@ local function luasocket_toip(host)
   return socket.dns.toip(host)
 end
 
-setup(function()
-  if core.running() then core.stop() end
-end)
+setup(support.stop_core)
 
 describe("bgworker.dns", function()
   local d
@@ -180,9 +175,7 @@ describe("bgworker.dns", function()
       -- In a child process, the only state with bgworker.dns closes while
       -- its lookups run: the worker threads' deliveries are refused
       -- (BGW_CLOSED), their answers dropped there, and the process lives on.
-      local lua = os.getenv("BGWORKER_LUA")
-      assert.is_string(lua, "BGWORKER_LUA names the interpreter (set by make specs-*)")
-      local child = [[
+      local _, text = support.run_lua [[
         local testutil = require "bgworker_testutil"
         local ok, err = testutil.fresh_state([=[
           local bgworker = require "bgworker"
@@ -196,47 +189,17 @@ describe("bgworker.dns", function()
         require("socket").sleep(0.2)
         io.write("alive")
       ]]
-      local out = assert(io.popen(lua .. " -e '" .. child:gsub("'", "'\\''") .. "' 2>&1"))
-      local text = out:read("*a")
-      out:close()
       assert.equals("alive", text)
     end)
   end)
 end)
 
 describe("bgworker.dns in Copas", function()
-  if not has_copas then
-    if copas_expected then
-      it("needs Copas on " .. _VERSION, function()
-        error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
-          tostring(copas))
-      end)
-    else
-      pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
-        " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
-    end
-    return
-  end
+  local copas = support.needs_copas()
+  if not copas then return end
 
-  local d
-
-  local function run_until(cond, timeout)
-    local deadline = socket.gettime() + (timeout or 5)
-    while not cond() do
-      if socket.gettime() > deadline then return false end
-      copas.step(0.01)
-    end
-    return true
-  end
-
-  before_each(function()
-    d = bgworker.copas()
-  end)
-
-  after_each(function()
-    d:stop()
-    run_until(function() return coroutine.status(d.reader) == "dead" end, 2)
-  end)
+  support.copas_dispatcher_each()
+  local run_until = support.copas_until
 
   -- toip in a Copas thread of its own; its values once it returned.
   local function toip_in_thread(host)
@@ -272,31 +235,15 @@ describe("bgworker.dns in Copas", function()
   end)
 
   it("toip suspends only its own thread: another thread keeps running", function()
-    local gate = assert(socket.udp())
-    assert(gate:setsockname("127.0.0.1", 0))
-    gate:settimeout(0)
-    local ip, port = gate:getsockname()
-    local answer, ticks, ticks_at_answer, ticker_done = nil, 0, nil, false
+    local answer, ticks_at_answer, ticker = nil, nil, nil
     copas.addthread(function()
       answer = pack(dns.toip("localhost"))
-      ticks_at_answer = ticks
+      ticks_at_answer = ticker.ticks
     end)
     local toip_returned_at_once = answer ~= nil
-    copas.addthread(function()
-      while answer == nil do
-        copas.receive(gate, 16)
-        ticks = ticks + 1
-      end
-      ticker_done = true
-    end)
-    -- Each step, a datagram lets the ticker thread tick once.
-    local poke = assert(socket.udp())
-    assert.is_true(run_until(function()
-      if not ticker_done then poke:sendto("x", ip, tonumber(port)) end
-      return ticker_done
-    end))
-    poke:close()
-    gate:close()
+    -- A thread that ticks once a loop step, until the answer came.
+    ticker = support.copas_ticker(function() return answer ~= nil end)
+    assert.is_true(ticker.run())
     assert.is_false(toip_returned_at_once)
     assert.equals("127.0.0.1", answer[1])
     -- The answer comes through the dispatcher's socket, then the waiting

@@ -4,23 +4,11 @@
 -- unloaded code"). Only a separate process shows it: in this one the
 -- library stays loaded by the spec's own state.
 
-local interpreter = assert(os.getenv("BGWORKER_LUA"), "run through the Makefile: BGWORKER_LUA names the interpreter")
-
-local function run(script)
-  local path = os.tmpname()
-  local file = assert(io.open(path, "w"))
-  file:write(script)
-  file:close()
-  local pipe = assert(io.popen(interpreter .. " " .. path .. " 2>&1; echo \"exit:$?\""))
-  local output = pipe:read("*a")
-  pipe:close()
-  os.remove(path)
-  return tonumber(output:match("exit:(%d+)%s*$")), output
-end
+local support = require "support"
 
 describe("closing the Lua state", function()
   it("frees pending items while their utility library is still loaded", function()
-    local status, output = run([[
+    local status, output = support.run_lua [[
       local core = require "bgworker.core"
       local socket = require "socket"
       local reader = assert(socket.udp())
@@ -32,7 +20,7 @@ describe("closing the Lua state", function()
       testutil.join(testutil.produce{producers = 2, items = 1000, callback = function() end})
       assert(core.pending() == 2000, "items should be pending at exit")
       print("pending " .. core.pending())
-    ]])
+    ]]
     assert.matches("pending 2000", output)
     assert.are.equal(0, status, "the interpreter crashed at lua_close:\n" .. output)
   end)

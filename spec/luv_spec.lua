@@ -9,44 +9,14 @@
 -- specs are pending, with the reason.
 
 local core = require "bgworker.core"
-local socket = require "socket"
+local support = require "support"
 local testutil = require "bgworker_testutil"
 local ticker = require "bgworker_ticker"
 
-local uv, bgluv
-do
-  local ok, err = pcall(require, "luv")
-  if ok then
-    uv = err
-    bgluv = require "bgworker.luv"
-  elseif type(jit) ~= "table" then
-    error("luv is required for these specs on " .. _VERSION .. ": " .. tostring(err))
-  else
-    bgluv = err
-  end
-end
+local uv, bgluv = support.require_native("luv", "bgworker.luv")
+local produce, join, collector = support.produce, support.join, support.collector
 
 local d -- the dispatcher of the current test
-local jobs = {} -- testutil jobs not yet joined
-
-local function produce(opts)
-  local job = testutil.produce(opts)
-  jobs[job] = true
-  return job
-end
-
-local function join(job)
-  jobs[job] = nil
-  return testutil.join(job)
-end
-
--- Errors sent to an errorhandler, as { err, traceback } pairs.
-local function collector()
-  local errors = {}
-  return errors, function(err, tb)
-    errors[#errors + 1] = { err = err, tb = tb }
-  end
-end
 
 -- uv.run() with a watchdog: after `seconds`, stop the dispatcher so the
 -- loop can return. Returns whether the watchdog had to fire.
@@ -82,15 +52,11 @@ describe("bgworker.luv", function()
     return
   end
 
-  setup(function()
-    if core.running() then core.stop() end
-  end)
+  setup(support.stop_core)
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    for job in pairs(jobs) do join(job) end
-    if core.running() then core.stop() end
     -- Close whatever a failed test left in the (process-wide) default loop.
     uv.walk(function(handle)
       if not handle:is_closing() then handle:close() end
@@ -116,17 +82,14 @@ describe("bgworker.luv", function()
   it("runs many items from several threads, each once and in order per thread", function()
     local errors, handler = collector()
     d = bgluv.start { errorhandler = handler }
-    local last, count = { 0, 0, 0 }, 0
-    produce { producers = 3, items = 3000, callback = function(p, seq, ok)
-      assert(ok and seq == last[p] + 1)
-      last[p] = seq
-      count = count + 1
+    local callback, seen = support.in_order(3, function(count)
       if count == 9000 then d:stop() end
-    end }
+    end)
+    produce { producers = 3, items = 3000, callback = callback }
     assert.is_false(run(10))
     assert.same({}, errors)
-    assert.equals(9000, count)
-    assert.same({ 3000, 3000, 3000 }, last)
+    assert.equals(9000, seen.count)
+    assert.same({ 3000, 3000, 3000 }, seen.last)
   end)
 
   it("wakes up again after the queue ran dry (a drain clears the descriptor)", function()
@@ -147,8 +110,7 @@ describe("bgworker.luv", function()
             d:stop()
           else
             timer:start(20, 0, function()
-              local ready = socket.select({ { getfd = function() return fd end } }, nil, 0)
-              readable[#readable + 1] = #ready > 0
+              readable[#readable + 1] = support.readable(fd, 0)
               round(r + 1)
             end)
           end
@@ -199,13 +161,8 @@ describe("bgworker.luv", function()
   end)
 
   it("writes errors to stderr by default, also when the errorhandler raises", function()
-    local written = {}
-    local stderr = io.stderr
     -- The default handler looks io.stderr up at each call.
-    io.stderr = { write = function(_, ...) -- luacheck: ignore 122
-      for _, s in ipairs { ... } do written[#written + 1] = s end
-    end }
-    local ok, err = pcall(function()
+    local ok, err, text = support.capture_stderr(function()
       -- Each callback stops the dispatcher, then raises.
       d = bgluv.start()
       join(produce { items = 1, callback = function()
@@ -221,9 +178,7 @@ describe("bgworker.luv", function()
       end })
       assert(not run(5), "timed out")
     end)
-    io.stderr = stderr -- luacheck: ignore 122
     assert(ok, err)
-    local text = table.concat(written)
     assert.matches("bgworker: [^\n]*to stderr", text)
     assert.matches("stack traceback", text)
     assert.matches("error in errorhandler: [^\n]*handler broke", text)

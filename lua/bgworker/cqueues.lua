@@ -24,25 +24,24 @@
 --
 -- @module bgworker.cqueues
 
-local core = require "bgworker.core"
 local cqueues = require "cqueues"
 local drain = require "bgworker.drain"
 
-local error, getmetatable, setmetatable, tostring, type = error, getmetatable, setmetatable,
-  tostring, type
+local setmetatable = setmetatable
 local cpoll, cancel = cqueues.poll, cqueues.cancel
 
 local M = {}
 
-local Dispatcher = {}
-Dispatcher.__index = Dispatcher
-
-local function check_self(self, method)
-  if getmetatable(self) ~= Dispatcher then
-    error(("bad argument #1 to '%s' (cqueues dispatcher expected, got %s; call it as" ..
-      " dispatcher:%s())"):format(method, type(self), method), 3)
-  end
+-- Stop (see bgworker.drain.fd_class): the controllers must forget the
+-- descriptor before core.stop() closes it. cancel also puts the coroutines
+-- polling it back to work.
+local function cancel_polls(self)
+  cancel(self.fd)
 end
+
+-- The methods `dispatch` and `stop` come from bgworker.drain.fd_class;
+-- `loop` checks its `self` with check_self.
+local Dispatcher, check_self = drain.fd_class("cqueues", cancel_polls)
 
 --- Start the core and make a dispatcher.
 -- @tparam[opt] table opts
@@ -88,20 +87,10 @@ end
 --- Run the callbacks of waiting items now, without waiting. If `max` runs
 -- out first, the descriptor stays readable, so the next poll returns at
 -- once and the rest is not forgotten.
+-- @function Dispatcher:dispatch
 -- @tparam[opt] int max handle at most this many items (default: the budget)
 -- @treturn int the number of items handled: callbacks run, including those
 -- that raised, and items whose decode failed
-function Dispatcher:dispatch(limit)
-  check_self(self, "dispatch")
-  if limit ~= nil and not drain.is_count(limit) then
-    error("bad argument #2 to 'dispatch' (max must be a positive integer, got " ..
-      tostring(limit) .. ")", 2)
-  end
-  if self.stopped then
-    return 0
-  end
-  return (drain.batch(self, limit or self.budget))
-end
 
 --- Wait and dispatch until the dispatcher is stopped. Run it in a coroutine
 -- of a cqueues controller (`cq:wrap(function() d:loop() end)`).
@@ -125,20 +114,7 @@ end
 -- and stop the core, which refuses further items and frees the pending
 -- ones without running them. Safe inside a callback; stopping a stopped
 -- dispatcher does nothing.
+-- @function Dispatcher:stop
 -- @treturn int the number of pending items cancelled
-function Dispatcher:stop()
-  check_self(self, "stop")
-  if self.stopped then
-    return 0
-  end
-  self.stopped = true
-  -- The descriptor is closed by core.stop(): the controllers must forget
-  -- it first. cancel also puts the coroutines polling it back to work.
-  cancel(self.fd)
-  if core.running() and core.fd() == self.fd then
-    return core.stop()
-  end
-  return 0
-end
 
 return M

@@ -22,7 +22,8 @@ local core = require "bgworker.core"
 local protect = require "bgworker.protect"
 
 local poll, wake = core.poll, core.wake
-local error, ipairs, pairs, pcall, tostring, type = error, ipairs, pairs, pcall, tostring, type
+local error, getmetatable, ipairs, pairs, pcall, tostring, type = error, getmetatable, ipairs,
+  pairs, pcall, tostring, type
 local floor, huge = math.floor, math.huge
 
 local drain = {}
@@ -225,6 +226,68 @@ function drain.start_fd(self, fname, opts, known, level)
   end
   self.fd = fd
   return opts
+end
+
+--- The class of a descriptor dispatcher, with the methods `dispatch` and
+-- `stop` that bgworker.luv and bgworker.cqueues share:
+--
+--   * `d:dispatch([max])` runs the callbacks of waiting items now, without
+--     waiting: at most `max` (default: the budget); if `max` runs out first
+--     the descriptor stays readable, so the rest is not forgotten. Returns
+--     the number of items handled (callbacks run, including those that
+--     raised, and items whose decode failed).
+--   * `d:stop()` calls `forget(d)`, so that the loop lets go of the
+--     descriptor, then stops the core, which closes it, refuses further
+--     items and frees the pending ones without running them. Safe inside a
+--     callback; stopping a stopped dispatcher does nothing. Returns the
+--     number of pending items cancelled.
+--
+-- @tparam string what the loop's name, for messages ("luv dispatcher
+-- expected")
+-- @tparam function forget `forget(d)`, run once by the first `stop`
+-- @treturn table the class: the metatable of the dispatchers, and their
+-- `__index`, to which the module adds its own methods
+-- @treturn function `check_self(self, method)`, for those methods: an
+-- argument error blaming the method's caller when `self` is not one of
+-- these dispatchers
+function drain.fd_class(what, forget)
+  local Dispatcher = {}
+  Dispatcher.__index = Dispatcher
+
+  local function check_self(self, method)
+    if getmetatable(self) ~= Dispatcher then
+      error(("bad argument #1 to '%s' (%s dispatcher expected, got %s; call it as" ..
+        " dispatcher:%s())"):format(method, what, type(self), method), 3)
+    end
+  end
+
+  function Dispatcher:dispatch(limit)
+    check_self(self, "dispatch")
+    if limit ~= nil and not drain.is_count(limit) then
+      error("bad argument #2 to 'dispatch' (max must be a positive integer, got " ..
+        tostring(limit) .. ")", 2)
+    end
+    if self.stopped then
+      return 0
+    end
+    return (drain.batch(self, limit or self.budget))
+  end
+
+  function Dispatcher:stop()
+    check_self(self, "stop")
+    if self.stopped then
+      return 0
+    end
+    self.stopped = true
+    -- The descriptor is closed by core.stop(): the loop must forget it first.
+    forget(self)
+    if core.running() and core.fd() == self.fd then
+      return core.stop()
+    end
+    return 0
+  end
+
+  return Dispatcher, check_self
 end
 
 return drain

@@ -25,20 +25,23 @@ local core = require "bgworker.core"
 local drain = require "bgworker.drain"
 local uv = require "luv"
 
-local error, getmetatable, pcall, setmetatable, tostring, type = error, getmetatable, pcall,
-  setmetatable, tostring, type
+local error, pcall, setmetatable, tostring = error, pcall, setmetatable, tostring
 
 local M = {}
 
-local Dispatcher = {}
-Dispatcher.__index = Dispatcher
-
-local function check_self(self, method)
-  if getmetatable(self) ~= Dispatcher then
-    error(("bad argument #1 to '%s' (luv dispatcher expected, got %s; call it as" ..
-      " dispatcher:%s())"):format(method, type(self), method), 3)
+-- Stop (see bgworker.drain.fd_class): close the poll handle, so that
+-- `uv.run()` returns once nothing else is active; libuv must forget the
+-- descriptor before core.stop() closes it.
+local function close_handle(self)
+  local handle = self.handle
+  if handle and not handle:is_closing() then
+    handle:stop()
+    handle:close()
   end
 end
+
+-- The methods `dispatch` and `stop` come from bgworker.drain.fd_class.
+local Dispatcher = drain.fd_class("luv", close_handle)
 
 -- The poll handle's callback: one batch per loop iteration.
 local function on_readable(self, err)
@@ -88,41 +91,15 @@ end
 
 --- Run the callbacks of waiting items now, without waiting: for a caller
 -- that wants to drain outside the poll handle's turn.
+-- @function Dispatcher:dispatch
 -- @tparam[opt] int max handle at most this many items (default: the budget)
 -- @treturn int the number of items handled
-function Dispatcher:dispatch(limit)
-  check_self(self, "dispatch")
-  if limit ~= nil and not drain.is_count(limit) then
-    error("bad argument #2 to 'dispatch' (max must be a positive integer, got " ..
-      tostring(limit) .. ")", 2)
-  end
-  if self.stopped then
-    return 0
-  end
-  return (drain.batch(self, limit or self.budget))
-end
 
 --- Stop: close the poll handle, so that `uv.run()` returns once nothing else
 -- is active, and stop the core, which refuses further items and frees the
 -- pending ones without running them. Safe inside a callback; stopping a
 -- stopped dispatcher does nothing.
+-- @function Dispatcher:stop
 -- @treturn int the number of pending items cancelled
-function Dispatcher:stop()
-  check_self(self, "stop")
-  if self.stopped then
-    return 0
-  end
-  self.stopped = true
-  -- The descriptor is closed by core.stop(): libuv must forget it first.
-  local handle = self.handle
-  if handle and not handle:is_closing() then
-    handle:stop()
-    handle:close()
-  end
-  if core.running() and core.fd() == self.fd then
-    return core.stop()
-  end
-  return 0
-end
 
 return M

@@ -9,14 +9,9 @@ local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local socket = require "socket"
 local testutil = require "bgworker_testutil"
-local support = require "reliability.support"
+local support = require "support"
 
-local produce, join, codes = support.produce, support.join, support.codes
-
-local function collector()
-  local errors = {}
-  return errors, function(err) errors[#errors + 1] = tostring(err) end
-end
+local produce, join, codes, collector = support.produce, support.join, support.codes, support.collector
 
 -- A callback that checks order per producer; `state.received` counts.
 local function ordered(state)
@@ -35,15 +30,11 @@ end
 describe("faults", function()
   local d
 
-  before_each(function()
-    if core.running() then core.stop() end
-    testutil.reset()
-  end)
+  before_each(support.reset)
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    support.join_all()
     testutil.reset()
   end)
 
@@ -188,7 +179,7 @@ describe("faults", function()
     assert.same(codes { BGW_OK = P * N }, join(job))
     assert.is_nil(state.bad)
     assert.equal(P * N / 10, #errors)
-    for _, e in ipairs(errors) do assert.matches("tenth %d:%d+0$", e) end
+    for _, e in ipairs(errors) do assert.matches("tenth %d:%d+0$", tostring(e.err)) end
     support.assert_all_freed()
   end)
 
@@ -209,10 +200,11 @@ describe("faults", function()
     assert.is_nil(state.bad)
     local raised = 0
     for _, e in ipairs(errors) do
-      if e:find("testutil decode raised", 1, true) then
+      local err = tostring(e.err)
+      if err:find("testutil decode raised", 1, true) then
         raised = raised + 1
       else
-        assert.matches("decode must push a function first", e)
+        assert.matches("decode must push a function first", err)
       end
     end
     assert.equal(M, raised)
@@ -249,7 +241,7 @@ describe("faults", function()
       end
       d:dispatch()
       assert.equal(K, #errors)
-      for _, e in ipairs(errors) do assert.matches("round trip %d", e) end
+      for _, e in ipairs(errors) do assert.matches("round trip %d", tostring(e.err)) end
       assert.equal(K, testutil.counters().results)
       support.assert_all_freed()
     end)

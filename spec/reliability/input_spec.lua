@@ -9,7 +9,7 @@ local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local socket = require "socket"
 local testutil = require "bgworker_testutil"
-local support = require "reliability.support"
+local support = require "support"
 
 local has_copas, copas = pcall(require, "copas")
 
@@ -54,15 +54,11 @@ end
 describe("bad input", function()
   local d
 
-  before_each(function()
-    if core.running() then core.stop() end
-  end)
+  before_each(support.stop_core)
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    if core.running() then core.stop() end
-    support.join_all()
     testutil.reset()
   end)
 
@@ -227,8 +223,7 @@ describe("garbage datagrams", function()
   end)
 
   after_each(function()
-    if core.running() then core.stop() end
-    support.join_all()
+    support.finish()
     testutil.reset()
   end)
 

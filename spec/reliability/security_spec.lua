@@ -6,7 +6,7 @@
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local socket = require "socket"
-local support = require "reliability.support"
+local support = require "support"
 
 local LOOPBACK = "0100007F" -- 127.0.0.1 as /proc/net/udp writes it
 
@@ -51,9 +51,7 @@ describe("security", function()
     return
   end
 
-  after_each(function()
-    if core.running() then core.stop() end
-  end)
+  after_each(support.stop_core)
 
   it("binds a dispatcher's sockets to 127.0.0.1 and connects them to each other", function()
     local d = bgworker.new()

@@ -9,7 +9,7 @@
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local testutil = require "bgworker_testutil"
-local support = require "reliability.support"
+local support = require "support"
 
 local PRODUCERS = 8
 local ITEMS = support.size(250000, 2500)
@@ -18,15 +18,11 @@ local PAYLOAD = 200 -- each item carries 0..200 random bytes
 describe("stress", function()
   local d
 
-  before_each(function()
-    if core.running() then core.stop() end
-    testutil.reset()
-  end)
+  before_each(support.reset)
 
   after_each(function()
-    if d then d:stop() end
+    support.finish(d)
     d = nil
-    support.join_all()
     testutil.reset()
   end)
 

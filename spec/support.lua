@@ -1,0 +1,378 @@
+-- Shared pieces of the specs (not a spec: busted runs only *_spec.lua):
+-- sizes, testutil jobs that are always joined, the core's counters and
+-- stats, sockets and draining, errors and stderr, waiting, fresh Lua states
+-- and child processes, and the optional libraries (Copas, luv, cqueues).
+--
+--     local support = require "support"
+--
+-- It is found through spec/?.lua on LUA_PATH, which the Makefile (specs-*,
+-- leakcheck) and scripts/rock-check set.
+
+local busted = require "busted"
+local core = require "bgworker.core"
+local luassert = require "luassert"
+local socket = require "socket"
+local testutil = require "bgworker_testutil"
+
+local support = {}
+
+--------------------------------------------------------------------------
+-- Sizes
+
+--- BGWORKER_SMALL=1 (the valgrind run) shrinks every size.
+support.small = os.getenv("BGWORKER_SMALL") == "1"
+
+function support.size(full, small)
+  return support.small and small or full
+end
+
+--------------------------------------------------------------------------
+-- testutil jobs
+
+-- testutil jobs not yet joined: join_all() after each test, so that a
+-- failed test leaves no thread running into the next.
+local jobs = {}
+
+function support.produce(opts)
+  local job = testutil.produce(opts)
+  jobs[job] = true
+  return job
+end
+
+function support.call(opts)
+  local job = testutil.call(opts)
+  jobs[job] = true
+  return job
+end
+
+--- Adopt a job started elsewhere (in a fresh state).
+function support.adopt(job)
+  jobs[job] = true
+  return job
+end
+
+function support.join(job)
+  jobs[job] = nil
+  return testutil.join(job)
+end
+
+function support.join_all()
+  for job in pairs(jobs) do support.join(job) end
+end
+
+--- A callback for `producers` testutil producers that raises unless each
+-- producer's items come in order, once each, with their checksum intact;
+-- and its record: `last[p]`, the last sequence number of producer p, and
+-- `count`, the items so far. `after(count)`, if given, runs after each item.
+function support.in_order(producers, after)
+  local seen = { last = {}, count = 0 }
+  for p = 1, producers do seen.last[p] = 0 end
+  return function(p, seq, ok)
+    assert(ok and seq == seen.last[p] + 1)
+    seen.last[p] = seq
+    seen.count = seen.count + 1
+    if after then after(seen.count) end
+  end, seen
+end
+
+--------------------------------------------------------------------------
+-- Before and after a test
+
+--- Stop the core if it runs (whatever ran before in this Lua state).
+function support.stop_core()
+  if core.running() then core.stop() end
+end
+
+--- A clean start: the core stopped, testutil's counters at 0.
+function support.reset()
+  support.stop_core()
+  testutil.reset()
+end
+
+--- After a test: stop its dispatcher `d` (if any) and the core, if it still
+-- runs (producers still delivering then get BGW_CLOSED), and join the jobs.
+function support.finish(d)
+  if d then d:stop() end
+  support.stop_core()
+  support.join_all()
+end
+
+--------------------------------------------------------------------------
+-- Counters and stats
+
+support.CODES = { "BGW_OK", "BGW_FULL", "BGW_CLOSED", "BGW_TIMEOUT", "BGW_INVALID", "BGW_CANCELLED", "BGW_ERROR" }
+
+--- A counts table with every code at 0 but the given ones.
+function support.codes(expected)
+  local t = { other = 0 }
+  for _, name in ipairs(support.CODES) do t[name] = expected[name] or 0 end
+  return t
+end
+
+--- Every counting item allocated was freed once, and never used after.
+function support.assert_all_freed()
+  local c = testutil.counters()
+  luassert.equal(c.allocated, c.freed, "items allocated and freed")
+  luassert.equal(0, c.double_frees, "double frees")
+  luassert.equal(0, c.stale_decodes, "decodes or results of freed items")
+end
+
+function support.stats_delta(before)
+  local now, d = core.stats(), {}
+  for k, v in pairs(now) do d[k] = v - before[k] end
+  return d
+end
+
+--------------------------------------------------------------------------
+-- Waiting
+
+--- Wait until cond() is true; false if `timeout` seconds (10) pass first.
+function support.eventually(cond, timeout)
+  local deadline = socket.gettime() + (timeout or 10)
+  while not cond() do
+    if socket.gettime() > deadline then return false end
+    socket.sleep(0.001)
+  end
+  return true
+end
+
+--- Run d:wait() until done(); false if `stall` seconds pass with no
+-- callback. It waits in short slices, since done() may turn true without
+-- a callback (a round trip that timed out).
+function support.pump(d, done, stall)
+  local deadline = socket.gettime() + (stall or 10)
+  while not done() do
+    if d:wait(0.05) > 0 then
+      deadline = socket.gettime() + (stall or 10)
+    elseif socket.gettime() > deadline then
+      return false
+    end
+  end
+  return true
+end
+
+--- Is `waitable` (a socket, an object with getfd, or a descriptor) readable
+-- within `timeout` seconds?
+function support.readable(waitable, timeout)
+  if type(waitable) == "number" then
+    local fd = waitable
+    waitable = { getfd = function() return fd end }
+  end
+  return socket.select({ waitable }, nil, timeout)[waitable] ~= nil
+end
+
+--------------------------------------------------------------------------
+-- Sockets and the core
+
+--- A UDP socket bound to 127.0.0.1 port 0, and its port.
+function support.udp_socket(host)
+  local s = assert(socket.udp())
+  assert(s:setsockname(host or "127.0.0.1", 0))
+  s:settimeout(0)
+  local _, port = s:getsockname()
+  return s, tonumber(port)
+end
+
+--- Start the core on a new reader socket, connected to the sender unless
+-- `connect` is false. Returns the socket and its port.
+function support.start_core(opts, connect)
+  local reader, port = support.udp_socket()
+  core.start(port, opts)
+  if connect ~= false then assert(reader:setpeername(core.sender())) end
+  return reader, port
+end
+
+--- Read every datagram waiting on `sock`; how many.
+function support.discard(sock)
+  local n = 0
+  while sock:receive(65535) do n = n + 1 end
+  return n
+end
+
+--- Call what core.poll() returned; false when it returned nothing.
+function support.dispatch(f, ...)
+  if f == nil then return false end
+  f(...)
+  return true
+end
+
+--- Poll until empty, calling each callback; how many.
+function support.drain()
+  local n = 0
+  while support.dispatch(core.poll()) do n = n + 1 end
+  return n
+end
+
+--------------------------------------------------------------------------
+-- Errors and stderr
+
+--- Errors sent to an errorhandler: the list, as { err = ..., tb = ... }
+-- pairs, and the handler.
+function support.collector()
+  local errors = {}
+  return errors, function(err, tb)
+    errors[#errors + 1] = { err = err, tb = tb }
+  end
+end
+
+--- pcall(f) with io.stderr replaced by a recorder, restored after: pcall's
+-- ok and error, and all that was written.
+function support.capture_stderr(f)
+  local stderr, written = io.stderr, {}
+  io.stderr = { write = function(_, ...) -- luacheck: ignore 122
+    for i = 1, select("#", ...) do written[#written + 1] = tostring((select(i, ...))) end
+  end }
+  local ok, err = pcall(f)
+  io.stderr = stderr -- luacheck: ignore 122
+  return ok, err, table.concat(written)
+end
+
+--------------------------------------------------------------------------
+-- Fresh Lua states and child processes
+
+-- Code run first in a fresh state: the core's modules and a reader port,
+-- and an `eventually` that raises after DEADLINE seconds.
+local PRELUDE = [[
+local core = require "bgworker.core"
+local socket = require "socket"
+local testutil = require "bgworker_testutil"
+local ticker = require "bgworker_ticker"
+local reader = assert(socket.udp())
+assert(reader:setsockname("127.0.0.1", 0))
+local _, port = reader:getsockname()
+local function eventually(cond)
+  local deadline = socket.gettime() + DEADLINE
+  while not cond() do
+    assert(socket.gettime() < deadline, "timed out")
+    socket.sleep(0.001)
+  end
+end
+]]
+
+--- Run `code` in a new Lua state, closed before this returns; its
+-- `eventually` gives up after `timeout` seconds (10).
+function support.fresh_state(code, timeout)
+  return testutil.fresh_state(PRELUDE:gsub("DEADLINE", tostring(timeout or 10)) .. code)
+end
+
+--- Run `script` in a new interpreter (BGWORKER_LUA, which make specs-* sets),
+-- stderr with stdout. Returns its exit status and its output.
+function support.run_lua(script)
+  local lua = os.getenv("BGWORKER_LUA")
+  luassert.is_string(lua, "BGWORKER_LUA names the interpreter (set by make specs-*)")
+  local path = os.tmpname()
+  local file = assert(io.open(path, "w"))
+  file:write(script)
+  file:close()
+  local pipe = assert(io.popen(lua .. " " .. path .. " 2>&1; echo \"exit:$?\""))
+  local output = pipe:read("*a")
+  pipe:close()
+  os.remove(path)
+  local text, status = output:match("^(.-)exit:(%d+)%s*$")
+  return tonumber(status), text or output
+end
+
+--------------------------------------------------------------------------
+-- Optional libraries
+
+--- `require(name)` and then `require(adapter)`, where `name` must load on
+-- Lua 5.1 to 5.4 (an error otherwise) and may fail under LuaJIT: then nil
+-- and the reason.
+function support.require_native(name, adapter)
+  local ok, lib = pcall(require, name)
+  if ok then
+    return lib, require(adapter)
+  elseif type(rawget(_G, "jit")) ~= "table" then
+    error(name .. " is required for these specs on " .. _VERSION .. ": " .. tostring(lib), 2)
+  end
+  return nil, lib
+end
+
+--- Copas, for the describe block that calls this. Debian packages Copas
+-- (1.x) for Lua 5.1 (and so LuaJIT) and 5.2: there a missing Copas is a
+-- failing test. Elsewhere it is a pending one. Either way nil: the block
+-- then returns.
+function support.needs_copas()
+  local ok, copas = pcall(require, "copas")
+  if ok then return copas end
+  if _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2" then
+    busted.it("needs Copas on " .. _VERSION, function()
+      error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
+        tostring(copas))
+    end)
+  else
+    busted.pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
+      " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
+  end
+  return nil
+end
+
+--- copas.step calls made by copas_until so far.
+support.copas_steps = 0
+
+--- Step Copas until cond() is true or `timeout` seconds (5) passed; false
+-- then.
+function support.copas_until(cond, timeout)
+  local copas = require "copas"
+  local deadline = socket.gettime() + (timeout or 5)
+  while not cond() do
+    if socket.gettime() > deadline then return false end
+    copas.step(0.01)
+    support.copas_steps = support.copas_steps + 1
+  end
+  return true
+end
+
+--- Stop a bgworker.copas dispatcher and step Copas until its reader thread
+-- ended; false if that takes over 2 s.
+function support.stop_copas(d)
+  d:stop()
+  return support.copas_until(function() return coroutine.status(d.reader) == "dead" end, 2)
+end
+
+--- For the describe block that calls this: a bgworker.copas() dispatcher
+-- before each test, stopped after it (stop_copas), and the jobs joined.
+function support.copas_dispatcher_each()
+  local d
+  busted.before_each(function()
+    d = require("bgworker").copas()
+  end)
+  busted.after_each(function()
+    support.stop_copas(d)
+    support.join_all()
+  end)
+end
+
+--- A Copas thread that ticks once per loop step until `done()`: `run()`
+-- steps Copas (copas_until), sending the thread a datagram each step, until
+-- the thread ended. `ticks` counts the ticks so far; `on_tick(ticks)`, if
+-- given, runs after each.
+function support.copas_ticker(done, on_tick)
+  local copas = require "copas"
+  local gate = assert(socket.udp())
+  assert(gate:setsockname("127.0.0.1", 0))
+  gate:settimeout(0)
+  local ip, port = gate:getsockname()
+  local ticker = { ticks = 0, ended = false }
+  copas.addthread(function()
+    while not done() do
+      copas.receive(gate, 16)
+      ticker.ticks = ticker.ticks + 1
+      if on_tick then on_tick(ticker.ticks) end
+    end
+    ticker.ended = true
+  end)
+  function ticker.run()
+    local poke = assert(socket.udp())
+    local ok = support.copas_until(function()
+      if not ticker.ended then poke:sendto("x", ip, tonumber(port)) end
+      return ticker.ended
+    end)
+    poke:close()
+    gate:close()
+    return ok
+  end
+  return ticker
+end
+
+return support
