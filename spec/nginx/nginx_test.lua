@@ -143,10 +143,8 @@ http {
     # makes the concurrent requests take the reader's budget path.
     lua_socket_log_errors off;
 
-    init_by_lua_block {
-        require "bgworker.ngx"
-    }
-
+    # No init_by_lua: the README's minimal configuration loads bgworker in
+    # init_worker_by_lua alone, where coroutines are disabled.
     init_worker_by_lua_block {
         require("bgworker.ngx").start { timeout = 0.2, budget = 3 }
     }
