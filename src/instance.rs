@@ -143,6 +143,10 @@ impl Shared {
     }
 }
 
+/// Slots of the batch buffer kept across an empty poll: enough for a busy
+/// steady state, small next to what a burst of a million items grows.
+const BATCH_KEPT: usize = 4096;
+
 /// The reader's side of a started instance.
 struct Inbox {
     queue: flume::Receiver<Item>,
@@ -311,6 +315,8 @@ impl Instance {
                 Some(item)
             }
             None => {
+                // A burst grew the batch buffer; idle, it need not stay big.
+                batch.shrink_to(BATCH_KEPT);
                 self.counters.empty_polls += 1;
                 None
             }
