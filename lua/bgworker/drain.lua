@@ -14,7 +14,7 @@
 --   * `stopped`: set to true by the dispatcher's `stop`; a drain ends after
 --     the item during which it became true.
 --
--- `drain.init(self, opts)` fills them in from the usual options.
+-- `drain.init(self, fname, opts, known)` fills them in from the usual options.
 --
 -- @module bgworker.drain
 
@@ -201,18 +201,15 @@ end
 --- The options of the dispatchers that wait on a descriptor.
 drain.FD_OPTIONS = { capacity = true, budget = true, errorhandler = true, kind = true }
 
---- Check `opts`, start the core with `core.start_fd`, and fill in `self`
--- (as `init` does) and `self.fd`, the descriptor to wait on.
--- @param self the dispatcher table to fill in
+--- Start the core with `core.start_fd` for options already checked (by
+-- `init`), and set `self.fd`, the descriptor to wait on.
+-- @param self the dispatcher table
 -- @tparam string fname the public function's name, for messages
--- @param opts the caller's options (see `init`), or nil
--- @tparam[opt] table known the accepted option names, `FD_OPTIONS` by default
+-- @tparam table opts the checked options: `capacity` and `kind` are used
 -- @tparam[opt=2] int level the stack level to blame, as `error` counts it in
--- the caller of start_fd (2: the caller's caller)
--- @treturn table the options (never nil)
-function drain.start_fd(self, fname, opts, known, level)
+-- the caller of open_fd (2: the caller's caller)
+function drain.open_fd(self, fname, opts, level)
   level = (level or 2) + 1
-  opts = drain.init(self, fname, opts, known or drain.FD_OPTIONS, level)
   if core.running() then
     error(fname .. ": bgworker.core is already started in this Lua state;" ..
       " stop its dispatcher first", level)
@@ -225,6 +222,18 @@ function drain.start_fd(self, fname, opts, known, level)
     error(fname .. ": cannot start: " .. tostring(fd), level)
   end
   self.fd = fd
+end
+
+--- Check `opts` against `FD_OPTIONS`, fill in `self` (as `init` does) and
+-- start the core with `open_fd`.
+-- @param self the dispatcher table to fill in
+-- @tparam string fname the public function's name, for messages
+-- @param opts the caller's options (see `init`), or nil
+-- @treturn table the options (never nil)
+function drain.start_fd(self, fname, opts)
+  -- Errors blame the caller of start_fd's caller (bgworker.luv.start, ...).
+  opts = drain.init(self, fname, opts, drain.FD_OPTIONS, 3)
+  drain.open_fd(self, fname, opts, 3)
   return opts
 end
 

@@ -157,7 +157,7 @@ local function open(fname, opts, prepare)
     prepare(self)
   end
   if opts.kind then
-    drain.start_fd(self, "bgworker." .. fname, opts, OPTIONS[fname], 3)
+    drain.open_fd(self, "bgworker." .. fname, opts, 3)
   else
     open_socket(self, fname, opts)
   end
