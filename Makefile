@@ -30,10 +30,10 @@ setup:
 build: $(addprefix build-,$(LUA_VERSIONS))
 
 # The cargo workspace: the core and the utility libraries built with
-# crates/bgworker-util, as <library stem>:<Lua module path>. One cargo target
-# directory per Lua version, so switching versions never rebuilds.
-# (scripts/rock-build installs the same list.)
-RUST_MODULES := bgworker:bgworker/core bgworker_dns:bgworker/dns_native bgworker_pool:bgworker_pool
+# crates/bgworker-util, as <library stem>:<Lua module path>, listed in
+# scripts/rust-modules (which scripts/rock-build installs too). One cargo
+# target directory per Lua version, so switching versions never rebuilds.
+RUST_MODULES := $(shell cat scripts/rust-modules)
 
 # C utility libraries, as <Lua module>:<source>, against include/bgworker.h only.
 C_MODULES := bgworker_ticker:examples/c/ticker.c answer:examples/c/answer.c \
