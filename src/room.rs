@@ -52,10 +52,6 @@ impl Room {
         Room { slots: Mutex::new(slots), released: Condvar::new() }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.slots().capacity
-    }
-
     /// Change the capacity; waiting producers see the new one at once.
     pub fn resize(&self, capacity: usize) {
         let mut slots = self.slots();
