@@ -46,12 +46,14 @@
 
 mod abi;
 mod error;
+#[cfg(feature = "vendored")]
+pub mod harness;
 mod payload;
 
 use std::ffi::c_int;
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 pub use mlua;
@@ -92,6 +94,10 @@ impl fmt::Debug for Sender {
         f.debug_struct("Sender").field("handle", &self.handle.raw).finish()
     }
 }
+
+/// How long [`Sender::deliver_while`] waits for room before it asks again
+/// whether to go on waiting.
+pub const PATIENCE_SLICE: Duration = Duration::from_millis(10);
 
 /// The `timeout_ms` of the C API: `None` waits for ever; a duration is
 /// rounded up to whole milliseconds (a wait never ends early), and is at
@@ -163,6 +169,39 @@ impl Sender {
         A: IntoLuaMulti,
     {
         self.deliver_with(decode, timeout_ms(timeout))
+    }
+
+    /// As [`deliver_timeout`](Self::deliver_timeout) with no timeout, but
+    /// waits for room only while `keep_waiting()` says so: it is asked
+    /// every [`PATIENCE_SLICE`] of waiting. For a thread that must stop
+    /// waiting once the Lua side gave up on it (its job was cancelled, its
+    /// pool is closing): the Lua thread is then busy elsewhere and may
+    /// never make room. When it gives up, `decode` is dropped unrun on this
+    /// thread before it returns.
+    ///
+    /// Errors: [`Error::Timeout`] (it gave up), [`Error::Closed`].
+    pub fn deliver_while<F, A>(&self, decode: F, mut keep_waiting: impl FnMut() -> bool) -> Result<(), Error>
+    where
+        F: FnOnce(&Lua) -> mlua::Result<(Function, A)> + Send + 'static,
+        A: IntoLuaMulti,
+    {
+        // An attempt that times out is freed unrun, so each one carries a
+        // share of the one closure, and the attempt that runs takes it. Only
+        // one attempt is ever accepted: the loop stops at the first that is.
+        let slot = Arc::new(Mutex::new(Some(decode)));
+        loop {
+            let attempt = Arc::clone(&slot);
+            let delivered = self.deliver_timeout(
+                move |lua| {
+                    let taken = attempt.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    taken.ok_or_else(|| mlua::Error::runtime("bgworker-util: an item was decoded twice"))?(lua)
+                },
+                Some(PATIENCE_SLICE),
+            );
+            if !matches!(delivered, Err(Error::Timeout)) || !keep_waiting() {
+                return delivered;
+            }
+        }
     }
 
     fn deliver_with<F, A>(&self, decode: F, timeout_ms: c_int) -> Result<(), Error>

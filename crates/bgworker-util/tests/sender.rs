@@ -2,121 +2,24 @@
 //! on an embedded Lua 5.4 (`--features lua54,vendored`). Every wait goes
 //! through the wake protocol: a UDP socket receives the core's datagrams.
 
-use std::ffi::c_int;
-use std::net::UdpSocket;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bgworker_util::mlua::{self, Function, Lua, Table};
+use bgworker_util::harness::{Harness, PATIENCE};
+use bgworker_util::mlua::{self, Function, Lua};
 use bgworker_util::{Error, Sender};
 
 // Links the core; its luaopen is exported by name, not by a Rust path.
 use bgworker as _;
 
 extern "C-unwind" {
-    fn luaopen_bgworker_core(state: *mut mlua::lua_State) -> c_int;
+    fn luaopen_bgworker_core(state: *mut mlua::lua_State) -> std::ffi::c_int;
 }
 
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A Lua state with bgworker.core started, and the socket its wake-ups go to.
-struct Harness {
-    lua: Lua,
-    socket: UdpSocket,
-    /// `drain()`: poll and call until the queue is empty, each item under
-    /// pcall, inside a coroutine (so decode pushes onto a coroutine's
-    /// stack); returns the items run and their error messages.
-    drain: Function,
-}
-
-const DRAIN: &str = r#"
-local core = require "bgworker.core"
-local function run(f, ...)
-  if f == nil then return false end
-  f(...)
-  return true
-end
-local function step() return run(core.poll()) end
-return function()
-  return coroutine.wrap(function()
-    local n, errors = 0, {}
-    while true do
-      local ok, more = pcall(step)
-      if ok and not more then return n, errors end
-      if not ok then errors[#errors + 1] = tostring(more) end
-      n = n + 1
-    end
-  end)()
-end
-"#;
-
-impl Harness {
-    fn new(capacity: Option<u32>) -> Harness {
-        // With the debug library, for the test that calls registry functions.
-        // SAFETY: a plain Lua state for tests.
-        let lua = unsafe { Lua::unsafe_new() };
-        // SAFETY: the core's luaopen is a lua_CFunction.
-        let open = unsafe { lua.create_c_function(luaopen_bgworker_core) }.unwrap();
-        lua.preload_module("bgworker.core", open).unwrap();
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let opts = lua.create_table().unwrap();
-        opts.set("capacity", capacity).unwrap();
-        let core = Harness::core_of(&lua);
-        core.get::<Function>("start").unwrap().call::<()>((socket.local_addr().unwrap().port(), opts)).unwrap();
-        let (ip, port): (String, u16) = core.get::<Function>("sender").unwrap().call(()).unwrap();
-        socket.connect((ip.as_str(), port)).unwrap();
-        let drain = lua.load(DRAIN).eval().unwrap();
-        lua.load("seen = {} function record(...) seen[#seen + 1] = {...} return ... end").exec().unwrap();
-        Harness { lua, socket, drain }
-    }
-
-    fn core_of(lua: &Lua) -> Table {
-        lua.load("return require 'bgworker.core'").eval().unwrap()
-    }
-
-    fn core(&self) -> Table {
-        Harness::core_of(&self.lua)
-    }
-
-    fn seen(&self) -> Vec<Vec<mlua::Value>> {
-        self.lua.globals().get("seen").unwrap()
-    }
-
-    fn drain(&self) -> (usize, Vec<String>) {
-        self.drain.call(()).unwrap()
-    }
-
-    /// Wait for a wake-up, read every datagram waiting, then drain.
-    fn wait(&self) -> (usize, Vec<String>) {
-        self.socket.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut buf = [0; 16];
-        self.socket.recv(&mut buf).expect("a wake-up datagram");
-        self.socket.set_nonblocking(true).unwrap();
-        while self.socket.recv(&mut buf).is_ok() {}
-        self.socket.set_nonblocking(false).unwrap();
-        self.drain()
-    }
-
-    /// Drain on wake-ups until `done` says so.
-    fn serve_until(&self, done: impl Fn() -> bool) -> Vec<String> {
-        let deadline = Instant::now() + PATIENCE;
-        let mut errors = Vec::new();
-        while !done() {
-            assert!(Instant::now() < deadline, "gave up waiting");
-            self.socket.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
-            let mut buf = [0; 16];
-            if self.socket.recv(&mut buf).is_ok() {
-                errors.extend(self.drain().1);
-            }
-        }
-        errors
-    }
-
-    fn stop(&self) -> usize {
-        self.core().get::<Function>("stop").unwrap().call(()).unwrap()
-    }
+fn harness(capacity: Option<u32>) -> Harness {
+    Harness::new(luaopen_bgworker_core, capacity)
 }
 
 /// Counts its drops: captured by closures, it tells how often they were freed.
@@ -167,7 +70,7 @@ fn without_bgworker_core_there_is_no_sender() {
 
 #[test]
 fn closures_from_many_threads_each_run_once_with_their_values() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     let (threads, items) = (4, 250);
@@ -206,7 +109,7 @@ fn closures_from_many_threads_each_run_once_with_their_values() {
 
 #[test]
 fn every_refusal_drops_the_closure_once_and_says_why() {
-    let h = Harness::new(Some(1));
+    let h = harness(Some(1));
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     sender.deliver(recorder(&drops, "queued")).unwrap();
@@ -224,7 +127,7 @@ fn every_refusal_drops_the_closure_once_and_says_why() {
 
 #[test]
 fn a_blocked_delivery_goes_through_when_room_is_made() {
-    let h = Harness::new(Some(1));
+    let h = harness(Some(1));
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     sender.deliver(recorder(&drops, 1)).unwrap();
@@ -240,7 +143,7 @@ fn a_blocked_delivery_goes_through_when_room_is_made() {
 
 #[test]
 fn a_failing_or_panicking_closure_becomes_a_lua_error() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     let token = drops.token();
@@ -278,7 +181,7 @@ fn round_trip<T: Send + 'static>(h: &Harness, call: impl FnOnce() -> T + Send + 
 
 #[test]
 fn a_round_trip_returns_the_callbacks_values() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     h.lua.load("function add(a, b, s) return a + b, s:upper() end").exec().unwrap();
     let drops = Drops::default();
@@ -299,7 +202,7 @@ fn a_round_trip_returns_the_callbacks_values() {
 
 #[test]
 fn a_round_trip_reports_each_kind_of_failure() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     h.lua.load("function fail() error('callback failed') end function table() return {} end").exec().unwrap();
     let call = |name: &'static str| {
@@ -333,7 +236,7 @@ fn a_round_trip_reports_each_kind_of_failure() {
 
 #[test]
 fn a_round_trip_times_out_and_its_closure_is_dropped_unrun() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     let closure = recorder(&drops, "late");
@@ -348,7 +251,7 @@ fn a_round_trip_times_out_and_its_closure_is_dropped_unrun() {
 
 #[test]
 fn a_round_trip_is_cancelled_by_stop() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     let closure = recorder(&drops, "never");
@@ -362,7 +265,7 @@ fn a_round_trip_is_cancelled_by_stop() {
 
 #[test]
 fn after_the_state_closed_deliveries_are_refused_and_dropped_once() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let sender = Sender::new(&h.lua).unwrap();
     let drops = Drops::default();
     sender.deliver(recorder(&drops, "pending at close")).unwrap();
@@ -385,7 +288,7 @@ fn after_the_state_closed_deliveries_are_refused_and_dropped_once() {
 
 #[test]
 fn senders_of_one_state_share_its_runners() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let (a, b) = (Sender::new(&h.lua).unwrap(), Sender::new(&h.lua).unwrap());
     let drops = Drops::default();
     a.deliver(recorder(&drops, "a")).unwrap();
@@ -396,7 +299,7 @@ fn senders_of_one_state_share_its_runners() {
 
 #[test]
 fn the_runners_refuse_a_call_from_lua() {
-    let h = Harness::new(None);
+    let h = harness(None);
     let _sender = Sender::new(&h.lua).unwrap();
     // Find the runners in the registry and call them directly.
     let refused: Vec<String> = h
@@ -419,4 +322,31 @@ fn the_runners_refuse_a_call_from_lua() {
         .eval()
         .unwrap();
     assert_eq!(refused.len(), 2, "{refused:?}");
+}
+
+#[test]
+fn deliver_while_waits_for_room_only_while_asked_to() {
+    let h = harness(Some(1));
+    let sender = Sender::new(&h.lua).unwrap();
+    let drops = Drops::default();
+    sender.deliver(recorder(&drops, "fills the queue")).unwrap();
+    let mut asked = 0;
+    let gave_up = sender.deliver_while(recorder(&drops, "given up"), || {
+        asked += 1;
+        asked < 3
+    });
+    assert_eq!(gave_up, Err(Error::Timeout));
+    assert_eq!(asked, 3, "asked after each slice of waiting, until told to stop");
+    assert_eq!(drops.count(), 1, "dropped unrun, once, before it returned");
+
+    let waiting = {
+        let (sender, drops) = (sender.clone(), drops.clone());
+        thread::spawn(move || sender.deliver_while(recorder(&drops, "delivered"), || true))
+    };
+    h.serve_until(|| waiting.is_finished());
+    assert_eq!(waiting.join().unwrap(), Ok(()));
+    h.serve_until(|| h.seen().len() == 2);
+    let seen: Vec<String> = h.seen().iter().map(|v| v[0].to_string().unwrap()).collect();
+    assert_eq!(seen, ["fills the queue", "delivered"]);
+    assert_eq!(drops.count(), 3, "the attempts that timed out did not drop the closure");
 }
