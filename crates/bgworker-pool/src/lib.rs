@@ -1,143 +1,122 @@
-//! `bgworker_pool`: the native half of `bgworker.pool`.
+//! `bgworker.pool_native`: the native half of `bgworker.pool`.
 //!
 //! A pool is a set of OS threads, each with a Lua state of its own, made by
 //! the interpreter that loaded this module (so of the caller's Lua version).
 //! The Lua thread queues jobs; a worker copies a job's arguments into its
 //! state, runs the function, copies the results out, and delivers them
-//! through bgworker, so the callback runs on the Lua thread when the
-//! dispatcher polls. The Lua layer (`lua/bgworker/pool.lua`) checks and
-//! dumps the job's function and documents the API.
+//! through bgworker as events, which the dispatcher hands to the pool's
+//! `on_event` on the Lua thread. The Lua layer (`lua/bgworker/pool.lua`)
+//! checks and dumps functions, keeps job handles and documents the API.
+//!
+//! # The contract with the Lua layer
+//!
+//! ```lua
+//! local native = require "bgworker.pool_native"
+//! native.cpus, native.MAX_THREADS, native.GRACE, native.PROGRESS_IN_FLIGHT
+//! native.new(opts) -> pool | nil, err_value, traceback
+//! ```
+//! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
+//! `package.path` and `package.cpath`), `init` (a function's dump, or
+//! "module.function" with `init_named = true`; optional), `on_event`
+//! (function), `init_timeout` (seconds, default 30, `math.huge`: none),
+//! `jit` (LuaJIT only: false turns the JIT off in the workers, see
+//! "Cancelling"). Unknown options are refused.
+//!
+//! `new` starts the workers; each makes its state and runs `init` once,
+//! before any job, and `new` returns when all did. If an init raises, the
+//! workers are stopped and joined (within what is left of `init_timeout`)
+//! and `new` returns `nil`, the error value (copied as a job's error, below)
+//! and the traceback. After `init_timeout`, the workers are cancelled and
+//! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
+//!
+//! - `pool:submit(code, named, n, args...)` -> `id` | `nil, position,
+//!   message`: queue a job; the first `n` args are its arguments, and
+//!   `position` (from 1) names one that cannot be copied. Ids are integers,
+//!   from 1, unique within the pool. Raises on a closed pool.
+//! - `pool:cancel(id)` -> `"queued"` (taken out of the queue: it will never
+//!   run) | `"running"` (its worker is interrupted, and its outcome will
+//!   never be delivered) | `false` (its outcome is on its way, or it ended,
+//!   or the id is unknown). After `"queued"` or `"running"`, `on_event` is
+//!   *never* called again for that job: its progress events already in the
+//!   core decode to a function that does nothing.
+//! - `pool:status(id)` -> `"queued"` | `"running"` (from the moment a
+//!   worker takes it until the Lua thread decodes its outcome) |
+//!   `"finished"` (done, failed or cancelled) | `nil` (unknown id).
+//! - `pool:stats()` -> `{threads, submitted, queued, running, done, failed,
+//!   cancelled, wait_mean, wait_max, run_mean, run_max}`: one snapshot
+//!   under one lock, so `queued + running + done + failed + cancelled ==
+//!   submitted`. `threads` is 0 once closed. Times are seconds: wait =
+//!   submit to start (jobs started), run = start to the end of the function
+//!   (jobs that produced an outcome). An outcome that is dropped unread
+//!   (no dispatcher, or the pool closed while it waited for room in a
+//!   bounded queue) counts its job as cancelled.
+//! - `pool:close(timeout)` -> `true` | `false, "timeout"`: cancel the queued
+//!   jobs, interrupt the running ones, wait at most `timeout` seconds (>= 0,
+//!   `math.huge`: no limit) for the workers to end, join those that ended
+//!   and abandon the others. Closing a closed pool returns true. A pool
+//!   that is collected, or whose state closes, closes with
+//!   [`GRACE`](pool::GRACE) (1 s).
+//!
+//! Events, on the Lua thread, in order per job, progress first:
+//! `on_event(id, "progress", values...)`, `on_event(id, "done", results...)`,
+//! `on_event(id, "failed", err, traceback)`, where `err` is the error value
+//! itself when it can be copied (nil, booleans, numbers, strings, tables of
+//! those: value.rs) and its `tostring` otherwise, and `traceback` a string
+//! (empty when results could not be copied back, which fails the job with a
+//! message as `err`).
+//!
+//! In a worker, `require "bgworker.worker"` gives `progress(...)` (values
+//! cross as results do; raises at the caller for one that cannot, outside
+//! a job, and once the job is cancelled; waits while
+//! [`PROGRESS_IN_FLIGHT`](control::PROGRESS_IN_FLIGHT) (64) of the job's
+//! events are delivered but not yet decoded, so a job that emits faster than
+//! the loop drains is slowed, not buffered) and `cancelled()` (true once
+//! the running job is cancelled; false in init).
+//!
+//! # Cancelling
+//!
+//! A running job is stopped by raising an error in its Lua code from a
+//! hook: interrupt.rs says how (a signal makes the worker's thread set the
+//! hook on itself), why (an always-on count hook costs 1.7x to 2.5x on
+//! CPU-bound Lua 5.3 and 5.4 code; this costs nothing until a cancel), and
+//! how the error gets past the job's own `pcall`s. A job blocked in C
+//! (`socket.sleep`, `os.execute`) stops when that call returns.
+//!
+//! LuaJIT: compiled code never runs hooks, so a JIT-compiled loop cannot be
+//! stopped until it leaves compiled code (a `while true do end` never
+//! does); close then abandons its worker, which keeps a core busy until
+//! the process exits. The choice: workers keep the JIT on by default, since
+//! jobs are CPU-bound work and the JIT makes them 2x (arithmetic) to 12x
+//! (calls) faster; `jit = false` turns it off in the workers (also
+//! `jit.off()` in `init`), for pools whose jobs must be cancellable
+//! whatever they run. bench/pool.lua measures both.
+//!
+//! # Threads and Lua states
+//!
+//! A pool's threads serve that pool only, so one Lua state's pools never
+//! wait on another state's queue: a worker waits for room only in its own
+//! state's bounded queue, and gives up once its job is cancelled or its
+//! pool closes (the Lua thread, then busy closing, makes no room).
 
+mod board;
+mod control;
+mod crew;
+mod events;
+mod interrupt;
 mod job;
-mod queue;
+mod module;
+mod pool;
 mod value;
 mod worker;
+mod worker_state;
 
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+#[cfg(test)]
+mod tests;
 
-use mlua::{Function, IntoLuaMulti, Lua, LuaString, MultiValue, Table, UserData, UserDataMethods, Value as LuaValue};
-
-use job::{Func, Job, Outcome, Results};
-use queue::Queue;
-use value::Values;
-use worker::Setup;
-
-/// Stack of a worker thread: that of a usual main thread, since the jobs
-/// are ordinary Lua code that may recurse through C functions and modules.
-const WORKER_STACK: usize = 8 << 20;
-
-struct Pool {
-    queue: Arc<Queue<Job>>,
-    /// Empty once closed.
-    threads: Vec<JoinHandle<()>>,
-    results: Results,
-}
-
-impl Pool {
-    fn new(lua: &Lua, threads: usize, setup: Setup) -> Result<Pool, String> {
-        let mut pool =
-            Pool { queue: Arc::new(Queue::new()), threads: Vec::with_capacity(threads), results: Results::new(lua)? };
-        let setup = Arc::new(setup);
-        for index in 1..=threads {
-            let (queue, results, setup) = (Arc::clone(&pool.queue), pool.results.clone(), Arc::clone(&setup));
-            let thread = thread::Builder::new()
-                .name(format!("bgworker-pool-{index}"))
-                .stack_size(WORKER_STACK)
-                .spawn(move || worker::work(queue, results, setup))
-                // Dropping `pool` joins the threads already started.
-                .map_err(|e| format!("cannot start worker thread {index} of {threads}: {e}"))?;
-            pool.threads.push(thread);
-        }
-        Ok(pool)
-    }
-
-    /// Queue a job. A job argument that cannot cross gives its position
-    /// (from 0) and why; a closed pool raises.
-    fn submit(
-        &self,
-        lua: &Lua,
-        callback: Function,
-        func: Func,
-        args: &[LuaValue],
-    ) -> mlua::Result<Option<(usize, String)>> {
-        let args = match Values::copy(args) {
-            Ok(args) => args,
-            Err((position, e)) => return Ok(Some((position, format!("{e} cannot be copied to a worker")))),
-        };
-        let job = Job { func, args, callback: lua.create_registry_value(callback)? };
-        self.queue.push(job).map_err(|_| mlua::Error::runtime("bgworker.pool: the pool is closed"))?;
-        Ok(None)
-    }
-
-    /// Cancel the queued jobs (their callbacks get `false, "cancelled"`),
-    /// let the running ones finish, and join the threads. Returns the number
-    /// cancelled. Closing a closed pool does nothing.
-    fn close(&mut self) -> usize {
-        let cancelled = self.queue.close();
-        let count = cancelled.len();
-        for job in cancelled {
-            self.results.send_now(job.callback, Outcome::Cancelled);
-        }
-        for thread in self.threads.drain(..) {
-            // A worker that panicked has no job left to deliver: nothing to do.
-            let _ = thread.join();
-        }
-        count
-    }
-}
-
-/// Collected, or its Lua state closed: close, so no worker outlives the
-/// state, nor this library's code.
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-impl UserData for Pool {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // submit(callback, code, named, n, args...): the Lua layer has
-        // checked the callback and made `code` (a function's dump, or a
-        // "module.function" name when `named`). Only the first n args are
-        // the job's. Returns nothing, or the position (from 1) of a job
-        // argument that cannot cross and why.
-        methods.add_method(
-            "submit",
-            |lua, this, (callback, code, named, count, args): (Function, LuaString, bool, usize, MultiValue)| {
-                let code = code.as_bytes().to_vec().into_boxed_slice();
-                let func = if named { Func::Named(code) } else { Func::Code(code) };
-                let mut args: Vec<LuaValue> = args.into_iter().take(count).collect();
-                args.resize(count, LuaValue::Nil);
-                Ok(this.submit(lua, callback, func, &args)?.map(|(position, message)| (position + 1, message)).unzip())
-            },
-        );
-        methods.add_method_mut("close", |_, this, ()| Ok(this.close()));
-    }
-}
-
-/// `new(threads, path, cpath)`: a pool, or nil and a message.
-fn new(lua: &Lua, (threads, path, cpath): (usize, LuaString, LuaString)) -> mlua::Result<MultiValue> {
-    let setup = Setup { path: path.as_bytes().to_vec(), cpath: cpath.as_bytes().to_vec() };
-    match Pool::new(lua, threads, setup) {
-        Ok(pool) => (lua.create_userdata(pool)?,).into_lua_multi(lua),
-        Err(message) => (LuaValue::Nil, message).into_lua_multi(lua),
-    }
-}
-
-/// The module table: `new`, and `cpus` (the threads the system can run at
-/// once, the default pool size). Public for builds that embed Lua
-/// (`vendored`), which register it themselves.
-pub fn exports(lua: &Lua) -> mlua::Result<Table> {
-    let exports = lua.create_table()?;
-    exports.set("new", lua.create_function(new)?)?;
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    exports.set("cpus", cpus)?;
-    Ok(exports)
-}
+pub use module::exports;
 
 #[cfg(feature = "module")]
-#[mlua::lua_module(name = "bgworker_pool")]
-fn open(lua: &Lua) -> mlua::Result<Table> {
+#[mlua::lua_module(name = "bgworker_pool_native")]
+fn open(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
     exports(lua)
 }

@@ -35,6 +35,7 @@ enum Value {
 /// Invariant (built by `Copier` only): every `Value::Table(i)` indexes
 /// `tables`, and a table never reaches itself, so `rebuild` terminates
 /// within `MAX_DEPTH` levels.
+#[derive(Default)]
 pub struct Values {
     list: Vec<Value>,
     tables: Vec<Vec<(Value, Value)>>,
@@ -223,6 +224,31 @@ impl Values {
     }
 }
 
+/// A task's error value, as it reaches the Lua thread: copied when it can
+/// cross, else described (its `tostring`).
+pub enum ErrorValue {
+    Copied(Values),
+    Described(String),
+}
+
+impl ErrorValue {
+    pub fn of(error: &LuaValue) -> ErrorValue {
+        match Values::copy([error]) {
+            Ok(values) => ErrorValue::Copied(values),
+            Err(_) => ErrorValue::Described(
+                error.to_string().unwrap_or_else(|_| format!("(a {} error value)", error.type_name())),
+            ),
+        }
+    }
+
+    pub fn rebuild(&self, lua: &Lua) -> mlua::Result<LuaValue> {
+        match self {
+            ErrorValue::Copied(values) => Ok(values.rebuild(lua)?.pop().unwrap_or(LuaValue::Nil)),
+            ErrorValue::Described(description) => Ok(LuaValue::String(lua.create_string(description)?)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +282,28 @@ mod tests {
         assert!(matches!(v[4], LuaValue::Number(n) if n.to_bits() == (-0.0f64).to_bits()));
         assert!(matches!(v[5], LuaValue::Number(n) if n.is_nan()));
         assert!(matches!(&v[6], LuaValue::String(s) if &*s.as_bytes() == b"a\0b"));
+    }
+
+    #[test]
+    fn error_values_cross_when_they_can_else_their_description_does() {
+        let from = Lua::new();
+        let errors: Vec<LuaValue> = from
+            .load("return {code = 42}, 'plain', setmetatable({}, {__tostring = function() return 'described' end}), print")
+            .eval::<mlua::MultiValue>()
+            .unwrap()
+            .into_iter()
+            .collect();
+        let mut crossed: Vec<ErrorValue> = errors.iter().map(ErrorValue::of).collect();
+        let function = crossed.pop().unwrap();
+        assert!(matches!(&function, ErrorValue::Described(d) if d.starts_with("function: ")));
+        drop((errors, from));
+        let to = Lua::new();
+        let rebuilt: Vec<LuaValue> = crossed.iter().map(|e| e.rebuild(&to).unwrap()).collect();
+        let LuaValue::Table(table) = &rebuilt[0] else { panic!("a table crosses as a table") };
+        assert_eq!(table.get::<i64>("code").unwrap(), 42);
+        assert_eq!(rebuilt[1].to_string().unwrap(), "plain");
+        // Copied raw: its metatable stays behind, so it arrives as a plain table.
+        assert!(matches!(&rebuilt[2], LuaValue::Table(t) if t.metatable().is_none()));
     }
 
     #[test]

@@ -1,44 +1,175 @@
--- Runs in each worker's Lua state: the one function the worker calls per job.
--- run(code, named, ...) returns true and the job's results, or false and
--- the error message with a traceback of where it was raised.
-local debug, error, require, select, tostring, type, xpcall =
-    debug, error, require, select, tostring, type, xpcall
+-- Runs once in each worker's Lua state, with the native helpers and its own
+-- chunk name (which tracebacks leave out): sets the state up and returns
+-- run(code, named, ...), which the worker calls for each task (its init,
+-- then its jobs). run returns true and the function's results, or false,
+-- the error value and a traceback string.
+local native, CHUNK = ...
+local CANCEL, interrupted, enter, leave = native.CANCEL, native.interrupted, native.enter, native.leave
+
+local coroutine, debug, error, package, require, select, table, type =
+  coroutine, debug, error, package, require, select, table, type
+local raw_pcall, raw_xpcall, raw_resume, create = pcall, xpcall, coroutine.resume, coroutine.create
+-- Lua 5.4: runs a dead coroutine's pending __close variables.
+local close = coroutine.close
 -- Lua 5.1 and LuaJIT load a binary chunk from a string with loadstring,
 -- 5.2+ with load (5.2 has both).
 local loadcode = loadstring or load
 local unpack = table.unpack or unpack
 
--- The message, then the traceback from where it was raised. Concatenated
--- here: debug.traceback(message) would cut the message at a zero byte.
-local function handler(err)
-    return tostring(err) .. debug.traceback("", 2)
+-- A cancelled task must end: a protected call that failed while the task
+-- is cancelled failed because of the cancellation (or hides it), so the
+-- cancellation error goes on up (interrupt.rs).
+local function rethrow(ok, ...)
+  if not ok and interrupted() then
+    error(CANCEL, 0)
+  end
+  return ok, ...
 end
 
--- "a.b.f": function f of module "a.b".
-local function resolve(name)
-    local module, field = name:match("^(.+)%.([^.]+)$")
-    local exports = require(module)
-    local f = type(exports) == "table" and exports[field]
-    if type(f) ~= "function" then
-        error(("'%s' is not a function: module '%s' has no function '%s'"):format(name, module, field), 0)
+function pcall(f, ...)
+  return rethrow(raw_pcall(f, ...))
+end
+
+function xpcall(f, handler, ...)
+  return rethrow(raw_xpcall(f, handler, ...))
+end
+
+-- `enter` records the coroutine being resumed, so that a cancellation
+-- reaches it; `leave` forgets it.
+local function resumed(co, depth, ok, ...)
+  leave(depth)
+  if not ok and interrupted() then
+    if close then
+      close(co)
     end
+    error(CANCEL, 0)
+  end
+  return ok, ...
+end
+
+function coroutine.resume(co, ...)
+  local depth = enter(co)
+  return resumed(co, depth, raw_resume(co, ...))
+end
+
+local resume = coroutine.resume
+
+-- As the standard wrap, over the resume above. Errors go on unchanged
+-- (the standard one prefixes string errors with the resumer's position).
+local function unwrap(co, ok, ...)
+  if ok then
+    return ...
+  end
+  if close then
+    close(co)
+  end
+  error((...), 0)
+end
+
+function coroutine.wrap(f)
+  local co = create(f)
+  return function(...)
+    return unwrap(co, resume(co, ...))
+  end
+end
+
+local progress, job_cancelled = native.progress, native.cancelled
+package.loaded["bgworker.worker"] = {
+  -- Values cross as a job's results do. Waits while too many of this
+  -- job's progress items are on their way; raises for a value that
+  -- cannot cross, outside a job, and once the job is cancelled.
+  progress = function(...)
+    local problem, message = progress(...)
+    if problem == "cancelled" then
+      error(CANCEL, 0)
+    elseif problem then
+      error(message, 2)
+    end
+  end,
+  -- True once the running job was cancelled; false in a pool's init.
+  cancelled = job_cancelled,
+}
+
+-- A traceback without the frames of this file that called the task's
+-- function (and the xpcall and tail call in between).
+local function trim(traceback)
+  local lines = {}
+  for line in traceback:gmatch("[^\n]+") do
+    if line:find(CHUNK, 1, true) then
+      break
+    end
+    lines[#lines + 1] = line
+  end
+  while #lines > 1 and (lines[#lines]:find("^%s*%[C%]") or lines[#lines]:find("tail call", 1, true)) do
+    lines[#lines] = nil
+  end
+  return table.concat(lines, "\n")
+end
+
+-- The traceback of the last error, taken where it was raised.
+local traceback
+local function handler(err)
+  traceback = trim(debug.traceback("", 2))
+  return err
+end
+
+local function finish(ok, ...)
+  if ok then
+    return true, ...
+  end
+  return false, (...), traceback
+end
+
+-- "a.b.f": function f of module "a.b", required now.
+local function resolve(name)
+  local module, field = name:match("^(.+)%.([^.]+)$")
+  if not module then
+    error(("'%s' is not a 'module.function' name"):format(name), 0)
+  end
+  local exports = require(module)
+  local f = type(exports) == "table" and exports[field]
+  if type(f) ~= "function" then
+    error(("'%s' is not a function: module '%s' has no function '%s'"):format(name, module, field), 0)
+  end
+  return f
+end
+
+-- Loaded functions by their code, so that a function submitted again is
+-- not loaded again. Bounded: emptied when full.
+local LOADED_MAX = 256
+local loaded, count = {}, 0
+
+local function load_code(code)
+  local f = loaded[code]
+  if f then
     return f
+  end
+  local err
+  f, err = loadcode(code, "=job")
+  if not f then
+    error(err, 0)
+  end
+  if count == LOADED_MAX then
+    loaded, count = {}, 0
+  end
+  loaded[code], count = f, count + 1
+  return f
 end
 
 local function call(code, named, ...)
-    local f
-    if named then
-        f = resolve(code)
-    else
-        f = assert(loadcode(code, "=job"))
-    end
-    return f(...)
+  local f = named and resolve(code) or load_code(code)
+  return f(...)
 end
 
-return function(...)
-    -- Lua 5.1's xpcall passes no arguments to the function.
-    local n, args = select("#", ...), { ... }
-    return xpcall(function()
-        return call(unpack(args, 1, n))
-    end, handler)
+-- Lua 5.1's xpcall passes no arguments to the function.
+if select("#", raw_xpcall(function(...) return ... end, handler, true)) == 2 then
+  return function(code, named, ...)
+    return finish(raw_xpcall(call, handler, code, named, ...))
+  end
+end
+return function(code, named, ...)
+  local n, args = select("#", ...), { ... }
+  return finish(raw_xpcall(function()
+    return call(code, named, unpack(args, 1, n))
+  end, handler))
 end

@@ -1,0 +1,176 @@
+//! A pool's workers as a group: which finished their init, the first init
+//! failure, which ended. What `new` waits for before it returns, and
+//! `close` before it joins. Lua-free: the failure is any `F`.
+//!
+//! # Invariants
+//! - Each worker reports `ready` or `failed` at most once, then `ended`
+//!   exactly once (a drop guard of its thread, after its Lua state closed).
+//!   A worker that never started is marked ended at once.
+//! - Every wait takes a deadline: `None` only when the caller was given an
+//!   unbounded timeout.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use crate::control::Control;
+
+pub struct Crew<F> {
+    state: Mutex<State<F>>,
+    changed: Condvar,
+    /// Each worker's init task, so that `close` can cancel one that runs.
+    init: Vec<Arc<Control>>,
+}
+
+struct State<F> {
+    ready: usize,
+    failure: Option<F>,
+    ended: Vec<bool>,
+}
+
+/// How the workers' start went.
+pub enum Startup<F> {
+    /// Every worker finished its init.
+    Ready,
+    /// One failed: the first failure.
+    Failed(F),
+    TimedOut,
+}
+
+/// Marks its worker ended when dropped.
+pub struct Ending<F> {
+    crew: Arc<Crew<F>>,
+    worker: usize,
+}
+
+impl<F> Drop for Ending<F> {
+    fn drop(&mut self) {
+        self.crew.lock().ended[self.worker] = true;
+        self.crew.changed.notify_all();
+    }
+}
+
+impl<F> Crew<F> {
+    pub fn new(workers: usize) -> Crew<F> {
+        let state = State { ready: 0, failure: None, ended: vec![false; workers] };
+        let init = (0..workers).map(|_| Arc::new(Control::default())).collect();
+        Crew { state: Mutex::new(state), changed: Condvar::new(), init }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<F>> {
+        // Counts and flags only: consistent whatever panicked.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait_until(&self, deadline: Option<Instant>, mut done: impl FnMut(&mut State<F>) -> bool) -> bool {
+        let mut state = self.lock();
+        loop {
+            if done(&mut state) {
+                return true;
+            }
+            state = match deadline {
+                None => self.changed.wait(state).unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return false;
+                    }
+                    self.changed.wait_timeout(state, deadline - now).unwrap_or_else(PoisonError::into_inner).0
+                }
+            };
+        }
+    }
+
+    /// The guard a worker's thread holds from its start to its end.
+    pub fn ending(self: &Arc<Self>, worker: usize) -> Ending<F> {
+        Ending { crew: Arc::clone(self), worker }
+    }
+
+    pub fn init_task(&self, worker: usize) -> &Arc<Control> {
+        &self.init[worker]
+    }
+
+    /// Cancel the init of every worker still running it.
+    pub fn cancel_init(&self) {
+        self.init.iter().for_each(|task| task.cancel());
+    }
+
+    pub fn ready(&self) {
+        self.lock().ready += 1;
+        self.changed.notify_all();
+    }
+
+    /// A worker's init failed (or its state could not be made). The first
+    /// failure is kept.
+    pub fn failed(&self, failure: F) {
+        self.lock().failure.get_or_insert(failure);
+        self.changed.notify_all();
+    }
+
+    /// Wait until every worker finished its init, one failed, or `deadline`.
+    pub fn wait_startup(&self, deadline: Option<Instant>) -> Startup<F> {
+        let mut outcome = Startup::TimedOut;
+        self.wait_until(deadline, |state| {
+            if let Some(failure) = state.failure.take() {
+                outcome = Startup::Failed(failure);
+            } else if state.ready == state.ended.len() {
+                outcome = Startup::Ready;
+            } else {
+                return false;
+            }
+            true
+        });
+        outcome
+    }
+
+    /// Wait until every worker ended, or `deadline`: which ended.
+    pub fn wait_ended(&self, deadline: Option<Instant>) -> Vec<bool> {
+        let mut ended = Vec::new();
+        self.wait_until(deadline, |state| {
+            ended.clone_from(&state.ended);
+            state.ended.iter().all(|&ended| ended)
+        });
+        ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+    use std::time::Duration;
+
+    #[test]
+    fn startup_waits_for_every_worker_or_the_first_failure_or_the_deadline() {
+        let crew = Arc::new(Crew::<&str>::new(2));
+        let soon = || Some(Instant::now() + Duration::from_millis(30));
+        crew.ready();
+        assert!(matches!(crew.wait_startup(soon()), Startup::TimedOut));
+        let other = {
+            let crew = Arc::clone(&crew);
+            thread::spawn(move || crew.ready())
+        };
+        assert!(matches!(crew.wait_startup(None), Startup::Ready));
+        other.join().unwrap();
+
+        let crew = Crew::<&str>::new(3);
+        crew.ready();
+        crew.failed("first");
+        crew.failed("second");
+        assert!(matches!(crew.wait_startup(None), Startup::Failed("first")));
+    }
+
+    #[test]
+    fn ending_guards_say_which_workers_ended() {
+        let crew = Arc::new(Crew::<()>::new(2));
+        let first = crew.ending(0);
+        let second = crew.ending(1);
+        drop(first);
+        assert_eq!(crew.wait_ended(Some(Instant::now() + Duration::from_millis(10))), [true, false]);
+        let late = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            drop(second)
+        });
+        assert_eq!(crew.wait_ended(None), [true, true]);
+        late.join().unwrap();
+    }
+}

@@ -1,0 +1,187 @@
+//! A pool: its worker threads, and what the Lua thread does with them.
+//!
+//! # Invariants
+//! - `workers` holds every started worker's `JoinHandle` until `close`
+//!   joins it (it ended) or drops it (abandoned: detached, never signalled
+//!   again). So a worker is only ever interrupted through a valid thread.
+//! - Every wait is bounded by the caller's timeout: `new` by
+//!   `init_timeout`, `close` by its argument, `Drop` by [`GRACE`]. An
+//!   abandoned worker owns (through `Arc`s) everything it still touches,
+//!   and this library stays loaded (`Sender::new` pins it), so it may end
+//!   whenever it does, or never.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use mlua::{Function, Lua};
+
+use crate::board::{Board, Cancelled, Id, Snapshot, Status};
+use crate::crew::{Crew, Startup};
+use crate::events::Events;
+use crate::interrupt::{self, Interrupt};
+use crate::job::Job;
+use crate::worker::{self, InitFailure, Worker};
+use crate::worker_state::Setup;
+
+/// How long a pool that is collected, or whose Lua state closes, waits for
+/// its workers before it abandons them.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// Stack of a worker thread: that of a usual main thread, since jobs are
+/// ordinary Lua code that may recurse through C functions and modules.
+const WORKER_STACK: usize = 8 << 20;
+
+pub struct Options {
+    pub threads: usize,
+    pub setup: Setup,
+    pub on_event: Function,
+    /// `None`: wait for the workers' init for ever.
+    pub init_timeout: Option<Duration>,
+}
+
+/// Why `new` made no pool.
+pub enum Refused {
+    /// A worker's init raised (or its state could not be made).
+    Failed(InitFailure),
+    TimedOut,
+    /// A thread could not be started.
+    NoThread(String),
+}
+
+struct WorkerThread {
+    thread: JoinHandle<()>,
+    interrupt: Arc<Interrupt>,
+}
+
+pub struct Pool {
+    board: Arc<Board<Job>>,
+    crew: Arc<Crew<InitFailure>>,
+    /// Empty once closed.
+    workers: Vec<WorkerThread>,
+}
+
+/// `now + timeout`, or `None` (no deadline) when that is out of reach.
+fn deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+impl Pool {
+    /// Start the workers and wait until each finished its init. Raises
+    /// only when bgworker.core is not loaded (or Lua fails).
+    pub fn new(lua: &Lua, options: Options) -> mlua::Result<Result<Pool, Refused>> {
+        interrupt::install_handler();
+        let board = Arc::new(Board::default());
+        let crew = Arc::new(Crew::new(options.threads));
+        let events = Events::new(lua, options.on_event, Arc::clone(&board))?;
+        let until = options.init_timeout.and_then(deadline);
+        let setup = Arc::new(options.setup);
+        let mut pool = Pool { board, crew, workers: Vec::with_capacity(options.threads) };
+        for index in 0..options.threads {
+            let interrupt = Arc::new(Interrupt::default());
+            let worker = Worker {
+                index,
+                setup: Arc::clone(&setup),
+                board: Arc::clone(&pool.board),
+                crew: Arc::clone(&pool.crew),
+                events: events.clone(),
+                interrupt: Arc::clone(&interrupt),
+            };
+            let started = thread::Builder::new()
+                .name(format!("bgworker-pool-{}", index + 1))
+                .stack_size(WORKER_STACK)
+                .spawn(move || worker::work(worker));
+            match started {
+                Ok(thread) => pool.workers.push(WorkerThread { thread, interrupt }),
+                Err(e) => {
+                    (index..options.threads).for_each(|never| drop(pool.crew.ending(never)));
+                    pool.close_until(until);
+                    let message = format!("cannot start worker thread {} of {}: {e}", index + 1, options.threads);
+                    return Ok(Err(Refused::NoThread(message)));
+                }
+            }
+        }
+        Ok(match pool.crew.wait_startup(until) {
+            Startup::Ready => Ok(pool),
+            Startup::Failed(failure) => {
+                pool.close_until(until);
+                Err(Refused::Failed(failure))
+            }
+            Startup::TimedOut => {
+                pool.close_until(Some(Instant::now()));
+                Err(Refused::TimedOut)
+            }
+        })
+    }
+
+    /// Queue `job`: its id, or `None` when the pool is closed.
+    pub fn submit(&self, job: Job) -> Option<Id> {
+        self.board.submit(job).ok()
+    }
+
+    pub fn cancel(&self, id: Id) -> Cancelled {
+        let cancelled = self.board.cancel(id);
+        if let Cancelled::Running { worker } = cancelled {
+            self.interrupt(worker);
+        }
+        cancelled
+    }
+
+    pub fn status(&self, id: Id) -> Option<Status> {
+        self.board.status(id)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.board.snapshot()
+    }
+
+    /// Worker threads: 0 once closed.
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn interrupt(&self, worker: usize) {
+        if let Some(worker) = self.workers.get(worker) {
+            worker.interrupt.send(worker.thread.as_pthread_t());
+        }
+    }
+
+    /// Close: cancel the queued jobs, interrupt the running ones (and any
+    /// init still running), wait at most `timeout` for the workers to end,
+    /// join those that did and abandon the others. True when none was
+    /// abandoned. Closing a closed pool returns true.
+    pub fn close(&mut self, timeout: Duration) -> bool {
+        self.close_until(deadline(timeout))
+    }
+
+    fn close_until(&mut self, until: Option<Instant>) -> bool {
+        if self.workers.is_empty() {
+            return true;
+        }
+        self.board.close();
+        self.crew.cancel_init();
+        // Every worker, running or idle: an idle one ignores it.
+        (0..self.workers.len()).for_each(|worker| self.interrupt(worker));
+        let ended = self.crew.wait_ended(until);
+        let mut all = true;
+        for (worker, ended) in self.workers.drain(..).zip(ended) {
+            if ended {
+                // It ended: only its last return is left to wait for. A
+                // worker that panicked has nothing left to deliver.
+                let _ = worker.thread.join();
+            } else {
+                // Dropping the handle detaches the thread.
+                all = false;
+            }
+        }
+        all
+    }
+}
+
+/// Collected, or its Lua state closed: close within [`GRACE`].
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.close(GRACE);
+    }
+}

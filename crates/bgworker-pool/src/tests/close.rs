@@ -1,0 +1,91 @@
+//! Closing: runaway jobs, abandoned workers, collection, the state closing.
+
+use std::time::{Duration, Instant};
+
+use super::Fixture;
+
+#[test]
+fn close_stops_runaway_jobs_and_cancels_queued_ones() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool { threads = 2 }
+        for _ = 1, 5 do submit(p, function() while true do end end) end
+        "#,
+    );
+    f.wait_until("p:stats().running == 2");
+    assert!(f.eval::<bool>("return p:close(5)"), "every worker stopped and was joined");
+    f.exec(
+        r#"
+        local s = p:stats()
+        assert(s.cancelled == 5 and s.threads == 0, "five cancelled")
+        assert(p:close(0) == true, "closing again")
+        "#,
+    );
+}
+
+#[test]
+fn close_abandons_a_worker_blocked_in_c_after_its_timeout() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool()
+        blocked = submit(p, function() os.execute("sleep 1") return "late" end)
+        "#,
+    );
+    f.wait_until("p:status(blocked) == 'running'");
+    let started = Instant::now();
+    let (all, why): (bool, String) = f.eval("return p:close(0.05)");
+    let took = started.elapsed();
+    assert_eq!((all, why.as_str()), (false, "timeout"));
+    assert!(took < Duration::from_millis(800), "close waited {took:?}, past its timeout and for the blocked job");
+    // The abandoned worker wakes up later, finds its job cancelled, and
+    // ends on its own; nothing of it reaches this state.
+    f.serve_for(Duration::from_millis(1300));
+    assert!(f.eval::<bool>("return events[blocked] == nil and p:stats().cancelled == 1"));
+}
+
+#[test]
+fn a_collected_pool_closes_within_its_grace() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool()
+        submit(p, function() os.execute("sleep 3") end)
+        "#,
+    );
+    f.wait_until("p:stats().running == 1");
+    let started = Instant::now();
+    f.exec("p = nil collectgarbage() collectgarbage()");
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "collecting the pool took {took:?}");
+}
+
+#[test]
+fn closing_the_state_returns_despite_a_runaway_job() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool { threads = 2 }
+        submit(p, function() os.execute("sleep 3") end)
+        submit(p, function() while true do end end)
+        "#,
+    );
+    f.wait_until("p:stats().running == 2");
+    let started = Instant::now();
+    drop(f);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "closing the state took {took:?}");
+}
+
+#[test]
+fn an_outcome_nobody_can_receive_counts_as_cancelled() {
+    let f = Fixture::new(None);
+    f.exec("p = new_pool()");
+    assert_eq!(f.h.stop(), 0);
+    f.exec("id = submit(p, function() return 1 end)");
+    f.wait_until("p:stats().running + p:stats().queued == 0");
+    assert!(
+        f.eval::<bool>("local s = p:stats() return s.cancelled == 1 and s.done == 0 and p:status(id) == 'finished'")
+    );
+}

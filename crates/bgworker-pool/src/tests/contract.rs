@@ -1,0 +1,201 @@
+//! Jobs, their events, ids, status, stats, and bad input.
+
+use std::time::Duration;
+
+use super::Fixture;
+
+#[test]
+fn a_job_runs_with_its_arguments_and_its_results_come_back() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool()
+        id = submit(p, function(a, t) return a + t.n, {a, t.s}, nil, 2.5 end, 40, { n = 2, s = "x" })
+        "#,
+    );
+    f.serve_until("outcome(id)");
+    assert!(f.eval::<bool>(
+        r#"
+        local e = outcome(id)
+        return id == 1 and e[1] == "done" and e.n == 5 and e[2] == 42 and math.type(e[2]) == "integer"
+          and e[3][1] == 40 and e[3][2] == "x" and e[4] == nil and e[5] == 2.5 and #events[id] == 1
+        "#
+    ));
+}
+
+#[test]
+fn ids_are_unique_integers_and_status_follows_each_job() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool()
+        blocker = submit(p, function() os.execute("sleep 0.2") end)
+        quick = submit(p, function() return "quick" end)
+        "#,
+    );
+    assert_eq!(f.eval::<(i64, i64)>("return blocker, quick"), (1, 2));
+    f.wait_until("p:status(blocker) == 'running'");
+    assert_eq!(f.eval::<String>("return p:status(quick)"), "queued");
+    assert_eq!(
+        f.eval::<(Option<String>, Option<String>, Option<String>)>("return p:status(0), p:status(3), p:status(1.5)"),
+        (None, None, None)
+    );
+    // Done on the worker, but not yet decoded here: still running.
+    f.wait_until("p:stats().queued == 0");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(f.eval::<String>("return p:status(quick)"), "running");
+    f.serve_until("outcome(quick)");
+    assert_eq!(
+        f.eval::<(String, String)>("return p:status(blocker), p:status(quick)"),
+        ("finished".into(), "finished".into())
+    );
+}
+
+#[test]
+fn an_error_value_arrives_as_itself_with_a_traceback() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool()
+        structured = submit(p, function() error({ code = 42, tags = { "a" } }) end)
+        plain = submit(p, function() error("plain message") end)
+        opaque = submit(p, function() error(print) end)
+        none = submit(p, function() error() end)
+        "#,
+    );
+    f.serve_until("outcome(none)");
+    f.exec(
+        r#"
+        local e = outcome(structured)
+        assert(e[1] == "failed" and e.n == 3, "failed, err, traceback")
+        assert(type(e[2]) == "table" and e[2].code == 42 and e[2].tags[1] == "a", "the table itself")
+        assert(e[3]:find("^stack traceback:") and e[3]:find("in function 'error'"), e[3])
+        assert(not e[3]:find("bgworker.pool.worker", 1, true), "no frame of the worker's own code: " .. e[3])
+        e = outcome(plain)
+        assert(type(e[2]) == "string" and e[2]:find("plain message", 1, true), e[2])
+        e = outcome(opaque)
+        assert(type(e[2]) == "string" and e[2]:find("^function: "), "described: " .. tostring(e[2]))
+        e = outcome(none)
+        assert(e[1] == "failed" and e[2] == nil and type(e[3]) == "string")
+        "#,
+    );
+}
+
+#[test]
+fn values_that_cannot_cross_say_which_and_where() {
+    let f = Fixture::new(None);
+    let refused: (Option<i64>, i64, String) = f.eval(
+        r#"
+        p = new_pool()
+        return submit(p, function() end, 1, { f = print })
+        "#,
+    );
+    assert_eq!(refused, (None, 2, "a function at .f cannot be copied to a worker".into()));
+    f.exec("id = submit(p, function() return 1, coroutine.create(print) end)");
+    f.serve_until("outcome(id)");
+    let (event, message, traceback): (String, String, String) = f.eval("local e = outcome(id) return e[1], e[2], e[3]");
+    assert_eq!((event.as_str(), traceback.as_str()), ("failed", ""));
+    assert_eq!(message, "result #2: a coroutine cannot be copied back from the worker");
+}
+
+#[test]
+fn named_functions_are_required_in_the_worker() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool()
+        rep = p:submit("string.rep", true, 2, "ab", 3)
+        missing = p:submit("nosuchmodule.f", true, 0)
+        notfn = p:submit("string.nothing", true, 0)
+        "#,
+    );
+    f.serve_until("outcome(notfn)");
+    f.exec(
+        r#"
+        assert(outcome(rep)[2] == "ababab")
+        assert(outcome(missing)[1] == "failed" and outcome(missing)[2]:find("nosuchmodule", 1, true))
+        assert(outcome(notfn)[2] == "'string.nothing' is not a function: module 'string' has no function 'nothing'")
+        "#,
+    );
+}
+
+#[test]
+fn stats_count_every_job_once_and_time_them() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool { threads = 2 }
+        for i = 1, 20 do submit(p, function(i) if i % 4 == 0 then error("no") end return i end, i) end
+        "#,
+    );
+    f.serve_until("p:stats().running + p:stats().queued == 0");
+    f.exec(
+        r#"
+        local s = p:stats()
+        assert(s.threads == 2 and s.submitted == 20 and s.done == 15 and s.failed == 5 and s.cancelled == 0, "counts")
+        assert(s.wait_max >= s.wait_mean and s.wait_mean > 0, "waits")
+        assert(s.run_max >= s.run_mean and s.run_mean > 0, "runs")
+        assert(math.type(s.submitted) == "integer" and math.type(s.run_mean) == "float")
+        "#,
+    );
+}
+
+#[test]
+fn stats_stay_consistent_while_jobs_move() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool { threads = 2 }
+        cancels = 0
+        for i = 1, 2000 do
+          local id = submit(p, function(i) return i end, i)
+          if i % 3 == 0 and p:cancel(id) then cancels = cancels + 1 end
+        end
+        checks = 0
+        function consistent()
+          local s = p:stats()
+          checks = checks + 1
+          assert(s.queued + s.running + s.done + s.failed + s.cancelled == s.submitted, "inconsistent")
+          return s.queued + s.running == 0
+        end
+        "#,
+    );
+    f.serve_until("consistent()");
+    assert!(f.eval::<i64>("return checks") > 1);
+    assert!(f.eval::<bool>("local s = p:stats() return s.cancelled == cancels and s.done == 2000 - cancels"));
+}
+
+#[test]
+fn a_closed_pool_refuses_jobs_and_reports_no_threads() {
+    let f = Fixture::new(None);
+    let message: String = f.eval(
+        r#"
+        p = new_pool()
+        assert(p:close(1) == true)
+        assert(p:stats().threads == 0)
+        local ok, err = pcall(submit, p, function() end)
+        return tostring(err)
+        "#,
+    );
+    assert!(message.contains("the pool is closed"), "{message}");
+}
+
+#[test]
+fn bad_options_and_arguments_are_refused_by_name() {
+    let f = Fixture::new(None);
+    let error = |code: &str| -> String {
+        f.eval(&format!("local ok, err = pcall(function() {code} end) assert(not ok) return tostring(err)"))
+    };
+    let opts = "path = '', cpath = '', on_event = print";
+    assert!(error("native.new()").contains("bad argument #1 to 'new' (table expected, got nil)"));
+    assert!(error(&format!("native.new {{ threads = 0, {opts} }}")).contains("opts.threads must be in 1..1024, got 0"));
+    assert!(error("native.new { threads = 1, path = '', cpath = '' }").contains("opts.on_event must be a function"));
+    assert!(error(&format!("native.new {{ threads = 1, {opts}, colour = 1 }}")).contains("unknown option colour"));
+    assert!(error(&format!("native.new {{ threads = 1, {opts}, init_timeout = -1 }}"))
+        .contains("opts.init_timeout must be >= 0"));
+    f.exec("p = new_pool()");
+    assert!(error("p:close(-1)").contains("bad argument #2 to 'close' (timeout must be >= 0, got -1)"));
+    assert!(error("p:close('soon')").contains("bad argument #2 to 'close' (number expected, got string)"));
+    assert!(error("p:cancel({})").contains("bad argument #2 to 'cancel' (job id expected, got table)"));
+    assert_eq!(f.eval::<bool>("return p:cancel(-1) == false and p:cancel(2^70) == false"), true);
+}

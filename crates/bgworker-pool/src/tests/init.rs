@@ -1,0 +1,108 @@
+//! A pool's init: once per worker before any job; failure and timeout.
+
+use std::time::{Duration, Instant};
+
+use super::Fixture;
+
+#[test]
+fn init_runs_once_in_each_worker_before_any_job() {
+    let f = Fixture::new(None);
+    f.exec(
+        r#"
+        p = new_pool {
+          threads = 3,
+          init = string.dump(function()
+            inits = (inits or 0) + 1
+            cancelled_in_init = require("bgworker.worker").cancelled()
+          end),
+        }
+        ids = {}
+        for i = 1, 12 do ids[i] = submit(p, function() return inits, cancelled_in_init end) end
+        "#,
+    );
+    f.serve_until("p:stats().done == 12");
+    f.exec(
+        r#"
+        for i = 1, 12 do
+          local e = outcome(ids[i])
+          assert(e[1] == "done" and e[2] == 1 and e[3] == false, "job " .. i)
+        end
+        "#,
+    );
+}
+
+#[test]
+fn a_named_init_is_required_and_called() {
+    let f = Fixture::new(None);
+    assert!(f.eval::<bool>("return new_pool { init = 'os.time', init_named = true } ~= nil"));
+    let err: String = f.eval("return select(2, new_pool { init = 'os.nothing', init_named = true })");
+    assert_eq!(err, "'os.nothing' is not a function: module 'os' has no function 'nothing'");
+}
+
+#[test]
+fn a_failing_init_stops_every_worker_and_returns_its_error() {
+    let f = Fixture::new(None);
+    let (made, error_code, traceback): (bool, i64, String) = f.eval(
+        r#"
+        marks = os.tmpname()
+        os.remove(marks)
+        assert(os.execute("mkdir " .. marks))
+        -- An init gets no arguments: the directory is baked into its code.
+        local init = load(("local dir = %q\n"):format(marks) .. [[
+          -- Makes a file in dir when the worker's state closes.
+          _G.marker = setmetatable({}, { __gc = function()
+            local name = os.tmpname()
+            os.remove(name)
+            assert(io.open(dir .. "/" .. name:match("[^/]+$"), "w")):close()
+          end })
+          error({ code = 7 })
+        ]])
+        local p, err, tb = new_pool { threads = 3, init = string.dump(init) }
+        return p ~= nil, err.code, tb
+        "#,
+    );
+    assert!(!made);
+    assert_eq!(error_code, 7);
+    assert!(traceback.starts_with("stack traceback:"), "{traceback}");
+    let closed: i64 = f.eval(
+        r#"
+        local n = 0
+        for _ in io.popen("ls " .. marks):lines() do n = n + 1 end
+        os.execute("rm -r " .. marks)
+        return n
+        "#,
+    );
+    assert_eq!(closed, 3, "every worker's state was closed before new returned");
+}
+
+#[test]
+fn an_init_that_does_not_finish_in_time_is_given_up() {
+    let f = Fixture::new(None);
+    let started = Instant::now();
+    let (made, err): (bool, String) = f.eval(
+        r#"
+        local p, err = new_pool {
+          threads = 2,
+          init = string.dump(function() os.execute("sleep 2") end),
+          init_timeout = 0.1,
+        }
+        return p ~= nil, err
+        "#,
+    );
+    let took = started.elapsed();
+    assert_eq!((made, err.as_str()), (false, "init timed out"));
+    assert!(took < Duration::from_millis(1500), "new waited {took:?}");
+}
+
+#[test]
+fn an_init_cannot_report_progress() {
+    let f = Fixture::new(None);
+    let (made, err): (bool, String) = f.eval(
+        r#"
+        local p, err = new_pool { init = string.dump(function() require("bgworker.worker").progress(1) end) }
+        return p ~= nil, err
+        "#,
+    );
+    assert!(!made);
+    assert!(err.ends_with("bgworker.worker.progress: not in a job (a pool's init cannot report progress)"), "{err}");
+}
