@@ -110,7 +110,8 @@ mod value;
 mod worker;
 mod worker_state;
 
-#[cfg(test)]
+// They embed a Lua: `vendored` builds only.
+#[cfg(all(test, feature = "vendored"))]
 mod tests;
 
 pub use module::exports;

@@ -197,5 +197,5 @@ fn bad_options_and_arguments_are_refused_by_name() {
     assert!(error("p:close(-1)").contains("bad argument #2 to 'close' (timeout must be >= 0, got -1)"));
     assert!(error("p:close('soon')").contains("bad argument #2 to 'close' (number expected, got string)"));
     assert!(error("p:cancel({})").contains("bad argument #2 to 'cancel' (job id expected, got table)"));
-    assert_eq!(f.eval::<bool>("return p:cancel(-1) == false and p:cancel(2^70) == false"), true);
+    assert!(f.eval::<bool>("return p:cancel(-1) == false and p:cancel(2^70) == false"));
 }
