@@ -1,7 +1,8 @@
 //! `bgworker.dns_native`: name resolution off the Lua thread.
 //!
-//! `resolve(host, callback)` looks `host` up with `getaddrinfo` on a worker
-//! thread and delivers the answer through bgworker: the dispatcher then calls
+//! `resolve(host, callback)` looks `host` up with `getaddrinfo` on a thread
+//! of the calling Lua state's own (workers.rs) and delivers the answer
+//! through bgworker: the dispatcher then calls
 //! `callback(addresses, name)` (a list of address strings, IPv4 first, and
 //! the canonical name) or `callback(nil, message)`. It is the native half of
 //! `bgworker.dns` (lua/bgworker/dns.lua), which checks the arguments and
@@ -11,38 +12,48 @@ mod resolve;
 mod workers;
 
 use std::ffi::CString;
+use std::sync::Arc;
 
 use bgworker_util::mlua;
 use bgworker_util::Sender;
 use mlua::{Function, Lua, LuaString, Table, Value};
+use workers::Workers;
 
-/// `resolve(host, callback)`.
-fn resolve(lua: &Lua, sender: &Sender, (host, callback): (LuaString, Function)) -> mlua::Result<()> {
+/// `resolve(host, callback)`, answered through `sender` by one of `workers`.
+fn resolve(
+    lua: &Lua,
+    sender: &Sender,
+    workers: &Arc<Workers>,
+    (host, callback): (LuaString, Function),
+) -> mlua::Result<()> {
     let host = CString::new(host.as_bytes().to_vec()).map_err(|_| mlua::Error::runtime("host contains a NUL byte"))?;
     let callback = lua.create_registry_value(callback)?;
     let sender = sender.clone();
-    workers::spawn(move || {
-        let answer = resolve::resolve(&host);
-        // Wait for room if the queue is bounded: an answer must not be lost.
-        // If the dispatcher is stopped, the closure is dropped unrun, and
-        // with it the registry reference to the callback.
-        let _ = sender.deliver_timeout(
-            move |lua| {
-                let function: Function = lua.registry_value(&callback)?;
-                lua.remove_registry_value(callback)?;
-                let values = match answer {
-                    Ok(resolved) => {
-                        let addresses = lua.create_sequence_from(resolved.addresses.iter().map(|a| a.to_string()))?;
-                        (Value::Table(addresses), Value::String(lua.create_string(&resolved.name)?))
-                    }
-                    Err(message) => (Value::Nil, Value::String(lua.create_string(&message)?)),
-                };
-                Ok((function, values))
-            },
-            None,
-        );
-    })
-    .map_err(|e| mlua::Error::runtime(format!("cannot start a resolver thread: {e}")))
+    workers
+        .spawn(move || {
+            let answer = resolve::resolve(&host);
+            // Wait for room if the queue is bounded: an answer must not be lost.
+            // Only this state's lookups wait meanwhile (workers.rs). If the
+            // dispatcher is stopped, the closure is dropped unrun, and with it
+            // the registry reference to the callback.
+            let _ = sender.deliver_timeout(
+                move |lua| {
+                    let function: Function = lua.registry_value(&callback)?;
+                    lua.remove_registry_value(callback)?;
+                    let values = match answer {
+                        Ok(resolved) => {
+                            let addresses =
+                                lua.create_sequence_from(resolved.addresses.iter().map(|a| a.to_string()))?;
+                            (Value::Table(addresses), Value::String(lua.create_string(&resolved.name)?))
+                        }
+                        Err(message) => (Value::Nil, Value::String(lua.create_string(&message)?)),
+                    };
+                    Ok((function, values))
+                },
+                None,
+            );
+        })
+        .map_err(|e| mlua::Error::runtime(format!("cannot start a resolver thread: {e}")))
 }
 
 /// The module table. Requires bgworker.core, whose instance the answers go to.
@@ -52,7 +63,13 @@ fn resolve(lua: &Lua, sender: &Sender, (host, callback): (LuaString, Function)) 
 fn open(lua: &Lua) -> mlua::Result<Table> {
     lua.globals().get::<Function>("require")?.call::<()>("bgworker.core")?;
     let sender = Sender::new(lua)?;
+    // This state's own threads: see workers.rs.
+    let workers = Arc::new(Workers::default());
     let module = lua.create_table()?;
-    module.set("resolve", lua.create_function(move |lua, args| resolve(lua, &sender, args))?)?;
+    module.set("resolve", lua.create_function(move |lua, args| resolve(lua, &sender, &workers, args))?)?;
     Ok(module)
 }
+
+// They embed a Lua: `vendored` builds only.
+#[cfg(all(test, feature = "vendored"))]
+mod tests;
