@@ -70,6 +70,17 @@ local function cancels(f)
   assert.equals("finished", p:status(victim))
 end
 
+-- A script for a child process: a pool of one thread (the JIT left on)
+-- that runs `while true do end` as job `id`.
+local RUNAWAY = [[
+  local bgworker = require "bgworker"
+  local native = require "bgworker.pool_native"
+  local d = bgworker.new()
+  local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_event = print }
+  local id = p:submit(string.dump(function() while true do end end), false, 0)
+  while p:status(id) ~= "running" do end
+]]
+
 describe("bgworker.pool_native", function()
   before_each(function()
     support.stop_core()
@@ -165,13 +176,7 @@ describe("bgworker.pool_native", function()
     -- The state closes at the end of the script: the pool closes with its
     -- grace (1 s), abandons the worker, and the process exits.
     local started = socket.gettime()
-    local status, output = support.run_lua([[
-      local bgworker = require "bgworker"
-      local native = require "bgworker.pool_native"
-      local d = bgworker.new()
-      local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_event = print }
-      local id = p:submit(string.dump(function() while true do end end), false, 0)
-      while p:status(id) ~= "running" do end
+    local status, output = support.run_lua(RUNAWAY .. [[
       io.write("closing\n")
     ]])
     local took = socket.gettime() - started
@@ -182,14 +187,8 @@ describe("bgworker.pool_native", function()
 
   if jit then
     it("with LuaJIT's JIT on, cannot stop a compiled loop, and close abandons its worker", function()
-      local status, output = support.run_lua([[
-        local bgworker = require "bgworker"
-        local native = require "bgworker.pool_native"
+      local status, output = support.run_lua(RUNAWAY .. [[
         local socket = require "socket"
-        local d = bgworker.new()
-        local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_event = print }
-        local id = p:submit(string.dump(function() while true do end end), false, 0)
-        while p:status(id) ~= "running" do end
         socket.sleep(0.1)
         io.write(p:cancel(id), "\n")
         p:submit(string.dump(function() io.write("the next job ran\n") end), false, 0)
