@@ -1,19 +1,28 @@
---- Wall time of CPU-bound jobs: run inline, on a bgworker.pool, and with
--- luv's uv.new_work (when luv is installed for this Lua), in one run.
+--- bgworker's pool (its native half, bgworker.pool_native) against luv's
+-- uv.new_work on the same Lua, in one run:
+--
+-- 1. Wall time of CPU-bound jobs: inline, on the pool, with uv.new_work
+--    (on LuaJIT also on a pool with the JIT off in its workers).
+-- 2. Empty jobs per second: the per-job overhead, pool vs uv.new_work
+--    (target: at least 2x luv's).
+-- 3. Cancel latency of a CPU-bound job: from `cancel` until its worker
+--    starts the next job (target: p99 <= 50 ms).
+-- 4. Close time of a pool whose workers run `while true do end`.
+-- 5. What the cancellation mechanism saves: a CPU-bound loop with an
+--    always-on count hook (effil's way) against without.
 --
 --     LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/5.4/?.so;;" \
 --         lua5.4 bench/pool.lua [jobs [threads]]
 --     make bench-pool          # every Lua version
 --
--- Each job takes about 0.1 s inline. Every figure is the best of three
--- runs. The pool's figure excludes making the pool (reported apart); luv's
--- thread pool has UV_THREADPOOL_SIZE threads (libuv's default: 4). "CPU /
--- wall" is the process's CPU time (all threads) over the wall time: how
--- many cores the run kept busy, which stays telling when other processes
--- compete for the cores and the wall times do not.
+-- Every figure is the best of three runs (latency: percentiles of many).
+-- luv's thread pool has UV_THREADPOOL_SIZE threads (libuv's default: 4).
+-- "CPU / wall" is the process's CPU time (all threads) over the wall time:
+-- how many cores the run kept busy, which stays telling when other
+-- processes compete for the cores and the wall times do not.
 
 local bgworker = require "bgworker"
-local pool = require "bgworker.pool"
+local native = require "bgworker.pool_native"
 local socket = require "socket"
 
 local gettime = socket.gettime
@@ -22,112 +31,257 @@ local floor, huge = math.floor, math.huge
 local JOBS = tonumber(arg and arg[1]) or 8
 local THREADS = tonumber(arg and arg[2]) or 2
 local ROUNDS = 3
--- Seconds a job takes inline.
+-- Seconds a CPU-bound job takes inline.
 local JOB_TIME = 0.1
+local EMPTY_JOBS = 20000
+local CANCELS = 100
+local VERSION = _VERSION .. (jit and " (" .. jit.version .. ")" or "")
 
--- The job: CPU-bound, and without upvalues, so that it can move to a worker.
+-- The CPU-bound job: without upvalues, so that it can move to a worker.
 local function work(n)
-    local s = 0
-    for i = 1, n do
-        s = s + (i % 7) * 0.5
-    end
-    return s
+  local s = 0
+  for i = 1, n do
+    s = s + (i % 7) * 0.5
+  end
+  return s
 end
 
 -- Loop count for a job of JOB_TIME seconds.
 local function calibrate()
-    local n = 1e5
-    while true do
-        local start = gettime()
-        work(n)
-        local took = gettime() - start
-        if took > 0.02 then
-            return floor(n * JOB_TIME / took)
-        end
-        n = n * 4
+  local n = 1e5
+  while true do
+    local start = gettime()
+    work(n)
+    local took = gettime() - start
+    if took > 0.02 then
+      return floor(n * JOB_TIME / took)
     end
+    n = n * 4
+  end
 end
 
 local N = calibrate()
 local EXPECTED = work(N)
 
 local function check(result)
-    assert(result == EXPECTED, "wrong result: " .. tostring(result))
+  assert(result == EXPECTED, "wrong result: " .. tostring(result))
 end
 
 -- Best wall time of ROUNDS runs of f, and that run's CPU time / wall time.
 local function best(f)
-    local wall, cores = huge, nil
-    for _ = 1, ROUNDS do
-        local start, cpu = gettime(), os.clock()
-        f()
-        local took = gettime() - start
-        if took < wall then
-            wall, cores = took, (os.clock() - cpu) / took
-        end
+  local wall, cores = huge, nil
+  for _ = 1, ROUNDS do
+    local start, cpu = gettime(), os.clock()
+    f()
+    local took = gettime() - start
+    if took < wall then
+      wall, cores = took, (os.clock() - cpu) / took
     end
-    return wall, cores
-end
-
-local function inline()
-    for _ = 1, JOBS do
-        check(work(N))
-    end
+  end
+  return wall, cores
 end
 
 local dispatcher = bgworker.new()
-local made = gettime()
-local p = pool.new { threads = THREADS }
-made = gettime() - made
 
-local function on_pool()
-    local done = 0
-    local function callback(ok, result)
-        assert(ok, result)
-        check(result)
-        done = done + 1
-    end
-    for _ = 1, JOBS do
-        p:submit(work, N, callback)
-    end
-    while done < JOBS do
-        dispatcher:wait()
-    end
+-- Events of the pools, by job id: handlers[id](event, ...).
+local handlers = {}
+local function on_event(id, event, ...)
+  local handler = handlers[id]
+  if handler then
+    handlers[id] = nil
+    handler(event, ...)
+  end
 end
 
--- luv's own thread pool, driven by its own loop.
+-- A pool of `threads` workers (JIT on unless `jit` is false).
+local function new_pool(threads, jit_on)
+  local p = assert(native.new {
+    threads = threads, path = package.path, cpath = package.cpath, on_event = on_event, jit = jit_on ~= false,
+  })
+  return p
+end
+
+local WORK = string.dump(work)
+
+-- Run the jobs on `p`, waiting for every result.
+local function on_pool(p)
+  return function()
+    local done = 0
+    local function handler(event, result)
+      assert(event == "done", result)
+      check(result)
+      done = done + 1
+    end
+    for _ = 1, JOBS do
+      handlers[p:submit(WORK, false, 1, N)] = handler
+    end
+    while done < JOBS do
+      dispatcher:wait()
+    end
+  end
+end
+
 local has_luv, uv = pcall(require, "luv")
+local LUV_THREADS = os.getenv("UV_THREADPOOL_SIZE") or "4"
+
 local function on_luv()
-    local done = 0
-    local job = uv.new_work(work, function(result)
-        check(result)
-        done = done + 1
-    end)
-    for _ = 1, JOBS do
-        job:queue(N)
-    end
-    while done < JOBS do
-        uv.run("once")
-    end
+  local done = 0
+  local job = uv.new_work(work, function(result)
+    check(result)
+    done = done + 1
+  end)
+  for _ = 1, JOBS do
+    job:queue(N)
+  end
+  while done < JOBS do
+    uv.run("once")
+  end
 end
 
+-- 1. CPU-bound jobs.
+local pool = new_pool(THREADS)
 local rows = {
-    { "inline", best(inline) },
-    { ("bgworker.pool, %d threads"):format(THREADS), best(on_pool) },
+  { "inline", best(function() for _ = 1, JOBS do check(work(N)) end end) },
+  { ("bgworker.pool, %d threads"):format(THREADS), best(on_pool(pool)) },
 }
 if has_luv then
-    rows[#rows + 1] = { ("luv uv.new_work, %s threads"):format(os.getenv("UV_THREADPOOL_SIZE") or "4"), best(on_luv) }
+  rows[#rows + 1] = { ("luv uv.new_work, %s threads"):format(LUV_THREADS), best(on_luv) }
 end
-p:close()
-dispatcher:stop()
+if jit then
+  local interpreted = new_pool(THREADS, false)
+  rows[#rows + 1] = { ("bgworker.pool, %d threads, jit = false"):format(THREADS), best(on_pool(interpreted)) }
+  assert(interpreted:close(5))
+end
 
-print(("%s: %d jobs of %.2f s inline, best of %d runs"):format(_VERSION .. (jit and " (" .. jit.version .. ")" or ""),
-    JOBS, rows[1][2] / JOBS, ROUNDS))
-print(("%-30s %8s %10s %10s"):format("", "wall s", "vs inline", "CPU / wall"))
+print(("%s: %d jobs of %.2f s inline, best of %d runs"):format(VERSION, JOBS, rows[1][2] / JOBS, ROUNDS))
+print(("%-36s %8s %10s %10s"):format("", "wall s", "vs inline", "CPU / wall"))
 for _, row in ipairs(rows) do
-    print(("%-30s %8.3f %9.2fx %10.2f"):format(row[1], row[2], rows[1][2] / row[2], row[3]))
+  print(("%-36s %8.3f %9.2fx %10.2f"):format(row[1], row[2], rows[1][2] / row[2], row[3]))
 end
 if not has_luv then
-    print("luv: not installed for this Lua")
+  print("luv: not installed for this Lua")
 end
-print(("(making the pool of %d threads took %.4f s)"):format(THREADS, made))
+
+-- 2. Empty jobs per second.
+local EMPTY = string.dump(function() end)
+
+local function empty_on_pool()
+  local done = 0
+  local function handler()
+    done = done + 1
+  end
+  for _ = 1, EMPTY_JOBS do
+    handlers[pool:submit(EMPTY, false, 0)] = handler
+  end
+  while done < EMPTY_JOBS do
+    dispatcher:wait()
+  end
+end
+
+local function empty_on_luv()
+  local done = 0
+  local job = uv.new_work(function() end, function()
+    done = done + 1
+  end)
+  for _ = 1, EMPTY_JOBS do
+    job:queue()
+  end
+  while done < EMPTY_JOBS do
+    uv.run("once")
+  end
+end
+
+print()
+print(("Empty jobs, %d per run, best of %d runs"):format(EMPTY_JOBS, ROUNDS))
+print(("%-36s %8s %10s"):format("", "jobs/s", "vs luv"))
+local pool_rate = EMPTY_JOBS / best(empty_on_pool)
+if has_luv then
+  local luv_rate = EMPTY_JOBS / best(empty_on_luv)
+  print(("%-36s %8.0f %9.2fx"):format(("bgworker.pool, %d threads"):format(THREADS), pool_rate, pool_rate / luv_rate))
+  print(("%-36s %8.0f %9.2fx"):format(("luv uv.new_work, %s threads"):format(LUV_THREADS), luv_rate, 1))
+else
+  print(("%-36s %8.0f"):format(("bgworker.pool, %d threads"):format(THREADS), pool_rate))
+end
+assert(pool:close(5))
+
+-- 3. Cancel latency: a pool of one worker runs `while true do end`; after
+-- `cancel`, the time until that worker starts the next job (which reads
+-- the same clock).
+local LOOP = string.dump(function() while true do end end)
+local STAMP = string.dump(function() return require("socket").gettime() end)
+
+local function percentile(sorted, p)
+  return sorted[math.max(1, math.ceil(#sorted * p))]
+end
+
+local function cancel_latencies(p)
+  local latencies = {}
+  for i = 1, CANCELS do
+    local loop = p:submit(LOOP, false, 0)
+    while p:status(loop) ~= "running" do
+      socket.sleep(0.001)
+    end
+    socket.sleep(0.002)
+    local cancelled = gettime()
+    assert(p:cancel(loop) == "running")
+    local started
+    handlers[p:submit(STAMP, false, 0)] = function(event, stamp)
+      assert(event == "done", stamp)
+      started = stamp
+    end
+    while not started do
+      dispatcher:wait()
+    end
+    latencies[i] = (started - cancelled) * 1000
+  end
+  table.sort(latencies)
+  return latencies
+end
+
+print()
+print(("Cancelling a job running `while true do end`, %d times"):format(CANCELS))
+print(("%-36s %8s %8s %8s"):format("", "p50 ms", "p99 ms", "max ms"))
+local latency_pool = new_pool(1, false)
+local latencies = cancel_latencies(latency_pool)
+print(("%-36s %8.3f %8.3f %8.3f"):format(jit and "jit = false" or "until the next job starts",
+  percentile(latencies, 0.5), percentile(latencies, 0.99), latencies[#latencies]))
+assert(latency_pool:close(5))
+
+-- 4. Close time with runaway jobs.
+local function close_time(jit_on)
+  local p = new_pool(THREADS, jit_on)
+  for _ = 1, THREADS do
+    p:submit(LOOP, false, 0)
+  end
+  while p:stats().running < THREADS do
+    socket.sleep(0.001)
+  end
+  socket.sleep(0.05)
+  local start = gettime()
+  local joined = p:close(native.GRACE)
+  return (gettime() - start) * 1000, joined
+end
+
+print()
+print(("Closing a pool of %d threads, each running `while true do end` (close(%g))"):format(THREADS, native.GRACE))
+local took, joined = close_time(false)
+print(("%-36s %8.3f ms, %s"):format(jit and "jit = false" or "", took, joined and "all joined" or "abandoned"))
+
+-- 5. The option not taken: an always-on count hook makes the interpreter
+-- check at every instruction (Lua 5.3, 5.4), whatever the hook's period.
+local function hooked()
+  debug.sethook(function() end, "", 1000)
+  check(work(N))
+  debug.sethook()
+end
+local plain = best(function() check(work(N)) end)
+print()
+print(("A CPU-bound job with an always-on count hook: x%.2f the time without"):format(best(hooked) / plain))
+
+-- Last, since it leaves a worker spinning: with the JIT on, a compiled
+-- loop never sees the cancellation.
+if jit then
+  took, joined = close_time(true)
+  print(("%-36s %8.3f ms, %s"):format("(closing) jit on", took, joined and "all joined" or "abandoned"))
+end
+dispatcher:stop()

@@ -22,6 +22,7 @@
 //!   refuses it: the outcome is on its way.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -36,10 +37,31 @@ pub struct Board<J> {
     work: Condvar,
 }
 
+/// Hashes ids, which are sequential: a multiplication spreads them over
+/// the whole word (SipHash, the default, costs more than the job itself).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        bytes.iter().for_each(|&b| self.write_u64(u64::from(b)));
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 struct State<J> {
     next_id: Id,
     queue: VecDeque<Id>,
-    jobs: HashMap<Id, Entry<J>>,
+    jobs: HashMap<Id, Entry<J>, BuildHasherDefault<IdHasher>>,
+    /// Workers waiting in `take`: only then does `submit` wake one.
+    idle: usize,
     closed: bool,
     counts: Counts,
     waits: Times,
@@ -140,7 +162,8 @@ impl<J> Default for Board<J> {
         let state = State {
             next_id: 1,
             queue: VecDeque::new(),
-            jobs: HashMap::new(),
+            jobs: HashMap::default(),
+            idle: 0,
             closed: false,
             counts: Counts::default(),
             waits: Times::default(),
@@ -169,8 +192,11 @@ impl<J> Board<J> {
         state.queue.push_back(id);
         state.counts.submitted += 1;
         state.counts.queued += 1;
+        let idle = state.idle > 0;
         drop(state);
-        self.work.notify_one();
+        if idle {
+            self.work.notify_one();
+        }
         Ok(id)
     }
 
@@ -195,7 +221,9 @@ impl<J> Board<J> {
             if state.closed {
                 return None;
             }
+            state.idle += 1;
             state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state.idle -= 1;
         }
     }
 

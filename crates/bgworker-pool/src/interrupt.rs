@@ -256,19 +256,22 @@ impl Interrupt {
     }
 
     /// The worker's task ended: forget it and the coroutines it resumed.
-    ///
-    /// # Safety
-    /// `state` is the attached main state, on the worker thread.
-    pub unsafe fn end(&self, state: *mut lua_State) {
+    /// True when it anchored some: then call [`drop_anchors`].
+    pub fn end(&self) -> bool {
         *self.task() = None;
         self.depth.store(1, Ordering::Release);
-        if self.anchored.swap(false, Ordering::Relaxed) {
-            // SAFETY: as the caller promises; a fresh table drops the anchors.
-            unsafe {
-                lua_createtable(state, 0, 0);
-                lua_rawsetp(state, LUA_REGISTRYINDEX, anchors_key());
-            }
-        }
+        self.anchored.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Let the coroutines anchored during the last task be collected.
+///
+/// # Safety
+/// `state` is an attached main state, on its worker thread, between tasks.
+pub unsafe fn drop_anchors(state: *mut lua_State) {
+    unsafe {
+        lua_createtable(state, 0, 0);
+        lua_rawsetp(state, LUA_REGISTRYINDEX, anchors_key());
     }
 }
 

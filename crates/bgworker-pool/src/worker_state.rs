@@ -88,10 +88,12 @@ impl WorkerState {
             traceback: String::new(),
         });
         *self.current.borrow_mut() = None;
-        // SAFETY: the attached main state, on this thread. It only fails
-        // when Lua cannot allocate the fresh anchor table: the old one
-        // then stays, which only keeps its coroutines alive longer.
-        let _ = unsafe { self.lua.exec_raw::<()>((), |state| self.interrupt.end(state)) };
+        if self.interrupt.end() {
+            // SAFETY: the attached main state, on this thread. It only
+            // fails when Lua cannot allocate the fresh anchor table: the old
+            // one then stays, which only keeps its coroutines alive longer.
+            let _ = unsafe { self.lua.exec_raw::<()>((), |state| interrupt::drop_anchors(state)) };
+        }
         outcome
     }
 
