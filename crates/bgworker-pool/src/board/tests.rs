@@ -148,8 +148,9 @@ fn under_contention_each_job_ends_exactly_once_and_the_counts_add_up() {
         board.submit(job).unwrap();
     }
     canceller.join().unwrap();
-    // Let the workers empty the queue, then close.
-    while board.snapshot().counts.queued > 0 {
+    // Let the workers end every job, then close (which would end the
+    // running ones itself, uncounted here).
+    while board.snapshot().counts.queued + board.snapshot().counts.running > 0 {
         thread::yield_now();
     }
     board.close();
