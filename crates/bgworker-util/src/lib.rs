@@ -49,6 +49,7 @@ mod error;
 #[cfg(feature = "vendored")]
 pub mod harness;
 mod payload;
+mod raw;
 
 use std::ffi::c_int;
 use std::fmt;
@@ -61,6 +62,7 @@ use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua};
 
 pub use error::Error;
 use payload::Payload;
+pub use raw::RawItem;
 
 /// A counted handle to one Lua state's bgworker instance. Freed (released)
 /// when the last clone is dropped.
@@ -180,24 +182,58 @@ impl Sender {
     /// thread before it returns.
     ///
     /// Errors: [`Error::Timeout`] (it gave up), [`Error::Closed`].
-    pub fn deliver_while<F, A>(&self, decode: F, mut keep_waiting: impl FnMut() -> bool) -> Result<(), Error>
+    pub fn deliver_while<F, A>(&self, decode: F, keep_waiting: impl FnMut() -> bool) -> Result<(), Error>
     where
         F: FnOnce(&Lua) -> mlua::Result<(Function, A)> + Send + 'static,
         A: IntoLuaMulti,
     {
         // An attempt that times out is freed unrun, so each one carries a
         // share of the one closure, and the attempt that runs takes it. Only
-        // one attempt is ever accepted: the loop stops at the first that is.
+        // one attempt is ever accepted: `patiently` stops at the first that is.
         let slot = Arc::new(Mutex::new(Some(decode)));
-        loop {
+        self.patiently(keep_waiting, |timeout_ms| {
             let attempt = Arc::clone(&slot);
-            let delivered = self.deliver_timeout(
-                move |lua| {
-                    let taken = attempt.lock().unwrap_or_else(PoisonError::into_inner).take();
-                    taken.ok_or_else(|| mlua::Error::runtime("bgworker-util: an item was decoded twice"))?(lua)
-                },
-                Some(PATIENCE_SLICE),
-            );
+            let decode = move |lua: &Lua| {
+                let taken = attempt.lock().unwrap_or_else(PoisonError::into_inner).take();
+                taken.ok_or_else(|| mlua::Error::runtime("bgworker-util: an item was decoded twice"))?(lua)
+            };
+            self.deliver_with(decode, timeout_ms)
+        })
+    }
+
+    /// As [`deliver_while`](Self::deliver_while), for an item that pushes
+    /// its values with Lua's C API itself ([`RawItem`]): no closure and no
+    /// mlua call per item, for libraries whose items are many and small.
+    ///
+    /// Errors: [`Error::Timeout`] (it gave up), [`Error::Closed`].
+    pub fn deliver_raw_while<I: RawItem>(&self, item: I, keep_waiting: impl FnMut() -> bool) -> Result<(), Error> {
+        let slot = Arc::new(Mutex::new(Some(item)));
+        let handle = &self.handle;
+        self.patiently(keep_waiting, |timeout_ms| {
+            // SAFETY: the handle is live while `self` is; the attempt goes
+            // to the core, which frees it with `raw::free`, once.
+            let code = unsafe {
+                (handle.api.deliver)(
+                    handle.raw.as_ptr(),
+                    Some(raw::decode::<I>),
+                    raw::attempt(&slot),
+                    Some(raw::free::<I>),
+                    timeout_ms,
+                )
+            };
+            Error::check(code)
+        })
+    }
+
+    /// Make `attempt`s with a timeout of one [`PATIENCE_SLICE`] until one
+    /// is not refused for want of room, or `keep_waiting()` says to stop.
+    fn patiently(
+        &self,
+        mut keep_waiting: impl FnMut() -> bool,
+        mut attempt: impl FnMut(c_int) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        loop {
+            let delivered = attempt(timeout_ms(Some(PATIENCE_SLICE)));
             if !matches!(delivered, Err(Error::Timeout)) || !keep_waiting() {
                 return delivered;
             }

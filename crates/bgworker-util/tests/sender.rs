@@ -2,6 +2,7 @@
 //! on an embedded Lua 5.4 (`--features lua54,vendored`). Every wait goes
 //! through the wake protocol: a UDP socket receives the core's datagrams.
 
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
@@ -15,7 +16,7 @@ use bgworker_util::{Error, Sender};
 use bgworker as _;
 
 extern "C-unwind" {
-    fn luaopen_bgworker_core(state: *mut mlua::lua_State) -> std::ffi::c_int;
+    fn luaopen_bgworker_core(state: *mut mlua::lua_State) -> c_int;
 }
 
 fn harness(capacity: Option<u32>) -> Harness {
@@ -349,4 +350,58 @@ fn deliver_while_waits_for_room_only_while_asked_to() {
     let seen: Vec<String> = h.seen().iter().map(|v| v[0].to_string().unwrap()).collect();
     assert_eq!(seen, ["fills the queue", "delivered"]);
     assert_eq!(drops.count(), 3, "the attempts that timed out did not drop the closure");
+}
+
+/// A raw item: `record(value)`, or a Lua error when `value` is negative.
+struct Raw {
+    value: i64,
+    _token: Token,
+}
+
+// SAFETY: decode pushes a function and its argument, or raises owning nothing.
+unsafe impl bgworker_util::RawItem for Raw {
+    unsafe fn decode(&mut self, state: *mut mlua::lua_State) -> c_int {
+        use bgworker_util::mlua::ffi::*;
+        unsafe {
+            if self.value < 0 {
+                lua_pushstring(state, c"raw item refused".as_ptr());
+                lua_error(state);
+            }
+            lua_getglobal(state, c"record".as_ptr());
+            lua_pushinteger(state, self.value as lua_Integer);
+        }
+        2
+    }
+}
+
+#[test]
+fn raw_items_are_decoded_or_dropped_once_whatever_happens() {
+    let h = harness(Some(1));
+    let sender = Sender::new(&h.lua).unwrap();
+    let drops = Drops::default();
+    let raw = |value| Raw { value, _token: drops.token() };
+    assert_eq!(sender.deliver_raw_while(raw(1), || true), Ok(()));
+    let mut asked = 0;
+    let given_up = sender.deliver_raw_while(raw(2), || {
+        asked += 1;
+        asked < 2
+    });
+    assert_eq!((given_up, asked, drops.count()), (Err(Error::Timeout), 2, 1), "dropped once, unrun");
+    let waiting = {
+        let (sender, drops) = (sender.clone(), drops.clone());
+        thread::spawn(move || {
+            let raised = sender.deliver_raw_while(Raw { value: -1, _token: drops.token() }, || true);
+            (raised, sender.deliver_raw_while(Raw { value: 3, _token: drops.token() }, || true))
+        })
+    };
+    let errors = h.serve_until(|| waiting.is_finished() && h.seen().len() == 2);
+    assert_eq!(waiting.join().unwrap(), (Ok(()), Ok(())));
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("raw item refused"), "{errors:?}");
+    let seen: Vec<i64> = h.seen().iter().map(|v| v[0].as_i64().unwrap()).collect();
+    assert_eq!(seen, [1, 3]);
+    assert_eq!(drops.count(), 4, "each item dropped once: decoded, refused, raised");
+    sender.deliver_raw_while(raw(4), || true).unwrap();
+    assert_eq!(h.stop(), 1);
+    assert_eq!(drops.count(), 5, "cancelled by stop: dropped unrun");
 }
