@@ -106,6 +106,7 @@ mod interrupt;
 mod job;
 mod module;
 mod pool;
+mod raw;
 mod value;
 mod worker;
 mod worker_state;

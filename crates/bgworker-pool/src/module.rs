@@ -1,14 +1,22 @@
 //! The Lua face of `bgworker.pool_native`: argument checks and
 //! conversions around [`Pool`]. lib.rs documents the contract.
+//!
+//! `new` (once per pool) uses mlua; the pool's methods, called once or
+//! more per job, are C functions on a userdata of our own (raw.rs says
+//! how they raise).
 
+use std::ffi::{c_int, CStr};
+use std::ptr;
 use std::thread;
 use std::time::Duration;
 
-use mlua::{IntoLua, IntoLuaMulti, Lua, LuaString, MultiValue, Table, UserData, UserDataMethods, Value as LuaValue};
+use mlua::ffi::*;
+use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 
 use crate::board::{Cancelled, Id, Status};
 use crate::job::{Func, Job};
 use crate::pool::{Options, Pool, Refused};
+use crate::raw::{bytes_at, push_str, type_name};
 use crate::value::Values;
 use crate::worker_state::Setup;
 
@@ -17,11 +25,13 @@ pub const MAX_THREADS: usize = 1024;
 /// `init_timeout` when none is given, in seconds.
 pub const INIT_TIMEOUT: f64 = 30.0;
 
-fn bad_argument(position: usize, function: &str, message: impl std::fmt::Display) -> mlua::Error {
-    mlua::Error::runtime(format!("bad argument #{position} to '{function}' ({message})"))
+const METATABLE: &CStr = c"bgworker.pool_native.Pool";
+
+fn bad_argument(position: usize, function: &str, message: impl std::fmt::Display) -> String {
+    format!("bad argument #{position} to '{function}' ({message})")
 }
 
-/// A number of seconds >= 0 (`math.huge`: no limit) as a timeout.
+/// A number of seconds >= 0 as a timeout (`math.huge`: `None`, no limit).
 fn seconds(value: f64) -> Option<Option<Duration>> {
     match Duration::try_from_secs_f64(value) {
         Ok(duration) => Some(Some(duration)),
@@ -29,6 +39,9 @@ fn seconds(value: f64) -> Option<Option<Duration>> {
         Err(_) => None,
     }
 }
+
+// ---------------------------------------------------------------------------
+// new(opts)
 
 /// An option of `opts`: `Ok(None)` when absent; an error naming it when
 /// it is not what `expected` says.
@@ -40,32 +53,34 @@ fn option<T: mlua::FromLua>(opts: &Table, name: &str, expected: &str) -> mlua::R
     let got = value.type_name();
     opts.raw_get::<T>(name)
         .map(Some)
-        .map_err(|_| bad_argument(1, "new", format!("opts.{name} must be {expected}, got {got}")))
+        .map_err(|_| mlua::Error::runtime(bad_argument(1, "new", format!("opts.{name} must be {expected}, got {got}"))))
 }
 
 fn required<T: mlua::FromLua>(opts: &Table, name: &str, expected: &str) -> mlua::Result<T> {
-    option(opts, name, expected)?.ok_or_else(|| bad_argument(1, "new", format!("opts.{name} must be {expected}")))
+    option(opts, name, expected)?
+        .ok_or_else(|| mlua::Error::runtime(bad_argument(1, "new", format!("opts.{name} must be {expected}"))))
 }
 
 const KNOWN_OPTIONS: [&str; 8] = ["threads", "path", "cpath", "init", "init_named", "on_event", "init_timeout", "jit"];
 
 fn options(opts: Table) -> mlua::Result<Options> {
+    let refuse = |message: String| mlua::Error::runtime(bad_argument(1, "new", message));
     for pair in opts.pairs::<LuaValue, LuaValue>() {
         let (key, _) = pair?;
         let known = matches!(&key, LuaValue::String(s) if KNOWN_OPTIONS.iter().any(|k| s.as_bytes() == k.as_bytes()));
         if !known {
-            return Err(bad_argument(1, "new", format!("unknown option {}", key.to_string()?)));
+            return Err(refuse(format!("unknown option {}", key.to_string()?)));
         }
     }
     let threads: i64 = required(&opts, "threads", "an integer")?;
     if !(1..=MAX_THREADS as i64).contains(&threads) {
-        return Err(bad_argument(1, "new", format!("opts.threads must be in 1..{MAX_THREADS}, got {threads}")));
+        return Err(refuse(format!("opts.threads must be in 1..{MAX_THREADS}, got {threads}")));
     }
     let init: Option<LuaString> = option(&opts, "init", "a string (a function's dump or 'module.function')")?;
     let named = option(&opts, "init_named", "a boolean")?.unwrap_or(false);
     let timeout = option(&opts, "init_timeout", "a number")?.unwrap_or(INIT_TIMEOUT);
-    let init_timeout = seconds(timeout)
-        .ok_or_else(|| bad_argument(1, "new", format!("opts.init_timeout must be >= 0, got {timeout}")))?;
+    let init_timeout =
+        seconds(timeout).ok_or_else(|| refuse(format!("opts.init_timeout must be >= 0, got {timeout}")))?;
     let setup = Setup {
         path: required::<LuaString>(&opts, "path", "a string")?.as_bytes().to_vec(),
         cpath: required::<LuaString>(&opts, "cpath", "a string")?.as_bytes().to_vec(),
@@ -79,111 +94,313 @@ fn options(opts: Table) -> mlua::Result<Options> {
 /// `new(opts)`: a pool, or `nil, error, traceback`.
 fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
     let LuaValue::Table(opts) = opts else {
-        return Err(bad_argument(1, "new", format!("table expected, got {}", opts.type_name())));
+        return Err(mlua::Error::runtime(bad_argument(1, "new", format!("table expected, got {}", opts.type_name()))));
     };
-    match Pool::new(lua, options(opts)?)? {
-        Ok(pool) => lua.create_userdata(pool)?.into_lua_multi(lua),
+    let mut pool = match Pool::new(lua, options(opts)?)? {
+        Ok(pool) => Some(pool),
         Err(Refused::Failed(failure)) => {
-            (LuaValue::Nil, failure.error.rebuild(lua)?, failure.traceback).into_lua_multi(lua)
+            let (error, traceback) = (failure.error, failure.traceback);
+            // SAFETY: push leaves one value for exec_raw to collect.
+            let error: LuaValue = unsafe { lua.exec_raw((), |state| error.push(state)) }?;
+            return Ok(MultiValue::from_vec(vec![
+                LuaValue::Nil,
+                error,
+                LuaValue::String(lua.create_string(traceback)?),
+            ]));
         }
-        Err(Refused::TimedOut) => (LuaValue::Nil, "init timed out").into_lua_multi(lua),
-        Err(Refused::NoThread(message)) => (LuaValue::Nil, message).into_lua_multi(lua),
+        Err(Refused::TimedOut) => {
+            return Ok(MultiValue::from_vec(vec![LuaValue::Nil, "init timed out".into_lua(lua)?]))
+        }
+        Err(Refused::NoThread(message)) => {
+            return Ok(MultiValue::from_vec(vec![LuaValue::Nil, message.into_lua(lua)?]))
+        }
+    };
+    // SAFETY: push_pool leaves the userdata for exec_raw to collect. If Lua
+    // raises before the pool moved in, `pool` still owns it here.
+    let userdata: LuaValue = unsafe { lua.exec_raw((), |state| push_pool(state, &mut pool)) }?;
+    Ok(MultiValue::from_vec(vec![userdata]))
+}
+
+// ---------------------------------------------------------------------------
+// The pool userdata
+
+/// The userdata's block: `None` once collected.
+struct PoolCell {
+    pool: Option<Pool>,
+}
+
+/// Push a new pool userdata owning the pool in `slot`.
+///
+/// # Safety
+/// `state` is valid, on its thread; may raise before it takes the pool.
+unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
+    unsafe {
+        if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
+            let methods: [(&CStr, lua_CFunction); 5] = [
+                (c"submit", pool_submit),
+                (c"cancel", pool_cancel),
+                (c"status", pool_status),
+                (c"stats", pool_stats),
+                (c"close", pool_close),
+            ];
+            lua_createtable(state, 0, methods.len() as c_int);
+            for (name, method) in methods {
+                lua_pushcfunction(state, method);
+                lua_setfield(state, -2, name.as_ptr());
+            }
+            lua_setfield(state, -2, c"__index".as_ptr());
+            lua_pushcfunction(state, pool_gc);
+            lua_setfield(state, -2, c"__gc".as_ptr());
+        }
+        let cell = lua_newuserdata(state, std::mem::size_of::<PoolCell>()) as *mut PoolCell;
+        // From here on nothing raises: the userdata owns the pool at once.
+        ptr::write(cell, PoolCell { pool: slot.take() });
+        lua_insert(state, -2);
+        lua_setmetatable(state, -2);
     }
 }
 
-fn status_name(status: Status) -> &'static str {
-    match status {
-        Status::Queued => "queued",
-        Status::Running => "running",
-        Status::Finished => "finished",
+/// Why a method raises: raised by its C function once its frame is gone.
+enum Raise {
+    Arg(c_int, String),
+    Message(String),
+}
+
+/// # Safety
+/// In a C function called by Lua; raises.
+unsafe fn raise(state: *mut lua_State, raise: Raise) -> ! {
+    unsafe {
+        match raise {
+            Raise::Arg(position, message) => {
+                push_str(state, message.as_bytes());
+                drop(message);
+                luaL_argerror(state, position, lua_tostring(state, -1));
+                unreachable!("luaL_argerror raises")
+            }
+            Raise::Message(message) => {
+                push_str(state, message.as_bytes());
+                drop(message);
+                lua_error(state)
+            }
+        }
     }
 }
 
-/// A job id argument: ids are integers from 1, so anything else names no
-/// job (`None`), and a non-number is refused.
-fn job_id(value: &LuaValue, function: &str) -> mlua::Result<Option<Id>> {
-    match value {
-        LuaValue::Integer(id) => Ok(u64::try_from(*id).ok()),
-        LuaValue::Number(n) if n.fract() == 0.0 && *n >= 0.0 && *n < u64::MAX as f64 => Ok(Some(*n as u64)),
-        LuaValue::Number(_) => Ok(None),
-        other => Err(bad_argument(2, function, format!("job id expected, got {}", other.type_name()))),
+type Method = unsafe fn(*mut lua_State, &mut Pool) -> Result<c_int, Raise>;
+
+/// Call `method` on the pool that is argument 1, raising its error.
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
+    let result = unsafe { pool_at(state, name).and_then(|pool| method(state, pool)) };
+    match result {
+        Ok(count) => count,
+        Err(e) => unsafe { raise(state, e) },
     }
 }
 
-impl UserData for Pool {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // submit(code, named, n, args...): the first n args are the job's.
-        methods.add_method("submit", |lua, this, (code, named, count, args): (LuaString, bool, usize, MultiValue)| {
-            let mut args: Vec<LuaValue> = args.into_iter().take(count).collect();
-            args.resize(count, LuaValue::Nil);
-            let args = match Values::copy(&args) {
-                Ok(args) => args,
-                Err((position, e)) => {
-                    let message = format!("{e} cannot be copied to a worker");
-                    return (LuaValue::Nil, position + 1, message).into_lua_multi(lua);
-                }
-            };
-            let job = Job { func: Func::new(&code.as_bytes(), named), args };
-            let id =
-                this.submit(job).ok_or_else(|| mlua::Error::runtime("bgworker.pool_native: the pool is closed"))?;
-            id.into_lua_multi(lua)
-        });
-        methods.add_method("cancel", |lua, this, id: LuaValue| {
-            let cancelled = job_id(&id, "cancel")?.map_or(Cancelled::No, |id| this.cancel(id));
-            match cancelled {
-                Cancelled::Queued => "queued".into_lua(lua),
-                Cancelled::Running { .. } => "running".into_lua(lua),
-                Cancelled::No => Ok(LuaValue::Boolean(false)),
-            }
-        });
-        methods.add_method("status", |_, this, id: LuaValue| {
-            Ok(job_id(&id, "status")?.and_then(|id| this.status(id)).map(status_name))
-        });
-        methods.add_method("stats", |lua, this, ()| {
-            let snapshot = this.snapshot();
-            let counts = snapshot.counts;
-            let stats = lua.create_table()?;
-            stats.set("threads", this.threads())?;
-            for (name, count) in [
-                ("submitted", counts.submitted),
-                ("queued", counts.queued),
-                ("running", counts.running),
-                ("done", counts.done),
-                ("failed", counts.failed),
-                ("cancelled", counts.cancelled),
-            ] {
-                stats.set(name, count)?;
-            }
-            for (name, seconds) in [
-                ("wait_mean", snapshot.wait_mean),
-                ("wait_max", snapshot.wait_max),
-                ("run_mean", snapshot.run_mean),
-                ("run_max", snapshot.run_max),
-            ] {
-                stats.set(name, seconds)?;
-            }
-            Ok(stats)
-        });
-        methods.add_method_mut("close", |lua, this, timeout: LuaValue| {
-            let seconds = match timeout {
-                LuaValue::Integer(n) => n as f64,
-                LuaValue::Number(n) => n,
-                other => return Err(bad_argument(2, "close", format!("number expected, got {}", other.type_name()))),
-            };
-            let timeout = self::seconds(seconds)
-                .ok_or_else(|| bad_argument(2, "close", format!("timeout must be >= 0, got {seconds}")))?;
-            // Duration::MAX is out of any deadline's reach: no deadline.
-            if this.close(timeout.unwrap_or(Duration::MAX)) {
-                true.into_lua_multi(lua)
-            } else {
-                (false, "timeout").into_lua_multi(lua)
-            }
-        });
+/// The pool that is argument 1 of method `name`.
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut Pool, Raise> {
+    unsafe {
+        let cell = lua_touserdata(state, 1) as *mut PoolCell;
+        let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
+            luaL_getmetatable(state, METATABLE.as_ptr());
+            let same = lua_rawequal(state, -1, -2) != 0;
+            lua_pop(state, 2);
+            same
+        };
+        if !ours {
+            let got = type_name(state, 1);
+            return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
+        }
+        // SAFETY: a userdata with our metatable holds a PoolCell.
+        (*cell).pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))
     }
 }
 
-/// The module table: `new`, and `cpus` (the threads the system can run at
-/// once, the Lua layer's default pool size).
+/// A non-negative integer argument.
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn count_at(state: *mut lua_State, index: c_int) -> Result<usize, Raise> {
+    unsafe {
+        let number = lua_tonumber(state, index);
+        if lua_type(state, index) != LUA_TNUMBER || number < 0.0 || number.fract() != 0.0 || number > 1e6 {
+            let got = type_name(state, index);
+            return Err(Raise::Arg(index, format!("argument count expected, got {got}")));
+        }
+        Ok(number as usize)
+    }
+}
+
+/// A job id argument (2): ids are integers from 1, so any other number
+/// names no job (`None`); a non-number is refused.
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn id_at(state: *mut lua_State) -> Result<Option<Id>, Raise> {
+    unsafe {
+        if lua_type(state, 2) != LUA_TNUMBER {
+            let got = type_name(state, 2);
+            return Err(Raise::Arg(2, format!("job id expected, got {got}")));
+        }
+        if lua_isinteger(state, 2) != 0 {
+            return Ok(u64::try_from(lua_tointeger(state, 2)).ok());
+        }
+        let n = lua_tonumber(state, 2);
+        Ok((n.fract() == 0.0 && n >= 0.0 && n < u64::MAX as f64).then_some(n as u64))
+    }
+}
+
+unsafe extern "C-unwind" fn pool_submit(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "submit", submit) }
+}
+
+/// `submit(code, named, n, args...)`: the first n args are the job's.
+unsafe fn submit(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+    unsafe {
+        let Some(code) = bytes_at(state, 2) else {
+            let got = type_name(state, 2);
+            return Err(Raise::Arg(2, format!("string expected, got {got}")));
+        };
+        let named = lua_toboolean(state, 3) != 0;
+        let count = count_at(state, 4)?;
+        // Missing arguments are nils.
+        if lua_checkstack(state, count as c_int + 3) == 0 {
+            return Err(Raise::Message("submit: too many arguments".into()));
+        }
+        lua_settop(state, 4 + count as c_int);
+        let args = match Values::copy(state, 5, count as c_int) {
+            Ok(args) => args,
+            Err((position, e)) => {
+                let message = format!("{e} cannot be copied to a worker");
+                lua_pushnil(state);
+                lua_pushinteger(state, position as lua_Integer + 1);
+                push_str(state, message.as_bytes());
+                return Ok(3);
+            }
+        };
+        let job = Job { func: Func::new(code, named), args };
+        let id = pool.submit(job).ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
+        lua_pushinteger(state, id as lua_Integer);
+        Ok(1)
+    }
+}
+
+unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "cancel", cancel) }
+}
+
+unsafe fn cancel(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+    unsafe {
+        match id_at(state)?.map_or(Cancelled::No, |id| pool.cancel(id)) {
+            Cancelled::Queued => lua_pushstring(state, c"queued".as_ptr()),
+            Cancelled::Running { .. } => lua_pushstring(state, c"running".as_ptr()),
+            Cancelled::No => {
+                lua_pushboolean(state, 0);
+                return Ok(1);
+            }
+        };
+    }
+    Ok(1)
+}
+
+unsafe extern "C-unwind" fn pool_status(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "status", status) }
+}
+
+unsafe fn status(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+    unsafe {
+        let name = match id_at(state)?.and_then(|id| pool.status(id)) {
+            Some(Status::Queued) => c"queued",
+            Some(Status::Running) => c"running",
+            Some(Status::Finished) => c"finished",
+            None => {
+                lua_pushnil(state);
+                return Ok(1);
+            }
+        };
+        lua_pushstring(state, name.as_ptr());
+    }
+    Ok(1)
+}
+
+unsafe extern "C-unwind" fn pool_stats(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "stats", stats) }
+}
+
+unsafe fn stats(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+    let snapshot = pool.snapshot();
+    let counts = snapshot.counts;
+    let integers: [(&CStr, u64); 7] = [
+        (c"threads", pool.threads() as u64),
+        (c"submitted", counts.submitted),
+        (c"queued", counts.queued),
+        (c"running", counts.running),
+        (c"done", counts.done),
+        (c"failed", counts.failed),
+        (c"cancelled", counts.cancelled),
+    ];
+    let seconds: [(&CStr, f64); 4] = [
+        (c"wait_mean", snapshot.wait_mean),
+        (c"wait_max", snapshot.wait_max),
+        (c"run_mean", snapshot.run_mean),
+        (c"run_max", snapshot.run_max),
+    ];
+    unsafe {
+        lua_createtable(state, 0, (integers.len() + seconds.len()) as c_int);
+        for (name, value) in integers {
+            lua_pushinteger(state, value as lua_Integer);
+            lua_setfield(state, -2, name.as_ptr());
+        }
+        for (name, value) in seconds {
+            lua_pushnumber(state, value);
+            lua_setfield(state, -2, name.as_ptr());
+        }
+    }
+    Ok(1)
+}
+
+unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "close", close) }
+}
+
+/// `close(timeout)`: true, or false and "timeout".
+unsafe fn close(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+    unsafe {
+        if lua_type(state, 2) != LUA_TNUMBER {
+            let got = type_name(state, 2);
+            return Err(Raise::Arg(2, format!("number expected, got {got}")));
+        }
+        let value = lua_tonumber(state, 2);
+        let timeout = seconds(value).ok_or_else(|| Raise::Arg(2, format!("timeout must be >= 0, got {value}")))?;
+        // Duration::MAX is out of any deadline's reach: no deadline.
+        if pool.close(timeout.unwrap_or(Duration::MAX)) {
+            lua_pushboolean(state, 1);
+            return Ok(1);
+        }
+        lua_pushboolean(state, 0);
+        lua_pushstring(state, c"timeout".as_ptr());
+    }
+    Ok(2)
+}
+
+/// `__gc`: close within the grace period (pool.rs), whatever the state.
+unsafe extern "C-unwind" fn pool_gc(state: *mut lua_State) -> c_int {
+    // SAFETY: only set as __gc of our userdata, which holds a PoolCell.
+    let cell = unsafe { lua_touserdata(state, 1) } as *mut PoolCell;
+    if let Some(cell) = unsafe { cell.as_mut() } {
+        drop(cell.pool.take());
+    }
+    0
+}
+
+/// The module table: `new`, `cpus` (the threads the system can run at
+/// once, the Lua layer's default pool size) and the documented constants.
 pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     let exports = lua.create_table()?;
     exports.set("new", lua.create_function(new)?)?;

@@ -1,30 +1,34 @@
 //! Values that cross between Lua states by copy.
 //!
-//! `Values::copy` reads Lua values of one state into plain Rust data (no Lua
-//! reference survives it, so the result is `Send`); `Values::rebuild` makes
-//! them anew in another state. What crosses: nil, booleans, integers and
-//! floats (kept apart where the Lua version has both), strings of any bytes,
-//! and tables of those. A table reached twice in one copy (a shared
-//! sub-table) is rebuilt once and reached twice, so sharing is kept; a table
-//! that contains itself (a cycle) is refused, as are functions, userdata,
-//! coroutines and LuaJIT cdata. Metatables do not cross: tables are read and
-//! written raw.
+//! `Values::copy` reads Lua values off a state's stack into plain Rust data
+//! (no Lua reference survives it, so the result is `Send`);
+//! `Values::push` makes them anew on another state's stack. Both use Lua's
+//! C API: they are on the hot path of every job. What crosses: nil,
+//! booleans, integers and floats (kept apart where the Lua version has
+//! both), strings of any bytes, and tables of those. A table reached twice
+//! in one copy (a shared sub-table) is made once and reached twice, so
+//! sharing is kept; a table that contains itself (a cycle) is refused, as
+//! are functions, userdata, coroutines and LuaJIT cdata. Metatables do not
+//! cross: tables are read and written raw.
 
 use std::collections::HashMap;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::fmt;
+use std::ptr;
 
-use mlua::{Integer, Lua, Number, Table, Value as LuaValue};
+use mlua::ffi::*;
+
+use crate::raw::{bytes_at, describe, push_str, type_name};
 
 /// Deepest table nesting that crosses: bounds the recursion of both copy and
-/// rebuild, on threads whose stacks are of ordinary size.
+/// push, on threads whose stacks are of ordinary size.
 pub const MAX_DEPTH: usize = 200;
 
 enum Value {
     Nil,
     Boolean(bool),
-    Integer(Integer),
-    Number(Number),
+    Integer(lua_Integer),
+    Number(lua_Number),
     String(Box<[u8]>),
     /// An index into `Values::tables`.
     Table(usize),
@@ -33,7 +37,7 @@ enum Value {
 /// Values copied out of a Lua state.
 ///
 /// Invariant (built by `Copier` only): every `Value::Table(i)` indexes
-/// `tables`, and a table never reaches itself, so `rebuild` terminates
+/// `tables`, and a table never reaches itself, so `push` terminates
 /// within `MAX_DEPTH` levels.
 #[derive(Default)]
 pub struct Values {
@@ -57,8 +61,6 @@ enum What {
     Key(&'static str),
     Cycle,
     TooDeep,
-    /// Lua itself failed while the table was read (out of memory).
-    Lua(String),
 }
 
 impl fmt::Display for CrossError {
@@ -68,7 +70,6 @@ impl fmt::Display for CrossError {
             What::Key(what) => write!(f, "{what} used as a table key")?,
             What::Cycle => write!(f, "a table that contains itself")?,
             What::TooDeep => write!(f, "tables nested more than {MAX_DEPTH} deep")?,
-            What::Lua(message) => write!(f, "a table that could not be read ({message})")?,
         }
         if !self.path.is_empty() {
             write!(f, " at ")?;
@@ -85,45 +86,51 @@ impl CrossError {
         CrossError { what, path: Vec::new() }
     }
 
-    /// The error happened inside the entry of key `key`. Too deep a
-    /// nesting has no path: it would be `MAX_DEPTH` segments long.
-    fn within(mut self, key: &LuaValue) -> Self {
+    /// The error happened inside the entry whose key is `segment`. Too
+    /// deep a nesting has no path: it would be `MAX_DEPTH` segments long.
+    fn within(mut self, segment: String) -> Self {
         if !matches!(self.what, What::TooDeep) {
-            self.path.push(segment(key));
+            self.path.push(segment);
         }
         self
     }
 }
 
-/// How a key shows in a path: `.name` for identifiers, `[...]` otherwise.
-fn segment(key: &LuaValue) -> String {
-    match key {
-        LuaValue::String(s) => {
-            let bytes = s.as_bytes();
-            let identifier = !bytes.is_empty()
-                && !bytes[0].is_ascii_digit()
-                && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_');
-            if identifier {
-                format!(".{}", s.to_string_lossy())
-            } else {
-                format!("[{:?}]", s.to_string_lossy())
+/// How the key at `index` shows in a path: `.name` for identifiers,
+/// `[...]` otherwise.
+///
+/// # Safety
+/// `state` is valid.
+unsafe fn segment(state: *mut lua_State, index: c_int) -> String {
+    unsafe {
+        match lua_type(state, index) {
+            LUA_TSTRING => {
+                let bytes = bytes_at(state, index).unwrap_or_default();
+                let identifier = !bytes.is_empty()
+                    && !bytes[0].is_ascii_digit()
+                    && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_');
+                let text = String::from_utf8_lossy(bytes);
+                if identifier {
+                    format!(".{text}")
+                } else {
+                    format!("[{text:?}]")
+                }
             }
+            LUA_TNUMBER if lua_isinteger(state, index) != 0 => format!("[{}]", lua_tointeger(state, index)),
+            LUA_TNUMBER => format!("[{}]", lua_tonumber(state, index)),
+            LUA_TBOOLEAN => format!("[{}]", lua_toboolean(state, index) != 0),
+            _ => format!("[{}]", type_name(state, index)),
         }
-        LuaValue::Integer(i) => format!("[{i}]"),
-        LuaValue::Number(n) => format!("[{n}]"),
-        LuaValue::Boolean(b) => format!("[{b}]"),
-        other => format!("[{}]", other.type_name()),
     }
 }
 
-/// The value as a phrase, for types that cannot cross.
-fn refused(value: &LuaValue) -> &'static str {
-    match value {
-        LuaValue::Function(_) => "a function",
-        LuaValue::Thread(_) => "a coroutine",
-        LuaValue::UserData(_) => "a userdata",
-        LuaValue::LightUserData(_) => "a light userdata",
-        LuaValue::Error(_) => "an error object",
+/// The value's type as a phrase, for types that cannot cross.
+fn refused(kind: c_int) -> &'static str {
+    match kind {
+        LUA_TFUNCTION => "a function",
+        LUA_TTHREAD => "a coroutine",
+        LUA_TUSERDATA => "a userdata",
+        LUA_TLIGHTUSERDATA => "a light userdata",
         _ => "a value of a foreign type (cdata)",
     }
 }
@@ -136,91 +143,155 @@ struct Copier {
 }
 
 impl Copier {
-    fn value(&mut self, value: &LuaValue, depth: usize) -> Result<Value, CrossError> {
-        Ok(match value {
-            LuaValue::Nil => Value::Nil,
-            LuaValue::Boolean(b) => Value::Boolean(*b),
-            LuaValue::Integer(i) => Value::Integer(*i),
-            LuaValue::Number(n) => Value::Number(*n),
-            LuaValue::String(s) => Value::String(s.as_bytes().to_vec().into_boxed_slice()),
-            LuaValue::Table(t) => Value::Table(self.table(t, depth)?),
-            other => return Err(CrossError::new(What::Type(refused(other)))),
-        })
+    /// # Safety
+    /// `state` is valid; `index` is absolute.
+    unsafe fn value(&mut self, state: *mut lua_State, index: c_int, depth: usize) -> Result<Value, CrossError> {
+        unsafe {
+            Ok(match lua_type(state, index) {
+                LUA_TNIL => Value::Nil,
+                LUA_TBOOLEAN => Value::Boolean(lua_toboolean(state, index) != 0),
+                LUA_TNUMBER if lua_isinteger(state, index) != 0 => Value::Integer(lua_tointeger(state, index)),
+                LUA_TNUMBER => Value::Number(lua_tonumber(state, index)),
+                LUA_TSTRING => Value::String(bytes_at(state, index).unwrap_or_default().into()),
+                LUA_TTABLE => Value::Table(self.table(state, index, depth)?),
+                kind => return Err(CrossError::new(What::Type(refused(kind)))),
+            })
+        }
     }
 
-    fn table(&mut self, table: &Table, depth: usize) -> Result<usize, CrossError> {
-        let address = table.to_pointer();
-        match self.seen.get(&address) {
-            Some(Some(index)) => return Ok(*index),
-            Some(None) => return Err(CrossError::new(What::Cycle)),
-            None => {}
+    /// # Safety
+    /// As for `value`.
+    unsafe fn table(&mut self, state: *mut lua_State, index: c_int, depth: usize) -> Result<usize, CrossError> {
+        unsafe {
+            let address = lua_topointer(state, index);
+            match self.seen.get(&address) {
+                Some(Some(table)) => return Ok(*table),
+                Some(None) => return Err(CrossError::new(What::Cycle)),
+                None => {}
+            }
+            // Each level holds a key and a value on the stack.
+            if depth >= MAX_DEPTH || lua_checkstack(state, 3) == 0 {
+                return Err(CrossError::new(What::TooDeep));
+            }
+            self.seen.insert(address, None);
+            let mut entries = Vec::new();
+            lua_pushnil(state);
+            while lua_next(state, index) != 0 {
+                let (key, value) = (lua_gettop(state) - 1, lua_gettop(state));
+                let entry = match self.value(state, key, depth + 1) {
+                    Err(CrossError { what: What::Type(what), path }) if path.is_empty() => {
+                        Err(CrossError::new(What::Key(what)))
+                    }
+                    Err(e) => Err(e.within(segment(state, key))),
+                    Ok(copied_key) => match self.value(state, value, depth + 1) {
+                        Ok(copied_value) => Ok((copied_key, copied_value)),
+                        Err(e) => Err(e.within(segment(state, key))),
+                    },
+                };
+                // The value goes; the key stays for lua_next, or goes too.
+                match entry {
+                    Ok(entry) => {
+                        entries.push(entry);
+                        lua_pop(state, 1);
+                    }
+                    Err(e) => {
+                        lua_pop(state, 2);
+                        return Err(e);
+                    }
+                }
+            }
+            let table = self.tables.len();
+            self.tables.push(entries);
+            self.seen.insert(address, Some(table));
+            Ok(table)
         }
-        if depth >= MAX_DEPTH {
-            return Err(CrossError::new(What::TooDeep));
-        }
-        self.seen.insert(address, None);
-        let mut entries = Vec::new();
-        for pair in table.pairs::<LuaValue, LuaValue>() {
-            let (key, value) = pair.map_err(|e| CrossError::new(What::Lua(e.to_string())))?;
-            let copied_key = self.value(&key, depth + 1).map_err(|e| match e.what {
-                What::Type(what) if e.path.is_empty() => CrossError::new(What::Key(what)),
-                _ => e.within(&key),
-            })?;
-            let copied_value = self.value(&value, depth + 1).map_err(|e| e.within(&key))?;
-            entries.push((copied_key, copied_value));
-        }
-        let index = self.tables.len();
-        self.tables.push(entries);
-        self.seen.insert(address, Some(index));
-        Ok(index)
     }
 }
 
 impl Values {
-    /// Copy `values`. On failure, the position (from 0) of the value that
-    /// cannot cross, and why.
-    pub fn copy<'a>(values: impl IntoIterator<Item = &'a LuaValue>) -> Result<Values, (usize, CrossError)> {
+    /// Copy the `count` values from stack index `first` up. It only reads
+    /// (it never raises, so it may own what it likes). On failure, the
+    /// position (from 0) of the value that cannot cross, and why.
+    ///
+    /// # Safety
+    /// `state` is valid, on its thread, and holds those values.
+    pub unsafe fn copy(state: *mut lua_State, first: c_int, count: c_int) -> Result<Values, (usize, CrossError)> {
         let mut copier = Copier { tables: Vec::new(), seen: HashMap::new() };
-        let list = values
-            .into_iter()
-            .enumerate()
-            .map(|(position, value)| copier.value(value, 0).map_err(|e| (position, e)))
+        let first = unsafe { lua_absindex(state, first) };
+        let list = (0..count.max(0))
+            .map(|position| unsafe { copier.value(state, first + position, 0) }.map_err(|e| (position as usize, e)))
             .collect::<Result<_, _>>()?;
         Ok(Values { list, tables: copier.tables })
     }
 
-    /// Make the values anew in `lua`.
-    pub fn rebuild(&self, lua: &Lua) -> mlua::Result<Vec<LuaValue>> {
-        let mut built = vec![None; self.tables.len()];
-        self.list.iter().map(|value| self.value(lua, &mut built, value)).collect()
+    /// Push the values onto `state`'s stack; returns how many. It may raise
+    /// (out of memory, or no stack space), and borrows only: call it where
+    /// raising is allowed ([`crate::raw::protect`], or a decode).
+    ///
+    /// # Safety
+    /// `state` is valid, on its thread.
+    pub unsafe fn push(&self, state: *mut lua_State) -> c_int {
+        unsafe {
+            luaL_checkstack(state, self.list.len() as c_int + 2, ptr::null());
+            // The tables made so far, by index + 1, so that a shared one is
+            // made once. On the stack: nothing Rust owns while Lua may raise.
+            let made = match self.tables.len() {
+                0 => 0,
+                n => {
+                    lua_createtable(state, n as c_int, 0);
+                    lua_gettop(state)
+                }
+            };
+            for value in &self.list {
+                self.push_value(state, made, value);
+            }
+            if made != 0 {
+                lua_remove(state, made);
+            }
+            self.list.len() as c_int
+        }
     }
 
-    fn value(&self, lua: &Lua, built: &mut [Option<Table>], value: &Value) -> mlua::Result<LuaValue> {
-        Ok(match value {
-            Value::Nil => LuaValue::Nil,
-            Value::Boolean(b) => LuaValue::Boolean(*b),
-            Value::Integer(i) => LuaValue::Integer(*i),
-            Value::Number(n) => LuaValue::Number(*n),
-            Value::String(bytes) => LuaValue::String(lua.create_string(bytes)?),
-            Value::Table(index) => LuaValue::Table(self.table(lua, built, *index)?),
-        })
+    /// # Safety
+    /// As for `push`; `made` is its table of made tables.
+    unsafe fn push_value(&self, state: *mut lua_State, made: c_int, value: &Value) {
+        unsafe {
+            match value {
+                Value::Nil => lua_pushnil(state),
+                Value::Boolean(b) => lua_pushboolean(state, *b as c_int),
+                Value::Integer(i) => lua_pushinteger(state, *i),
+                Value::Number(n) => lua_pushnumber(state, *n),
+                Value::String(bytes) => push_str(state, bytes),
+                Value::Table(index) => self.push_table(state, made, *index),
+            }
+        }
     }
 
-    fn table(&self, lua: &Lua, built: &mut [Option<Table>], index: usize) -> mlua::Result<Table> {
-        if let Some(table) = &built[index] {
-            return Ok(table.clone());
+    /// # Safety
+    /// As for `push_value`.
+    unsafe fn push_table(&self, state: *mut lua_State, made: c_int, index: usize) {
+        unsafe {
+            let key = index as lua_Integer + 1;
+            if lua_rawgeti(state, made, key) != LUA_TNIL {
+                return;
+            }
+            lua_pop(state, 1);
+            // A key, a value and the table, per level.
+            luaL_checkstack(state, 3, ptr::null());
+            let entries = &self.tables[index];
+            let sequence = entries
+                .iter()
+                .filter(|(key, _)| matches!(key, Value::Integer(i) if *i >= 1 && *i as u64 <= entries.len() as u64))
+                .count();
+            lua_createtable(state, sequence as c_int, (entries.len() - sequence) as c_int);
+            for (key, value) in entries {
+                self.push_value(state, made, key);
+                self.push_value(state, made, value);
+                lua_rawset(state, -3);
+            }
+            lua_pushvalue(state, -1);
+            lua_rawseti(state, made, key);
         }
-        let entries = &self.tables[index];
-        let sequence = entries
-            .iter()
-            .filter(|(key, _)| matches!(key, Value::Integer(i) if *i >= 1 && *i as u64 <= entries.len() as u64))
-            .count();
-        let table = lua.create_table_with_capacity(sequence, entries.len() - sequence)?;
-        for (key, value) in entries {
-            table.raw_set(self.value(lua, built, key)?, self.value(lua, built, value)?)?;
-        }
-        built[index] = Some(table.clone());
-        Ok(table)
     }
 }
 
@@ -232,19 +303,29 @@ pub enum ErrorValue {
 }
 
 impl ErrorValue {
-    pub fn of(error: &LuaValue) -> ErrorValue {
-        match Values::copy([error]) {
+    /// The error value at `index`.
+    ///
+    /// # Safety
+    /// `state` is valid, on its thread.
+    pub unsafe fn of(state: *mut lua_State, index: c_int) -> ErrorValue {
+        match unsafe { Values::copy(state, index, 1) } {
             Ok(values) => ErrorValue::Copied(values),
-            Err(_) => ErrorValue::Described(
-                error.to_string().unwrap_or_else(|_| format!("(a {} error value)", error.type_name())),
-            ),
+            Err(_) => ErrorValue::Described(unsafe { describe(state, index) }),
         }
     }
 
-    pub fn rebuild(&self, lua: &Lua) -> mlua::Result<LuaValue> {
-        match self {
-            ErrorValue::Copied(values) => Ok(values.rebuild(lua)?.pop().unwrap_or(LuaValue::Nil)),
-            ErrorValue::Described(description) => Ok(LuaValue::String(lua.create_string(description)?)),
+    /// Push it: one value. As [`Values::push`], it may raise.
+    ///
+    /// # Safety
+    /// As for [`Values::push`].
+    pub unsafe fn push(&self, state: *mut lua_State) {
+        unsafe {
+            match self {
+                ErrorValue::Copied(values) => {
+                    values.push(state);
+                }
+                ErrorValue::Described(description) => push_str(state, description.as_bytes()),
+            }
         }
     }
 }
@@ -252,19 +333,35 @@ impl ErrorValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mlua::{Lua, MultiValue, Value as LuaValue};
+
+    /// Copy `values` off `lua`'s stack.
+    fn copy(lua: &Lua, values: MultiValue) -> Result<Values, (usize, CrossError)> {
+        let n = values.len() as c_int;
+        let mut copied = None;
+        // SAFETY: the values are the top n of the stack.
+        unsafe { lua.exec_raw::<()>(values, |state| copied = Some(Values::copy(state, lua_gettop(state) - n + 1, n))) }
+            .unwrap();
+        copied.unwrap()
+    }
 
     /// Evaluate `source` in a state, copy its values, close that state, and
-    /// rebuild them in a new one: the new state and the values, or why the
+    /// push them in a new one: the new state and the values, or why the
     /// copy failed.
     fn cross(source: &str) -> Result<(Lua, Vec<LuaValue>), (usize, CrossError)> {
         let from = Lua::new();
-        let values: Vec<LuaValue> = from.load(source).eval::<mlua::MultiValue>().unwrap().into_iter().collect();
-        let copied = Values::copy(&values)?;
-        drop(values);
+        let values = from.load(source).eval::<MultiValue>().unwrap();
+        let copied = copy(&from, values)?;
         drop(from);
         let to = Lua::new();
-        let rebuilt = copied.rebuild(&to).unwrap();
-        Ok((to, rebuilt))
+        // SAFETY: push leaves its values for exec_raw to collect.
+        let pushed: MultiValue = unsafe {
+            to.exec_raw((), |state| {
+                copied.push(state);
+            })
+        }
+        .unwrap();
+        Ok((to, pushed.into_iter().collect()))
     }
 
     fn error(source: &str) -> (usize, String) {
@@ -282,28 +379,48 @@ mod tests {
         assert!(matches!(v[4], LuaValue::Number(n) if n.to_bits() == (-0.0f64).to_bits()));
         assert!(matches!(v[5], LuaValue::Number(n) if n.is_nan()));
         assert!(matches!(&v[6], LuaValue::String(s) if &*s.as_bytes() == b"a\0b"));
+        assert!(cross("return").unwrap().1.is_empty());
     }
 
     #[test]
     fn error_values_cross_when_they_can_else_their_description_does() {
         let from = Lua::new();
-        let errors: Vec<LuaValue> = from
-            .load("return {code = 42}, 'plain', setmetatable({}, {__tostring = function() return 'described' end}), print")
-            .eval::<mlua::MultiValue>()
-            .unwrap()
-            .into_iter()
-            .collect();
-        let mut crossed: Vec<ErrorValue> = errors.iter().map(ErrorValue::of).collect();
-        let function = crossed.pop().unwrap();
-        assert!(matches!(&function, ErrorValue::Described(d) if d.starts_with("function: ")));
-        drop((errors, from));
+        let source = "return {code = 42}, 'plain', setmetatable({}, {__index = print}), print, \
+                      setmetatable({}, {__tostring = function() error('no') end})";
+        let errors = from.load(source).eval::<MultiValue>().unwrap();
+        let n = errors.len() as c_int;
+        let mut crossed = Vec::new();
+        // SAFETY: the errors are the top n of the stack.
+        unsafe {
+            from.exec_raw::<()>(errors, |state| {
+                let first = lua_gettop(state) - n + 1;
+                crossed = (first..first + n).map(|index| ErrorValue::of(state, index)).collect();
+            })
+        }
+        .unwrap();
+        drop(from);
+        assert!(matches!(&crossed[3], ErrorValue::Described(d) if d.starts_with("function: ")));
+        assert!(matches!(&crossed[4], ErrorValue::Copied(_)), "a table crosses raw, whatever its metatable");
         let to = Lua::new();
-        let rebuilt: Vec<LuaValue> = crossed.iter().map(|e| e.rebuild(&to).unwrap()).collect();
-        let LuaValue::Table(table) = &rebuilt[0] else { panic!("a table crosses as a table") };
+        // SAFETY: each push leaves one value for exec_raw to collect.
+        let pushed: MultiValue =
+            unsafe { to.exec_raw((), |state| crossed[..3].iter().for_each(|e| e.push(state))) }.unwrap();
+        let pushed: Vec<LuaValue> = pushed.into_iter().collect();
+        let LuaValue::Table(table) = &pushed[0] else { panic!("a table crosses as a table") };
         assert_eq!(table.get::<i64>("code").unwrap(), 42);
-        assert_eq!(rebuilt[1].to_string().unwrap(), "plain");
-        // Copied raw: its metatable stays behind, so it arrives as a plain table.
-        assert!(matches!(&rebuilt[2], LuaValue::Table(t) if t.metatable().is_none()));
+        assert_eq!(pushed[1].to_string().unwrap(), "plain");
+        assert!(matches!(&pushed[2], LuaValue::Table(t) if t.metatable().is_none()));
+    }
+
+    #[test]
+    fn a_description_that_fails_says_so() {
+        let lua = Lua::new();
+        let value: LuaValue =
+            lua.load("return setmetatable({}, {__tostring = function() error('no') end})").eval().unwrap();
+        let mut text = String::new();
+        // SAFETY: the value is on top of the stack.
+        unsafe { lua.exec_raw::<()>(value, |state| text = describe(state, -1)) }.unwrap();
+        assert_eq!(text, "(a table value that tostring fails on)");
     }
 
     #[test]
@@ -325,5 +442,22 @@ mod tests {
         let nested = |levels: usize| format!("local t = {{}} for _ = 2, {levels} do t = {{t}} end return t");
         assert!(cross(&nested(MAX_DEPTH)).is_ok());
         assert_eq!(error(&nested(MAX_DEPTH + 1)), (0, "tables nested more than 200 deep".into()));
+    }
+
+    #[test]
+    fn a_failed_copy_leaves_the_stack_as_it_was() {
+        let lua = Lua::new();
+        let values = lua.load("return {1, {2, {print}}}, 5").eval::<MultiValue>().unwrap();
+        let mut tops = (0, 0);
+        // SAFETY: the values are the top two of the stack.
+        unsafe {
+            lua.exec_raw::<()>(values, |state| {
+                let before = lua_gettop(state);
+                assert!(Values::copy(state, before - 1, 2).is_err());
+                tops = (before, lua_gettop(state));
+            })
+        }
+        .unwrap();
+        assert_eq!(tops.0, tops.1);
     }
 }

@@ -1,18 +1,22 @@
 //! A worker's Lua state: made, used and closed on the worker's thread.
-//! Set up once (paths, the JIT, the interrupt, `bgworker.worker`,
-//! worker.lua's wrappers), then it runs tasks: the pool's init, then jobs.
+//! Set up once with mlua (paths, the JIT, the interrupt, `bgworker.worker`,
+//! worker.lua's wrappers), then it runs tasks through Lua's C API (the
+//! pool's init, then jobs: an mlua call per job would cost more than an
+//! empty job).
 
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
-use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use mlua::ffi::*;
+use mlua::{Lua, RegistryKey, Table};
 
 use crate::board::Id;
 use crate::control::Control;
 use crate::events::Events;
 use crate::interrupt::{self, Interrupt};
 use crate::job::{Func, Outcome};
+use crate::raw::{bytes_at, protect, push_str};
 use crate::value::{ErrorValue, Values};
 
 /// What every worker's state starts from.
@@ -27,15 +31,30 @@ pub struct Setup {
     pub init: Option<Func>,
 }
 
-/// The running job, for `bgworker.worker`.
-type Current = Rc<RefCell<Option<(Id, Arc<Control>)>>>;
+/// What `bgworker.worker`'s functions need: the running job, and where
+/// its progress goes. Reached through the registry.
+struct Context {
+    current: RefCell<Option<(Id, Arc<Control>)>>,
+    events: Events,
+}
+
+/// Registry key of the context: an address in this library.
+static CONTEXT_KEY: u8 = 0;
+
+fn context_key() -> *const c_void {
+    &CONTEXT_KEY as *const u8 as *const c_void
+}
 
 pub struct WorkerState {
+    // Dropped first: `context` must outlive the state, whose finalisers
+    // may still call `progress`.
     lua: Lua,
     /// The function worker.lua returns.
-    run: Function,
+    run: RegistryKey,
+    /// The main state: tasks run on it.
+    main: *mut lua_State,
     interrupt: Arc<Interrupt>,
-    current: Current,
+    context: Box<Context>,
 }
 
 const CANCELLED: &str = "bgworker.pool: the job was cancelled";
@@ -55,39 +74,44 @@ impl WorkerState {
             lua.load("if jit then jit.off() end").exec()?;
         }
         let cancel = lua.create_table()?;
-        let describe = lua.create_function(|_, _: LuaValue| Ok(CANCELLED))?;
+        let describe = lua.create_function(|_, _: mlua::Value| Ok(CANCELLED))?;
         cancel.set_metatable(Some(lua.create_table_from([("__tostring", describe)])?))?;
+        let context = Box::new(Context { current: RefCell::new(None), events });
+        let mut main = std::ptr::null_mut();
         // SAFETY: the main state, on this thread, with `cancel` on top;
-        // `Drop` detaches before the state closes.
-        unsafe { lua.exec_raw::<()>(cancel.clone(), |state| interrupt.attach(state)) }?;
-
-        let current = Current::default();
+        // `Drop` detaches before the state closes, and the context outlives it.
+        unsafe {
+            lua.exec_raw::<()>(cancel.clone(), |state| {
+                main = state;
+                interrupt.attach(state);
+                lua_pushlightuserdata(state, &*context as *const Context as *mut c_void);
+                lua_rawsetp(state, LUA_REGISTRYINDEX, context_key());
+            })
+        }?;
         let native = lua.create_table()?;
         native.set("CANCEL", cancel)?;
-        // SAFETY: lua_CFunctions of interrupt.rs, for this attached state.
+        // SAFETY: lua_CFunctions for this state, attached and with its context.
         unsafe {
             native.set("interrupted", lua.create_c_function(interrupt::interrupted)?)?;
             native.set("enter", lua.create_c_function(interrupt::enter)?)?;
             native.set("leave", lua.create_c_function(interrupt::leave)?)?;
+            native.set("progress", lua.create_c_function(progress)?)?;
+            native.set("cancelled", lua.create_c_function(cancelled)?)?;
         }
-        native.set("progress", lua.create_function(progress(Rc::clone(&current), events))?)?;
-        let watched = Rc::clone(&current);
-        let cancelled = move |_: &Lua, ()| Ok(watched.borrow().as_ref().is_some_and(|(_, task)| task.is_cancelled()));
-        native.set("cancelled", lua.create_function(cancelled)?)?;
-        let run = lua.load(include_str!("worker.lua")).set_name(format!("={CHUNK}")).call((native, CHUNK))?;
-        Ok(WorkerState { lua, run, interrupt: Arc::clone(interrupt), current })
+        let run: mlua::Function =
+            lua.load(include_str!("worker.lua")).set_name(format!("={CHUNK}")).call((native, CHUNK))?;
+        let run = lua.create_registry_value(run)?;
+        Ok(WorkerState { lua, run, main, interrupt: Arc::clone(interrupt), context })
     }
 
     /// Run `func(args...)` as `task`: the pool's init (`job` is `None`) or
     /// job `job`.
     pub fn run(&self, task: &Arc<Control>, job: Option<Id>, func: &Func, args: &Values) -> Outcome {
         self.interrupt.begin(Arc::clone(task));
-        *self.current.borrow_mut() = job.map(|id| (id, Arc::clone(task)));
-        let outcome = self.call(func, args).unwrap_or_else(|e| Outcome::Failed {
-            error: ErrorValue::Described(e.to_string()),
-            traceback: String::new(),
-        });
-        *self.current.borrow_mut() = None;
+        *self.context.current.borrow_mut() = job.map(|id| (id, Arc::clone(task)));
+        // SAFETY: the main state, on its thread, between mlua calls.
+        let outcome = unsafe { self.call(func, args) };
+        *self.context.current.borrow_mut() = None;
         if self.interrupt.end() {
             // SAFETY: the attached main state, on this thread. It only
             // fails when Lua cannot allocate the fresh anchor table: the old
@@ -97,34 +121,50 @@ impl WorkerState {
         outcome
     }
 
-    fn call(&self, func: &Func, args: &Values) -> mlua::Result<Outcome> {
-        let lua = &self.lua;
+    /// # Safety
+    /// On the worker thread, outside any mlua call.
+    unsafe fn call(&self, func: &Func, args: &Values) -> Outcome {
         let (code, named) = match func {
             Func::Code(code) => (code, false),
             Func::Named(name) => (name, true),
         };
-        let mut values = vec![LuaValue::String(lua.create_string(code)?), LuaValue::Boolean(named)];
-        values.extend(args.rebuild(lua)?);
-        let mut results = self.run.call::<MultiValue>(MultiValue::from_vec(values))?.into_iter();
-        if !matches!(results.next(), Some(LuaValue::Boolean(true))) {
-            let error = ErrorValue::of(&results.next().unwrap_or(LuaValue::Nil));
-            let traceback = match results.next() {
-                Some(LuaValue::String(traceback)) => traceback.to_string_lossy(),
-                _ => String::new(),
+        let state = self.main;
+        unsafe {
+            let base = lua_gettop(state);
+            // Pushing the arguments may raise (memory): protected, and the
+            // body only borrows.
+            let called = protect(state, 0, |inner| {
+                luaL_checkstack(inner, 3, std::ptr::null());
+                lua_rawgeti(inner, LUA_REGISTRYINDEX, lua_Integer::from(self.run.id()));
+                push_str(inner, code);
+                lua_pushboolean(inner, named as c_int);
+                let count = args.push(inner);
+                lua_call(inner, count + 2, LUA_MULTRET);
+                lua_gettop(inner)
+            });
+            let first = base + 1;
+            let outcome = match called {
+                // The driver itself raised: out of memory, or the
+                // cancellation outside its xpcall.
+                Err(()) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: String::new() },
+                Ok(_) if lua_toboolean(state, first) == 0 => Outcome::Failed {
+                    error: ErrorValue::of(state, first + 1),
+                    traceback: String::from_utf8_lossy(bytes_at(state, first + 2).unwrap_or_default()).into_owned(),
+                },
+                Ok(count) => match Values::copy(state, first + 1, count - 1) {
+                    Ok(values) => Outcome::Done(values),
+                    Err((position, e)) => Outcome::Failed {
+                        error: ErrorValue::Described(format!(
+                            "result #{}: {e} cannot be copied back from the worker",
+                            position + 1
+                        )),
+                        traceback: String::new(),
+                    },
+                },
             };
-            return Ok(Outcome::Failed { error, traceback });
+            lua_settop(state, base);
+            outcome
         }
-        let results: Vec<LuaValue> = results.collect();
-        Ok(match Values::copy(&results) {
-            Ok(values) => Outcome::Done(values),
-            Err((position, e)) => Outcome::Failed {
-                error: ErrorValue::Described(format!(
-                    "result #{}: {e} cannot be copied back from the worker",
-                    position + 1
-                )),
-                traceback: String::new(),
-            },
-        })
     }
 }
 
@@ -135,28 +175,58 @@ impl Drop for WorkerState {
     }
 }
 
-/// `progress(...)` of worker.lua: nothing when delivered, else
-/// `"cancelled"`, or `"error", message` for the caller to raise.
-fn progress(
-    current: Current,
-    events: Events,
-) -> impl Fn(&Lua, MultiValue) -> mlua::Result<(Option<&'static str>, Option<String>)> {
-    move |_, values| {
-        let Some((id, task)) = current.borrow().clone() else {
-            let message = "bgworker.worker.progress: not in a job (a pool's init cannot report progress)";
-            return Ok((Some("error"), Some(message.into())));
-        };
-        if task.is_cancelled() {
-            return Ok((Some("cancelled"), None));
-        }
-        let values = match Values::copy(&values) {
-            Ok(values) => values,
-            Err((position, e)) => {
-                let message =
-                    format!("bad argument #{} to 'progress' ({e} cannot cross to the Lua thread)", position + 1);
-                return Ok((Some("error"), Some(message)));
-            }
-        };
-        Ok(if events.progress(id, &task, values) { (None, None) } else { (Some("cancelled"), None) })
+/// The context of the state of the running C function.
+///
+/// # Safety
+/// `state` is a worker's state, on its thread.
+unsafe fn context<'a>(state: *mut lua_State) -> &'a Context {
+    unsafe {
+        lua_rawgetp(state, LUA_REGISTRYINDEX, context_key());
+        let context = lua_touserdata(state, -1) as *const Context;
+        lua_pop(state, 1);
+        // SAFETY: set by `new`; the context outlives the state.
+        &*context
     }
+}
+
+/// `progress(...)` of worker.lua: nothing when delivered, else
+/// `"cancelled"`, or `"error", message` for the caller to raise. It never
+/// raises itself (it owns values while it works).
+unsafe extern "C-unwind" fn progress(state: *mut lua_State) -> c_int {
+    unsafe {
+        let context = context(state);
+        let current = context.current.borrow().clone();
+        let problem = match current {
+            None => Err("bgworker.worker.progress: not in a job (a pool's init cannot report progress)".to_string()),
+            Some((_, task)) if task.is_cancelled() => Ok(false),
+            Some((id, task)) => match Values::copy(state, 1, lua_gettop(state)) {
+                Ok(values) => Ok(context.events.progress(id, &task, values)),
+                Err((position, e)) => {
+                    Err(format!("bad argument #{} to 'progress' ({e} cannot cross to the Lua thread)", position + 1))
+                }
+            },
+        };
+        lua_settop(state, 0);
+        match problem {
+            Ok(true) => 0,
+            Ok(false) => {
+                push_str(state, b"cancelled");
+                1
+            }
+            Err(message) => {
+                push_str(state, b"error");
+                push_str(state, message.as_bytes());
+                2
+            }
+        }
+    }
+}
+
+/// `cancelled()`: true once the running job was cancelled.
+unsafe extern "C-unwind" fn cancelled(state: *mut lua_State) -> c_int {
+    unsafe {
+        let cancelled = context(state).current.borrow().as_ref().is_some_and(|(_, task)| task.is_cancelled());
+        lua_pushboolean(state, cancelled as c_int);
+    }
+    1
 }

@@ -194,8 +194,12 @@ fn bad_options_and_arguments_are_refused_by_name() {
     assert!(error(&format!("native.new {{ threads = 1, {opts}, init_timeout = -1 }}"))
         .contains("opts.init_timeout must be >= 0"));
     f.exec("p = new_pool()");
-    assert!(error("p:close(-1)").contains("bad argument #2 to 'close' (timeout must be >= 0, got -1)"));
-    assert!(error("p:close('soon')").contains("bad argument #2 to 'close' (number expected, got string)"));
-    assert!(error("p:cancel({})").contains("bad argument #2 to 'cancel' (job id expected, got table)"));
+    // Called as methods, so Lua does not count the pool: it is argument #1.
+    assert!(error("p:close(-1)").contains("bad argument #1 to 'close' (timeout must be >= 0, got -1)"));
+    assert!(error("p:close('soon')").contains("bad argument #1 to 'close' (number expected, got string)"));
+    assert!(error("p:cancel({})").contains("bad argument #1 to 'cancel' (job id expected, got table)"));
+    assert!(error("p.status(1, 2)").contains("bad argument #1 to 'status' (pool expected, got number"));
+    assert!(error("p:submit(1, false, 0)").contains("bad argument #1 to 'submit' (string expected, got number)"));
+    assert!(error("p:submit('', false, -1)").contains("bad argument #3 to 'submit' (argument count expected"));
     assert!(f.eval::<bool>("return p:cancel(-1) == false and p:cancel(2^70) == false"));
 }
