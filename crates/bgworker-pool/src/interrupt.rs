@@ -72,10 +72,11 @@ use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use mlua::ffi::{
     luaL_argerror, lua_Debug, lua_State, lua_createtable, lua_error, lua_gettop, lua_pop, lua_pushboolean,
     lua_pushlightuserdata, lua_pushvalue, lua_rawgetp, lua_rawseti, lua_rawsetp, lua_sethook, lua_tointeger,
-    lua_tothread, lua_touserdata, LUA_MASKCOUNT, LUA_REGISTRYINDEX,
+    lua_tothread, LUA_MASKCOUNT, LUA_REGISTRYINDEX,
 };
 
 use crate::control::Control;
+use crate::raw::registry_pointer;
 
 /// The signal that interrupts a worker: SIGURG, as the Go runtime uses for
 /// the same purpose, since its default action is to ignore it and almost
@@ -280,13 +281,8 @@ pub unsafe fn drop_anchors(state: *mut lua_State) {
 /// # Safety
 /// `state` is a state of an attached worker, on its thread.
 unsafe fn interrupt_of<'a>(state: *mut lua_State) -> &'a Interrupt {
-    unsafe {
-        lua_rawgetp(state, LUA_REGISTRYINDEX, interrupt_key());
-        let interrupt = lua_touserdata(state, -1) as *const Interrupt;
-        lua_pop(state, 1);
-        // SAFETY: set by `attach`; the interrupt outlives the state.
-        &*interrupt
-    }
+    // SAFETY: set by `attach`; the interrupt outlives the state.
+    unsafe { &*registry_pointer::<Interrupt>(state, interrupt_key()) }
 }
 
 /// Push the cancellation error and raise it.

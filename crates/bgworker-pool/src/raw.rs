@@ -35,6 +35,20 @@ pub unsafe fn bytes_at<'a>(state: *mut lua_State, index: c_int) -> Option<&'a [u
     }
 }
 
+/// The light userdata stored in the registry under `key` (an address of
+/// this library), as a `*const T`: null when there is none.
+///
+/// # Safety
+/// `state` is valid and has a free stack slot.
+pub unsafe fn registry_pointer<T>(state: *mut lua_State, key: *const c_void) -> *const T {
+    unsafe {
+        lua_rawgetp(state, LUA_REGISTRYINDEX, key);
+        let pointer = lua_touserdata(state, -1) as *const T;
+        lua_pop(state, 1);
+        pointer
+    }
+}
+
 /// The type name of the value at `index`.
 ///
 /// # Safety

@@ -16,7 +16,7 @@ use crate::control::Control;
 use crate::events::Events;
 use crate::interrupt::{self, Interrupt};
 use crate::job::{Func, Outcome};
-use crate::raw::{bytes_at, protect, push_str};
+use crate::raw::{bytes_at, protect, push_str, registry_pointer};
 use crate::value::{ErrorValue, Values};
 
 /// What every worker's state starts from.
@@ -180,13 +180,8 @@ impl Drop for WorkerState {
 /// # Safety
 /// `state` is a worker's state, on its thread.
 unsafe fn context<'a>(state: *mut lua_State) -> &'a Context {
-    unsafe {
-        lua_rawgetp(state, LUA_REGISTRYINDEX, context_key());
-        let context = lua_touserdata(state, -1) as *const Context;
-        lua_pop(state, 1);
-        // SAFETY: set by `new`; the context outlives the state.
-        &*context
-    }
+    // SAFETY: set by `new`; the context outlives the state.
+    unsafe { &*registry_pointer::<Context>(state, context_key()) }
 }
 
 /// `progress(...)` of worker.lua: nothing when delivered, else
