@@ -196,7 +196,10 @@ function Pool:run(fn, ...)
     if err then
         error(err, 2)
     end
-    return unpack(results, 1, results.n)
+    if not results[1] then
+        return nil, results[2]
+    end
+    return unpack(results, 2, results.n)
 end
 
 --- Finish the running jobs, cancel the queued ones (their callbacks get
