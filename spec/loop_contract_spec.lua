@@ -345,6 +345,24 @@ describe("every loop's dispatcher", function()
         for i = 1, 20 do assert.equals(i * 10, got[i]) end
       end)
 
+      it("waits for a pool job with get, and gives up at get's timeout", function()
+        new()
+        local p = require("bgworker.pool").new { threads = 2 }
+        local got, timed_out
+        loop.go(function()
+          local slow = p:submit(function() require("socket").sleep(5) end)
+          local job = p:submit(function(x) return x * 2 end, 21)
+          got = { job:get(5) }
+          timed_out = { slow:get(0.05) }
+          slow:cancel()
+          d:stop()
+        end)
+        assert.is_false(loop.run(5))
+        p:close(0)
+        assert.same({ true, 42 }, got)
+        assert.same({ nil, "timeout" }, timed_out)
+      end)
+
       it("ends a wait with \"stopped\" when the dispatcher stops", function()
         new()
         local got

@@ -65,7 +65,7 @@ pool.MAX_THREADS = 1024
 
 --- Seconds `close()` waits by default for running jobs to stop (the same
 -- grace as a pool that is collected, or whose Lua state closes).
-pool.CLOSE_TIMEOUT = native.CLOSE_GRACE
+pool.CLOSE_TIMEOUT = native.GRACE
 
 local Pool = {}
 Pool.__index = Pool
@@ -143,6 +143,7 @@ local OPTIONS = {
     end
   end,
   init_timeout = args.option.seconds,
+  jit = args.option.boolean,
 }
 
 -- Call a job's callback (or a progress handler) where callbacks run: here
@@ -225,6 +226,11 @@ local EVENTS = {
 --   thread is left behind.
 --   `init_timeout` (seconds, 30 by default): how long `new` waits for the
 --   workers' `init`.
+--   `jit` (boolean, LuaJIT only; false by default): keep LuaJIT's JIT
+--   compiler on in the workers. Compiled code runs no debug hooks, so a
+--   compiled loop cannot be cancelled (and `close` abandons its worker);
+--   with the JIT off every job can be, and LuaJIT's interpreter still runs
+--   it faster than PUC Lua.
 -- @return the pool
 function pool.new(opts)
   local msg
@@ -234,6 +240,11 @@ function pool.new(opts)
   local init, named
   if opts.init ~= nil then
     init, named = job_function(opts.init)
+  end
+  -- LuaJIT: the JIT stays off in the workers unless asked for (see above).
+  local jit_option
+  if rawget(_G, "jit") then
+    jit_option = opts.jit == true
   end
   -- The native pool calls back through a weak reference, so that a pool
   -- nobody references is collected (and closed).
@@ -245,6 +256,7 @@ function pool.new(opts)
     init = init,
     init_named = named,
     init_timeout = opts.init_timeout,
+    jit = jit_option,
     on_event = function(id, event, ...)
       local self = ref[1]
       local job = self and self.jobs[id]

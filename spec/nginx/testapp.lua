@@ -105,6 +105,42 @@ function app.pool()
   return reply(waited and ok and 200 or 504, tostring(sum))
 end
 
+-- GET /job_timeout: a job slower than the request's patience: get times
+-- out, and the request cancels it: "timeout cancelled".
+function app.job_timeout()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local job = pool:submit(function() require("socket").sleep(2) end)
+  local ok, err = job:get(0.05)
+  if ok ~= nil then
+    return reply(500, "expected a timeout, got " .. tostring(ok))
+  end
+  return reply(200, err .. " " .. (job:cancel() and job:status() or "not cancelled"))
+end
+
+-- GET /job_cancel: a CPU-bound job, cancelled while it runs: its get
+-- returns false, "cancelled", and the worker is free for the next job.
+function app.job_cancel()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local started = false
+  local job = pool:submit(function()
+    require("bgworker.worker").progress("started")
+    while true do end
+  end)
+  job:on_progress(function() started = true end)
+  local deadline = ngx.now() + 5
+  while not started and ngx.now() < deadline do
+    ngx.sleep(0.01)
+    ngx.update_time()
+  end
+  if not started then
+    return reply(500, "the job did not start")
+  end
+  local cancelled = job:cancel()
+  local _, err = job:get(1)
+  local next_ok, value = pool:submit(function(x) return x end, "next"):get(5)
+  return reply(200, ("%s %s %s"):format(tostring(cancelled), tostring(err), tostring(next_ok and value)))
+end
+
 -- GET /dns?host=localhost: the addresses getaddrinfo found, comma-separated.
 function app.dns()
   local dns = require "bgworker.dns"
