@@ -2,11 +2,10 @@
 -- dispatcher outside one. Callbacks come from real deliveries
 -- (bgworker_testutil producers) through a real dispatcher.
 --
--- Debian packages Copas 1.x for Lua 5.1 (and so LuaJIT) and 5.2: there the
--- Copas specs must run, and fail if Copas is missing. On Lua 5.3 and 5.4
--- they are pending unless a Copas is on LUA_PATH. The Copas 2+ path
--- (pauseforever/wakeup) is also checked against a stand-in scheduler, since
--- no such Copas is installed here.
+-- The Copas specs run against Copas 4 on every Lua version and against
+-- Debian's Copas 1.x on 5.1, 5.2 and LuaJIT (see spec/copas_spec.lua). The
+-- Copas 2+ path (pauseforever/wakeup) is also checked against a stand-in
+-- scheduler.
 
 local await = require "bgworker.await"
 local bgworker = require "bgworker"

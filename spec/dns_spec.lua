@@ -7,9 +7,8 @@
 -- "nonexistent.invalid" would go to DNS, and be slow or fail otherwise
 -- without a network.
 --
--- The Copas specs follow spec/copas_spec.lua: required on Lua 5.1 (and so
--- LuaJIT) and 5.2, where Debian packages Copas; pending on 5.3 and 5.4
--- unless a Copas is on LUA_PATH.
+-- The Copas specs follow spec/copas_spec.lua: against Copas 4 on every Lua
+-- version, and against Debian's Copas 1.x on 5.1, 5.2 and LuaJIT.
 
 local bgworker = require "bgworker"
 local dns = require "bgworker.dns"

@@ -4,22 +4,21 @@
 -- in a subprocess of the same interpreter (BGWORKER_LUA, set by the
 -- Makefile), under valgrind when it is installed.
 --
--- pool:run needs Copas: Debian packages Copas 1.x for Lua 5.1 (and so
--- LuaJIT) and 5.2, where those specs must run and fail if Copas is missing;
--- on Lua 5.3 and 5.4 they are pending unless a Copas is on LUA_PATH.
+-- pool:run needs Copas: those specs follow spec/copas_spec.lua (against
+-- Copas 4 on every Lua version, and Debian's Copas 1.x on 5.1, 5.2 and
+-- LuaJIT).
 
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local pool = require "bgworker.pool"
 local socket = require "socket"
+local support = require "support"
 
 local pack = table.pack or function(...)
   return { n = select("#", ...), ... }
 end
 local unpack = table.unpack or unpack
 
-local has_copas, copas = pcall(require, "copas")
-local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
 local has_integers = math.type ~= nil
 local LUA = os.getenv("BGWORKER_LUA") or "lua"
 
@@ -532,18 +531,8 @@ describe("bgworker.pool", function()
 end)
 
 describe("bgworker.pool:run in Copas", function()
-  if not has_copas then
-    if copas_expected then
-      it("needs Copas on " .. _VERSION, function()
-        error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
-          tostring(copas))
-      end)
-    else
-      pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
-        " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
-    end
-    return
-  end
+  local copas = support.needs_copas()
+  if not copas then return end
 
   -- Step Copas until `done()`; false after 10 s. (Copas 1.x's loop never
   -- returns.)
