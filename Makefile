@@ -34,7 +34,7 @@ COPAS_SPECS := $(shell grep -l 'support.needs_copas' spec/*_spec.lua)
 copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
-.PHONY: all setup build demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
+.PHONY: all setup build dist demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
         leakcheck bench bench-pool clean FORCE \
         $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS)) \
         $(addprefix copas-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
@@ -102,6 +102,14 @@ $(foreach v,$(COPAS1_LUA),$(eval $(call copas1_version,$(v))))
 
 FORCE:
 
+# ---------------------------------------------------------------------------
+# The release (rockspec/README.md): dist/src/ holds the source rock, dist/<ver>/
+# the binary rock for each Lua version of DIST_LUA, each a LuaRocks server folder.
+DIST_LUA ?= $(LUA_VERSIONS)
+
+dist:
+	bash scripts/dist $(DIST_LUA)
+
 # The Lua API reference (LDoc) in build/docs.
 docs:
 	ldoc .
@@ -141,10 +149,15 @@ cargo-test:
 
 specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 
-# Install the rock with luarocks into temporary trees (5.4, LuaJIT) and run
-# the specs against the installed rock.
-rock-check: build-5.4 build-jit copas-5.4 copas-jit
-	COPAS_VERSION=$(COPAS_VERSION) bash scripts/rock-check 5.4 jit
+# Install the rocks of `make dist` with luarocks into fresh trees and run the
+# specs against them: each binary rock with no cargo on PATH, the source rock
+# for SOURCE_ROCK_LUA (built with cargo, offline); the source rock without
+# cargo must fail with a clear message (scripts/rock-check).
+SOURCE_ROCK_LUA ?= 5.4 jit
+
+rock-check: dist $(addprefix build-,$(DIST_LUA))
+	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) \
+	  bash scripts/rock-check --binary "$(DIST_LUA)" --source "$(SOURCE_ROCK_LUA)"
 
 # A real nginx with lua-nginx-module runs the LuaJIT build: spec/nginx/nginx_test.lua.
 nginx-test: build-jit
@@ -169,4 +182,4 @@ bench-pool: build
 	$(foreach v,$(LUA_VERSIONS),$(call with_lua,$(v),$(call lua_bin,$(v)) bench/pool.lua) &&) true
 
 clean:
-	rm -rf $(BUILD) target
+	rm -rf $(BUILD) target dist
