@@ -107,7 +107,7 @@ FORCE:
 # the binary rock for each Lua version of DIST_LUA, each a LuaRocks server folder.
 DIST_LUA ?= $(LUA_VERSIONS)
 
-dist:
+dist: setup
 	bash scripts/dist $(DIST_LUA)
 
 # The Lua API reference (LDoc) in build/docs.
