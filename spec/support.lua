@@ -330,6 +330,9 @@ end
 --- copas.step calls made by copas_until so far.
 support.copas_steps = 0
 
+--- Functions copas_until calls after each step (a set).
+support.copas_step_hooks = {}
+
 --- Step Copas until cond() is true or `timeout` seconds (5) passed; false
 -- then.
 function support.copas_until(cond, timeout)
@@ -339,6 +342,7 @@ function support.copas_until(cond, timeout)
     if socket.gettime() > deadline then return false end
     copas.step(0.01)
     support.copas_steps = support.copas_steps + 1
+    for hook in pairs(support.copas_step_hooks) do hook() end
   end
   return true
 end

@@ -146,7 +146,7 @@ http {
     # No init_by_lua: the README's minimal configuration loads bgworker in
     # init_worker_by_lua alone, where coroutines are disabled.
     init_worker_by_lua_block {
-        require("bgworker.ngx").start { timeout = 0.2, budget = 3 }
+        require("bgworker").new { loop = "ngx", timeout = 0.2, budget = 3 }
     }
 
     server {
@@ -360,7 +360,7 @@ describe("bgworker.ngx in nginx", function()
   it("refuses a second start in a worker", function()
     local code, body = get("/twice")
     assert.equals(200, code)
-    assert.matches("already started in this worker", body, 1, true)
+    assert.matches('bgworker.ngx.start: a dispatcher is already running in this Lua state (loop "ngx")', body, 1, true)
   end)
 
   it("answers " .. CONCURRENT .. " concurrent requests", function()
