@@ -26,11 +26,12 @@ ROCKS_SERVER ?= $(if $(wildcard ../shared/rocks/manifest),$(abspath ../shared/ro
 # build/rocks/<ver>/ (scripts/copas-tree), and comes first on LUA_PATH in
 # every spec run (with_copas4). Debian's Copas 1.x (lua-copas) is what the
 # Lua versions COPAS1_LUA find without that tree: the Copas specs (the files
-# that call support.needs_copas) run a second time against it there. The
-# specs check that they got the Copas they expect: BGWORKER_COPAS_VERSION.
+# that call support.needs_copas, and those of spec/loops.lua, whose loops
+# include Copas) run a second time against it there. The specs check that
+# they got the Copas they expect: BGWORKER_COPAS_VERSION.
 COPAS_VERSION := 4.11.0
 COPAS1_LUA := 5.1 5.2 jit
-COPAS_SPECS := $(shell grep -l 'support.needs_copas' spec/*_spec.lua)
+COPAS_SPECS := $(shell grep -lE 'support\.needs_copas|require "loops"' spec/*_spec.lua)
 copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
