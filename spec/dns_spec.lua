@@ -8,7 +8,9 @@
 -- without a network.
 --
 -- toip waits wherever bgworker.await can: here outside any coroutine with a
--- select dispatcher, and in Copas threads.
+-- select dispatcher, and in Copas threads. The Copas specs follow
+-- spec/copas_spec.lua: against Copas 4 on every Lua version, and against
+-- Debian's Copas 1.x on 5.1, 5.2 and LuaJIT.
 
 local bgworker = require "bgworker"
 local dns = require "bgworker.dns"
