@@ -9,15 +9,36 @@ BUILD := build
 comma := ,
 
 lua_bin       = $(if $(filter jit,$(1)),luajit,lua$(1))
+lua_api       = $(if $(filter jit,$(1)),5.1,$(1))
 lua_incdir    = $(if $(filter jit,$(1)),/usr/include/luajit-2.1,/usr/include/lua$(1))
 cargo_feature = $(if $(filter jit,$(1)),luajit,lua$(subst .,,$(1)))
-# Run $(2) with Lua $(1), finding our Lua files and build/<ver>/ modules.
-with_lua      = LUA_PATH="lua/?.lua;lua/?/init.lua;spec/?.lua;;" LUA_CPATH="$(BUILD)/$(1)/?.so;;" \
+# Run $(2) with Lua $(1), finding our Lua files and build/<ver>/ modules, and
+# first the Lua modules of the rocks tree $(3) if given.
+with_lua      = LUA_PATH="$(if $(3),$(3)/share/lua/$(call lua_api,$(1))/?.lua;$(3)/share/lua/$(call lua_api,$(1))/?/init.lua;)lua/?.lua;lua/?/init.lua;spec/?.lua;;" \
+                LUA_CPATH="$(BUILD)/$(1)/?.so;;" \
                 BGWORKER_LUA="$(call lua_bin,$(1))" BGWORKER_BUILD="$(BUILD)/$(1)" $(2)
 
-.PHONY: all setup build demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
+# Lua rocks for the tests come from ROCKS_SERVER, a LuaRocks server folder or
+# URL: ../shared/rocks beside the checkout when it exists, else empty, which
+# means the servers LuaRocks is configured with (the public one for a user).
+ROCKS_SERVER ?= $(if $(wildcard ../shared/rocks/manifest),$(abspath ../shared/rocks))
+# Copas 4 is installed with luarocks into one tree per Lua version,
+# build/rocks/<ver>/ (scripts/copas-tree), and comes first on LUA_PATH in
+# every spec run (with_copas4). Debian's Copas 1.x (lua-copas) is what the
+# Lua versions COPAS1_LUA find without that tree: the Copas specs (the files
+# that call support.needs_copas, and those of spec/loops.lua, whose loops
+# include Copas) run a second time against it there. The specs check that
+# they got the Copas they expect: BGWORKER_COPAS_VERSION.
+COPAS_VERSION := 4.11.0
+COPAS1_LUA := 5.1 5.2 jit
+COPAS_SPECS := $(shell grep -lE 'support\.needs_copas|require "loops"' spec/*_spec.lua)
+copas_tree = $(BUILD)/rocks/$(1)
+with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
+
+.PHONY: all setup build dist demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
         leakcheck bench bench-pool clean FORCE \
-        $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS))
+        $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS)) \
+        $(addprefix copas-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 
 all: build
 
@@ -44,8 +65,16 @@ $(BUILD)/$(1)/.cargo: FORCE
 	$(CARGO) build --release --quiet --workspace --features $(call cargo_feature,$(1)),module --target-dir target/lua-$(1)
 	@mkdir -p $$(@D) && touch $$@
 
-specs-$(1): build-$(1)
-	$(call with_lua,$(1),$(call lua_bin,$(1)) /usr/bin/busted spec)
+specs-$(1): build-$(1) copas-$(1)
+	$(call with_copas4,$(1),$(call lua_bin,$(1)) /usr/bin/busted spec)
+
+copas-$(1):
+	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) bash scripts/copas-tree $(1) $(call copas_tree,$(1))
+endef
+
+define copas1_version
+specs-copas1-$(1): build-$(1)
+	$(call with_lua,$(1),BGWORKER_COPAS_VERSION=1 $(call lua_bin,$(1)) /usr/bin/busted $(COPAS_SPECS))
 endef
 
 # A new file, not an overwrite: a running Lua may have the old one mapped.
@@ -70,8 +99,17 @@ $(foreach v,$(LUA_VERSIONS),\
   $(eval $(call lua_version,$(v)))\
   $(foreach m,$(RUST_MODULES),$(eval $(call rust_module,$(v),$(call pair,1,$(m)),$(call pair,2,$(m)))))\
   $(foreach m,$(C_MODULES),$(eval $(call c_module,$(v),$(call pair,1,$(m)),$(call pair,2,$(m))))))
+$(foreach v,$(COPAS1_LUA),$(eval $(call copas1_version,$(v))))
 
 FORCE:
+
+# ---------------------------------------------------------------------------
+# The release (rockspec/README.md): dist/src/ holds the source rock, dist/<ver>/
+# the binary rock for each Lua version of DIST_LUA, each a LuaRocks server folder.
+DIST_LUA ?= $(LUA_VERSIONS)
+
+dist: setup
+	bash scripts/dist $(DIST_LUA)
 
 # The Lua API reference (LDoc) in build/docs.
 docs:
@@ -110,12 +148,17 @@ cargo-test:
 	$(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
 	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
 
-specs: $(addprefix specs-,$(LUA_VERSIONS))
+specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 
-# Install the rock with luarocks into temporary trees (5.4, LuaJIT) and run
-# the specs against the installed rock.
-rock-check: build-5.4 build-jit
-	bash scripts/rock-check 5.4 jit
+# Install the rocks of `make dist` with luarocks into fresh trees and run the
+# specs against them: each binary rock with no cargo on PATH, the source rock
+# for SOURCE_ROCK_LUA (built with cargo, offline); the source rock without
+# cargo must fail with a clear message (scripts/rock-check).
+SOURCE_ROCK_LUA ?= 5.4 jit
+
+rock-check: dist $(addprefix build-,$(DIST_LUA))
+	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) \
+	  bash scripts/rock-check --binary "$(DIST_LUA)" --source "$(SOURCE_ROCK_LUA)"
 
 # A real nginx with lua-nginx-module runs the LuaJIT build: spec/nginx/nginx_test.lua.
 nginx-test: build-jit
@@ -123,8 +166,8 @@ nginx-test: build-jit
 
 # Every spec under memcheck on Lua 5.4, the reliability specs at small sizes.
 # No suppressions: nothing is lost outside our code either (spec/reliability/README.md).
-leakcheck: setup build-5.4
-	$(call with_lua,5.4,BGWORKER_SMALL=1 valgrind --quiet --leak-check=full \
+leakcheck: setup build-5.4 copas-5.4
+	$(call with_copas4,5.4,BGWORKER_SMALL=1 valgrind --quiet --leak-check=full \
 	  --errors-for-leak-kinds=definite$(comma)indirect --error-exitcode=1 --num-callers=40 lua5.4 /usr/bin/busted spec)
 
 # ---------------------------------------------------------------------------
@@ -140,4 +183,4 @@ bench-pool: build
 	$(foreach v,$(LUA_VERSIONS),$(call with_lua,$(v),$(call lua_bin,$(v)) bench/pool.lua) &&) true
 
 clean:
-	rm -rf $(BUILD) target
+	rm -rf $(BUILD) target dist

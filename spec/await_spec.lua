@@ -1,15 +1,16 @@
--- bgworker.await: waiting for a callback in a Copas thread, or through a
--- dispatcher outside one. Callbacks come from real deliveries
--- (bgworker_testutil producers) through a real dispatcher.
---
--- Debian packages Copas 1.x for Lua 5.1 (and so LuaJIT) and 5.2: there the
--- Copas specs must run, and fail if Copas is missing. On Lua 5.3 and 5.4
--- they are pending unless a Copas is on LUA_PATH. The Copas 2+ path
--- (pauseforever/wakeup) is also checked against a stand-in scheduler, since
--- no such Copas is installed here.
+-- bgworker.await: waiting for a callback with whatever dispatcher runs.
+-- Callbacks come from real deliveries (bgworker_testutil producers) through
+-- a real dispatcher. What every loop promises for waiting (a coroutine
+-- suspended and resumed, timeouts, "stopped") is in loop_contract_spec.lua;
+-- here: the arguments, the results, the token, waiting outside any
+-- coroutine with a select dispatcher, and Copas specifics. The Copas specs
+-- run against Copas 4 on every Lua version and against Debian's Copas 1.x on
+-- 5.1, 5.2 and LuaJIT (see spec/copas_spec.lua).
 
 local await = require "bgworker.await"
+local unpack = table.unpack or unpack
 local bgworker = require "bgworker"
+local core = require "bgworker.core"
 local support = require "support"
 
 -- Deliver one item whose decode calls `callback(1, 1, true)`; the job is
@@ -32,28 +33,37 @@ describe("bgworker.await", function()
     d = nil
   end)
 
-  it("checks its arguments", function()
-    assert.has_error(function() await(nil) end, "bad argument #1 to 'await' (function expected, got nil)")
-    assert.has_error(function() await(print, 42) end, "bad argument #2 to 'await' (dispatcher expected, got number)")
+  it("checks its arguments at the caller's line", function()
+    local function refuses(msg, ...)
+      local args = pack(...)
+      local ok, err = pcall(function() local _ = await(unpack(args, 1, args.n)) end)
+      assert.is_false(ok)
+      assert.matches("await_spec.lua:%d+: " .. msg:gsub("[%(%)%.%-]", "%%%0"), err)
+    end
+    refuses("bad argument #1 to 'await' (start must be a function, got nil)", nil)
+    refuses("bad argument #2 to 'await' (timeout must be a non-negative number of seconds, got -1)",
+      print, -1)
+    refuses('bad argument #2 to \'await\' (timeout must be a non-negative number of seconds, got "1")',
+      print, "1")
   end)
 
-  it("refuses to wait outside a Copas thread with no dispatcher, before starting anything", function()
+  it("refuses to wait with no dispatcher, before starting anything", function()
     local started = false
-    local ok, err = pcall(await, function() started = true end)
+    local ok, err = pcall(function() local _ = await(function() started = true end) end)
     assert.is_false(ok)
-    assert.matches("not in a Copas thread, and no dispatcher to wait with", err, 1, true)
+    assert.matches("await_spec.lua:%d+: await: no bgworker dispatcher is running in this Lua state", err)
     assert.is_false(started)
   end)
 
-  it("waits through a dispatcher outside any coroutine", function()
+  it("blocks while running a select dispatcher outside any coroutine", function()
     d = bgworker.new()
-    assert.same({ n = 3, 1, 1, true }, pack(await(deliver_to, d)))
+    assert.same({ n = 4, true, 1, 1, true }, pack(await(deliver_to)))
   end)
 
   it("returns at once when the callback fires during start, keeping nils", function()
     d = bgworker.new()
-    local got = pack(await(function(callback) callback(nil, 2, nil) end, d))
-    assert.same({ n = 3, nil, 2, nil }, got)
+    local got = pack(await(function(callback) callback(nil, 2, nil) end))
+    assert.same({ n = 4, true, nil, 2, nil }, got)
   end)
 
   it("keeps the first call of the callback only", function()
@@ -61,66 +71,39 @@ describe("bgworker.await", function()
     local got = pack(await(function(callback)
       callback("first")
       callback("second")
-    end, d))
-    assert.same({ n = 1, "first" }, got)
+    end))
+    assert.same({ n = 2, true, "first" }, got)
   end)
 
-  it("fails when the dispatcher stops before the callback fires", function()
+  it("times out with nil, \"timeout\" and what start returned, and cancels the token", function()
     d = bgworker.new()
-    local ok, err = pcall(await, function() d:stop() end, d)
-    assert.is_false(ok)
-    assert.matches("the dispatcher stopped before the callback was called", err, 1, true)
+    local token
+    local t0 = core.now()
+    local got = pack(await(function(_, t)
+      token = t
+      return "job"
+    end, 0.05))
+    assert.same({ n = 3, nil, "timeout", "job" }, got)
+    assert.is_true(core.now() - t0 >= 0.045)
+    assert.is_true(token:cancelled())
   end)
 
-  describe("with a Copas 2+ scheduler (pauseforever, wakeup)", function()
-    -- A stand-in for Copas: pausing yields to the test, which plays the loop.
-    local real
-    local woken
+  it("leaves the token alone when the callback came", function()
+    d = bgworker.new()
+    local token
+    assert.is_true((await(function(callback, t)
+      token = t
+      deliver_to(callback)
+    end, 5)))
+    assert.is_false(token:cancelled())
+  end)
 
-    before_each(function()
-      real = package.loaded.copas
-      woken = {}
-    end)
-
-    after_each(function()
-      package.loaded.copas = real
-    end)
-
-    local function scheduler(fields)
-      local fake = {
-        wakeup = function(co) woken[#woken + 1] = co end,
-      }
-      for k, v in pairs(fields) do fake[k] = v end
-      package.loaded.copas = fake
-    end
-
-    local function check_sleeping_wait()
-      local callback
-      local co = coroutine.create(function()
-        return await(function(cb) callback = cb end)
-      end)
-      assert.same({ true, "paused" }, { coroutine.resume(co) })
-      -- Woken by someone else: it goes back to sleep.
-      assert.same({ true, "paused" }, { coroutine.resume(co) })
-      callback("a", nil)
-      callback("ignored")
-      assert.same({ co }, woken)
-      assert.same({ n = 3, true, "a", nil }, pack(coroutine.resume(co)))
-      assert.equals("dead", coroutine.status(co))
-    end
-
-    it("sleeps with pauseforever until the callback wakes it", function()
-      scheduler { pauseforever = function() coroutine.yield("paused") end }
-      check_sleeping_wait()
-    end)
-
-    it("sleeps with sleep(-1) on Copas 2 and 3", function()
-      scheduler { sleep = function(t)
-        assert.equals(-1, t)
-        coroutine.yield("paused")
-      end }
-      check_sleeping_wait()
-    end)
+  it("returns nil, \"stopped\" when the dispatcher stops first", function()
+    d = bgworker.new()
+    assert.same({ n = 3, nil, "stopped", "job" }, pack(await(function()
+      d:stop()
+      return "job"
+    end)))
   end)
 end)
 
@@ -131,27 +114,10 @@ describe("bgworker.await in Copas", function()
   support.copas_dispatcher_each()
   local run_until = support.copas_until
 
-  it("suspends the thread until the callback fires, and returns its values", function()
-    local got
-    copas.addthread(function()
-      got = pack(await(deliver_to))
-    end)
-    assert.is_true(run_until(function() return got ~= nil end))
-    assert.same({ n = 3, 1, 1, true }, got)
-  end)
-
-  it("serves many waiting threads at once, each with its own values", function()
-    local n, got, done = 20, {}, 0
-    for i = 1, n do
-      copas.addthread(function()
-        got[i] = await(function(callback)
-          deliver_to(function() callback(i) end)
-        end)
-        done = done + 1
-      end)
-    end
-    assert.is_true(run_until(function() return done == n end))
-    for i = 1, n do assert.equals(i, got[i]) end
+  it("raises at the caller's line in the main program", function()
+    local ok, err = pcall(function() local _ = await(deliver_to) end)
+    assert.is_false(ok)
+    assert.matches("await_spec.lua:%d+: await: with a Copas dispatcher, wait in a Copas thread", err)
   end)
 
   it("keeps working after threads that waited have ended", function()
@@ -160,9 +126,9 @@ describe("bgworker.await in Copas", function()
     for round = 1, 3 do
       local got
       copas.addthread(function()
-        got = await(function(callback)
+        got = select(2, await(function(callback)
           deliver_to(function() callback(round) end)
-        end)
+        end))
       end)
       assert.is_true(run_until(function() return got ~= nil end), "round " .. round)
       assert.equals(round, got)
@@ -173,7 +139,7 @@ describe("bgworker.await in Copas", function()
     local release -- the waiting thread's callback
     local got, ticks_seen, ticker = nil, nil, nil
     copas.addthread(function()
-      got = await(function(callback) release = callback end)
+      got = select(2, await(function(callback) release = callback end))
       ticks_seen = ticker.ticks
     end)
     -- A thread that ticks once a loop step, until the waiter got its value.
@@ -185,5 +151,36 @@ describe("bgworker.await in Copas", function()
     -- Released at the third tick; the ticker may tick once more in the step
     -- that resumes the waiter.
     assert.is_true(ticks_seen == 3 or ticks_seen == 4, "resumed after tick " .. tostring(ticks_seen))
+  end)
+
+  it("times out in a Copas thread while the loop has nothing else to do", function()
+    local got
+    copas.addthread(function()
+      got = pack(await(function() end, 0.05))
+    end)
+    assert.is_true(run_until(function() return got ~= nil end, 2))
+    assert.same({ n = 3, nil, "timeout", nil }, got)
+  end)
+end)
+
+describe("bgworker.await with a select dispatcher, in a Copas loop", function()
+  local copas = support.needs_copas()
+  if not copas then return end
+
+  it("raises at the caller's line where Copas 4 runs the thread, instead of waiting for ever", function()
+    if support.is_copas1(copas) then
+      pending(copas._VERSION .. " does not say whether its loop runs")
+      return
+    end
+    local d = bgworker.new()
+    local ok, err
+    copas.addthread(function()
+      ok, err = pcall(function() local _ = await(deliver_to) end)
+    end)
+    copas.loop()
+    d:stop()
+    assert.is_false(ok)
+    assert.matches("await_spec.lua:%d+: await: this is a Copas thread, but the running dispatcher is a" ..
+      " select one", err)
   end)
 end)

@@ -7,9 +7,10 @@
 -- "nonexistent.invalid" would go to DNS, and be slow or fail otherwise
 -- without a network.
 --
--- The Copas specs follow spec/copas_spec.lua: required on Lua 5.1 (and so
--- LuaJIT) and 5.2, where Debian packages Copas; pending on 5.3 and 5.4
--- unless a Copas is on LUA_PATH.
+-- toip waits wherever bgworker.await can: here outside any coroutine with a
+-- select dispatcher, and in Copas threads. The Copas specs follow
+-- spec/copas_spec.lua: against Copas 4 on every Lua version, and against
+-- Debian's Copas 1.x on 5.1, 5.2 and LuaJIT.
 
 local bgworker = require "bgworker"
 local dns = require "bgworker.dns"
@@ -97,7 +98,7 @@ describe("bgworker.dns", function()
 
   describe("toip outside a coroutine, waiting through the dispatcher", function()
     it("matches LuaSocket's toip for localhost", function()
-      local ip, resolved = dns.toip("localhost", d)
+      local ip, resolved = dns.toip("localhost")
       local lip, lresolved = luasocket_toip("localhost")
       assert.equals(lip, ip)
       assert.equals(lresolved.name, resolved.name)
@@ -115,38 +116,50 @@ describe("bgworker.dns", function()
       local hostname = socket.dns.gethostname()
       local lip = luasocket_toip(hostname)
       assert.is_string(lip, "LuaSocket cannot resolve " .. hostname .. " here")
-      local ip, resolved = dns.toip(hostname, d)
+      local ip, resolved = dns.toip(hostname)
       assert.equals(lip, ip)
       assert.is_string(resolved.name)
     end)
 
     it("returns an IPv6 address and the address itself as the name", function()
-      assert.same({ n = 2, "::1", { name = "::1", alias = {}, ip = { "::1" } } }, pack(dns.toip("::1", d)))
+      assert.same({ n = 2, "::1", { name = "::1", alias = {}, ip = { "::1" } } }, pack(dns.toip("::1")))
       assert.same({ n = 2, "127.0.0.1", { name = "127.0.0.1", alias = {}, ip = { "127.0.0.1" } } },
-        pack(dns.toip("127.0.0.1", d)))
+        pack(dns.toip("127.0.0.1")))
     end)
 
     it("returns nil and LuaSocket's message for a name that does not resolve", function()
-      assert.same(pack(luasocket_toip(INVALID)), pack(dns.toip(INVALID, d)))
+      assert.same(pack(luasocket_toip(INVALID)), pack(dns.toip(INVALID)))
     end)
 
-    it("needs a dispatcher to wait with outside Copas", function()
-      local ok, err = pcall(dns.toip, "localhost")
-      assert.is_false(ok)
-      assert.matches("no dispatcher to wait with", err, 1, true)
+    it("gives up after the timeout with nil, \"timeout\"", function()
+      assert.same({ n = 2, nil, "timeout" }, pack(dns.toip("localhost", 0)))
     end)
+  end)
+
+  it("calls resolve's callback once with nil, \"timeout\" when the time is up first", function()
+    local got = {}
+    dns.resolve("localhost", function(...) got[#got + 1] = pack(...) end, 0.05)
+    -- The answer is queued by now, the timer due: the timeout wins, and the
+    -- answer that comes after it is dropped.
+    socket.sleep(0.2)
+    while d:wait(0.2) > 0 do end
+    assert.same({ { n = 2, nil, "timeout" } }, got)
   end)
 
   describe("arguments", function()
     it("are checked, naming the argument", function()
-      assert.has_error(function() dns.toip() end, "bad argument #1 to 'toip' (string expected, got nil)")
-      assert.has_error(function() dns.toip(42, d) end, "bad argument #1 to 'toip' (string expected, got number)")
-      assert.has_error(function() dns.toip("local\0host", d) end,
+      assert.has_error(function() dns.toip() end, "bad argument #1 to 'toip' (host must be a string, got nil)")
+      assert.has_error(function() dns.toip(42) end, "bad argument #1 to 'toip' (host must be a string, got 42)")
+      assert.has_error(function() dns.toip("local\0host") end,
         "bad argument #1 to 'toip' (host name contains a NUL byte)")
+      assert.has_error(function() dns.toip("localhost", -1) end,
+        "bad argument #2 to 'toip' (timeout must be a non-negative number of seconds, got -1)")
       assert.has_error(function() dns.resolve({}, print) end,
-        "bad argument #1 to 'resolve' (string expected, got table)")
+        "bad argument #1 to 'resolve' (host must be a string, got table)")
       assert.has_error(function() dns.resolve("localhost") end,
-        "bad argument #2 to 'resolve' (function expected, got nil)")
+        "bad argument #2 to 'resolve' (callback must be a function, got nil)")
+      assert.has_error(function() dns.resolve("localhost", print, "1") end,
+        'bad argument #3 to \'resolve\' (timeout must be a non-negative number of seconds, got "1")')
     end)
 
     it("need a running dispatcher", function()
@@ -167,7 +180,7 @@ describe("bgworker.dns", function()
       socket.sleep(0.1) -- the lookups finish and find the dispatcher stopped
       d = bgworker.new()
       assert.is_false(called)
-      assert.equals("127.0.0.1", (dns.toip("localhost", d)))
+      assert.equals("127.0.0.1", (dns.toip("localhost")))
       assert.is_false(called)
     end)
 

@@ -1,53 +1,46 @@
 -- bgworker.pool: Lua functions on background threads, each worker with a
--- Lua state of its own. Callbacks come back through a real dispatcher
--- (bgworker.new() and :wait()); closing a Lua state with running jobs runs
--- in a subprocess of the same interpreter (BGWORKER_LUA, set by the
--- Makefile), under valgrind when it is installed.
---
--- pool:run needs Copas: Debian packages Copas 1.x for Lua 5.1 (and so
--- LuaJIT) and 5.2, where those specs must run and fail if Copas is missing;
--- on Lua 5.3 and 5.4 they are pending unless a Copas is on LUA_PATH.
+-- Lua state of its own, as jobs with handles: submit, get with a timeout,
+-- cancel, progress, stats, worker init. Outcomes come back through a real
+-- dispatcher (a select one here, and Copas at the end; every loop's get is
+-- in loop_contract_spec.lua). What depends on the Lua version inside the
+-- workers (cancelling past pcall and coroutines, __close, LuaJIT's JIT) is
+-- in pool_native_spec.lua. Closing a Lua state with running jobs runs in a
+-- subprocess of the same interpreter (BGWORKER_LUA, set by the Makefile).
 
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local pool = require "bgworker.pool"
 local socket = require "socket"
+local support = require "support"
 
 local pack = table.pack or function(...)
   return { n = select("#", ...), ... }
 end
 local unpack = table.unpack or unpack
 
-local has_copas, copas = pcall(require, "copas")
-local copas_expected = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
 local has_integers = math.type ~= nil
-local LUA = os.getenv("BGWORKER_LUA") or "lua"
 
 local d -- the dispatcher of the current test
 local p -- the pool of the current test
 
--- Wait for callbacks until `done()`; fails after 10 s without one.
-local function pump_until(done)
-  while not done() do
-    assert(d:wait(10) > 0, "no callback within 10 s")
-  end
-end
-
--- Run fn(...) on p and wait: the callback's arguments, packed.
+-- Run fn(...) on p and wait: what the callback got, packed; the job's get
+-- must say the same.
 local function run(fn, ...)
-  local args = pack(...)
   local result
-  args[args.n + 1] = function(...)
-    result = pack(...)
-  end
-  p:submit(fn, unpack(args, 1, args.n + 1))
-  pump_until(function() return result ~= nil end)
+  local n = select("#", ...)
+  local args = pack(...)
+  args[n + 1] = function(...) result = pack(...) end
+  local job = p:submit(fn, unpack(args, 1, n + 1))
+  local got = pack(job:get(10))
+  assert.is_not_nil(got[1], "no outcome within 10 s: " .. tostring(got[2]))
+  assert.same(got, result)
   return result
 end
 
 -- The error raised by p:submit(...), which must raise.
 local function submit_error(...)
-  local ok, err = pcall(p.submit, p, ...)
+  local args = pack(...)
+  local ok, err = pcall(function() local _ = p:submit(unpack(args, 1, args.n)) end)
   assert.is_false(ok, "submit did not raise")
   return err
 end
@@ -64,52 +57,29 @@ local function threads()
   return tonumber(n)
 end
 
-local function exists(path)
-  local f = io.open(path)
-  if f then f:close() end
-  return f ~= nil
+-- Wait until `cond()`, at most 10 s, dispatching meanwhile.
+local function pump_until(cond)
+  assert.is_true(support.pump(d, cond, 10), "timed out")
 end
 
--- A job's function as source, so that a subprocess can load it too: create
--- `path`; wait until the file `after` exists, if given; sleep `seconds`;
--- write "done" into `path`. It sleeps rather than spins: under valgrind,
--- which runs one thread at a time, spinning threads starve the others.
-local SLOW = [[
-  local path, seconds, after = ...
-  local socket = require "socket"
-  local function exists(name)
-    local f = io.open(name)
-    if f then f:close() end
-    return f ~= nil
-  end
-  local f = assert(io.open(path, "w"))
-  f:close()
-  local stop = socket.gettime() + 20
-  while after and not exists(after) do
-    assert(socket.gettime() < stop, "no " .. after)
-    socket.sleep(0.01)
-  end
-  socket.sleep(seconds)
-  f = assert(io.open(path, "w"))
-  f:write("done")
-  f:close()
-  return "done"
-]]
-local slow = assert((loadstring or load)(SLOW))
+-- A job that spins in Lua until cancelled (or `seconds` passed), telling
+-- the test it started through a progress event.
+local function spin(seconds)
+  local clock = os.clock
+  local stop = clock() + (seconds or 60)
+  require("bgworker.worker").progress("started")
+  while clock() < stop do end
+  return "spun"
+end
 
-local function wait_for_file(path)
-  local deadline = socket.gettime() + 10
-  while not exists(path) do
-    assert(socket.gettime() < deadline, "the job did not start within 10 s")
-    socket.sleep(0.01)
-  end
+local function started(job)
+  local yes = false
+  job:on_progress(function(what) yes = yes or what == "started" end)
+  pump_until(function() return yes end)
 end
 
 describe("bgworker.pool", function()
-  setup(function()
-    -- Start from a stopped core, whatever ran before in this Lua state.
-    if core.running() then core.stop() end
-  end)
+  setup(support.stop_core)
 
   before_each(function()
     d = bgworker.new()
@@ -117,8 +87,8 @@ describe("bgworker.pool", function()
   end)
 
   after_each(function()
-    if p then p:close() end
-    if d then d:stop() end
+    if p then p:close(5) end
+    support.finish(d)
     p, d = nil, nil
   end)
 
@@ -235,44 +205,46 @@ describe("bgworker.pool", function()
   end)
 
   describe("errors", function()
-    it("give the callback false and the message with a traceback", function()
+    it("give false, the error value and a traceback", function()
       local r = run(function(x)
         local function inner() error("boom " .. x) end
         inner()
       end, 42)
+      assert.equals(3, r.n)
       assert.is_false(r[1])
-      assert.matches("boom 42", r[2])
-      assert.matches("stack traceback:", r[2])
-      assert.matches("inner", r[2])
-      assert.equals(2, r.n)
+      assert.matches("boom 42$", r[2])
+      assert.matches("stack traceback:", r[3])
+      assert.matches("inner", r[3])
+    end)
+
+    it("keep error values that can cross: tables, numbers, booleans", function()
+      local r = run(function() error({ code = 42, detail = { "x" } }) end)
+      assert.same({ code = 42, detail = { "x" } }, r[2])
+      assert.is_string(r[3])
+      assert.equals(7, run(function() error(7) end)[2])
+      assert.equals(false, run(function() error(false) end)[2])
+    end)
+
+    it("describe error values that cannot cross", function()
+      -- A table crosses without its metatable, as any value does.
+      local r = run(function() error(setmetatable({ 1 }, { __tostring = function() return "custom" end })) end)
+      assert.same({ 1 }, r[2])
+      r = run(function() error(print) end)
+      assert.is_false(r[1])
+      assert.matches("^function", r[2])
     end)
 
     it("keep the bytes of the message", function()
-      local r = run(function() error("bytes \0\255 end") end)
-      assert.is_false(r[1])
-      assert.truthy(r[2]:find("bytes \0\255 end", 1, true))
-    end)
-
-    it("turn non-string error values into text", function()
-      local r = run(function() error(setmetatable({}, { __tostring = function() return "custom" end })) end)
-      assert.is_false(r[1])
-      assert.matches("^custom\nstack traceback:", r[2])
+      local r = run(function() error("bytes \0\255 end", 0) end)
+      assert.same("bytes \0\255 end", r[2])
     end)
 
     it("report results that cannot cross, by position", function()
       local r = run(function() return 1, print end)
-      assert.same(pack(false, "result #2: a function cannot be copied back from the worker"), r)
-      r = run(function() return coroutine.create(function() end) end)
-      assert.same(pack(false, "result #1: a coroutine cannot be copied back from the worker"), r)
+      assert.is_false(r[1])
+      assert.equals("result #2: a function cannot be copied back from the worker", r[2])
       r = run(function() return { file = io.stdout } end)
-      assert.same(pack(false, "result #1: a userdata at .file cannot be copied back from the worker"), r)
-      r = run(function()
-        local t = {}
-        t.self = t
-        return t
-      end)
-      assert.same(pack(false, "result #1: a table that contains itself at .self cannot be copied back" ..
-        " from the worker"), r)
+      assert.equals("result #1: a userdata at .file cannot be copied back from the worker", r[2])
     end)
 
     it("leave the worker usable", function()
@@ -318,7 +290,7 @@ describe("bgworker.pool", function()
       assert.same(pack(true, "abab"), run("string.rep", "ab", 2))
     end)
 
-    it("reports missing modules and functions to the callback", function()
+    it("reports missing modules and functions", function()
       local r = run("pool_spec_no_such_module.f")
       assert.is_false(r[1])
       assert.matches("module 'pool_spec_no_such_module' not found", r[2])
@@ -328,116 +300,370 @@ describe("bgworker.pool", function()
     end)
   end)
 
-  describe("bad arguments", function()
-    local function cb() end
+  describe("init", function()
+    it("runs once in each worker before any job", function()
+      p:close()
+      p = pool.new { threads = 2, init = function()
+        counter = (counter or 0) + 1 -- luacheck: ignore 111 113
+        prefix = "ready" -- luacheck: ignore 111
+      end }
+      local jobs = {}
+      for i = 1, 8 do
+        jobs[i] = p:submit(function(n) return prefix, counter, n end, i) -- luacheck: ignore 113
+      end
+      for i = 1, 8 do
+        assert.same(pack(true, "ready", 1, i), pack(jobs[i]:get(10)))
+      end
+    end)
 
+    it("takes a module.function", function()
+      p:close()
+      p = pool.new { threads = 1, init = "string.len" }
+      assert.same(pack(true, 2), run("string.len", "ab"))
+    end)
+
+    it("that fails makes pool.new raise that error, with the worker's traceback, and leaves no thread", function()
+      p:close()
+      local before = threads()
+      local ok, err = pcall(function()
+        local _ = pool.new { threads = 3, init = function()
+          local function setup() error("no config") end
+          setup()
+        end }
+      end)
+      assert.is_false(ok)
+      assert.matches("pool_spec.lua:%d+: bgworker.pool.new: init failed in a worker: ", err)
+      assert.matches("no config", err)
+      assert.matches("stack traceback", err)
+      assert.equals(before, threads())
+      p = nil
+    end)
+  end)
+
+  describe("bad arguments", function()
     it("refuse a cycle, naming the argument", function()
       local t = { 1 }
       t[2] = t
       assert.matches("bad argument #3 to 'submit' %(a table that contains itself at %[2%] cannot be copied" ..
-        " to a worker%)", submit_error(identity, 1, t, cb))
+        " to a worker%)", submit_error(identity, 1, t))
       local key = {}
       key[key] = true
       assert.matches("bad argument #2 to 'submit' %(a table that contains itself at %[table%]",
-        submit_error(identity, key, cb))
+        submit_error(identity, key))
     end)
 
-    it("refuse functions, userdata and coroutines, naming the argument", function()
-      assert.matches("bad argument #2 to 'submit' %(a function cannot be copied to a worker%)",
-        submit_error(identity, print, cb))
+    it("refuse userdata and coroutines, naming the argument", function()
       assert.matches("bad argument #3 to 'submit' %(a userdata cannot be copied to a worker%)",
-        submit_error(identity, 1, io.stdout, cb))
+        submit_error(identity, 1, io.stdout))
       assert.matches("bad argument #2 to 'submit' %(a coroutine cannot be copied to a worker%)",
-        submit_error(identity, coroutine.create(function() end), cb))
+        submit_error(identity, coroutine.create(function() end)))
       assert.matches("bad argument #2 to 'submit' %(a function at .a%[1%] cannot be copied to a worker%)",
-        submit_error(identity, { a = { print } }, cb))
+        submit_error(identity, { a = { print } }))
       assert.matches("bad argument #2 to 'submit' %(a function used as a table key cannot be copied",
-        submit_error(identity, { [print] = 1 }, cb))
+        submit_error(identity, { [print] = 1 }))
+      -- A function last is the callback; one before it is an argument.
+      assert.matches("bad argument #2 to 'submit' %(a function cannot be copied to a worker%)",
+        submit_error(identity, print, print))
     end)
 
     it("refuse tables nested too deep", function()
       local t = {}
       for _ = 1, 250 do t = { t } end
       assert.matches("bad argument #2 to 'submit' %(tables nested more than 200 deep cannot be copied to a worker%)",
-        submit_error(identity, t, cb))
+        submit_error(identity, t))
     end)
 
     it("refuse what cannot be a job's function", function()
       assert.matches("bad argument #1 to 'submit' %(function or 'module.function' string expected, got number%)",
-        submit_error(42, cb))
-      assert.matches("bad argument #1 to 'submit' %(function or 'module.function' string expected, got table%)",
-        submit_error({}, cb))
+        submit_error(42))
       assert.matches("bad argument #1 to 'submit' %('module.function' expected, got 'nodot'%)",
-        submit_error("nodot", cb))
+        submit_error("nodot"))
       assert.matches("bad argument #1 to 'submit' %(a C function cannot move to a worker%)",
-        submit_error(print, cb))
+        submit_error(print))
       local upvalue = 1
       assert.matches("bad argument #1 to 'submit' %(the function has upvalue 'upvalue'",
-        submit_error(function() return upvalue end, cb))
+        submit_error(function() return upvalue end))
     end)
 
-    it("need a callback last", function()
-      assert.matches("bad argument #3 to 'submit' %(callback function expected as the last argument, got number%)",
-        submit_error(identity, 1, 2))
-      assert.matches("bad argument #2 to 'submit' %(callback function expected as the last argument, got nil%)",
-        submit_error(identity))
-    end)
-
-    it("are raised at the caller, and leave the pool usable", function()
-      local ok, err = pcall(function() p:submit(identity, print, cb) end)
-      assert.is_false(ok)
-      assert.matches("pool_spec.lua:%d+: bad argument", err)
+    it("are raised at the caller's line, and leave the pool usable", function()
+      assert.matches("pool_spec.lua:%d+: bad argument", submit_error(identity, io.stdout))
       assert.same(pack(true, 1), run(identity, 1))
     end)
 
-    it("check options and self", function()
-      assert.has_error(function() pool.new { threads = 0 } end,
-        "bad argument #1 to 'bgworker.pool.new' (opts.threads must be an integer in 1..1024, got 0)")
-      assert.has_error(function() pool.new { threads = 1.5 } end)
-      assert.has_error(function() pool.new { thread = 1 } end,
-        "bad argument #1 to 'bgworker.pool.new' (unknown option 'thread')")
-      assert.has_error(function() pool.new(3) end)
-      assert.matches("pool expected", select(2, pcall(p.submit, {}, identity, cb)))
-    end)
-
-    it("refuse pool:run outside a Copas thread", function()
-      local ok, err = pcall(p.run, p, identity)
-      assert.is_false(ok)
-      assert.matches("not in a Copas thread", err)
+    it("check options, self and the new methods", function()
+      local function refuses(msg, f)
+        local ok, err = pcall(f)
+        assert.is_false(ok)
+        assert.matches("pool_spec.lua:%d+: ", err)
+        assert.truthy(err:find(msg, 1, true), err)
+      end
+      refuses("bad argument #1 to 'bgworker.pool.new' (opts.threads must be an integer in 1..1024, got 0)",
+        function() local _ = pool.new { threads = 0 } end)
+      refuses("(opts.threads must be an integer in 1..1024, got 1.5)",
+        function() local _ = pool.new { threads = 1.5 } end)
+      refuses("bad argument #1 to 'bgworker.pool.new' (unknown option 'thread')",
+        function() local _ = pool.new { thread = 1 } end)
+      refuses("(opts.init: 'module.function' expected, got 'x')",
+        function() local _ = pool.new { init = "x" } end)
+      refuses("bad argument #1 to 'submit' (pool expected, got table",
+        function() local _ = p.submit({}, identity) end)
+      local job = p:submit(identity, 1)
+      refuses("bad argument #2 to 'get' (timeout must be a non-negative number of seconds, got -1)",
+        function() local _ = job:get(-1) end)
+      refuses("bad argument #1 to 'cancel' (job expected, got nil",
+        function() local _ = job.cancel() end)
+      refuses("bad argument #2 to 'on_progress' (handler must be a function, got 5)",
+        function() local _ = job:on_progress(5) end)
+      refuses("bad argument #2 to 'close' (timeout must be a non-negative number of seconds, got \"1\")",
+        function() local _ = p:close("1") end)
+      refuses("bad argument #1 to 'stats' (pool expected, got nil",
+        function() local _ = p.stats() end)
     end)
 
     it("need a running dispatcher, and work with the next one", function()
       d:stop()
-      assert.matches("no bgworker dispatcher is running", submit_error(identity, cb))
+      assert.matches("submit: no bgworker dispatcher is running", submit_error(identity))
       d = bgworker.new()
       assert.same(pack(true, "again"), run(identity, "again"))
     end)
   end)
 
+  describe("jobs", function()
+    it("go from queued to running to done, and cancel returns false once done", function()
+      p:close()
+      p = pool.new { threads = 1 }
+      local first = p:submit(spin, 60)
+      local second = p:submit(identity, "second")
+      assert.equals("queued", second:status())
+      started(first)
+      assert.equals("running", first:status())
+      assert.equals("queued", second:status())
+      assert.is_true(first:cancel())
+      assert.equals("cancelled", first:status())
+      assert.same(pack(true, "second"), pack(second:get(10)))
+      assert.equals("done", second:status())
+      assert.is_false(second:cancel())
+      assert.is_false(first:cancel())
+      assert.equals("done", second:status())
+    end)
+
+    it("cancelled while queued never run, and their callbacks get false, \"cancelled\"", function()
+      p:close()
+      p = pool.new { threads = 1 }
+      local blocker = p:submit(spin, 60)
+      started(blocker)
+      local ran, got = false, nil
+      local job = p:submit(function() ran = true end, function(...) got = pack(...) end) -- luacheck: ignore 122
+      assert.is_true(job:cancel())
+      assert.equals("cancelled", job:status())
+      pump_until(function() return got ~= nil end)
+      assert.same(pack(false, "cancelled"), got)
+      assert.same(pack(false, "cancelled"), pack(job:get()))
+      blocker:cancel()
+      assert.same(pack(true), pack(p:submit(identity):get(10)))
+      assert.is_false(ran)
+    end)
+
+    it("cancelled while running stop a CPU-bound loop, and the worker takes the next job", function()
+      p:close()
+      p = pool.new { threads = 1 }
+      local job = p:submit(spin, 60)
+      started(job)
+      local t0 = core.now()
+      assert.is_true(job:cancel())
+      -- The worker is free again: the next job runs, so the loop stopped.
+      assert.same(pack(true, "next"), pack(p:submit(identity, "next"):get(10)))
+      assert.is_true(core.now() - t0 < 5, "the loop ran on for " .. core.now() - t0 .. " s")
+      assert.same(pack(false, "cancelled"), pack(job:get()))
+    end)
+
+    it("call each callback exactly once under a race of cancels and completions", function()
+      local n = support.size(3000, 300)
+      local calls, jobs = {}, {}
+      for i = 1, n do
+        jobs[i] = p:submit(function(x) return x end, i, function(ok, v)
+          calls[i] = (calls[i] or 0) + 1
+          assert(ok == false and v == "cancelled" or ok == true and v == i)
+        end)
+      end
+      math.randomseed(42)
+      local cancelled = 0
+      for round = 1, n do
+        local i = math.random(n)
+        if jobs[i]:cancel() then cancelled = cancelled + 1 end
+        if round % 100 == 0 then d:dispatch() end
+      end
+      pump_until(function()
+        for i = 1, n do
+          if not calls[i] then return false end
+        end
+        return true
+      end)
+      d:wait(0.1) -- nothing more may come
+      local cancelled_calls = 0
+      for i = 1, n do
+        assert.equals(1, calls[i], "job " .. i)
+        if jobs[i]:status() == "cancelled" then cancelled_calls = cancelled_calls + 1 end
+      end
+      assert.equals(cancelled, cancelled_calls)
+      local s = p:stats()
+      assert.equals(n, s.submitted)
+      assert.equals(n, s.done + s.failed + s.cancelled)
+    end)
+
+    it("get times out with nil, \"timeout\", leaves the job running, and can wait again", function()
+      local job = p:submit(function()
+        require("socket").sleep(0.3)
+        return "late"
+      end)
+      local t0 = core.now()
+      assert.same(pack(nil, "timeout"), pack(job:get(0.05)))
+      assert.is_true(core.now() - t0 >= 0.045)
+      assert.equals("running", job:status())
+      assert.same(pack(true, "late"), pack(job:get(10)))
+      assert.same(pack(true, "late"), pack(job:get(0)))
+    end)
+
+    it("serves several waiting coroutines of one job", function()
+      local job = p:submit(function() require("socket").sleep(0.05) return "shared" end)
+      local got = {}
+      for i = 1, 3 do
+        local co = coroutine.create(function() got[i] = pack(job:get(10)) end)
+        assert(coroutine.resume(co))
+      end
+      pump_until(function() return got[1] and got[2] and got[3] end)
+      for i = 1, 3 do assert.same(pack(true, "shared"), got[i]) end
+    end)
+
+    it("run waits like pcall", function()
+      assert.same(pack(true, 6), pack(p:run(function(a, b) return a * b end, 2, 3)))
+      local r = pack(p:run(function() error({ code = 1 }) end))
+      assert.is_false(r[1])
+      assert.same({ code = 1 }, r[2])
+      local ok, err = pcall(function() local _ = p:run(identity, io.stdout) end)
+      assert.is_false(ok)
+      assert.matches("pool_spec.lua:%d+: bad argument #2 to 'run'", err)
+    end)
+  end)
+
+  describe("progress", function()
+    it("reaches the handler in order, before the outcome, under load", function()
+      local n = support.size(2000, 200)
+      local jobs, seen, order = {}, {}, {}
+      for j = 1, 4 do
+        seen[j] = 0
+        jobs[j] = p:submit(function(count, id)
+          local progress = require("bgworker.worker").progress
+          for i = 1, count do progress(id, i) end
+          return "end"
+        end, n, j, function(ok)
+          order[#order + 1] = { j, seen[j], ok }
+        end)
+        jobs[j]:on_progress(function(id, i)
+          assert(id == j and i == seen[j] + 1, "out of order")
+          seen[j] = i
+        end)
+      end
+      pump_until(function() return #order == 4 end)
+      for _, o in ipairs(order) do
+        assert.same({ o[1], n, true }, o)
+      end
+    end)
+
+    it("slows a job that emits faster than the loop drains, with bounded memory", function()
+      local job = p:submit(function(count)
+        local progress = require("bgworker.worker").progress
+        for i = 1, count do progress(i) end
+        return "end"
+      end, support.size(100000, 5000))
+      local last = 0
+      job:on_progress(function(i) last = i end)
+      socket.sleep(0.2) -- no dispatch: the job must wait
+      assert.is_true(core.pending() <= 100, core.pending() .. " items pending")
+      assert.equals("running", job:status())
+      assert.same(pack(true, "end"), pack(job:get(60)))
+      assert.equals(support.size(100000, 5000), last)
+    end)
+
+    it("ends with a cancelled job, whose handler gets nothing more", function()
+      local job = p:submit(function()
+        local worker = require "bgworker.worker"
+        for i = 1, 1e9 do worker.progress(i) end
+      end)
+      local last = 0
+      job:on_progress(function(i)
+        last = i
+        if i == 10 then job:cancel() end
+      end)
+      pump_until(function() return job:status() == "cancelled" end)
+      d:wait(0.1)
+      assert.equals(10, last)
+    end)
+  end)
+
+  describe("stats", function()
+    it("add up at every moment, and time the queue and the runs", function()
+      p:close()
+      p = pool.new { threads = 2 }
+      local function check()
+        local s = p:stats()
+        assert.equals(s.submitted, s.queued + s.running + s.done + s.failed + s.cancelled)
+        return s
+      end
+      local jobs = {}
+      for i = 1, 20 do
+        jobs[i] = p:submit(function(x)
+          require("socket").sleep(0.01)
+          if x % 5 == 0 then error("five") end
+          return x
+        end, i)
+        check()
+      end
+      jobs[20]:cancel()
+      for i = 1, 19 do
+        jobs[i]:get(10)
+        check()
+      end
+      local s = check()
+      assert.same({ 2, 20, 0, 0, 16, 3, 1 }, { s.threads, s.submitted, s.queued, s.running, s.done,
+        s.failed, s.cancelled })
+      assert.is_true(s.run_mean >= 0.009 and s.run_max >= s.run_mean, "run times")
+      assert.is_true(s.wait_max >= s.wait_mean and s.wait_mean >= 0, "wait times")
+      -- Jobs waited in the queue behind two threads.
+      assert.is_true(s.wait_max >= 0.02, "wait_max " .. s.wait_max)
+    end)
+  end)
+
   describe("close", function()
-    it("cancels queued jobs, finishes the running one, and joins the threads", function()
+    it("cancels queued jobs, stops the running ones, and joins the threads", function()
       local before = threads()
       p:close()
       assert.equals(before - 2, threads())
       p = pool.new { threads = 1 }
-      assert.equals(before - 1, threads())
-      local path = os.tmpname()
-      os.remove(path)
       local results = {}
-      local function collect(i)
-        return function(...) results[i] = pack(...) end
-      end
-      p:submit(slow, path, 0.2, collect(1))
-      wait_for_file(path)
-      for i = 2, 4 do p:submit(identity, i, collect(i)) end
-      assert.equals(3, p:close())
+      local running = p:submit(spin, 60, function(...) results[1] = pack(...) end)
+      started(running)
+      for i = 2, 4 do p:submit(identity, i, function(...) results[i] = pack(...) end) end
+      assert.is_true(p:close(5))
       assert.equals(before - 2, threads())
       pump_until(function() return results[1] and results[2] and results[3] and results[4] end)
-      assert.same(pack(true, "done"), results[1])
-      for i = 2, 4 do assert.same(pack(false, "cancelled"), results[i]) end
-      os.remove(path)
-      assert.equals(0, p:close())
-      assert.has_error(function() p:submit(identity, collect(5)) end, "submit: the pool is closed")
+      for i = 1, 4 do assert.same(pack(false, "cancelled"), results[i]) end
+      assert.is_true(p:close())
+      local ok, err = pcall(function() local _ = p:submit(identity) end)
+      assert.is_false(ok)
+      assert.matches("submit: the pool is closed", err)
+    end)
+
+    it("gives up on a job blocked in C after its timeout, and abandons the worker", function()
+      local job = p:submit(function()
+        require("socket").sleep(1)
+        return "late"
+      end)
+      socket.sleep(0.05) -- it is in socket.sleep now
+      local t0 = core.now()
+      assert.same({ false, "timeout" }, { p:close(0.1) })
+      assert.is_true(core.now() - t0 < 0.9, "close waited " .. core.now() - t0 .. " s")
+      assert.same(pack(false, "cancelled"), pack(job:get()))
     end)
 
     it("happens when the pool is collected", function()
@@ -448,163 +674,62 @@ describe("bgworker.pool", function()
       p = nil
       collectgarbage()
       collectgarbage()
-      assert.equals(before, threads())
-      p = pool.new { threads = 1 }
+      assert.is_true(support.eventually(function() return threads() == before end, 5))
     end)
 
-    it("does not wait for room in a full bounded dispatcher queue", function()
-      -- In a subprocess under `timeout`: a deadlock would hang the specs.
-      local path = os.tmpname()
-      local file = assert(io.open(path, "w"))
-      file:write([[
+    it("lets the process exit soon when a job never ends, and its state closes", function()
+      local status, out = support.run_lua [[
         local bgworker = require "bgworker"
         local pool = require "bgworker.pool"
-        local d = bgworker.new { capacity = 1 }
+        bgworker.new()
         local p = pool.new { threads = 2 }
-        local called = 0
-        for i = 1, 10 do
-          p:submit(function(x) return x end, i, function() called = called + 1 end)
-        end
-        require("socket").sleep(0.2)
-        io.write("cancelled ", p:close(), "\n")
-        while d:wait(0.2) > 0 do end
-        io.write("called ", called, "\n")
-      ]])
-      file:close()
-      local out = io.popen(("timeout 20 %s %s 2>&1; echo \"exit $?\""):format(LUA, path)):read("*a")
-      os.remove(path)
-      -- Typically 7 cancelled and 1 called: one result found room, the
-      -- workers blocked with the next two gave up when the pool closed,
-      -- and the cancellations found no room.
-      local cancelled, called = out:match("^cancelled (%d+)\ncalled (%d+)\nexit 0\n$")
-      assert.truthy(cancelled, out)
-      assert.is_true(tonumber(cancelled) >= 7 and tonumber(called) <= 1, out)
-    end)
-
-    it("happens when the Lua state closes with running and queued jobs, without crash or leak", function()
-      local path = os.tmpname()
-      -- The running jobs go on for a second after the script's last
-      -- statement, so the state closes while they run, and while the
-      -- others are still queued.
-      local script = ([[
-        local bgworker = require "bgworker"
-        local pool = require "bgworker.pool"
-        local path = %q
-        local function exists(name)
-          local f = io.open(name)
-          if f then f:close() end
-          return f ~= nil
-        end
-        local d = bgworker.new()
-        local p = pool.new { threads = 2 }
-        local slow = assert((loadstring or load)(%q))
-        for i = 1, 2 do p:submit(slow, path .. i, 1, path .. "end", print) end
-        for i = 3, 6 do p:submit(slow, path .. i, 0, print) end
-        while not (exists(path .. 1) and exists(path .. 2)) do require("socket").sleep(0.01) end
-        print("end of script")
-        io.open(path .. "end", "w"):close()
-      ]]):format(path, SLOW)
-      local file = assert(io.open(path, "w"))
-      file:write(script)
-      file:close()
-      local cmd = ("%s %s 2>&1"):format(LUA, path)
-      local valgrind = os.execute("valgrind --version >/dev/null 2>&1")
-      if valgrind == true or valgrind == 0 then
-        cmd = ("valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite %s"):format(cmd)
-      end
-      local out = io.popen(cmd .. "; echo \"exit $?\""):read("*a")
-      assert.matches("end of script\nexit 0\n$", out)
-      -- The running jobs finished: closing the state waited for them.
-      for i = 1, 2 do
-        local f = io.open(path .. i)
-        assert.equals("done", f and f:read("*a"))
-        if f then f:close() end
-        os.remove(path .. i)
-      end
-      -- The queued ones never ran.
-      for i = 3, 6 do
-        assert.is_false(exists(path .. i))
-      end
-      os.remove(path .. "end")
-      os.remove(path)
+        p:submit(function() while true do end end)
+        p:submit(function() require("socket").sleep(30) end)
+        require("socket").sleep(0.1)
+        io.write("end of script ", require("bgworker.core").now(), "\n")
+      ]]
+      assert.equals(0, status, out)
+      assert.matches("end of script", out)
     end)
   end)
 end)
 
-describe("bgworker.pool:run in Copas", function()
-  if not has_copas then
-    if copas_expected then
-      it("needs Copas on " .. _VERSION, function()
-        error("Copas is required for these specs on " .. _VERSION .. " (Debian's lua-copas): " ..
-          tostring(copas))
-      end)
-    else
-      pending("Copas is not packaged for " .. _VERSION .. " on this system (Debian ships it" ..
-        " for Lua 5.1 and 5.2 only); put a Copas on LUA_PATH to run these specs")
-    end
-    return
-  end
-
-  -- Step Copas until `done()`; false after 10 s. (Copas 1.x's loop never
-  -- returns.)
-  local function step_until(done)
-    local deadline = socket.gettime() + 10
-    while not done() do
-      if socket.gettime() > deadline then return false end
-      copas.step(0.01)
-    end
-    return true
-  end
+describe("bgworker.pool in Copas", function()
+  local copas = support.needs_copas()
+  if not copas then return end
 
   before_each(function()
-    if core.running() then core.stop() end
-    d = bgworker.copas()
+    support.stop_core()
+    d = bgworker.new { loop = "copas" }
     p = pool.new { threads = 2 }
   end)
 
   after_each(function()
-    p:close()
-    d:stop()
-    step_until(function() return coroutine.status(d.reader) == "dead" end)
+    p:close(5)
+    assert(support.stop_copas(d))
     p, d = nil, nil
   end)
 
-  it("suspends only the calling thread, and returns like pcall", function()
-    local path = os.tmpname()
-    local got, ticks, ticks_while_waiting = nil, 0, nil
+  it("run suspends only the calling thread, and returns like pcall", function()
+    local got, ticker
     copas.addthread(function()
-      local r = pack(p:run(slow, path, 0.3))
-      ticks_while_waiting = ticks
-      got = r
+      got = pack(p:run(function() require("socket").sleep(0.2) return "done" end))
     end)
-    -- Another thread goes on while the job runs: it yields to Copas
-    -- through a socket that is always writable.
-    copas.addthread(function()
-      local s = assert(socket.udp())
-      assert(s:setpeername("127.0.0.1", 9))
-      while not got do
-        copas.send(s, "")
-        ticks = ticks + 1
-      end
-      s:close()
-    end)
-    assert.is_true(step_until(function() return got ~= nil end))
-    os.remove(path)
+    ticker = support.copas_ticker(function() return got ~= nil end)
+    assert.is_true(ticker.run())
     assert.same(pack(true, "done"), got)
-    assert.is_true(ticks_while_waiting > 1, "the other thread did not run: " .. ticks_while_waiting)
+    assert.is_true(ticker.ticks > 1, "the other thread did not run")
   end)
 
-  it("gives errors and uncopyable results as false and a message", function()
+  it("get answers a request with a timeout, and cancel stops the job", function()
     local got
     copas.addthread(function()
-      local a = pack(p:run(function(x) error("run failed " .. x) end, 7))
-      local b = pack(p:run(function() return print end))
-      got = { a, b }
+      local job = p:submit(spin, 60)
+      local ok, err = job:get(0.1)
+      got = { ok, err, job:cancel(), job:status() }
     end)
-    assert.is_true(step_until(function() return got ~= nil end))
-    assert.is_false(got[1][1])
-    assert.matches("run failed 7\nstack traceback:", got[1][2])
-    assert.same(pack(false, "result #1: a function cannot be copied back from the worker"), got[2])
+    assert.is_true(support.copas_until(function() return got ~= nil end, 5))
+    assert.same({ nil, "timeout", true, "cancelled" }, got)
   end)
 
   it("serves many threads at once, each with its own results", function()
@@ -615,37 +740,18 @@ describe("bgworker.pool:run in Copas", function()
         done = done + 1
       end)
     end
-    assert.is_true(step_until(function() return done == n end))
+    assert.is_true(support.copas_until(function() return done == n end, 10))
     for i = 1, n do assert.same(pack(true, i * i, "square"), got[i]) end
   end)
 
   it("raises bad arguments in the calling thread, without waiting", function()
     local got
     copas.addthread(function()
-      got = { pcall(p.run, p, identity, print) }
+      got = { pcall(function() local _ = p:run(identity, io.stdout) end) }
     end)
-    assert.is_true(step_until(function() return got ~= nil end))
+    assert.is_true(support.copas_until(function() return got ~= nil end))
     assert.is_false(got[1])
-    assert.matches("bad argument #2 to 'run' %(a function cannot be copied to a worker%)", got[2])
-  end)
-
-  it("returns false, \"cancelled\" for a job that close cancelled", function()
-    local path = os.tmpname()
-    os.remove(path)
-    p:close()
-    p = pool.new { threads = 1 }
-    local first, second
-    copas.addthread(function()
-      first = pack(p:run(slow, path, 0.2))
-    end)
-    copas.addthread(function()
-      second = pack(p:run(identity, 2))
-    end)
-    assert.is_true(step_until(function() return exists(path) end))
-    assert.equals(1, p:close())
-    assert.is_true(step_until(function() return first ~= nil and second ~= nil end))
-    os.remove(path)
-    assert.same(pack(true, "done"), first)
-    assert.same(pack(false, "cancelled"), second)
+    assert.matches("pool_spec.lua:%d+: bad argument #2 to 'run' %(a userdata cannot be copied to a worker%)",
+      got[2])
   end)
 end)

@@ -22,7 +22,9 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
+use crate::alarm;
 use crate::item::{DecodeFn, FreeFn, Item, ResultFn, RoundTrip};
 use crate::reply::Reply;
 use crate::room::{Room, Wait};
@@ -129,6 +131,19 @@ impl Shared {
         Ok(())
     }
 
+    /// Raise the signal now, whether or not anything was delivered (a
+    /// reader that stopped draining early, or an alarm). `false` when not
+    /// started.
+    pub fn wake(&self) -> bool {
+        let route = self.route();
+        let Some(route) = route.as_ref() else {
+            return false;
+        };
+        self.wake.force();
+        self.send_wake(route);
+        true
+    }
+
     fn send_wake(&self, route: &Route) {
         // A connected UDP socket reports an earlier ICMP error on the next
         // send without sending; one retry sends the datagram after all.
@@ -211,6 +226,8 @@ pub struct Instance {
     /// applies to that start; `stop` clears it.
     capacity: Option<usize>,
     counters: ReaderCounters,
+    /// The alarm set by `set_alarm`, until it is replaced or the run stops.
+    alarm: Option<alarm::Key>,
     closed: bool,
 }
 
@@ -276,6 +293,9 @@ impl Instance {
             return 0;
         };
         self.capacity = None;
+        if let Some(key) = self.alarm.take() {
+            alarm::cancel(key);
+        }
         if let Some(room) = &inbox.room {
             room.close();
         }
@@ -364,13 +384,23 @@ impl Instance {
     /// Send a wake datagram now (a reader that stopped draining early).
     /// `false` when not started.
     pub fn wake(&self) -> bool {
-        let route = self.shared.route();
-        let Some(route) = route.as_ref() else {
-            return false;
-        };
-        self.shared.wake.force();
-        self.shared.send_wake(route);
-        true
+        self.shared.wake()
+    }
+
+    /// Raise the signal at `due` even if nothing is delivered, replacing the
+    /// alarm set before; `None` clears it. Ignored when not started; `stop`
+    /// clears it. `false` when no alarm thread could be started.
+    pub fn set_alarm(&mut self, due: Option<Instant>) -> bool {
+        if let Some(key) = self.alarm.take() {
+            alarm::cancel(key);
+        }
+        match due {
+            Some(due) if self.inbox.is_some() => {
+                self.alarm = alarm::set(&self.shared, due);
+                self.alarm.is_some()
+            }
+            _ => true,
+        }
     }
 
     /// The started signal, for its reader-side details.

@@ -5,6 +5,7 @@
 //! trips, the C contract's functions) and, with a Lua-version feature, the
 //! `bgworker.core` Lua module built on it (`lua/`).
 
+pub mod alarm;
 pub mod capi;
 pub mod instance;
 pub mod item;

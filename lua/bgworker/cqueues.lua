@@ -1,15 +1,15 @@
 --- Dispatch inside a cqueues controller.
 --
--- `bgworker.cqueues.start([opts])` starts the core with a descriptor signal
--- (an eventfd on Linux, or a pipe) and returns a dispatcher that follows
--- cqueues' polling protocol (`pollfd`, `events`, `timeout`): a coroutine of
--- a controller can wait for it with `cqueues.poll(d)`, then run the
--- callbacks with `d:dispatch()`. Or it runs `d:loop()`, which does both
+-- `bgworker.new { loop = "cqueues" }` starts the core with a descriptor
+-- signal (an eventfd on Linux, or a pipe) and returns a dispatcher that
+-- follows cqueues' polling protocol (`pollfd`, `events`, `timeout`): a
+-- coroutine of a controller can wait for it with `cqueues.poll(d)`, then run
+-- the callbacks with `d:dispatch()`. Or it runs `d:loop()`, which does both
 -- until the dispatcher is stopped:
 --
 --     local cqueues = require "cqueues"
 --     local cq = cqueues.new()
---     local d = require("bgworker.cqueues").start()
+--     local d = require("bgworker").new { loop = "cqueues" }
 --     cq:wrap(function() d:loop() end)
 --     -- start utility libraries; their callbacks run inside cq:loop()
 --     assert(cq:loop())
@@ -20,50 +20,59 @@
 -- sockets) on every Lua version. After `budget` items `loop` lets the
 -- controller run its other coroutines before it goes on. `d:stop()` wakes
 -- the coroutine that waits in `loop`, which then returns, so `cq:loop()`
--- can end. One dispatcher runs in a Lua state at a time.
+-- can end.
+--
+-- Waiting (`bgworker.await`, `job:get`) works in any coroutine of a
+-- controller: it waits on a `cqueues.condition`, with the timeout given to
+-- `cqueues.poll`.
 --
 -- @module bgworker.cqueues
 
+local args = require "bgworker.args"
 local cqueues = require "cqueues"
-local drain = require "bgworker.drain"
+local condition = require "cqueues.condition"
+local dispatcher = require "bgworker.dispatcher"
 
-local setmetatable = setmetatable
+local error = error
 local cpoll, cancel = cqueues.poll, cqueues.cancel
+local check_self = dispatcher.check_self
 
 local M = {}
 
--- Stop (see bgworker.drain.fd_class): the controllers must forget the
--- descriptor before core.stop() closes it. cancel also puts the coroutines
--- polling it back to work.
-local function cancel_polls(self)
-  cancel(self.fd)
+local Cqueues = dispatcher.class("cqueues", { kind = args.option.one_of { "eventfd", "pipe" } })
+-- The class of these dispatchers, for bgworker.new.
+M.class = Cqueues
+Cqueues.gettime = cqueues.monotime
+
+function Cqueues.start(self, opts)
+  local fd, err = dispatcher.start_fd(opts)
+  if not fd then
+    return nil, err
+  end
+  self.fd = fd
+  return true
 end
 
--- The methods `dispatch` and `stop` come from bgworker.drain.fd_class;
--- `loop` checks its `self` with check_self.
-local Dispatcher, check_self = drain.fd_class("cqueues", cancel_polls)
-
---- Start the core and make a dispatcher.
--- @tparam[opt] table opts
---   `budget` (positive integer): items `loop` handles before it lets the
---   controller's other coroutines run, and the default `max` of
---   `dispatch`; 1000 by default.
---   `errorhandler` (function): called as `errorhandler(err, traceback)` for
---   each callback that raised an error and each item whose decode failed;
---   by default writes the traceback to stderr.
---   `capacity` (positive integer): bound the queue; by default unbounded.
+--- Start the core and make a dispatcher: `bgworker.new { loop = "cqueues" }`.
+-- @tparam[opt] table opts the common options (see `bgworker.new`), and
 --   `kind` ("eventfd" or "pipe"): the descriptor; an eventfd by default on
---   Linux.
+--   Linux
 -- @return a dispatcher; `fd` is the descriptor
-function M.start(opts)
-  local self = setmetatable({}, Dispatcher)
-  drain.start_fd(self, "bgworker.cqueues.start", opts)
-  return self
+-- @function new
+M.new = dispatcher.constructor(Cqueues, "bgworker.cqueues.start")
+
+--- The name of earlier versions.
+M.start = M.new
+
+-- The controllers must forget the descriptor before core.stop() closes it;
+-- cancel also puts the coroutines polling it back to work.
+function Cqueues.before_stop(self)
+  cancel(self.fd)
 end
 
 --- Polling protocol: the descriptor, readable while callbacks are due;
 -- nil once stopped.
-function Dispatcher:pollfd()
+function Cqueues:pollfd()
   if self.stopped then
     return nil
   end
@@ -71,32 +80,26 @@ function Dispatcher:pollfd()
 end
 
 --- Polling protocol: wait for the descriptor to be readable.
-function Dispatcher.events(_)
+function Cqueues.events()
   return "r"
 end
 
 --- Polling protocol: no timeout while running; once stopped, 0, so that a
 -- poll on a stopped dispatcher returns at once.
-function Dispatcher:timeout()
+function Cqueues:timeout()
   if self.stopped then
     return 0
   end
   return nil
 end
 
---- Run the callbacks of waiting items now, without waiting. If `max` runs
--- out first, the descriptor stays readable, so the next poll returns at
--- once and the rest is not forgotten.
--- @function Dispatcher:dispatch
--- @tparam[opt] int max handle at most this many items (default: the budget)
--- @treturn int the number of items handled: callbacks run, including those
--- that raised, and items whose decode failed
-
 --- Wait and dispatch until the dispatcher is stopped. Run it in a coroutine
 -- of a cqueues controller (`cq:wrap(function() d:loop() end)`).
--- @treturn int the number of items handled in all
-function Dispatcher:loop()
-  check_self(self, "loop")
+-- @treturn int the number handled in all
+function Cqueues:loop()
+  local msg = check_self(self, "loop")
+  if msg then error(msg, 2) end
+  self.controller = cqueues.running()
   local total, budget = 0, self.budget
   while not self.stopped do
     -- After a batch that spent the budget the descriptor is still readable:
@@ -105,16 +108,47 @@ function Dispatcher:loop()
     if self.stopped then
       break
     end
-    total = total + drain.batch(self, budget)
+    total = total + self:drain_and_rewake(budget)
   end
   return total
 end
 
---- Stop: wake the coroutines waiting on this dispatcher (`loop` returns),
--- and stop the core, which refuses further items and frees the pending
--- ones without running them. Safe inside a callback; stopping a stopped
--- dispatcher does nothing.
--- @function Dispatcher:stop
--- @treturn int the number of pending items cancelled
+function Cqueues.suspender()
+  if not cqueues.running() then
+    return nil, "with a cqueues dispatcher, wait in a coroutine of a cqueues controller"
+  end
+  local cond = condition.new()
+  return {
+    timed = true,
+    suspend = function(left)
+      if left then cpoll(cond, left) else cpoll(cond) end
+    end,
+    resume = function()
+      cond:signal()
+    end,
+  }
+end
+
+--- A timer in the controller of the caller (or of `d:loop()`): `fn()` runs
+-- in protected mode after `seconds`.
+function Cqueues:timer(seconds, fn)
+  local cq = cqueues.running() or self.controller
+  if not cq then
+    error("bgworker.cqueues: a timer needs a controller: call it in one, or run d:loop()", 0)
+  end
+  local cond, cancelled = condition.new(), false
+  cq:wrap(function()
+    cpoll(cond, seconds)
+    if not cancelled then
+      self:call_reporting(fn)
+    end
+  end)
+  return {
+    cancel = function()
+      cancelled = true
+      cond:signal()
+    end,
+  }
+end
 
 return M

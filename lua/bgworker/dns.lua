@@ -2,37 +2,69 @@
 --
 -- Names are resolved with the system's `getaddrinfo` (so `/etc/hosts`, DNS,
 -- and whatever else the system is set up for) on background threads of
--- `bgworker.dns_native`, and the answers come back through bgworker: a
--- dispatcher (`bgworker.new()` or `bgworker.copas()`) must be running.
+-- `bgworker.dns_native`, and the answers come back through the running
+-- dispatcher (see `bgworker.new`), in any loop.
 --
 --     local dns = require "bgworker.dns"
 --     dns.resolve("example.org", function(addresses, name_or_err) ... end)
---     -- in a Copas thread, LuaSocket's conventions; only this thread waits:
---     local ip, resolved = dns.toip("example.org")
+--     -- LuaSocket's conventions, waiting only in the caller (a Copas thread,
+--     -- a coroutine, an OpenResty request; or blocking in a select loop):
+--     local ip, resolved = dns.toip("example.org", 2)
+--
+-- A lookup that timed out is cancelled: its thread never calls back, and
+-- one that has not started yet never runs.
 --
 -- @module bgworker.dns
 
+local args = require "bgworker.args"
 local core = require "bgworker.core"
+local dispatcher = require "bgworker.dispatcher"
 local native = require "bgworker.dns_native"
-local await = require "bgworker.await"
 
-local error, type = error, type
+local error, select = error, select
 
 local dns = {}
 
--- `level` as for error(), counted from the function that calls check.
-local function check_host(fname, host, level)
-  if type(host) ~= "string" then
-    error(("bad argument #1 to '%s' (string expected, got %s)"):format(fname, type(host)), level + 1)
+-- Nothing, or why `host` cannot be looked up.
+local function check_host(fname, host)
+  local msg = args.typed(fname, 1, "host", host, "string")
+  if msg then
+    return msg
   end
   if host:find("\0", 1, true) then
-    error(("bad argument #1 to '%s' (host name contains a NUL byte)"):format(fname), level + 1)
+    return args.bad(fname, 1, "host name contains a NUL byte")
   end
-  if not core.running() then
+end
+
+-- Look `host` up and call `callback(addresses, name)` or
+-- `callback(nil, message)` once; after `timeout` seconds (if given),
+-- `callback(nil, "timeout")` and the lookup is cancelled. Returns the
+-- lookup's token (cancel it to give up), or nil and the message of an error
+-- for `fname` to raise.
+local function lookup(fname, host, callback, timeout)
+  local d = dispatcher.current()
+  if not d then
     -- Without a dispatcher the answer would never be delivered.
-    error(("bgworker.dns.%s: no bgworker dispatcher is running;"):format(fname) ..
-      " start one with bgworker.new() or bgworker.copas()", level + 1)
+    return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one" ..
+      " with bgworker.new() first"
   end
+  local token = core.token()
+  local timer
+  local function answer(...)
+    if token:cancel() then
+      if timer then
+        timer:cancel()
+      end
+      callback(...)
+    end
+  end
+  if timeout then
+    timer = d:timer(timeout, function()
+      answer(nil, "timeout")
+    end)
+  end
+  native.resolve(host, answer, token)
+  return token
 end
 
 --- Resolve a name in the background.
@@ -41,32 +73,45 @@ end
 -- `callback(addresses, name)`: a list of address strings (IPv4 ones first,
 -- then IPv6, each once) and the canonical name; or `callback(nil, err)`
 -- with LuaSocket's message ("host not found" for a name that does not
--- resolve)
-function dns.resolve(host, callback)
-  check_host("resolve", host, 2)
-  if type(callback) ~= "function" then
-    error("bad argument #2 to 'resolve' (function expected, got " .. type(callback) .. ")", 2)
+-- resolve), or "timeout"
+-- @tparam[opt] number timeout seconds; by default no limit
+function dns.resolve(host, callback, timeout)
+  local msg = check_host("resolve", host) or
+    args.typed("resolve", 2, "callback", callback, "function") or
+    args.seconds("resolve", 3, "timeout", timeout, true)
+  if not msg then
+    msg = select(2, lookup("bgworker.dns.resolve", host, callback, timeout))
   end
-  native.resolve(host, callback)
+  if msg then error(msg, 2) end
 end
 
---- LuaSocket's `socket.dns.toip`, without blocking the loop: in a Copas
--- thread only that thread waits (see `bgworker.await`). Outside one, pass
--- the dispatcher of a `bgworker.new()` to wait with.
+--- LuaSocket's `socket.dns.toip`, without blocking the loop: only the caller
+-- waits (see `bgworker.await` for where it can wait).
 --
 -- Unlike LuaSocket's, it also reports IPv6 addresses, after the IPv4 ones;
 -- `alias` is always empty (`getaddrinfo` reports no aliases), and a numeric
 -- address is not looked up in reverse: its `name` is the address itself.
 -- @tparam string host a host name, or a numeric IPv4 or IPv6 address
--- @param[opt] dispatcher a `bgworker.new()` dispatcher, for waiting outside
--- a Copas thread
+-- @tparam[opt] number timeout seconds; by default no limit
 -- @return the first address, and `{name = ..., alias = {}, ip = {...}}`;
--- or nil and an error message
-function dns.toip(host, dispatcher)
-  check_host("toip", host, 2)
-  local addresses, name = await(function(callback)
-    native.resolve(host, callback)
-  end, dispatcher)
+-- or nil and an error message ("timeout" when the time ran out, "stopped"
+-- when the dispatcher stopped first)
+function dns.toip(host, timeout)
+  local msg = check_host("toip", host) or args.seconds("toip", 2, "timeout", timeout, true)
+  if msg then error(msg, 2) end
+  local waiter, why = dispatcher.waiter_for("bgworker.dns.toip")
+  if not waiter then error(why, 2) end
+  local addresses, name
+  local token, err = lookup("bgworker.dns.toip", host, function(a, n)
+    addresses, name = a, n
+    waiter:wake()
+  end)
+  if not token then error(err, 2) end
+  local ok, reason = waiter:wait(timeout)
+  if not ok then
+    token:cancel()
+    return nil, reason
+  end
   if not addresses then
     return nil, name
   end

@@ -1,13 +1,13 @@
 --- Dispatch inside a luv (libuv) loop.
 --
--- `bgworker.luv.start([opts])` starts the core with a descriptor signal
+-- `bgworker.new { loop = "luv" }` starts the core with a descriptor signal
 -- (an eventfd on Linux, or a pipe) and watches it with a `uv.new_poll`
 -- handle in luv's default loop. When it turns readable, the callbacks of the
 -- waiting items run in that loop, one after the other, each in protected
 -- mode: an error goes to the error handler, and the others still run.
 --
 --     local uv = require "luv"
---     local d = require("bgworker.luv").start()
+--     local d = require("bgworker").new { loop = "luv" }
 --     -- start utility libraries; their callbacks run inside uv.run()
 --     uv.run()
 --
@@ -15,33 +15,31 @@
 -- returns to the loop, so timers and other handles get their turn; the loop
 -- comes back for the rest at its next iteration. `d:stop()` closes the poll
 -- handle and stops the core, so `uv.run()` returns once nothing else is
--- active. One dispatcher runs in a Lua state at a time.
+-- active.
 --
 -- Callbacks run on the thread that called `uv.run()` and cannot yield.
+-- Waiting (`bgworker.await`, `job:get`) works in a coroutine: it is
+-- suspended, and the dispatcher resumes it when the result (or a luv timer,
+-- for the timeout) comes.
 --
 -- @module bgworker.luv
 
+local args = require "bgworker.args"
 local core = require "bgworker.core"
-local drain = require "bgworker.drain"
+local dispatcher = require "bgworker.dispatcher"
 local uv = require "luv"
 
-local error, pcall, setmetatable, tostring = error, pcall, setmetatable, tostring
+local pcall, tostring = pcall, tostring
 
 local M = {}
 
--- Stop (see bgworker.drain.fd_class): close the poll handle, so that
--- `uv.run()` returns once nothing else is active; libuv must forget the
--- descriptor before core.stop() closes it.
-local function close_handle(self)
-  local handle = self.handle
-  if handle and not handle:is_closing() then
-    handle:stop()
-    handle:close()
-  end
-end
+local Luv = dispatcher.class("luv", { kind = args.option.one_of { "eventfd", "pipe" } })
+-- The class of these dispatchers, for bgworker.new.
+M.class = Luv
 
--- The methods `dispatch` and `stop` come from bgworker.drain.fd_class.
-local Dispatcher = drain.fd_class("luv", close_handle)
+function Luv.gettime()
+  return uv.hrtime() / 1e9
+end
 
 -- The poll handle's callback: one batch per loop iteration.
 local function on_readable(self, err)
@@ -49,28 +47,21 @@ local function on_readable(self, err)
     return
   end
   if err then
-    drain.report(self, "bgworker.luv: polling the wake-up descriptor failed: " .. tostring(err))
+    self:report("bgworker.luv: polling the wake-up descriptor failed: " .. tostring(err))
     self:stop()
     return
   end
-  drain.batch(self, self.budget)
+  self:drain_and_rewake(self.budget)
 end
 
---- Start dispatching in luv's default loop.
--- @tparam[opt] table opts
---   `budget` (positive integer): items handled per loop iteration, 1000 by
---   default.
---   `errorhandler` (function): called as `errorhandler(err, traceback)` for
---   each callback that raised an error and each item whose decode failed;
---   by default writes the traceback to stderr.
---   `capacity` (positive integer): bound the queue; by default unbounded.
---   `kind` ("eventfd" or "pipe"): the descriptor; an eventfd by default on
---   Linux.
--- @return a dispatcher: `fd` is the descriptor, `handle` the `uv_poll_t`
-function M.start(opts)
-  local self = setmetatable({}, Dispatcher)
-  drain.start_fd(self, "bgworker.luv.start", opts)
-  local ok, handle, err = pcall(uv.new_poll, self.fd)
+function Luv.start(self, opts)
+  local fd, err = dispatcher.start_fd(opts)
+  if not fd then
+    return nil, err
+  end
+  self.fd = fd
+  local ok, handle
+  ok, handle, err = pcall(uv.new_poll, fd)
   if ok and handle then
     ok, err = pcall(handle.start, handle, "r", function(perr)
       on_readable(self, perr)
@@ -83,23 +74,55 @@ function M.start(opts)
   end
   if not ok then
     core.stop()
-    error("bgworker.luv.start: cannot poll the wake-up descriptor: " .. tostring(err), 2)
+    return nil, "cannot poll the wake-up descriptor: " .. tostring(err)
   end
   self.handle = handle
-  return self
+  return true
 end
 
---- Run the callbacks of waiting items now, without waiting: for a caller
--- that wants to drain outside the poll handle's turn.
--- @function Dispatcher:dispatch
--- @tparam[opt] int max handle at most this many items (default: the budget)
--- @treturn int the number of items handled
+--- Start dispatching in luv's default loop: `bgworker.new { loop = "luv" }`.
+-- @tparam[opt] table opts the common options (see `bgworker.new`), and
+--   `kind` ("eventfd" or "pipe"): the descriptor; an eventfd by default on
+--   Linux
+-- @return a dispatcher: `fd` is the descriptor, `handle` the `uv_poll_t`
+-- @function new
+M.new = dispatcher.constructor(Luv, "bgworker.luv.start")
 
---- Stop: close the poll handle, so that `uv.run()` returns once nothing else
--- is active, and stop the core, which refuses further items and frees the
--- pending ones without running them. Safe inside a callback; stopping a
--- stopped dispatcher does nothing.
--- @function Dispatcher:stop
--- @treturn int the number of pending items cancelled
+--- The name of earlier versions.
+M.start = M.new
+
+-- libuv must forget the descriptor before core.stop() closes it; a closed
+-- poll handle also lets `uv.run()` return once nothing else is active.
+function Luv.before_stop(self)
+  local handle = self.handle
+  if handle and not handle:is_closing() then
+    handle:stop()
+    handle:close()
+  end
+end
+
+function Luv:suspender()
+  local in_co, co = dispatcher.in_coroutine()
+  if not in_co then
+    return nil, "with a luv dispatcher, wait in a coroutine: the main program runs uv.run()"
+  end
+  return self:resuming_suspender(co)
+end
+
+--- A luv timer: `fn()` runs in protected mode after `seconds`.
+function Luv:timer(seconds, fn)
+  local timer = uv.new_timer()
+  timer:start(math.floor(seconds * 1000 + 0.5), 0, function()
+    timer:close()
+    self:call_reporting(fn)
+  end)
+  return {
+    cancel = function()
+      if not timer:is_closing() then
+        timer:close()
+      end
+    end,
+  }
+end
 
 return M

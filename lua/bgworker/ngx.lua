@@ -9,18 +9,15 @@
 -- may use cosockets and `ngx.sleep` (and delay the callbacks after them while
 -- they wait).
 --
---     init_by_lua_block {
---         require "bgworker.ngx"
---     }
 --     init_worker_by_lua_block {
---         require("bgworker.ngx").start()
+--         require("bgworker").new { loop = "ngx" }
 --     }
 --
 --     content_by_lua_block {
---         local bgngx = require "bgworker.ngx"
---         local ticker = require "bgworker_ticker"
+--         local await = require "bgworker.await"
+--         local ticker = require "bgworker.ticker"
 --         local values = {}
---         local result, err, job = bgngx.await(function(done)
+--         local ok, result = await(function(done)
 --             return ticker.start(3, 10, function(v)
 --                 values[#values + 1] = v
 --                 if v == 3 then done(values) end
@@ -28,103 +25,130 @@
 --         end, 5)
 --     }
 --
--- See docs/openresty.md for the nginx settings.
+-- Waiting (`bgworker.await`, `job:get`) suspends the request's light thread
+-- on an `ngx.semaphore`. See docs/openresty.md for the nginx settings.
 --
 -- @module bgworker.ngx
 
 -- luacheck: read globals ngx
 
+local args = require "bgworker.args"
+local await = require "bgworker.await"
 local core = require "bgworker.core"
-local drain = require "bgworker.drain"
+local dispatcher = require "bgworker.dispatcher"
 local semaphore = require "ngx.semaphore"
 
 local ngx = ngx
 local exiting, sleep, timer_at = ngx.worker.exiting, ngx.sleep, ngx.timer.at
-local error, pcall, select, tostring, type, unpack = error, pcall, select, tostring, type, unpack
-local floor, huge = math.floor, math.huge
+local error, next, pcall, tostring = error, next, pcall, tostring
+local floor = math.floor
 local running = coroutine.running
 
-local bgngx = {}
-
---- Items the reader handles before it lets requests and other timers run.
-bgngx.DEFAULT_BUDGET = drain.DEFAULT_BUDGET
+local M = {}
 
 --- Seconds the reader waits for a wake-up before it checks whether the worker
 -- is exiting (nginx's own default socket read timeout). The exit watcher
 -- wakes it at once, so this is only a fallback.
-bgngx.DEFAULT_TIMEOUT = 60
+M.DEFAULT_TIMEOUT = 60
 
 -- Wake-up datagrams carry no information; read at most this much of each.
 local DATAGRAM = 16
 -- The greeting crosses the loopback interface: it arrives within a few event
--- loop turns, or something is wrong and the reader starts over.
-local GREETING_POLL, GREETING_TRIES = 0.001, 1000
+-- loop turns. The reader looks for it every GREETING_POLL seconds and sends
+-- the token again every GREETING_RESEND (a datagram can be lost to a full
+-- socket buffer, for instance under a flood of junk), until GREETING_TIMEOUT;
+-- then it starts over with a new socket.
+local GREETING_POLL, GREETING_RESEND, GREETING_TIMEOUT = 0.001, 0.05, 5
 -- Pause between a failed reader session and the next, so a persistent fault
 -- logs once a second rather than spinning.
 local RESTART_DELAY = 1
 -- The exit watcher is a timer that never expires in practice: nginx runs
 -- pending timers early ("premature") when the worker starts to exit.
 local WATCH_DELAY = 86400
+-- A semaphore wait needs a timeout: a year stands for "until woken".
+local FOREVER = 86400 * 365
 
--- This worker's reader, once started.
-local reader
--- Requests waiting in `await`: an exiting worker keeps its reader running
--- for them, since nginx lets in-flight requests finish.
-local waiters = 0
+local Ngx = dispatcher.class("ngx", { timeout = args.option.seconds })
+-- The class of these dispatchers, for bgworker.new.
+M.class = Ngx
+
+function Ngx.gettime()
+  ngx.update_time()
+  return ngx.now()
+end
 
 --- The error handler used when `opts.errorhandler` is not given: it logs
 -- the traceback (which starts with the message) at level `ngx.ERR`.
 -- @param err the error value
 -- @param tb a traceback string, or nil
-function bgngx.default_errorhandler(err, tb)
+function M.default_errorhandler(err, tb)
   ngx.log(ngx.ERR, "bgworker.ngx: ", tb or tostring(err))
 end
+
+-- This worker's reader, once started.
+local reader
 
 --------------------------------------------------------------------------
 -- The reader
 
-local function should_stop()
-  return exiting() and waiters == 0
+-- Requests waiting (bgworker.await, job:get) keep an exiting worker's reader
+-- running, since nginx lets in-flight requests finish.
+local function should_stop(self)
+  return exiting() and next(self.waiters) == nil
 end
 
 -- Handle items until the queue is empty, letting the rest of the worker run
 -- after each `budget` of them. False when told to stop before the end.
 local function drain_all(self)
   while true do
-    local _, empty = drain.run(self, self.budget)
+    local _, empty = self:drain(self.budget)
     if empty then
       return true
     end
     sleep(0)
-    if should_stop() then
+    if should_stop(self) then
       return false
     end
   end
 end
 
+-- Greet the native side until it takes the greeting. Returns nothing when
+-- it should stop, true once greeted, or false and a message.
+local function greet(self, sock)
+  local started = self.gettime()
+  local sent = nil
+  while not core.greeted() do
+    if should_stop(self) then
+      return nil
+    end
+    local now = self.gettime()
+    if now - started > GREETING_TIMEOUT then
+      return false, "the native side did not take the greeting"
+    end
+    if not sent or now - sent >= GREETING_RESEND then
+      local ok, err = sock:send(self.token)
+      if not ok then
+        return false, "cannot greet the native side: " .. tostring(err)
+      end
+      sent = now
+    end
+    sleep(GREETING_POLL)
+  end
+  return true
+end
+
 -- One life of the wake-up channel: greet, then receive and drain until the
 -- worker exits. Returns nothing when it should stop, or an error message.
 local function session(self)
-  local host, port, token = core.start_greeting(self.start_opts)
   local sock = ngx.socket.udp()
   self.socket = sock
-  local ok, err = sock:setpeername(host, port)
-  if ok then
-    ok, err = sock:send(token)
-  end
+  local ok, err = sock:setpeername(self.host, self.port)
   if not ok then
-    return "cannot greet the native side: " .. tostring(err)
+    return "cannot connect to the native side: " .. tostring(err)
   end
-  local tries = 0
-  while not core.greeted() do
-    if should_stop() then
-      return
-    end
-    tries = tries + 1
-    if tries > GREETING_TRIES then
-      return "the native side did not take the greeting"
-    end
-    sleep(GREETING_POLL)
+  ok, err = greet(self, sock)
+  if not ok then
+    return err
   end
   -- Items delivered before the greeting sent no wake-up.
   if not drain_all(self) then
@@ -133,7 +157,7 @@ local function session(self)
   sock:settimeout(self.timeout_ms)
   while true do
     local data, rerr = sock:receive(DATAGRAM)
-    if should_stop() then
+    if should_stop(self) then
       return
     end
     if data then
@@ -148,31 +172,49 @@ local function session(self)
   end
 end
 
+-- Start the core in greeting mode; the session greets it.
+local function start_core(self)
+  local ok, host, port, token = pcall(core.start_greeting, self.start_opts)
+  if not ok then
+    return nil, host
+  end
+  self.host, self.port, self.token = host, port, token
+  self:adopt_run()
+  return true
+end
+
+-- Cancels what is still queued: with the socket gone, nobody would run it.
 local function close_session(self)
   if self.socket then
     self.socket:close()
     self.socket = nil
   end
-  -- Cancels what is still queued: with the socket gone, nobody would run it.
-  core.stop()
+  if self:owns_run() then
+    core.stop()
+  end
 end
 
 local function run(premature, self)
   if not premature then
     self.thread = running()
-    while not should_stop() do
+    while not should_stop(self) and not self.stopped do
       -- session returns early only to stop, or with a message.
       local _, err, tb = self.call(session, self)
       close_session(self)
-      if should_stop() then
+      if should_stop(self) or self.stopped then
         break
       end
-      drain.report(self, "reader restarts after: " .. tostring(err), tb)
+      self:report("reader restarts after: " .. tostring(err), tb)
       sleep(RESTART_DELAY)
+      local ok, serr = start_core(self)
+      if not ok then
+        self:report("reader cannot restart: " .. tostring(serr))
+        break
+      end
     end
   end
   self.thread = nil
-  self.stopped = true
+  self:stop()
 end
 
 -- Runs early, when the worker starts to exit, and wakes the reader from its
@@ -182,7 +224,7 @@ local function watch(premature, self)
     return
   end
   if premature then
-    if core.running() then
+    if self:owns_run() then
       core.wake()
     end
   else
@@ -190,131 +232,107 @@ local function watch(premature, self)
   end
 end
 
---------------------------------------------------------------------------
--- API
-
-local function argerror(fname, n, msg)
-  error(("bad argument #%d to 'bgworker.ngx.%s' (%s)"):format(n, fname, msg), 3)
-end
-
-local OPTIONS = { capacity = true, budget = true, timeout = true, errorhandler = true }
-
---- Start this worker's reader. Call it once per worker, from
--- `init_worker_by_lua*`; it returns at once, and the reader runs in a timer.
---
--- The reader stops when the worker exits (reload, quit) and no request is
--- waiting in `await` any more; what is still queued then is cancelled. If its
--- socket fails, it logs the error, cancels what is queued, and starts over
--- with a new one a second later.
---
--- @tparam[opt] table opts
---   `capacity` (positive integer): bound the queue; by default unbounded.
---   `budget` (positive integer): items handled before the reader lets
---   requests and other timers run (`ngx.sleep(0)`); 1000 by default.
---   `timeout` (seconds): how long the reader waits for a wake-up before it
---   checks whether the worker exits; 60 by default. Each such timeout logs
---   "lua udp socket read timed out" unless `lua_socket_log_errors off`.
---   `errorhandler` (function): called as `errorhandler(err, traceback)` for
---   each callback that raised an error, each item whose decode failed, and
---   each reader restart; by default logs at level `ngx.ERR`.
-function bgngx.start(opts)
-  local self = {}
-  opts = drain.init(self, "bgworker.ngx.start", opts, OPTIONS)
-  if opts.capacity ~= nil and not drain.is_count(opts.capacity) then
-    argerror("start", 1, "opts.capacity must be a positive integer, got " ..
-      tostring(opts.capacity))
-  end
-  local timeout = opts.timeout
-  if timeout ~= nil and not (type(timeout) == "number" and timeout >= 0.001 and timeout < huge) then
-    argerror("start", 1, "opts.timeout must be a number of seconds >= 0.001, got " ..
-      tostring(timeout))
-  end
-  if reader then
-    error("bgworker.ngx.start: the reader is already started in this worker", 2)
-  end
-  if core.running() then
-    error("bgworker.ngx.start: bgworker.core is already started in this Lua state" ..
-      " (by another dispatcher)", 2)
+function Ngx.start(self, opts)
+  if reader and not reader.stopped then
+    return nil, "the reader is already started in this worker"
   end
   self.start_opts = opts.capacity and { capacity = opts.capacity } or nil
-  self.timeout_ms = floor((timeout or bgngx.DEFAULT_TIMEOUT) * 1000)
-  self.errorhandler = opts.errorhandler or bgngx.default_errorhandler
-  local ok, err = timer_at(WATCH_DELAY, watch, self)
+  self.timeout_ms = floor((opts.timeout or M.DEFAULT_TIMEOUT) * 1000)
+  self.errorhandler = opts.errorhandler or M.default_errorhandler
+  local ok, err = start_core(self)
+  if not ok then
+    return nil, err
+  end
+  ok, err = timer_at(WATCH_DELAY, watch, self)
   if ok then
     ok, err = timer_at(0, run, self)
-    -- A watcher with no reader ends the next time it runs.
-    self.stopped = not ok
   end
   if not ok then
-    error("bgworker.ngx.start: cannot create a timer: " .. tostring(err), 2)
+    core.stop()
+    return nil, "cannot create a timer: " .. tostring(err)
   end
   reader = self
+  return true
 end
 
-local function pack(...)
-  return { n = select("#", ...), ... }
+--- Start this worker's reader: `bgworker.new { loop = "ngx" }`. Call it once
+-- per worker, from `init_worker_by_lua*`; it returns at once, and the reader
+-- runs in a timer.
+--
+-- The reader stops when the worker exits (reload, quit) and no request is
+-- waiting any more; what is still queued then is cancelled. If its socket
+-- fails, it reports the error, cancels what is queued, and starts over with
+-- a new one a second later.
+--
+-- @tparam[opt] table opts the common options (see `bgworker.new`; the
+--   default error handler logs at level `ngx.ERR`), and `timeout` (seconds):
+--   how long the reader waits for a wake-up before it checks whether the
+--   worker exits; 60 by default. Each such timeout logs "lua udp socket read
+--   timed out" unless `lua_socket_log_errors off`.
+-- @return the dispatcher
+-- @function new
+M.new = dispatcher.constructor(Ngx, "bgworker.ngx.start")
+
+--- The name of earlier versions.
+M.start = M.new
+
+function Ngx.before_stop(self)
+  if self.socket then
+    -- Wakes the reader's receive: it sees `stopped` and ends.
+    pcall(core.wake)
+  end
 end
 
---- Wait, without blocking the worker, for a result from a background thread.
---
--- Calls `start(done)`, which starts the background work and arranges for a
--- callback to call `done(...)` with the result; then waits until `done` is
--- called, or `timeout` seconds passed. Only the first call of `done` counts.
--- What `start` returns (a ticker, a job) stays referenced while `await`
--- waits, so it is not garbage-collected (which stops many jobs), and is
--- returned after a timeout, so the caller can stop it.
---
--- For request handlers and timers (any context where `ngx.semaphore` can
--- wait), not for callbacks, which run in the reader: they would wait for
--- themselves.
---
--- @tparam function start called as `start(done)`
--- @tparam number timeout seconds
--- @return the values passed to `done`; or `nil, "timeout", job` (`job`:
--- what `start` returned); or `nil, "exiting"` when the worker exits and the
--- reader has stopped
-function bgngx.await(start, timeout)
-  if type(start) ~= "function" then
-    argerror("await", 1, "function expected, got " .. type(start))
-  end
-  if type(timeout) ~= "number" or timeout < 0 then
-    argerror("await", 2, "timeout must be a non-negative number of seconds, got " ..
-      tostring(timeout))
-  end
-  if not reader then
-    error("bgworker.ngx.await: no reader in this worker; call bgworker.ngx.start()" ..
-      " from init_worker_by_lua*", 2)
-  end
-  if reader.stopped then
-    return nil, "exiting"
-  end
-  if reader.thread and running() == reader.thread then
-    error("bgworker.ngx.await: called from a callback, which runs in the reader:" ..
-      " it would wait for itself", 2)
+--- The reader dispatches: `dispatch` raises.
+function Ngx:dispatch()
+  local msg = dispatcher.check_self(self, "dispatch") or
+    "dispatch: this dispatcher is driven by its reader, in a timer"
+  error(msg, 2)
+end
+
+--- Wait for a callback without blocking the worker: `bgworker.await`
+-- (kept here under the name of earlier versions).
+M.await = await
+
+--------------------------------------------------------------------------
+-- Waiting
+
+function Ngx:suspender()
+  if self.thread and running() == self.thread then
+    return nil, "called from a callback, which runs in the reader: it would wait for itself"
   end
   local sema = semaphore.new()
-  local results
-  local function done(...)
-    if not results then
-      results = pack(...)
+  return {
+    timed = true,
+    suspend = function(left)
+      local ok, err = sema:wait(left or FOREVER)
+      if not ok and err ~= "timeout" then
+        error(err, 0)
+      end
+    end,
+    resume = function()
       sema:post(1)
-    end
-  end
-  local job = start(done)
-  waiters = waiters + 1
-  local called, ok, err = pcall(sema.wait, sema, timeout)
-  waiters = waiters - 1
-  if waiters == 0 and reader.thread and exiting() and core.running() then
-    -- The reader may be waiting only for us to leave.
-    core.wake()
-  end
-  if not called then
-    error(ok, 2) -- a context where ngx.semaphore cannot wait
-  end
-  if not ok then
-    return nil, err, job
-  end
-  return unpack(results, 1, results.n)
+    end,
+  }
 end
 
-return bgngx
+--- An `ngx.timer.at` timer: `fn()` runs in protected mode after `seconds`.
+-- (nginx timers cannot be cancelled: a cancelled one fires and does nothing.)
+function Ngx:timer(seconds, fn)
+  local cancelled = false
+  local ok, err = timer_at(seconds, function(premature)
+    if not premature and not cancelled then
+      self:call_reporting(fn)
+    end
+  end)
+  if not ok then
+    error("bgworker.ngx: cannot create a timer: " .. tostring(err), 0)
+  end
+  return {
+    cancel = function()
+      cancelled = true
+    end,
+  }
+end
+
+return M

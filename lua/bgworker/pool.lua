@@ -1,23 +1,30 @@
---- Run Lua functions on background threads.
+--- Run Lua functions on background threads, as jobs you can wait for with
+-- a timeout, cancel, and watch.
 --
 -- A pool is a set of OS threads, each with a Lua state of its own (of this
 -- state's Lua version, with the standard libraries, and `package.path` and
 -- `package.cpath` as they were here when the pool was made). A job is a
--- function and its arguments; a worker runs it, and its callback runs on
--- this Lua thread when the bgworker dispatcher collects the result, so a
--- dispatcher must be running (`bgworker.new()` or `bgworker.copas()`).
+-- function and its arguments; a worker runs it, and its outcome comes back
+-- through the running bgworker dispatcher (see `bgworker.new`), in any loop.
 --
---     local dispatcher = require("bgworker").new()
 --     local pool = require("bgworker.pool").new { threads = 2 }
---     pool:submit(function(n)
+--     local job = pool:submit(function(n)
+--         local progress = require("bgworker.worker").progress
 --         local s = 0
---         for i = 1, n do s = s + i end
+--         for i = 1, n do
+--             s = s + i
+--             if i % 1e7 == 0 then progress(i / n) end
+--         end
 --         return s
---     end, 1e8, function(ok, sum) print(ok, sum) end)
---     dispatcher:wait()
+--     end, 1e8)
+--     job:on_progress(function(done) print(("%d%%"):format(done * 100)) end)
+--     local ok, sum = job:get(5)      -- true, sum | false, err, traceback | nil, "timeout"
+--     if ok == nil then job:cancel() end
 --
--- In a Copas thread, `pool:run(fn, ...)` waits for the result instead,
--- suspending only that thread, and returns as `pcall` does.
+-- `job:get` waits wherever `bgworker.await` can: only the calling coroutine
+-- in a Copas thread, a coroutine of a select or luv loop, a cqueues
+-- coroutine or an OpenResty request; outside any coroutine, with a select
+-- dispatcher, it blocks while running that dispatcher.
 --
 -- The job's function is either a Lua function without upvalues (other than
 -- `_ENV`), moved with `string.dump` (so it sees the worker's globals, not
@@ -30,20 +37,25 @@
 -- results) arrives as one table reached twice; a table that contains itself
 -- is refused. Metatables do not cross. Functions, userdata, coroutines and
 -- cdata are refused: as arguments with an error at submit naming the
--- argument, as results with `false` and a message to the callback.
+-- argument, as results with `false` and a message. An error value crosses
+-- the same way (`error({code = 42})` arrives as that table), else as a
+-- description.
+--
+-- In a job, `require "bgworker.worker"` gives `progress(...)` (values for
+-- the job's `on_progress` handler, in order, before its outcome) and
+-- `cancelled()` (true once the job was cancelled, for jobs that check).
 --
 -- @module bgworker.pool
 
-local await = require "bgworker.await"
+local args = require "bgworker.args"
 local core = require "bgworker.core"
-local native = require "bgworker_pool"
+local dispatcher = require "bgworker.dispatcher"
+local native = require "bgworker.pool_native"
+local protect = require "bgworker.protect"
 
-local debug, error, getmetatable, package, pairs, select, setmetatable, string, tostring, type =
-    debug, error, getmetatable, package, pairs, select, setmetatable, string, tostring, type
+local debug, error, getmetatable, package, select, setmetatable, string, tostring, type =
+  debug, error, getmetatable, package, select, setmetatable, string, tostring, type
 local floor, huge = math.floor, math.huge
-local pack = table.pack or function(...)
-    return { n = select("#", ...), ... }
-end
 local unpack = table.unpack or unpack
 
 local pool = {}
@@ -51,174 +63,389 @@ local pool = {}
 --- Most threads a pool may have.
 pool.MAX_THREADS = 1024
 
+--- Seconds `close()` waits by default for running jobs to stop (the same
+-- grace as a pool that is collected, or whose Lua state closes).
+pool.CLOSE_TIMEOUT = native.GRACE
+
 local Pool = {}
 Pool.__index = Pool
 
-local function badarg(fname, n, msg)
-    return ("bad argument #%d to '%s' (%s)"):format(n, fname, msg)
+local Job = {}
+Job.__index = Job
+
+local function pack(...)
+  return { n = select("#", ...), ... }
 end
 
-local function argerror(fname, n, msg, level)
-    error(badarg(fname, n, msg), level + 1)
-end
+--------------------------------------------------------------------------
+-- Functions
 
 -- Dumps of the functions submitted so far, so that a function submitted
 -- again is neither checked nor dumped again.
 local dumps = setmetatable({}, { __mode = "k" })
 
 -- What the workers receive for fn: code and whether it is a name; or nil
--- and why fn cannot be a job.
+-- and why fn cannot be a job's function.
 local function job_function(fn)
-    if type(fn) == "string" then
-        if not fn:match("^[^.].*%.[^.]+$") then
-            return nil, ("'module.function' expected, got '%s'"):format(fn)
-        end
-        return fn, true
+  if type(fn) == "string" then
+    if not fn:match("^[^.].*%.[^.]+$") then
+      return nil, ("'module.function' expected, got '%s'"):format(fn)
     end
-    if type(fn) ~= "function" then
-        return nil, "function or 'module.function' string expected, got " .. type(fn)
-    end
-    local code = dumps[fn]
-    if code then
-        return code, false
-    end
-    local info = debug.getinfo(fn, "Su")
-    if info.what == "C" then
-        return nil, "a C function cannot move to a worker"
-    end
-    for i = 1, info.nups do
-        local name = debug.getupvalue(fn, i)
-        if name ~= "_ENV" then
-            return nil, ("the function has upvalue '%s': a job's function must not use" ..
-                " local variables from outside it"):format(tostring(name))
-        end
-    end
-    code = string.dump(fn)
-    dumps[fn] = code
+    return fn, true
+  end
+  if type(fn) ~= "function" then
+    return nil, "function or 'module.function' string expected, got " .. type(fn)
+  end
+  local code = dumps[fn]
+  if code then
     return code, false
+  end
+  local info = debug.getinfo(fn, "Su")
+  if info.what == "C" then
+    return nil, "a C function cannot move to a worker"
+  end
+  for i = 1, info.nups do
+    local name = debug.getupvalue(fn, i)
+    if name ~= "_ENV" then
+      return nil, ("the function has upvalue '%s': a job's function must not use" ..
+        " local variables from outside it"):format(tostring(name))
+    end
+  end
+  code = string.dump(fn)
+  dumps[fn] = code
+  return code, false
 end
 
-local function check_self(self, method)
-    if getmetatable(self) ~= Pool then
-        argerror(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()", 3)
-    end
+--------------------------------------------------------------------------
+-- Pools
+
+local function check_pool(self, method)
+  if getmetatable(self) ~= Pool then
+    return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" ..
+      method .. "()")
+  end
 end
 
--- Queue fn(...) (n arguments) with callback. Returns nothing, or why the
--- job cannot be queued (an error message).
-local function queue(self, fname, fn, callback, n, ...)
-    if self.closed then
-        return fname .. ": the pool is closed"
-    end
-    if not core.running() then
-        return fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
-            " bgworker.new() or bgworker.copas() first"
-    end
-    local code, named = job_function(fn)
-    if not code then
-        return badarg(fname, 1, named)
-    end
-    local position, message = self.native:submit(callback, code, named, n, ...)
-    if position then
-        return badarg(fname, position + 1, message)
-    end
+local function check_threads(fname, threads)
+  if type(threads) ~= "number" or threads < 1 or threads > pool.MAX_THREADS or
+      threads ~= floor(threads) or threads == huge then
+    return args.bad(fname, 1, ("opts.threads must be an integer in 1..%d, got %s"):format(
+      pool.MAX_THREADS, args.describe(threads)))
+  end
 end
+
+local OPTIONS = {
+  threads = function(fname, _, _, v) return check_threads(fname, v) end,
+  init = function(fname, n, name, v)
+    local _, why = job_function(v)
+    if not _ then
+      return args.bad(fname, n, name .. ": " .. why)
+    end
+  end,
+  init_timeout = args.option.seconds,
+  jit = args.option.boolean,
+}
+
+-- Call a job's callback (or a progress handler) where callbacks run: here
+-- when the dispatcher runs this (an outcome it delivered), else at its next
+-- drain (a cancellation, from the caller of cancel or close).
+local function call_later(f, ...)
+  local d = dispatcher.current()
+  if d then
+    d:defer(f, ...)
+  else
+    -- No dispatcher: nobody would run it later. Call it now, protected.
+    local ok, err, tb = protect.call(f, ...)
+    if not ok then
+      dispatcher.default_errorhandler(err, tb)
+    end
+  end
+end
+
+-- The job ended with `outcome` (packed: true, results... | false, err, tb):
+-- keep it, wake its waiters, forget it in the pool, and call its callback,
+-- now (`now`: we are in a callback the dispatcher runs) or later.
+local function finish(job, status, outcome, now)
+  job.state, job.outcome = status, outcome
+  job.pool.jobs[job.id] = nil
+  for waiter in pairs(job.waiters) do
+    waiter:wake()
+  end
+  job.waiters = nil
+  local callback = job.callback
+  if callback then
+    job.callback = nil
+    if now then
+      callback(unpack(outcome, 1, outcome.n))
+    else
+      call_later(callback, unpack(outcome, 1, outcome.n))
+    end
+  end
+end
+
+local ENDED = { done = true, failed = true, cancelled = true }
+
+-- Wait with `waiter` for the job's outcome: `get`'s results.
+local function wait_outcome(job, waiter, timeout)
+  if not ENDED[job.state] then
+    job.waiters[waiter] = true
+    local ok, reason = waiter:wait(timeout)
+    if job.waiters then
+      job.waiters[waiter] = nil
+    end
+    if not ok then
+      return nil, reason
+    end
+  end
+  local outcome = job.outcome
+  return unpack(outcome, 1, outcome.n)
+end
+
+local EVENTS = {
+  progress = function(job, ...)
+    local handler = job.progress
+    if handler then
+      handler(...)
+    end
+  end,
+  done = function(job, ...)
+    finish(job, "done", pack(true, ...), true)
+  end,
+  failed = function(job, err, tb)
+    finish(job, "failed", pack(false, err, tb), true)
+  end,
+}
 
 --- Make a pool.
 -- @tparam[opt] table opts
 --   `threads` (integer in 1..MAX_THREADS): how many worker threads; by
 --   default as many as the system runs at once.
+--   `init` (a function or "module.function", as a job's): runs once in each
+--   worker before any job, to load modules or set globals. If it raises in
+--   a worker, `new` raises that error (with the worker's traceback) and no
+--   thread is left behind.
+--   `init_timeout` (seconds, 30 by default): how long `new` waits for the
+--   workers' `init`.
+--   `jit` (boolean, LuaJIT only; false by default): keep LuaJIT's JIT
+--   compiler on in the workers. Compiled code runs no debug hooks, so a
+--   compiled loop cannot be cancelled (and `close` abandons its worker);
+--   with the JIT off every job can be, and LuaJIT's interpreter still runs
+--   it faster than PUC Lua.
 -- @return the pool
 function pool.new(opts)
-    if opts == nil then
-        opts = {}
-    elseif type(opts) ~= "table" then
-        argerror("bgworker.pool.new", 1, "options table expected, got " .. type(opts), 2)
+  local msg
+  opts, msg = args.options("bgworker.pool.new", 1, opts, OPTIONS)
+  if not opts then error(msg, 2) end
+  local threads = opts.threads or native.cpus
+  local init, named
+  if opts.init ~= nil then
+    init, named = job_function(opts.init)
+  end
+  -- LuaJIT: the JIT stays off in the workers unless asked for (see above).
+  local jit_option
+  if rawget(_G, "jit") then
+    jit_option = opts.jit == true
+  end
+  -- The native pool calls back through a weak reference, so that a pool
+  -- nobody references is collected (and closed).
+  local ref = setmetatable({}, { __mode = "v" })
+  local handle, err, tb = native.new {
+    threads = floor(threads),
+    path = package.path,
+    cpath = package.cpath,
+    init = init,
+    init_named = named,
+    init_timeout = opts.init_timeout,
+    jit = jit_option,
+    on_event = function(id, event, ...)
+      local self = ref[1]
+      local job = self and self.jobs[id]
+      local handle_event = EVENTS[event]
+      if job and handle_event then
+        return handle_event(job, ...)
+      end
+    end,
+  }
+  if not handle then
+    if tb then
+      err = tostring(err) .. "\n" .. tostring(tb)
     end
-    for k in pairs(opts) do
-        if k ~= "threads" then
-            argerror("bgworker.pool.new", 1, "unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
-    local threads = opts.threads or native.cpus
-    if type(threads) ~= "number" or threads < 1 or threads > pool.MAX_THREADS or threads ~= floor(threads)
-        or threads == huge then
-        argerror("bgworker.pool.new", 1, ("opts.threads must be an integer in 1..%d, got %s"):format(
-            pool.MAX_THREADS, tostring(threads)), 2)
-    end
-    local handle, err = native.new(floor(threads), package.path, package.cpath)
-    if not handle then
-        error("bgworker.pool.new: " .. err, 2)
-    end
-    return setmetatable({ native = handle, threads = floor(threads), closed = false }, Pool)
+    error("bgworker.pool.new: init failed in a worker: " .. tostring(err), 2)
+  end
+  local self = setmetatable({ native = handle, threads = floor(threads), closed = false, jobs = {} }, Pool)
+  ref[1] = self
+  return self
 end
 
---- Run `fn(...)` on a worker; `callback` runs on this thread with `true`
--- and fn's results, or `false` and an error message (with a traceback for
--- an error raised by fn; "cancelled" for a job that `close` cancelled).
+-- Queue fn(...) (n arguments): the job, or nil and why it cannot be queued.
+local function queue(self, fname, fn, callback, n, ...)
+  if self.closed then
+    return nil, fname .. ": the pool is closed"
+  end
+  if not core.running() then
+    return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
+      " bgworker.new() first"
+  end
+  local code, named = job_function(fn)
+  if not code then
+    return nil, args.bad(fname, 1, named)
+  end
+  local id, position, message = self.native:submit(code, named, n, ...)
+  if not id then
+    return nil, args.bad(fname, position + 1, message)
+  end
+  local job = setmetatable({ pool = self, id = id, state = "queued", callback = callback,
+    waiters = {} }, Job)
+  self.jobs[id] = job
+  return job
+end
+
+--- Run `fn(...)` on a worker.
 -- @param fn a function without upvalues (other than `_ENV`), or a string
 --   "module.function"
--- @param ... fn's arguments, then the callback (the last argument)
+-- @param ... fn's arguments; then, if the last argument is a function, the
+--   callback: it runs once on this thread with what `job:get` returns
+--   (`true, results...`, `false, err, traceback`, or `false, "cancelled"`)
+-- @return the job
 function Pool:submit(fn, ...)
-    check_self(self, "submit")
-    local n = select("#", ...)
-    local last = n > 0 and n or 1
-    local callback = (select(last, ...))
-    if type(callback) ~= "function" then
-        argerror("submit", last + 1, "callback function expected as the last argument, got " ..
-            type(callback), 2)
-    end
-    local err = queue(self, "submit", fn, callback, n - 1, ...)
-    if err then
-        error(err, 2)
-    end
+  local msg = check_pool(self, "submit")
+  if msg then error(msg, 2) end
+  local n = select("#", ...)
+  local callback
+  if n > 0 and type((select(n, ...))) == "function" then
+    callback = (select(n, ...))
+    n = n - 1
+  end
+  local job, err = queue(self, "submit", fn, callback, n, ...)
+  if not job then error(err, 2) end
+  return job
 end
 
---- Run `fn(...)` on a worker and wait for it, suspending only the running
--- Copas thread (with `bgworker.await`), while a Copas dispatcher
--- (`bgworker.copas()`) collects the result.
+--- Run `fn(...)` on a worker and wait for it: `submit` and `job:get()`.
 -- @param fn as for `submit`
 -- @param ... fn's arguments
--- @return as `pcall`: `true` and fn's results, or `false` and an error
--- message (with a traceback for an error raised by fn; "cancelled" for a
--- job that `close` cancelled)
+-- @return as `pcall`: `true` and fn's results, or `false`, the error and a
+-- traceback (`false, "cancelled"` for a job that was cancelled); or nil
+-- and "stopped" when the dispatcher stopped first. For a timeout, use
+-- `pool:submit(fn, ...):get(timeout)`.
 function Pool:run(fn, ...)
-    check_self(self, "run")
-    local args = pack(...)
-    local err
-    local results = pack(await(function(callback)
-        err = queue(self, "run", fn, callback, args.n, unpack(args, 1, args.n))
-        if err then
-            -- Nothing to wait for.
-            callback()
-        end
-    end))
-    if err then
-        error(err, 2)
-    end
-    return unpack(results, 1, results.n)
+  local msg = check_pool(self, "run")
+  if msg then error(msg, 2) end
+  local waiter, why = dispatcher.waiter_for("run")
+  if not waiter then error(why, 2) end
+  local job, err = queue(self, "run", fn, nil, select("#", ...), ...)
+  if not job then error(err, 2) end
+  return wait_outcome(job, waiter)
 end
 
---- Finish the running jobs, cancel the queued ones (their callbacks get
--- `false, "cancelled"` from the dispatcher), and join the threads. Blocks
--- until the running jobs are done. Closing a closed pool does nothing. A
--- pool that is garbage collected, or whose Lua state closes, is closed the
--- same way.
---
--- With a bounded dispatcher queue (`capacity`), callbacks that find the
--- queue full during `close` are dropped: this thread, which would make
--- room, is waiting for the workers.
--- @treturn int the number of jobs cancelled
-function Pool:close()
-    check_self(self, "close")
-    if self.closed then
-        return 0
-    end
-    self.closed = true
-    return self.native:close()
+--- Cancel the queued jobs, ask the running ones to stop, and wait at most
+-- `timeout` seconds for the workers to end; workers that do not end by
+-- then are left to finish on their own (their outcomes are dropped).
+-- Every job not yet ended is cancelled: its callback gets `false,
+-- "cancelled"`. Closing a closed pool does nothing. A pool that is garbage
+-- collected, or whose Lua state closes, is closed the same way with the
+-- default timeout.
+-- @tparam[opt] number timeout seconds; `CLOSE_TIMEOUT` by default
+-- @return true when every worker ended; false, "timeout" otherwise
+function Pool:close(timeout)
+  local msg = check_pool(self, "close") or args.seconds("close", 2, "timeout", timeout, true)
+  if msg then error(msg, 2) end
+  if self.closed then
+    return true
+  end
+  self.closed = true
+  local ok, err = self.native:close(timeout or pool.CLOSE_TIMEOUT)
+  for _, job in pairs(self.jobs) do
+    finish(job, "cancelled", pack(false, "cancelled"))
+  end
+  return ok, err
 end
 
 -- Lua 5.4: `local p <close> = pool.new()`.
-Pool.__close = Pool.close
+function Pool:__close()
+  self:close()
+end
+
+--- Counters of the pool, consistent with each other at every moment:
+-- `queued + running + done + failed + cancelled == submitted`.
+-- @treturn table `threads`, `submitted`, `queued`, `running` (taken by a
+-- worker, outcome not yet received here), `done`, `failed`, `cancelled`;
+-- `wait_mean`, `wait_max` (seconds a job waited in the queue) and
+-- `run_mean`, `run_max` (seconds a job ran)
+function Pool:stats()
+  local msg = check_pool(self, "stats")
+  if msg then error(msg, 2) end
+  return self.native:stats()
+end
+
+--------------------------------------------------------------------------
+-- Jobs
+
+local function check_job(self, method)
+  if getmetatable(self) ~= Job then
+    return args.bad(method, 1, "job expected, got " .. type(self) .. "; call it as job:" ..
+      method .. "()")
+  end
+end
+
+--- The job's state: "queued", "running", "done", "failed" or "cancelled".
+-- A job is "done" or "failed" once its outcome reached this Lua state.
+function Job:status()
+  local msg = check_job(self, "status")
+  if msg then error(msg, 2) end
+  if ENDED[self.state] then
+    return self.state
+  end
+  local native_status = self.pool.native:status(self.id)
+  return native_status == "queued" and "queued" or "running"
+end
+
+--- Cancel the job: a queued job never runs; a running one is stopped (a Lua
+-- loop within milliseconds, through a debug hook; a call into C when it
+-- returns), and its outcome is dropped. The callback gets `false,
+-- "cancelled"`, and waiting `get`s return that.
+-- @treturn boolean true when the job will now never produce a result; false
+-- when it had already ended
+function Job:cancel()
+  local msg = check_job(self, "cancel")
+  if msg then error(msg, 2) end
+  if ENDED[self.state] then
+    return false
+  end
+  self.pool.native:cancel(self.id)
+  finish(self, "cancelled", pack(false, "cancelled"))
+  return true
+end
+
+
+--- Wait for the job's outcome (see `bgworker.await` for where a caller can
+-- wait). Several callers may wait for one job, and `get` may be called
+-- again after a timeout, or after the job ended.
+-- @tparam[opt] number timeout seconds; by default no limit
+-- @return `true` and the job's results; `false`, the error and a
+-- traceback; `false, "cancelled"`; or, with the job still running, `nil,
+-- "timeout"` or `nil, "stopped"` (the dispatcher stopped first)
+function Job:get(timeout)
+  local msg = check_job(self, "get") or args.seconds("get", 2, "timeout", timeout, true)
+  if msg then error(msg, 2) end
+  if ENDED[self.state] then
+    return wait_outcome(self)
+  end
+  local waiter, why = dispatcher.waiter_for("get")
+  if not waiter then error(why, 2) end
+  return wait_outcome(self, waiter, timeout)
+end
+
+--- Call `fn(...)` on this thread for each `progress(...)` of the job, in
+-- order, all before the job's callback and `get` return. Replaces the
+-- handler set before; nil removes it.
+-- @return the job
+function Job:on_progress(fn)
+  local msg = check_job(self, "on_progress") or args.typed("on_progress", 2, "handler", fn,
+    "function", true)
+  if msg then error(msg, 2) end
+  self.progress = fn
+  return self
+end
 
 return pool

@@ -19,7 +19,7 @@ local coroutine = coroutine
 local create, resume, yield, running = coroutine.create, coroutine.resume, coroutine.yield,
   coroutine.running
 local traceback = debug.traceback
-local select, tostring, xpcall = select, tostring, xpcall
+local select, tostring, type, xpcall = select, tostring, type, xpcall
 
 local protect = {}
 
@@ -50,18 +50,31 @@ end
 -- @return a function like `call`
 function protect.coxpcall(cox)
   local cxpcall = cox.xpcall
-  -- coxpcall 1.17 calls the handler after the coroutine died, with its
-  -- traceback first and then the error; older versions, and any version
-  -- outside a coroutine, with the error alone.
-  local function cox_handler(...)
-    if select("#", ...) >= 2 then
-      last_traceback = ...
-      return (select(2, ...))
-    end
-    return handler(...)
-  end
   return function(f, ...)
-    return finish(cxpcall(f, cox_handler, ...))
+    -- The coroutine coxpcall runs f in, for a traceback of its stack.
+    local co
+    local function run(...)
+      co = running()
+      return f(...)
+    end
+    -- coxpcall 1.17 in a coroutine calls the handler after the coroutine
+    -- died, with `debug.traceback(co, err)` and then the error; for an
+    -- error that is not a string that "traceback" is the error itself, so
+    -- make one from the dead coroutine's stack. Outside a coroutine it
+    -- calls the handler with the error alone.
+    local function cox_handler(first, ...)
+      if select("#", ...) == 0 then
+        return handler(first)
+      end
+      local err = ...
+      if type(first) == "string" and first ~= err then
+        last_traceback = first
+      else
+        last_traceback = traceback(co, tostring(err))
+      end
+      return err
+    end
+    return finish(cxpcall(run, cox_handler, ...))
   end
 end
 

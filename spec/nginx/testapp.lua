@@ -49,11 +49,11 @@ end
 -- GET /ticker?n=5&interval=10[&yield=1][&timeout=10]: "1,2,3,4,5".
 function app.ticker()
   local n = int_arg("n", 5)
-  local values, err, job = bgngx.await(collect(n, int_arg("interval", 10), ngx.var.arg_yield),
+  local ok, values, job = bgngx.await(collect(n, int_arg("interval", 10), ngx.var.arg_yield),
     int_arg("timeout", 10))
-  if not values then
+  if not ok then
     if job then job:stop() end
-    return reply(504, err)
+    return reply(504, values)
   end
   counters:incr("requests", 1, 0)
   return reply(200, table.concat(values, ","))
@@ -61,9 +61,9 @@ end
 
 -- GET /timeout: a ticker slower than the wait; "timeout" and a stopped job.
 function app.timeout()
-  local values, err, job = bgngx.await(collect(1, 2000), 0.05)
-  if values or not job then
-    return reply(500, "expected a timeout and the job, got " .. tostring(values))
+  local ok, err, job = bgngx.await(collect(1, 2000), 0.05)
+  if ok or not job then
+    return reply(500, "expected a timeout and the job, got " .. tostring(ok))
   end
   job:stop()
   return reply(200, err)
@@ -72,8 +72,8 @@ end
 -- GET /error: the callback of value 1 raises; the reader goes on, and value
 -- 2 completes the request: "2".
 function app.error()
-  local values, err = bgngx.await(collect(2, 1, false, 1), 10)
-  return reply(values and 200 or 504, values and table.concat(values, ",") or err)
+  local ok, values = bgngx.await(collect(2, 1, false, 1), 10)
+  return reply(ok and 200 or 504, ok and table.concat(values, ",") or values)
 end
 
 -- GET /twice: a second start in the same worker is refused.
@@ -99,19 +99,53 @@ local pool -- this worker's bgworker.pool, made by the first /pool request
 -- GET /pool?n=1000: the sum 1 + ... + n, computed on a pool thread.
 function app.pool()
   pool = pool or require("bgworker.pool").new { threads = 2 }
-  local ok, sum = bgngx.await(function(done)
+  local waited, ok, sum = bgngx.await(function(done)
     pool:submit(sum_to, int_arg("n", 1000), done)
   end, 10)
-  return reply(ok and 200 or 504, tostring(sum))
+  return reply(waited and ok and 200 or 504, tostring(sum))
+end
+
+-- GET /job_timeout: a job slower than the request's patience: get times
+-- out, and the request cancels it: "timeout cancelled".
+function app.job_timeout()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local job = pool:submit(function() require("socket").sleep(2) end)
+  local ok, err = job:get(0.05)
+  if ok ~= nil then
+    return reply(500, "expected a timeout, got " .. tostring(ok))
+  end
+  return reply(200, err .. " " .. (job:cancel() and job:status() or "not cancelled"))
+end
+
+-- GET /job_cancel: a CPU-bound job, cancelled while it runs: its get
+-- returns false, "cancelled", and the worker is free for the next job.
+function app.job_cancel()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local started = false
+  local job = pool:submit(function()
+    require("bgworker.worker").progress("started")
+    while true do end
+  end)
+  job:on_progress(function() started = true end)
+  local deadline = ngx.now() + 5
+  while not started and ngx.now() < deadline do
+    ngx.sleep(0.01)
+    ngx.update_time()
+  end
+  if not started then
+    return reply(500, "the job did not start")
+  end
+  local cancelled = job:cancel()
+  local _, err = job:get(1)
+  local next_ok, value = pool:submit(function(x) return x end, "next"):get(5)
+  return reply(200, ("%s %s %s"):format(tostring(cancelled), tostring(err), tostring(next_ok and value)))
 end
 
 -- GET /dns?host=localhost: the addresses getaddrinfo found, comma-separated.
 function app.dns()
   local dns = require "bgworker.dns"
-  local addresses, err = bgngx.await(function(done)
-    dns.resolve(ngx.var.arg_host or "localhost", done)
-  end, 10)
-  return reply(addresses and 200 or 504, addresses and table.concat(addresses, ",") or err)
+  local ip, info = dns.toip(ngx.var.arg_host or "localhost", 10)
+  return reply(ip and 200 or 504, ip and table.concat(info.ip, ",") or info)
 end
 
 -- GET /stats: this worker's core counters and the shared counters, one

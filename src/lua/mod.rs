@@ -61,6 +61,8 @@ lua_fn!(core_capacity => capacity);
 lua_fn!(core_stop => stop);
 lua_fn!(core_pending => pending);
 lua_fn!(core_wake => wake);
+lua_fn!(core_alarm => alarm);
+lua_fn!(core_now => now);
 lua_fn!(core_running => running);
 lua_fn!(core_sender => sender);
 lua_fn!(core_stats => stats);
@@ -228,6 +230,42 @@ unsafe fn wake(state: *mut lua_State) -> LuaResult<c_int> {
     Ok(0)
 }
 
+/// `alarm(seconds)`: raise the signal after `seconds` even if nothing is
+/// delivered, replacing the alarm set before; `alarm(nil)` clears it.
+/// Ignored when not started; `stop()` clears it.
+unsafe fn alarm(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let instance = instance(state)?;
+        let due = match lua_type(state, 1) {
+            LUA_TNONE | LUA_TNIL => None,
+            LUA_TNUMBER if lua_tonumber(state, 1) >= 0.0 => {
+                // Beyond a day the loop has long come round for other reasons: clamp,
+                // so no time overflows.
+                let seconds = lua_tonumber(state, 1).min(86_400.0);
+                Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds))
+            }
+            _ => {
+                let got = error::describe(state, 1);
+                return Err(Raise::Arg(1, format!("seconds must be a non-negative number or nil, got {got}")));
+            }
+        };
+        if !instance.set_alarm(due) {
+            return Err(Raise::Message("bgworker.core.alarm: cannot start the alarm thread".into()));
+        }
+    }
+    Ok(0)
+}
+
+/// `now()`: seconds on a monotonic clock (from an arbitrary start), the
+/// clock `alarm` counts in: timeouts measured with it never jump with the
+/// wall clock.
+unsafe fn now(state: *mut lua_State) -> LuaResult<c_int> {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    unsafe { lua_pushnumber(state, start.elapsed().as_secs_f64()) };
+    Ok(1)
+}
+
 unsafe fn running(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
         let running = instance(state)?.is_running();
@@ -307,7 +345,9 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
 
-        let functions: [(&CStr, lua_CFunction); 13] = [
+        let functions: [(&CStr, lua_CFunction); 15] = [
+            (c"alarm", core_alarm),
+            (c"now", core_now),
             (c"capacity", core_capacity),
             (c"start", core_start),
             (c"start_fd", core_start_fd),
