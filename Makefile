@@ -58,7 +58,8 @@ RUST_MODULES := $(shell cat scripts/rust-modules)
 
 # C utility libraries, as <Lua module>:<source>, against include/bgworker.h only.
 C_MODULES := bgworker_ticker:examples/c/ticker.c answer:examples/c/answer.c \
-             bgworker_testutil:spec/native/testutil.c bgworker_bench:bench/native/bench.c
+             bgworker_testutil:spec/native/testutil.c bgworker_tokentest:spec/native/tokentest.c \
+             bgworker_bench:bench/native/bench.c
 
 define lua_version
 $(BUILD)/$(1)/.cargo: FORCE

@@ -72,6 +72,9 @@ enum bgw_status {
 /* A counted reference to one Lua state's helper instance. Opaque. */
 typedef struct bgw_handle bgw_handle;
 
+/* A counted reference to a cancellation token (see "Cancellation" below). Opaque. */
+typedef struct bgw_token bgw_token;
+
 /* (Lua thread) Push the values for one item onto L and return how many:
  * first a function (the callback), then its arguments. It may raise a Lua
  * error; the helper then reports the error, frees `data`, and goes on.
@@ -138,6 +141,33 @@ typedef struct bgw_api {
      * wait until the reader took the excess. Returns BGW_OK, or BGW_CLOSED
      * when L has no open instance. */
     int (*set_capacity)(lua_State *L, size_t capacity);
+
+    /* Cancellation (appended members: bgw_api_get checks `size`).
+     *
+     * A token is a Lua value made by `bgworker.core.token()`, which a Lua
+     * caller hands to a utility library with the work it asks for (for
+     * example `resolve(host, callback, token)`). When the caller gives up
+     * (`token:cancel()`, a timeout), or its Lua state closes, the token is
+     * cancelled, and the library's threads can see it: skip work nobody waits
+     * for, and not deliver its result. A token says nothing about items
+     * already delivered: their decode should check it too, and push a
+     * function that does nothing when it is cancelled. */
+
+    /* (Lua thread) A new reference to the token at `index` of L's stack
+     * (absolute or relative), or NULL when that value is not a token, or L's
+     * stack cannot grow by two slots. Never raises; leaves the stack as it
+     * was. The reference is the caller's: it stays valid on any thread, also
+     * after L is closed, until token_release. */
+    bgw_token *(*token_get)(lua_State *L, int index);
+
+    /* (any thread) Nonzero once the token is cancelled: by token:cancel(), or
+     * because its Lua state was closed; it then stays nonzero. 0 while it is
+     * not, and 0 for NULL. Lock-free: cheap enough to ask in a loop. */
+    int (*token_cancelled)(const bgw_token *token);
+
+    /* (any thread) Give a reference back. NULL is ignored. Each reference
+     * from token_get is released exactly once and not used afterwards. */
+    void (*token_release)(bgw_token *token);
 } bgw_api;
 
 /* (Lua thread) The helper's API published in L, or NULL when bgworker.core

@@ -15,6 +15,7 @@ use crate::instance::Shared;
 use crate::item::{free_payload, DecodeFn, FreeFn, Item, ResultFn};
 use crate::room::Wait;
 use crate::status::Status;
+use crate::token::Token;
 
 /// `bgw_handle`: opaque to C.
 #[repr(C)]
@@ -46,6 +47,37 @@ pub struct Api {
     ) -> c_int,
     pub strerror: extern "C" fn(code: c_int) -> *const c_char,
     pub set_capacity: unsafe extern "C-unwind" fn(state: *mut c_void, capacity: usize) -> c_int,
+    pub token_get: unsafe extern "C-unwind" fn(state: *mut c_void, index: c_int) -> *mut TokenRef,
+    pub token_cancelled: unsafe extern "C" fn(token: *const TokenRef) -> c_int,
+    pub token_release: unsafe extern "C" fn(token: *mut TokenRef),
+}
+
+/// `bgw_token`: opaque to C. A reference is an `Arc<Token>` turned into a
+/// raw pointer: one strong count, released once.
+#[repr(C)]
+pub struct TokenRef {
+    _opaque: [u8; 0],
+}
+
+/// A new reference to `token`.
+pub fn new_token_ref(token: &Arc<Token>) -> *mut TokenRef {
+    Arc::into_raw(Arc::clone(token)) as *mut TokenRef
+}
+
+/// # Safety
+/// `token` is NULL or a reference from `new_token_ref` not yet released.
+pub unsafe extern "C" fn token_cancelled(token: *const TokenRef) -> c_int {
+    // SAFETY: a live reference is a leaked strong count.
+    unsafe { (token as *const Token).as_ref() }.is_some_and(Token::is_cancelled) as c_int
+}
+
+/// # Safety
+/// `token` is NULL or a live reference, released this once.
+pub unsafe extern "C" fn token_release(token: *mut TokenRef) {
+    if !token.is_null() {
+        // SAFETY: the contract releases each reference from `new_token_ref` once.
+        drop(unsafe { Arc::from_raw(token as *const Token) });
+    }
 }
 
 pub const API_VERSION: c_uint = 1;
@@ -172,6 +204,24 @@ mod tests {
             release(handle);
             release(null.cast());
         }
+    }
+
+    #[test]
+    fn token_references_are_counted_and_null_is_ignored() {
+        let scope = Arc::new(crate::token::Scope::default());
+        let token = Arc::new(Token::new(&scope));
+        let reference = new_token_ref(&token);
+        assert_eq!(Arc::strong_count(&token), 2);
+        // SAFETY: `reference` is live until released; NULL is allowed.
+        unsafe {
+            assert_eq!(token_cancelled(reference), 0);
+            token.cancel();
+            assert_eq!(token_cancelled(reference), 1);
+            assert_eq!(token_cancelled(std::ptr::null()), 0);
+            token_release(reference);
+            token_release(std::ptr::null_mut());
+        }
+        assert_eq!(Arc::strong_count(&token), 1);
     }
 
     #[test]

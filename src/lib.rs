@@ -13,6 +13,7 @@ pub mod reply;
 pub mod room;
 pub mod signal;
 pub mod status;
+pub mod token;
 pub mod wake;
 
 #[cfg(feature = "lua")]

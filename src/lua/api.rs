@@ -36,6 +36,9 @@ static API: Api = Api {
     call: capi::call,
     strerror: status::strerror,
     set_capacity,
+    token_get: super::token::token_get,
+    token_cancelled: capi::token_cancelled,
+    token_release: capi::token_release,
 };
 
 /// # Safety

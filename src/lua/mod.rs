@@ -9,6 +9,7 @@
 mod api;
 mod error;
 mod poll;
+mod token;
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
@@ -61,6 +62,7 @@ lua_fn!(core_capacity => capacity);
 lua_fn!(core_stop => stop);
 lua_fn!(core_pending => pending);
 lua_fn!(core_wake => wake);
+lua_fn!(core_token => token::token);
 lua_fn!(core_alarm => alarm);
 lua_fn!(core_now => now);
 lua_fn!(core_running => running);
@@ -345,7 +347,7 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
 
-        let functions: [(&CStr, lua_CFunction); 15] = [
+        let functions: [(&CStr, lua_CFunction); 16] = [
             (c"alarm", core_alarm),
             (c"now", core_now),
             (c"capacity", core_capacity),
@@ -357,6 +359,7 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             (c"stop", core_stop),
             (c"pending", core_pending),
             (c"wake", core_wake),
+            (c"token", core_token),
             (c"running", core_running),
             (c"sender", core_sender),
             (c"stats", core_stats),

@@ -25,6 +25,12 @@ pub struct Handle {
     _opaque: [u8; 0],
 }
 
+/// `bgw_token`: opaque.
+#[repr(C)]
+pub struct TokenRef {
+    _opaque: [u8; 0],
+}
+
 /// `bgw_decode_fn`. Lua errors may unwind through it (LuaJIT), hence "C-unwind".
 pub type DecodeFn = unsafe extern "C-unwind" fn(state: *mut lua_State, data: *mut c_void) -> c_int;
 /// `bgw_free_fn`.
@@ -55,6 +61,10 @@ pub struct Api {
         timeout_ms: c_int,
     ) -> c_int,
     pub strerror: unsafe extern "C" fn(code: c_int) -> *const c_char,
+    pub set_capacity: unsafe extern "C-unwind" fn(state: *mut lua_State, capacity: usize) -> c_int,
+    pub token_get: unsafe extern "C-unwind" fn(state: *mut lua_State, index: c_int) -> *mut TokenRef,
+    pub token_cancelled: unsafe extern "C" fn(token: *const TokenRef) -> c_int,
+    pub token_release: unsafe extern "C" fn(token: *mut TokenRef),
 }
 
 /// `bgw_api_get`: the API published in `state`, or `None` when bgworker.core

@@ -50,6 +50,7 @@ mod error;
 pub mod harness;
 mod payload;
 mod raw;
+mod token;
 
 use std::ffi::c_int;
 use std::fmt;
@@ -63,6 +64,7 @@ use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua};
 pub use error::Error;
 use payload::Payload;
 pub use raw::RawItem;
+pub use token::Token;
 
 /// A counted handle to one Lua state's bgworker instance. Freed (released)
 /// when the last clone is dropped.
