@@ -1,10 +1,11 @@
 //! `bgworker.dns_native`: name resolution off the Lua thread.
 //!
-//! `resolve(host, callback)` looks `host` up with `getaddrinfo` on a thread
-//! of the calling Lua state's own (workers.rs) and delivers the answer
-//! through bgworker: the dispatcher then calls
+//! `resolve(host, callback[, token])` looks `host` up with `getaddrinfo` on
+//! a thread of the calling Lua state's own (workers.rs) and delivers the
+//! answer through bgworker: the dispatcher then calls
 //! `callback(addresses, name)` (a list of address strings, IPv4 first, and
-//! the canonical name) or `callback(nil, message)`. It is the native half of
+//! the canonical name) or `callback(nil, message)`; never, once `token`
+//! (from `bgworker.core.token()`) is cancelled. It is the native half of
 //! `bgworker.dns` (lua/bgworker/dns.lua), which checks the arguments and
 //! offers LuaSocket's `toip`.
 
@@ -15,31 +16,50 @@ use std::ffi::CString;
 use std::sync::Arc;
 
 use bgworker_util::mlua;
-use bgworker_util::Sender;
+use bgworker_util::{Sender, Token};
 use mlua::{Function, Lua, LuaString, Table, Value};
 use workers::Workers;
 
-/// `resolve(host, callback)`, answered through `sender` by one of `workers`.
+/// `resolve(host, callback[, token])`, answered through `sender` by one of
+/// `workers`. With a token (`bgworker.core.token()`), a lookup cancelled
+/// before its thread takes it never runs, and one cancelled later never
+/// calls back: its thread delivers nothing, and an answer already on its
+/// way decodes to nothing.
 fn resolve(
     lua: &Lua,
     sender: &Sender,
     workers: &Arc<Workers>,
-    (host, callback): (LuaString, Function),
+    (host, callback, token): (LuaString, Function, Value),
 ) -> mlua::Result<()> {
     let host = CString::new(host.as_bytes().to_vec()).map_err(|_| mlua::Error::runtime("host contains a NUL byte"))?;
+    let token = match token {
+        Value::Nil => None,
+        value => Some(Arc::new(Token::from_lua(lua, &value)?.ok_or_else(|| {
+            mlua::Error::runtime(format!("bad argument #3 to 'resolve' (token expected, got {})", value.type_name()))
+        })?)),
+    };
+    let wanted = move || !token.as_ref().is_some_and(|token| token.is_cancelled());
     let callback = lua.create_registry_value(callback)?;
     let sender = sender.clone();
     workers
         .spawn(move || {
+            if !wanted() {
+                return;
+            }
             let answer = resolve::resolve(&host);
-            // Wait for room if the queue is bounded: an answer must not be lost.
-            // Only this state's lookups wait meanwhile (workers.rs). If the
-            // dispatcher is stopped, the closure is dropped unrun, and with it
-            // the registry reference to the callback.
-            let _ = sender.deliver_timeout(
+            // Wait for room if the queue is bounded, while the answer is
+            // wanted: only this state's lookups wait meanwhile (workers.rs).
+            // An answer not delivered (not wanted, or the dispatcher is
+            // stopped) is dropped unrun, and with it the registry reference
+            // to the callback.
+            let decode_wanted = wanted.clone();
+            let _ = sender.deliver_while(
                 move |lua| {
                     let function: Function = lua.registry_value(&callback)?;
                     lua.remove_registry_value(callback)?;
+                    if !decode_wanted() {
+                        return Ok((lua.create_function(|_, ()| Ok(()))?, (Value::Nil, Value::Nil)));
+                    }
                     let values = match answer {
                         Ok(resolved) => {
                             let addresses =
@@ -50,7 +70,7 @@ fn resolve(
                     };
                     Ok((function, values))
                 },
-                None,
+                wanted,
             );
         })
         .map_err(|e| mlua::Error::runtime(format!("cannot start a resolver thread: {e}")))

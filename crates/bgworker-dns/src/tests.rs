@@ -34,3 +34,46 @@ fn a_state_that_does_not_drain_never_delays_another_states_lookups() {
     // The stalled state still gets every answer once it drains.
     stalled.serve_until(|| stalled.seen().len() == 40);
 }
+
+#[test]
+fn a_lookup_cancelled_before_its_thread_takes_it_never_calls_back() {
+    let h = state(None);
+    h.lua
+        .load(
+            r#"
+            local token = require("bgworker.core").token()
+            token:cancel()
+            dns.resolve("localhost", function() cancelled_called = true end, token)
+            dns.resolve("127.0.0.1", record, require("bgworker.core").token())
+            "#,
+        )
+        .exec()
+        .unwrap();
+    h.serve_until(|| h.seen().len() == 1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(h.drain(), (0, vec![]), "nothing more arrives");
+    assert!(!h.lua.load("return cancelled_called == true").eval::<bool>().unwrap());
+}
+
+#[test]
+fn an_answer_on_its_way_when_cancelled_never_calls_back() {
+    let h = state(None);
+    h.lua.load("token = require('bgworker.core').token() dns.resolve('localhost', record, token)").exec().unwrap();
+    // Answered, not yet dispatched.
+    let deadline = std::time::Instant::now() + bgworker_util::harness::PATIENCE;
+    while !h.lua.load("return require('bgworker.core').pending() == 1").eval::<bool>().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "no answer");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    h.lua.load("token:cancel()").exec().unwrap();
+    assert_eq!(h.drain().1, Vec::<String>::new());
+    assert!(h.seen().is_empty(), "the callback was not called");
+}
+
+#[test]
+fn a_token_argument_must_be_a_token() {
+    let h = state(None);
+    let message: String =
+        h.lua.load("local ok, err = pcall(dns.resolve, 'localhost', record, {}) return tostring(err)").eval().unwrap();
+    assert!(message.contains("bad argument #3 to 'resolve' (token expected, got table)"), "{message}");
+}
