@@ -39,6 +39,18 @@
 //! library's code, [`Sender::new`] pins the library in memory for the life
 //! of the process (bgworker does the same for itself).
 //!
+//! # Cancellation and hot paths
+//!
+//! A Lua caller may hand a library a token (`bgworker.core.token()`) with
+//! the work it asks for: [`Token::from_lua`] takes a reference to it, and
+//! [`Token::is_cancelled`] tells any thread whether the caller gave up, so
+//! that it skips the work or does not deliver it ([`Sender::deliver_while`]
+//! stops waiting for room when asked to).
+//!
+//! Libraries whose items are many and small can implement [`RawItem`] and
+//! push their values with Lua's C API ([`Sender::deliver_raw_while`]),
+//! saving the mlua call that a closure costs per item.
+//!
 //! A closure is dropped exactly once: after it ran, or unrun when its item is
 //! rejected (inside the delivering call), cancelled (`stop()`), or freed
 //! when the state closes (on the Lua thread, during `lua_close`). A panic in
