@@ -97,11 +97,17 @@
 //! wait on another state's queue: a worker waits for room only in its own
 //! state's bounded queue, and gives up once its job is cancelled or its
 //! pool closes (the Lua thread, then busy closing, makes no room).
+//!
+//! A pool belongs to the process that made it: in a child forked after
+//! that, its methods raise, and closing or collecting it does nothing (its
+//! threads are the parent's, and a lock one of them held at the fork
+//! stays held in the child).
 
 mod board;
 mod control;
 mod crew;
 mod events;
+mod fork;
 mod interrupt;
 mod job;
 mod module;

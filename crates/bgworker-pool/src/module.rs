@@ -218,7 +218,13 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut Pool,
             return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
         }
         // SAFETY: a userdata with our metatable holds a PoolCell.
-        (*cell).pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))
+        let pool = (*cell).pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
+        if pool.is_inherited() {
+            return Err(Raise::Message(format!(
+                "{name}: this pool belongs to the process that made it, and this one is a fork of it"
+            )));
+        }
+        Ok(pool)
     }
 }
 

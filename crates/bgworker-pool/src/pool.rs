@@ -4,6 +4,9 @@
 //! - `workers` holds every started worker's `JoinHandle` until `close`
 //!   joins it (it ended) or drops it (abandoned: detached, never signalled
 //!   again). So a worker is only ever interrupted through a valid thread.
+//! - In a forked child (fork.rs), `close` and `Drop` touch no lock and no
+//!   thread: the workers' handles are forgotten, and the board is left to
+//!   its other owners, the parent's threads, which the child does not have.
 //! - Every wait is bounded by the caller's timeout: `new` by
 //!   `init_timeout`, `close` by its argument, `Drop` by [`GRACE`]. An
 //!   abandoned worker owns (through `Arc`s) everything it still touches,
@@ -20,6 +23,7 @@ use mlua::{Function, Lua};
 use crate::board::{Board, Cancelled, Id, Snapshot, Status};
 use crate::crew::{Crew, Startup};
 use crate::events::Events;
+use crate::fork;
 use crate::interrupt::{self, Interrupt};
 use crate::job::Job;
 use crate::worker::{self, InitFailure, Worker};
@@ -60,6 +64,8 @@ pub struct Pool {
     crew: Arc<Crew<InitFailure>>,
     /// Empty once closed.
     workers: Vec<WorkerThread>,
+    /// The process generation that made it (fork.rs).
+    generation: u64,
 }
 
 /// `now + timeout`, or `None` (no deadline) when that is out of reach.
@@ -77,7 +83,8 @@ impl Pool {
         let events = Events::new(lua, options.on_event, Arc::clone(&board))?;
         let until = options.init_timeout.and_then(deadline);
         let setup = Arc::new(options.setup);
-        let mut pool = Pool { board, crew, workers: Vec::with_capacity(options.threads) };
+        let generation = fork::generation();
+        let mut pool = Pool { board, crew, workers: Vec::with_capacity(options.threads), generation };
         for index in 0..options.threads {
             let interrupt = Arc::new(Interrupt::default());
             let worker = Worker {
@@ -136,6 +143,12 @@ impl Pool {
         self.board.snapshot()
     }
 
+    /// True in a process forked after the pool was made: its threads
+    /// and locks are not this process's to use.
+    pub fn is_inherited(&self) -> bool {
+        fork::generation() != self.generation
+    }
+
     /// Worker threads: 0 once closed.
     pub fn threads(&self) -> usize {
         self.workers.len()
@@ -156,6 +169,10 @@ impl Pool {
     }
 
     fn close_until(&mut self, until: Option<Instant>) -> bool {
+        if self.is_inherited() {
+            // The workers are the parent's: neither joined nor detached here.
+            std::mem::forget(std::mem::take(&mut self.workers));
+        }
         if self.workers.is_empty() {
             return true;
         }

@@ -89,3 +89,39 @@ fn an_outcome_nobody_can_receive_counts_as_cancelled() {
         f.eval::<bool>("local s = p:stats() return s.cancelled == 1 and s.done == 0 and p:status(id) == 'finished'")
     );
 }
+
+#[test]
+fn a_forked_child_neither_uses_nor_waits_for_the_parents_workers() {
+    let f = Fixture::new(None);
+    f.exec("p = new_pool { threads = 2 }");
+    // SAFETY: the child only runs this Lua state and exits with _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let refused: String = f.eval("local ok, err = pcall(submit, p, function() end) return tostring(err)");
+            let started = Instant::now();
+            drop(f);
+            (refused.contains("this one is a fork of it"), started.elapsed() < Duration::from_millis(500))
+        }));
+        let code = match verdict {
+            Ok((true, true)) => 0,
+            Ok((false, _)) => 2,
+            Ok((true, false)) => 3,
+            Err(_) => 4,
+        };
+        // SAFETY: leaves the child at once, running nothing of the parent's.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    while unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) } == 0 {
+        assert!(Instant::now() < deadline, "the child did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let code = libc::WEXITSTATUS(status);
+    assert_eq!(code, 0, "2: the child could use the pool; 3: closing it waited for the parent's workers");
+    f.exec("id = submit(p, function() return 'parent' end)");
+    f.serve_until("outcome(id)");
+    assert!(f.eval::<bool>("return p:close(5)"));
+}
