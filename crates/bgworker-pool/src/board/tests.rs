@@ -86,8 +86,12 @@ fn take_waits_for_a_job_or_the_close() {
         thread::spawn(move || (board.take(0).map(|t| t.job), board.take(0).map(|t| t.job)))
     };
     thread::sleep(Duration::from_millis(20));
-    board.submit(4).unwrap();
-    thread::sleep(Duration::from_millis(20));
+    let id = board.submit(4).unwrap();
+    // Taken (by the first take, or by one that did not wait yet): the
+    // second take then waits until the close.
+    while board.status(id) != Some(Status::Running) {
+        thread::yield_now();
+    }
     board.close();
     assert_eq!(worker.join().unwrap(), (Some(4), None));
 }
@@ -118,19 +122,24 @@ fn under_contention_each_job_ends_exactly_once_and_the_counts_add_up() {
             })
         })
         .collect();
-    let done = Arc::new(AtomicBool::new(false));
+    let (watching, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let watcher = {
-        let (board, done) = (Arc::clone(&board), Arc::clone(&done));
+        let (board, watching, done) = (Arc::clone(&board), Arc::clone(&watching), Arc::clone(&done));
         thread::spawn(move || {
             let mut checks = 0;
             while !done.load(Ordering::SeqCst) {
                 let c = board.snapshot().counts;
                 assert_eq!(c.queued + c.running + c.done + c.failed + c.cancelled, c.submitted);
                 checks += 1;
+                watching.store(true, Ordering::SeqCst);
             }
             checks
         })
     };
+    // The jobs move while it watches.
+    while !watching.load(Ordering::SeqCst) {
+        thread::yield_now();
+    }
     let canceller = {
         let (board, endings) = (Arc::clone(&board), Arc::clone(&endings));
         thread::spawn(move || {

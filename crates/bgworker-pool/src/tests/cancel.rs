@@ -158,10 +158,9 @@ fn an_ended_job_or_an_unknown_id_cannot_be_cancelled() {
         "#,
     );
     f.serve_until("outcome(failed)");
-    // On its way: produced by the worker, not yet decoded.
+    // On its way: produced by the worker, waiting in the core, not decoded.
     f.exec("produced = submit(p, function() return 'on its way' end)");
-    f.wait_until("p:stats().queued == 0");
-    std::thread::sleep(Duration::from_millis(100));
+    f.wait_until("require('bgworker.core').pending() == 1");
     assert_eq!(
         f.eval::<(bool, bool, bool, bool)>("return p:cancel(done), p:cancel(failed), p:cancel(produced), p:cancel(99)"),
         (false, false, false, false)

@@ -1,7 +1,5 @@
 //! Jobs, their events, ids, status, stats, and bad input.
 
-use std::time::Duration;
-
 use super::Fixture;
 
 #[test]
@@ -40,9 +38,8 @@ fn ids_are_unique_integers_and_status_follows_each_job() {
         f.eval::<(Option<String>, Option<String>, Option<String>)>("return p:status(0), p:status(3), p:status(1.5)"),
         (None, None, None)
     );
-    // Done on the worker, but not yet decoded here: still running.
-    f.wait_until("p:stats().queued == 0");
-    std::thread::sleep(Duration::from_millis(100));
+    // Both done on the worker, but not yet decoded here: still running.
+    f.wait_until("require('bgworker.core').pending() == 2");
     assert_eq!(f.eval::<String>("return p:status(quick)"), "running");
     f.serve_until("outcome(quick)");
     assert_eq!(
