@@ -82,14 +82,18 @@
 //! how the error gets past the job's own `pcall`s. A job blocked in C
 //! (`socket.sleep`, `os.execute`) stops when that call returns.
 //!
-//! LuaJIT: compiled code never runs hooks, so a JIT-compiled loop cannot be
-//! stopped until it leaves compiled code (a `while true do end` never
-//! does); close then abandons its worker, which keeps a core busy until
-//! the process exits. The choice: workers keep the JIT on by default, since
-//! jobs are CPU-bound work and the JIT makes them 2x (arithmetic) to 12x
-//! (calls) faster; `jit = false` turns it off in the workers (also
-//! `jit.off()` in `init`), for pools whose jobs must be cancellable
-//! whatever they run. bench/pool.lua measures both.
+//! LuaJIT: compiled code never runs hooks, set by any means (interrupt.rs
+//! lists what was tried), so a JIT-compiled loop cannot be stopped until it
+//! leaves compiled code (a `while true do end` never does); close then
+//! abandons its worker, which keeps a core busy until the process exits.
+//! `jit = false` turns the JIT off in the workers (`jit.off()` before
+//! `init`): every job can then be cancelled, at the interpreter's speed
+//! (bench/pool.lua: a CPU-bound arithmetic job takes 2.5x the time it takes
+//! with the JIT, still a little less than on PUC Lua 5.4; code that calls
+//! many small functions loses more, up to 12x).
+//! This module keeps the JIT on unless asked; `bgworker.pool` asks for it
+//! off unless its user asks for it on, since a job that cannot be cancelled
+//! breaks what the pool promises.
 //!
 //! # Threads and Lua states
 //!
