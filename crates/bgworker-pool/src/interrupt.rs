@@ -34,7 +34,7 @@
 //! It is what effil does, and it needs neither signals nor bookkeeping. But
 //! on Lua 5.3 and 5.4 the interpreter calls into the hook machinery at every
 //! instruction while a count hook is set, whatever its period: a CPU-bound
-//! loop then runs 1.7x (5.3) to 2.5x (5.4) slower (bench/pool.lua). Setting
+//! loop then runs 1.5x (5.3) to 2.5x (5.4) slower (bench/pool.lua). Setting
 //! the hook from the Lua thread directly (as Lanes does) costs nothing
 //! either, but races with the worker: on 5.4, `lua_sethook` walks the
 //! state's call frames while the worker frees and reuses them.

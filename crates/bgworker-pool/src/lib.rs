@@ -77,7 +77,7 @@
 //!
 //! A running job is stopped by raising an error in its Lua code from a
 //! hook: interrupt.rs says how (a signal makes the worker's thread set the
-//! hook on itself), why (an always-on count hook costs 1.7x to 2.5x on
+//! hook on itself), why (an always-on count hook costs 1.5x to 2.5x on
 //! CPU-bound Lua 5.3 and 5.4 code; this costs nothing until a cancel), and
 //! how the error gets past the job's own `pcall`s. A job blocked in C
 //! (`socket.sleep`, `os.execute`) stops when that call returns.
