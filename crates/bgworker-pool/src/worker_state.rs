@@ -88,6 +88,19 @@ impl WorkerState {
                 lua_rawsetp(state, LUA_REGISTRYINDEX, context_key());
             })
         }?;
+        match Self::load_driver(&lua, cancel) {
+            Ok(run) => Ok(WorkerState { lua, run, main, interrupt: Arc::clone(interrupt), context }),
+            Err(e) => {
+                // As `Drop` would: the state closes when this returns.
+                interrupt.detach();
+                Err(e)
+            }
+        }
+    }
+
+    /// Run worker.lua with the native helpers: the registry key of the
+    /// function it returns.
+    fn load_driver(lua: &Lua, cancel: Table) -> mlua::Result<RegistryKey> {
         let native = lua.create_table()?;
         native.set("CANCEL", cancel)?;
         // SAFETY: lua_CFunctions for this state, attached and with its context.
@@ -100,8 +113,7 @@ impl WorkerState {
         }
         let run: mlua::Function =
             lua.load(include_str!("worker.lua")).set_name(format!("={CHUNK}")).call((native, CHUNK))?;
-        let run = lua.create_registry_value(run)?;
-        Ok(WorkerState { lua, run, main, interrupt: Arc::clone(interrupt), context })
+        lua.create_registry_value(run)
     }
 
     /// Run `func(args...)` as `task`: the pool's init (`job` is `None`) or
