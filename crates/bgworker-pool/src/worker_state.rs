@@ -91,8 +91,11 @@ impl WorkerState {
         match Self::load_driver(&lua, cancel) {
             Ok(run) => Ok(WorkerState { lua, run, main, interrupt: Arc::clone(interrupt), context }),
             Err(e) => {
-                // As `Drop` would: the state closes when this returns.
+                // As `Drop` does: detach, then close the state while the
+                // context is still there.
                 interrupt.detach();
+                drop(lua);
+                drop(context);
                 Err(e)
             }
         }
