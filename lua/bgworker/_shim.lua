@@ -12,7 +12,7 @@ for _, name in ipairs { "start", "start_fd", "start_greeting" } do
 end
 core.run = function() return core.running() and run or nil end
 core.guard = function() return {} end
-core.token = function()
+core.token = core.token or function()
   local t = { c = false }
   function t.cancel() local was = t.c; t.c = true; return not was end
   function t.cancelled() return t.c end

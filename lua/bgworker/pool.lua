@@ -405,14 +405,15 @@ end
 -- returns), and its outcome is dropped. The callback gets `false,
 -- "cancelled"`, and waiting `get`s return that.
 -- @treturn boolean true when the job will now never produce a result; false
--- when it had already ended
+-- when it had already ended (its outcome may still be on its way here: then
+-- the callback and `get` see that outcome)
 function Job:cancel()
   local msg = check_job(self, "cancel")
   if msg then error(msg, 2) end
-  if ENDED[self.state] then
+  if ENDED[self.state] or not self.pool.native:cancel(self.id) then
+    -- Ended here, or its outcome is on its way: it comes as it is.
     return false
   end
-  self.pool.native:cancel(self.id)
   finish(self, "cancelled", pack(false, "cancelled"))
   return true
 end
