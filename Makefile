@@ -143,6 +143,7 @@ lint:
 	$(CARGO) clippy --quiet --workspace --all-targets --features lua54,module --target-dir target/lua-5.4 -- -D warnings
 	$(CARGO) clippy --quiet $(UTIL_CRATES) --all-targets --features lua54,vendored -- -D warnings
 	luacheck --quiet lua spec examples bench
+	lua5.4 scripts/check-indent.lua $$(git ls-files '*.lua')
 
 cargo-test:
 	$(CARGO) test --quiet -p bgworker

@@ -12,7 +12,7 @@
 lua_version = "5.1"
 lua_interpreter = "luajit"
 variables = {
-   LUA_DIR = "/usr",
-   LUA_BINDIR = "/usr/bin",
-   LUA_INCDIR = "/usr/include/luajit-2.1",
+  LUA_DIR = "/usr",
+  LUA_BINDIR = "/usr/bin",
+  LUA_INCDIR = "/usr/include/luajit-2.1",
 }
