@@ -18,10 +18,9 @@
 //! user's. `finish` from any phase but `Abandoned` ends in `Done`; once
 //! abandoned, the Lua side skips `decode`/`result` and only frees the data.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
-
 use crate::status::Status;
+use crate::sync::{Condvar, Mutex, MutexGuard};
+use crate::wait::Wait;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -88,42 +87,36 @@ impl Reply {
         self.changed.notify_all();
     }
 
-    /// The waiting thread: block until done, or until `deadline` passes in a
+    /// The waiting thread: block until done, or until `wait` runs out in a
     /// phase where giving up is safe.
-    pub fn wait(&self, deadline: Option<Instant>) -> Status {
+    pub fn wait(&self, wait: Wait) -> Status {
         let mut phase = self.phase();
         loop {
-            match *phase {
+            phase = match *phase {
                 Phase::Done(status) => return status,
                 Phase::Abandoned => unreachable!("only the waiter abandons"),
-                Phase::Queued | Phase::Running => match deadline {
-                    None => phase = self.changed.wait(phase).unwrap_or_else(|e| e.into_inner()),
-                    Some(deadline) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            *phase = Phase::Abandoned;
-                            return Status::Timeout;
-                        }
-                        phase = self.changed.wait_timeout(phase, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                Phase::Queued | Phase::Running => match wait.block(&self.changed, phase) {
+                    Ok(phase) => phase,
+                    Err(mut phase) => {
+                        *phase = Phase::Abandoned;
+                        return Status::Timeout;
                     }
                 },
-                Phase::Decoding | Phase::Completing => {
-                    phase = self.changed.wait(phase).unwrap_or_else(|e| e.into_inner());
-                }
-            }
+                Phase::Decoding | Phase::Completing => Wait::Forever.block(&self.changed, phase).unwrap_or_else(|p| p),
+            };
         }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
-    fn soon(ms: u64) -> Option<Instant> {
-        Some(Instant::now() + Duration::from_millis(ms))
+    fn soon(ms: u64) -> Wait {
+        Wait::Until(Instant::now() + Duration::from_millis(ms))
     }
 
     #[test]
@@ -138,7 +131,7 @@ mod tests {
                 reply.finish(Status::Ok);
             })
         };
-        assert_eq!(reply.wait(None), Status::Ok);
+        assert_eq!(reply.wait(Wait::Forever), Status::Ok);
         lua.join().unwrap();
     }
 
@@ -178,6 +171,6 @@ mod tests {
         let reply = Reply::default();
         reply.finish(Status::Cancelled);
         reply.finish(Status::Ok);
-        assert_eq!(reply.wait(None), Status::Cancelled);
+        assert_eq!(reply.wait(Wait::Forever), Status::Cancelled);
     }
 }

@@ -20,6 +20,7 @@ use mlua::ffi::*;
 
 use super::{InstanceCell, INSTANCE_KEY};
 use crate::capi::{self, Api, Handle, API_VERSION};
+use crate::instance::CapacityError;
 use crate::status::{self, Status};
 
 /// `BGW_REGISTRY_KEY` of the header.
@@ -38,8 +39,6 @@ static API: Api = Api {
     set_capacity,
 };
 
-/// # Safety
-/// `state` is valid.
 pub unsafe fn publish(state: *mut lua_State) {
     unsafe {
         lua_pushlightuserdata(state, &API as *const Api as *mut c_void);
@@ -76,13 +75,15 @@ unsafe extern "C-unwind" fn acquire(state: *mut c_void) -> *mut Handle {
 /// `bgw_api.set_capacity`.
 unsafe extern "C-unwind" fn set_capacity(state: *mut c_void, capacity: usize) -> c_int {
     let state = state as *mut lua_State;
-    match unsafe { instance_cell(state) }.and_then(|cell| cell.instance.as_mut()) {
-        Some(instance) if !instance.is_closed() => {
-            instance.set_capacity((capacity > 0).then_some(capacity));
-            Status::Ok.code()
-        }
-        _ => Status::Closed.code(),
-    }
+    let status = match unsafe { instance_cell(state) }.and_then(|cell| cell.instance.as_mut()) {
+        Some(instance) if !instance.is_closed() => match instance.set_capacity((capacity > 0).then_some(capacity)) {
+            Ok(()) => Status::Ok,
+            Err(CapacityError::TooLarge) => Status::Invalid,
+            Err(CapacityError::Inherited(_)) => Status::Closed,
+        },
+        _ => Status::Closed,
+    };
+    status.code()
 }
 
 unsafe fn install_closer(state: *mut lua_State) {
