@@ -183,6 +183,18 @@ mod tests {
     }
 
     #[test]
+    fn any_capacity_counts_without_wrapping_around() {
+        for capacity in [usize::MAX, isize::MAX as usize + 1, MAX_CAPACITY] {
+            let room = Room::new(capacity, 0);
+            assert_eq!(room.acquire(Wait::No), Status::Ok, "capacity {capacity}");
+            room.resize(1);
+            assert_eq!(room.acquire(Wait::No), Status::Full);
+            room.resize(capacity);
+            assert_eq!(room.acquire(Wait::No), Status::Ok);
+        }
+    }
+
+    #[test]
     fn lifting_lets_every_producer_through() {
         let room = Arc::new(Room::new(1, 1));
         let waiter = blocked(&room);
