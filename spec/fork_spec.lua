@@ -24,17 +24,20 @@ local STALL = 10 -- seconds without an item: stranded
 
 -- The reader: a connected UDP socket, or the descriptor.
 local reader, waitable
-if KIND == "udp" then
-  reader = assert(socket.udp())
-  assert(reader:setsockname("127.0.0.1", 0))
-  reader:settimeout(0)
-  core.start(tonumber((select(2, reader:getsockname()))))
-  assert(reader:setpeername(core.sender()))
-  waitable = reader
-else
-  local fd = core.start_fd()
-  waitable = { getfd = function() return fd end }
+local function start(kind)
+  if kind == "udp" then
+    reader = assert(socket.udp())
+    assert(reader:setsockname("127.0.0.1", 0))
+    reader:settimeout(0)
+    core.start(tonumber((select(2, reader:getsockname()))))
+    assert(reader:setpeername(core.sender()))
+    waitable = reader
+  else
+    local fd = core.start_fd()
+    reader, waitable = nil, { getfd = function() return fd end }
+  end
 end
+start(KIND)
 local run = core.run()
 local held = testutil.acquire() -- a handle from before every fork
 
@@ -80,12 +83,7 @@ function scenario.stops_and_starts()
   assert(core.pending() == 0 and core.poll() == nil and core.stats().delivered == 0)
   local counts = testutil.join(testutil.produce { handle = held, items = 1, callback = noop })
   assert(counts.BGW_CLOSED == 1, "a held handle delivered into no run")
-  reader = assert(socket.udp())
-  assert(reader:setsockname("127.0.0.1", 0))
-  reader:settimeout(0)
-  core.start(tonumber((select(2, reader:getsockname()))))
-  assert(reader:setpeername(core.sender()))
-  waitable = reader
+  start("udp")
   assert(core.run() and core.run() ~= run, "the child's run has the parent's id")
   local got = {}
   local job = testutil.produce { handle = held, items = 3, callback = function(_, seq) got[#got + 1] = seq end }
@@ -98,8 +96,7 @@ end
 
 -- Start straight away, over the inherited run; leave it running for lua_close.
 function scenario.starts()
-  local fd = core.start_fd()
-  waitable, reader = { getfd = function() return fd end }, nil
+  start("fd")
   local got = 0
   local callback = function() got = got + 1 end
   local jobs = { testutil.produce { items = 2, callback = callback },
