@@ -174,3 +174,83 @@ mod tests {
         assert_eq!(reply.wait(Wait::Forever), Status::Cancelled);
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// What the Lua thread does with a round trip's item. Cancelling (stop)
+    /// and closing the state happen on the Lua thread too: the item is
+    /// dropped there, which finishes it `Cancelled`.
+    #[derive(Clone, Copy, Debug)]
+    enum LuaSide {
+        /// Decode, run the callback, hand its values to `result`.
+        Completes,
+        /// Decode, then the callback raises.
+        CallbackRaises,
+        /// Cancelled by `stop()` while queued.
+        CancelledWhileQueued,
+        /// Decoded, and the state closes while the callback runs.
+        ClosedDuringCallback,
+    }
+
+    /// The caller waits (and gives up at the first moment it may, or
+    /// never) while the Lua thread handles its item. Decode and result
+    /// must only run while the caller still waits, since their data may
+    /// live on its stack; the caller hears one outcome, and `Ok` only if
+    /// `result` ran.
+    #[test]
+    fn decode_and_result_run_only_while_the_caller_waits() {
+        let sides =
+            [LuaSide::Completes, LuaSide::CallbackRaises, LuaSide::CancelledWhileQueued, LuaSide::ClosedDuringCallback];
+        for side in sides {
+            for wait in [Wait::No, Wait::Forever] {
+                loom::model(move || {
+                    let reply = Arc::new(Reply::default());
+                    let waiting = Arc::new(AtomicBool::new(true));
+                    let result_ran = Arc::new(AtomicBool::new(false));
+                    let lua = {
+                        let (reply, waiting, result_ran) = (reply.clone(), waiting.clone(), result_ran.clone());
+                        thread::spawn(move || {
+                            if matches!(side, LuaSide::CancelledWhileQueued) || !reply.begin_decode() {
+                                return reply.finish(Status::Cancelled);
+                            }
+                            assert!(waiting.load(SeqCst), "{side:?}: decode ran after the caller left");
+                            reply.decoded();
+                            match side {
+                                LuaSide::CallbackRaises => reply.finish(Status::Error),
+                                LuaSide::ClosedDuringCallback => reply.finish(Status::Cancelled),
+                                _ if reply.begin_result() => {
+                                    assert!(waiting.load(SeqCst), "{side:?}: result ran after the caller left");
+                                    result_ran.store(true, SeqCst);
+                                    reply.finish(Status::Ok);
+                                }
+                                _ => reply.finish(Status::Cancelled),
+                            }
+                        })
+                    };
+                    let status = reply.wait(wait);
+                    waiting.store(false, SeqCst);
+                    lua.join().unwrap();
+                    let expected: &[Status] = match (side, wait) {
+                        (LuaSide::Completes, Wait::Forever) => &[Status::Ok],
+                        (LuaSide::CallbackRaises, Wait::Forever) => &[Status::Error],
+                        (_, Wait::Forever) => &[Status::Cancelled],
+                        (LuaSide::Completes, _) => &[Status::Ok, Status::Timeout],
+                        (LuaSide::CallbackRaises, _) => &[Status::Error, Status::Timeout],
+                        (_, _) => &[Status::Cancelled, Status::Timeout],
+                    };
+                    assert!(expected.contains(&status), "{side:?} {wait:?}: the caller got {status:?}");
+                    assert_eq!(
+                        status == Status::Ok,
+                        result_ran.load(SeqCst),
+                        "{side:?}: Ok without result, or the reverse"
+                    );
+                });
+            }
+        }
+    }
+}

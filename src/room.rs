@@ -203,3 +203,53 @@ mod tests {
         assert_eq!(room.acquire(Wait::No), Status::Ok);
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Two producers wait for room in a full queue (capacity 1, one item
+    /// queued), each for as long as it takes.
+    fn two_waiting_producers(room: &Arc<Room>) -> Vec<thread::JoinHandle<Status>> {
+        (0..2)
+            .map(|_| {
+                let room = room.clone();
+                thread::spawn(move || room.acquire(Wait::Forever))
+            })
+            .collect()
+    }
+
+    /// The reader raises the bound to 2, then takes the queued item: that
+    /// makes room for both producers, whatever the order. Loom reports a
+    /// deadlock if a producer sleeps through the slot meant for it, and the
+    /// count must come out exact.
+    #[test]
+    fn a_resize_and_a_release_let_both_waiting_producers_in() {
+        loom::model(|| {
+            let room = Arc::new(Room::new(1, 1));
+            let producers = two_waiting_producers(&room);
+            room.resize(2);
+            room.release();
+            for producer in producers {
+                assert_eq!(producer.join().unwrap(), Status::Ok);
+            }
+            assert_eq!(room.slots().taken, 2, "1 queued - 1 taken by the reader + 2 producers");
+        });
+    }
+
+    /// The dispatcher stops while both producers wait: both are refused,
+    /// none sleeps on.
+    #[test]
+    fn a_close_refuses_every_waiting_producer() {
+        loom::model(|| {
+            let room = Arc::new(Room::new(1, 1));
+            let producers = two_waiting_producers(&room);
+            room.close();
+            for producer in producers {
+                assert_eq!(producer.join().unwrap(), Status::Closed);
+            }
+        });
+    }
+}
