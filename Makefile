@@ -105,9 +105,11 @@ lint:
 	$(CARGO) clippy --quiet $(UTIL_CRATES) --all-targets --features lua54,vendored -- -D warnings
 	luacheck --quiet lua spec examples bench
 
+# bgworker-util's tests include the ABI layout test, which compiles
+# spec/native/abi_layout.c against include/bgworker.h (and so lua.h).
 cargo-test:
 	$(CARGO) test --quiet -p bgworker
-	$(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
+	BGWORKER_LUA_INCDIR=$(call lua_incdir,5.4) $(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
 	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
 
 specs: $(addprefix specs-,$(LUA_VERSIONS))

@@ -253,6 +253,33 @@ describe("bgworker.core", function()
     end)
   end)
 
+  describe("handle misuse", function()
+    -- In a new interpreter, to see its stderr: a handle released, then used
+    -- to deliver and to call, then released again.
+    it("refuses a released handle with BGW_INVALID, frees the data, ignores a second release, and says so once", function()
+      local status, output = support.run_lua [[
+        local core = require "bgworker.core"
+        local socket = require "socket"
+        local testutil = require "bgworker_testutil"
+        local reader = assert(socket.udp())
+        assert(reader:setsockname("127.0.0.1", 0))
+        core.start(tonumber((select(2, reader:getsockname()))))
+        local handle = testutil.acquire()
+        testutil.release(handle)
+        local counts = testutil.join(testutil.produce { handle = handle, items = 3, callback = print })
+        local call = testutil.join(testutil.call { handle = handle, callback = print })
+        testutil.release(handle)
+        local c = testutil.counters()
+        print(("invalid %d, call %s, allocated %d, freed %d, double frees %d, pending %d"):format(
+          counts.BGW_INVALID, call.code, c.allocated, c.freed, c.double_frees, core.pending()))
+      ]]
+      assert.equal(0, status, output)
+      assert.matches("invalid 3, call BGW_INVALID, allocated 4, freed 4, double frees 0, pending 0", output, 1, true)
+      local _, reports = output:gsub("already released: a bug in the caller", "")
+      assert.equal(1, reports, output)
+    end)
+  end)
+
   describe("delivery", function()
     it("delivers 4 x 100000 items exactly once, in order per producer", function()
       local P, N = 4, 100000
