@@ -16,7 +16,7 @@ with_lua      = LUA_PATH="lua/?.lua;lua/?/init.lua;spec/?.lua;;" LUA_CPATH="$(BU
                 BGWORKER_LUA="$(call lua_bin,$(1))" BGWORKER_BUILD="$(BUILD)/$(1)" $(2)
 
 .PHONY: all setup build demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
-        leakcheck bench bench-pool clean FORCE \
+        leakcheck soak bench bench-pool clean FORCE \
         $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS))
 
 all: build
@@ -128,6 +128,15 @@ nginx-test: build-jit
 leakcheck: setup build-5.4
 	$(call with_lua,5.4,BGWORKER_SMALL=1 valgrind --quiet --leak-check=full \
 	  --errors-for-leak-kinds=definite$(comma)indirect --error-exitcode=1 --num-callers=40 lua5.4 /usr/bin/busted spec)
+
+# 2-3 minutes of 4 producers into a bounded queue: exactly once and in order,
+# stats consistent, RSS sampled (spec/reliability/soak.lua). Not in `make
+# test`; its last figures are in bench/README.md ("Soak").
+SOAK_LUA ?= 5.4
+SOAK_SECONDS ?= 150
+
+soak: setup build-$(SOAK_LUA)
+	$(call with_lua,$(SOAK_LUA),SOAK_SECONDS=$(SOAK_SECONDS) $(call lua_bin,$(SOAK_LUA)) spec/reliability/soak.lua)
 
 # ---------------------------------------------------------------------------
 # Benchmarks (bench/README.md)

@@ -45,6 +45,8 @@
  *       opts.result       "copy" (default); "raise": result raises an error;
  *                         "null": result is NULL.
  *   testutil.done(job) -> boolean: all the job's threads have finished.
+ *   testutil.stop(job): the job's producers deliver no more items after the
+ *     one each is delivering (nor linger for until_closed).
  *   testutil.join(job) -> table
  *     Wait for the job's threads and forget the job. For produce: the
  *     number of delivers that returned each code, keyed by name
@@ -57,6 +59,9 @@
  *   testutil.reset()
  *     Zero the counters, free the graveyard, and forget the callbacks of
  *     this state. Only while no job runs and no item is queued anywhere.
+ *   testutil.bury()
+ *     Free the graveyard's items for good, keeping the counters: for long
+ *     runs. A second free of a buried item is no longer caught.
  *   testutil.fresh_state(code) -> true, values... | false, message
  *     Run the Lua chunk `code` in a new Lua state with the standard
  *     libraries and the caller's package.path and package.cpath, then close
@@ -313,6 +318,7 @@ struct job {
     pthread_cond_t gate_cond;
     enum gate gate;
     atomic_int running; /* threads not yet finished */
+    atomic_int stopping; /* testutil.stop(): producers deliver no more */
 
     int code; /* call: what call returned */
     reply reply; /* call: copied from the thread's stack after call */
@@ -358,13 +364,13 @@ static int deliver_one(worker *w, long seq)
 
 static void produce(worker *w)
 {
-    const job *j = w->job;
+    job *j = w->job;
     struct timespec ms = {0, 1000000L};
     long seq, extra;
     int closed = 0;
-    for (seq = 1; seq <= j->items; seq++)
+    for (seq = 1; seq <= j->items && !atomic_load_explicit(&j->stopping, memory_order_relaxed); seq++)
         deliver_one(w, seq);
-    for (extra = 0; closed < j->until_closed && extra < MAX_LINGER; extra++) {
+    for (extra = 0; closed < j->until_closed && extra < MAX_LINGER && !atomic_load(&j->stopping); extra++) {
         nanosleep(&ms, NULL);
         closed += deliver_one(w, seq++) == BGW_CLOSED;
     }
@@ -504,6 +510,7 @@ static int start_job(lua_State *L, int is_call)
     pthread_mutex_init(&j->gate_lock, NULL);
     pthread_cond_init(&j->gate_cond, NULL);
     atomic_init(&j->running, j->nworkers);
+    atomic_init(&j->stopping, 0);
     pthread_mutex_lock(&jobs_lock);
     j->id = ++last_job_id;
     pthread_mutex_unlock(&jobs_lock);
@@ -561,6 +568,12 @@ static job *find_job(lua_State *L, int unlink)
     if (j == NULL)
         luaL_argerror(L, 1, "no such job");
     return j;
+}
+
+static int tu_stop(lua_State *L)
+{
+    atomic_store(&find_job(L, 0)->stopping, 1);
+    return 0;
 }
 
 static int tu_done(lua_State *L)
@@ -634,15 +647,10 @@ static int tu_counters(lua_State *L)
     return 1;
 }
 
-static int tu_reset(lua_State *L)
+static int tu_bury(lua_State *L)
 {
     item *dead;
-    atomic_store(&counters.allocated, 0);
-    atomic_store(&counters.freed, 0);
-    atomic_store(&counters.double_frees, 0);
-    atomic_store(&counters.stale_decodes, 0);
-    atomic_store(&counters.decodes, 0);
-    atomic_store(&counters.results, 0);
+    (void)L;
     pthread_mutex_lock(&graveyard_lock);
     dead = graveyard;
     graveyard = NULL;
@@ -652,6 +660,18 @@ static int tu_reset(lua_State *L)
         free(dead);
         dead = next;
     }
+    return 0;
+}
+
+static int tu_reset(lua_State *L)
+{
+    atomic_store(&counters.allocated, 0);
+    atomic_store(&counters.freed, 0);
+    atomic_store(&counters.double_frees, 0);
+    atomic_store(&counters.stale_decodes, 0);
+    atomic_store(&counters.decodes, 0);
+    atomic_store(&counters.results, 0);
+    tu_bury(L);
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, CALLBACKS_KEY);
     return 0;
@@ -857,9 +877,11 @@ int luaopen_bgworker_testutil(lua_State *L)
         {"produce", tu_produce},
         {"call", tu_call},
         {"done", tu_done},
+        {"stop", tu_stop},
         {"join", tu_join},
         {"counters", tu_counters},
         {"reset", tu_reset},
+        {"bury", tu_bury},
         {"fresh_state", tu_fresh_state},
         {"strerror", tu_strerror},
         {"set_capacity", tu_set_capacity},
