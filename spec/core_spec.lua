@@ -274,6 +274,7 @@ describe("bgworker.core", function()
         local c = testutil.counters()
         print(("invalid %d, call %s, allocated %d, freed %d, double frees %d, pending %d"):format(
           counts.BGW_INVALID, call.code, c.allocated, c.freed, c.double_frees, core.pending()))
+        testutil.reset()
       ]]
       assert.equal(0, status, output)
       assert.matches("invalid 3, call BGW_INVALID, allocated 4, freed 4, double frees 0, pending 0", output, 1, true)
