@@ -81,8 +81,10 @@ end
 function scenario.stops_and_starts()
   assert(core.stop() == 0, "stop cancelled the parent's items")
   assert(core.pending() == 0 and core.poll() == nil and core.stats().delivered == 0)
+  local freed = testutil.counters().freed
   local counts = testutil.join(testutil.produce { handle = held, items = 1, callback = noop })
   assert(counts.BGW_CLOSED == 1, "a held handle delivered into no run")
+  assert(testutil.counters().freed == freed + 1, "the refused item was not freed")
   start("udp")
   assert(core.run() and core.run() ~= run, "the child's run has the parent's id")
   local got = {}
