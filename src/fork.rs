@@ -19,14 +19,12 @@
 //!   their locks held.
 //!
 //! Only `fork()` through the C library runs the handlers; a raw `clone`
-//! without exec is not supported. The handlers are installed when
-//! `bgworker.core` is first opened (`watch`), before any run can exist.
-//!
-//! The one `unsafe` is the registration call; the state is two atomics and
-//! a lock.
+//! without exec is not supported. The Lua binding installs them
+//! (`pthread_atfork(prepare, parent, child)`) when `bgworker.core` is
+//! first opened, before any run can exist.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{RwLock, RwLockWriteGuard};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -49,27 +47,19 @@ pub fn quiet<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-extern "C" fn prepare() {
+/// `pthread_atfork` prepare handler.
+pub extern "C" fn prepare() {
     let guard = QUIET.write().unwrap_or_else(|e| e.into_inner());
     HELD.with(|held| *held.borrow_mut() = Some(guard));
 }
 
-extern "C" fn parent() {
+/// `pthread_atfork` parent handler.
+pub extern "C" fn parent() {
     HELD.with(|held| drop(held.borrow_mut().take()));
 }
 
-extern "C" fn child() {
+/// `pthread_atfork` child handler: runs before any other code of the child.
+pub extern "C" fn child() {
     GENERATION.fetch_add(1, Relaxed);
     HELD.with(|held| drop(held.borrow_mut().take()));
-}
-
-/// Install the fork handlers, once per process. A swap rather than a
-/// `Once`: a `Once` left running by a parent thread would block a child.
-pub fn watch() {
-    static WATCHING: AtomicBool = AtomicBool::new(false);
-    if !WATCHING.swap(true, Relaxed) {
-        // SAFETY: registers three functions of this library, which stays
-        // loaded for the life of the process (`lua/api.rs`); none unwinds.
-        unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-    }
 }

@@ -35,7 +35,6 @@ use std::ptr;
 
 use mlua::ffi::*;
 
-use crate::fork;
 use crate::instance::{CapacityError, Instance};
 use crate::room::MAX_CAPACITY;
 use crate::signal::{FdKind, Signal};
@@ -389,7 +388,7 @@ unsafe fn push_instance(state: *mut lua_State) {
 pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> c_int {
     unsafe {
         api::keep_this_library_loaded();
-        fork::watch();
+        api::watch_forks();
         push_instance(state);
         let instance_index = lua_gettop(state);
         api::publish(state);
