@@ -20,7 +20,6 @@
 --     dispatcher stops, with "stopped".
 
 local core = require "bgworker.core"
-require "bgworker._shim" -- TEMPORARY
 local args = require "bgworker.args"
 local protect = require "bgworker.protect"
 
@@ -235,6 +234,22 @@ function Dispatcher:owns_run()
   return not self.stopped and self.run ~= nil and core.run() == self.run
 end
 
+--- Nothing, or why `method` cannot use this dispatcher although it was not
+-- stopped: the core's run is no longer its own (the core was stopped or
+-- restarted directly, or this process was forked after the dispatcher
+-- started: then the core's own message names fork()).
+function Dispatcher:lost_run(method)
+  if self.stopped or self:owns_run() then
+    return nil
+  end
+  local ok, err = pcall(core.pending)
+  if not ok then
+    return method .. ": " .. tostring(err)
+  end
+  return method .. ": this dispatcher no longer runs the core (it was stopped or started again" ..
+    " through bgworker.core); make a new one"
+end
+
 -- Loop hooks around core.stop(); the base does nothing.
 function Dispatcher.before_stop() end
 function Dispatcher.after_stop() end
@@ -404,7 +419,8 @@ function Dispatcher.before_dispatch() end
 -- @treturn int the number handled: callbacks run (including those that
 -- raised), items whose decode failed, timers and resumed waits
 function Dispatcher:dispatch(limit)
-  local msg = M.check_self(self, "dispatch") or args.count("dispatch", 2, "max", limit, true)
+  local msg = M.check_self(self, "dispatch") or args.count("dispatch", 2, "max", limit, true) or
+    self:lost_run("dispatch")
   if msg then error(msg, 2) end
   if self.stopped then
     return 0
