@@ -45,6 +45,7 @@ use std::time::Instant;
 use crate::alarm;
 use crate::fork;
 use crate::item::Item;
+use crate::lag::{Lag, Stamp};
 use crate::room::{Room, MAX_CAPACITY};
 use crate::signal::Signal;
 use crate::status::Status;
@@ -64,6 +65,8 @@ struct Route {
 pub struct Shared {
     route: RwLock<Option<Route>>,
     wake: WakeFlag,
+    /// When the signal was last raised, for the reader's lag.
+    raised: Stamp,
     rejected: AtomicU64,
     wakeups: AtomicU64,
     wake_errors: AtomicU64,
@@ -78,6 +81,7 @@ impl Default for Shared {
         Shared {
             route: RwLock::default(),
             wake: WakeFlag::default(),
+            raised: Stamp::default(),
             rejected: AtomicU64::default(),
             wakeups: AtomicU64::default(),
             wake_errors: AtomicU64::default(),
@@ -166,6 +170,7 @@ impl Shared {
     fn push(&self, route: &Route, item: Item) -> Result<(), (Status, Item)> {
         route.queue.send(item).map_err(|flume::SendError(item)| (Status::Closed, item))?;
         if self.wake.arm() {
+            self.raised.mark();
             self.send_wake(route);
         }
         Ok(())
@@ -181,6 +186,7 @@ impl Shared {
             return false;
         };
         shared.wake.force();
+        shared.raised.mark();
         shared.send_wake(route);
         true
     }
@@ -247,6 +253,7 @@ struct ReaderCounters {
     cancelled: u64,
     errors: u64,
     empty_polls: u64,
+    lag: Lag,
 }
 
 /// A snapshot of all counters, for `core.stats()`.
@@ -260,10 +267,12 @@ pub struct Stats {
     pub errors: u64,
     pub empty_polls: u64,
     pub wake_errors: u64,
+    pub lag_last_ns: u64,
+    pub lag_max_ns: u64,
 }
 
 impl Stats {
-    pub fn fields(&self) -> [(&'static std::ffi::CStr, u64); 8] {
+    pub fn fields(&self) -> [(&'static std::ffi::CStr, u64); 10] {
         [
             (c"delivered", self.delivered),
             (c"polled", self.polled),
@@ -273,6 +282,8 @@ impl Stats {
             (c"errors", self.errors),
             (c"empty_polls", self.empty_polls),
             (c"wake_errors", self.wake_errors),
+            (c"lag_last_ns", self.lag_last_ns),
+            (c"lag_max_ns", self.lag_max_ns),
         ]
     }
 }
@@ -390,6 +401,7 @@ impl Instance {
         // run must not swallow the first wake of this one.
         shared.wake.reset();
         shared.set_route(Some(Route { queue: tx, signal: signal.clone(), room: room.clone() }));
+        self.counters.lag = Lag::default();
         self.run = Some(Run {
             id: LAST_RUN.fetch_add(1, Relaxed) + 1,
             generation: fork::generation(),
@@ -464,12 +476,14 @@ impl Instance {
                     room.release();
                 }
                 self.counters.polled += 1;
+                self.counters.lag.took();
                 Some(item)
             }
             None => {
                 // A burst grew the batch buffer; idle, it need not stay big.
                 batch.shrink_to(BATCH_KEPT);
                 self.counters.empty_polls += 1;
+                self.counters.lag.empty(&shared.raised);
                 None
             }
         }
@@ -523,7 +537,8 @@ impl Instance {
 
     /// Send a wake datagram now (a reader that stopped draining early).
     /// `false` when not started.
-    pub fn wake(&self) -> bool {
+    pub fn wake(&mut self) -> bool {
+        self.counters.lag.rewoken();
         self.is_running() && self.shared.wake()
     }
 
@@ -570,6 +585,8 @@ impl Instance {
             errors: c.errors,
             empty_polls: c.empty_polls,
             wake_errors: shared.wake_errors.load(Relaxed),
+            lag_last_ns: c.lag.last_ns,
+            lag_max_ns: c.lag.max_ns,
         }
     }
 }

@@ -505,8 +505,8 @@ function Dispatcher:stats()
     cancelled = delta("cancelled"),
     rejected = delta("rejected"),
     wakeups = delta("wakeups"),
-    lag_last = now.lag_last or 0,
-    lag_max = now.lag_max or 0,
+    lag_last = now.lag_last_ns / 1e9,
+    lag_max = now.lag_max_ns / 1e9,
   }
 end
 
