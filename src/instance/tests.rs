@@ -200,7 +200,7 @@ fn stop_releases_a_producer_blocked_on_a_full_queue() {
 
 #[test]
 fn wake_forces_a_datagram() {
-    let (instance, reader) = started(None);
+    let (mut instance, reader) = started(None);
     assert_eq!(receive_all(&reader), 0);
     assert!(instance.wake());
     thread::sleep(Duration::from_millis(10));
