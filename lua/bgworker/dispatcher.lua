@@ -54,7 +54,12 @@ local classes = setmetatable({}, { __mode = "k" })
 
 --- Options every loop accepts.
 local COMMON_OPTIONS = {
-  capacity = args.option.count,
+  capacity = function(fname, n, name, v)
+    if v ~= nil and not (args.is_count(v) and v <= core.MAX_CAPACITY) then
+      return args.bad(fname, n, ("%s must be an integer in 1..%d, got %s"):format(name,
+        core.MAX_CAPACITY, args.describe(v)))
+    end
+  end,
   budget = args.option.count,
   errorhandler = args.option.func,
   -- Read by bgworker.new to choose the loop.

@@ -469,6 +469,8 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         }
         push_str(state, env!("CARGO_PKG_VERSION"));
         lua_setfield(state, -2, c"version".as_ptr());
+        lua_pushinteger(state, MAX_CAPACITY as lua_Integer);
+        lua_setfield(state, -2, c"MAX_CAPACITY".as_ptr());
     }
     1
 }
