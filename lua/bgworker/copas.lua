@@ -175,12 +175,7 @@ local function spawn_item(self, f, ...)
   return true
 end
 
--- Read every wake-up datagram that is waiting, without blocking.
--- (LuaSocket 3.0's receive on a closed UDP socket returns "": stop there.)
-local function discard(sock)
-  while sock:receive(DATAGRAM) and sock:getfd() >= 0 do
-  end
-end
+local discard = dispatcher.discard_datagrams
 
 local function reader(self)
   local copas, sock, wakeups = self.copas, self.socket, self.wakeups

@@ -101,10 +101,6 @@ function M.check_self(self, method)
   end
 end
 
-local function check_self(self, method)
-  local msg = M.check_self(self, method)
-  if msg then error(msg, 3) end
-end
 
 --------------------------------------------------------------------------
 -- Starting
@@ -216,6 +212,14 @@ function M.start_udp(opts)
   return sock
 end
 
+--- Read every wake-up datagram waiting on `sock`, without blocking: they
+-- carry no information. (LuaSocket 3.0's receive on a closed UDP socket
+-- returns "": stop there.)
+function M.discard_datagrams(sock)
+  while sock:receive(16) and sock:getfd() >= 0 do
+  end
+end
+
 --- Start the core with a descriptor signal (`opts.kind`: "eventfd" or
 -- "pipe"; by default the system's). Returns the descriptor, or nil and a
 -- message.
@@ -266,7 +270,8 @@ function Dispatcher.after_stop() end
 -- callback.
 -- @treturn int the number of pending items cancelled
 function Dispatcher:stop()
-  check_self(self, "stop")
+  local msg = M.check_self(self, "stop")
+  if msg then error(msg, 2) end
   if self.stopped then
     return 0
   end
@@ -489,7 +494,8 @@ end
 -- a wake-up signal to the drain that answered it, for the last drain and the
 -- worst one (a loop that stalls shows here first)
 function Dispatcher:stats()
-  check_self(self, "stats")
+  local msg = M.check_self(self, "stats")
+  if msg then error(msg, 2) end
   if not self:owns_run() then
     local final = self.final_stats or {}
     final.running = false

@@ -32,9 +32,6 @@ local check_self = dispatcher.check_self
 
 local M = {}
 
--- Wake-up datagrams carry no information; read at most this much of each.
-local DATAGRAM = 16
-
 -- socket.select refuses timeouts of 2^31 ms and more: wait longer in parts.
 local LONGEST_SELECT = 86400
 
@@ -91,12 +88,7 @@ function Select.dirty()
   return false
 end
 
--- Read every wake-up datagram that is waiting, without blocking.
--- (LuaSocket 3.0's receive on a closed UDP socket returns "": stop there.)
-local function discard(sock)
-  while sock:receive(DATAGRAM) and sock:getfd() >= 0 do
-  end
-end
+local discard = dispatcher.discard_datagrams
 
 -- `dispatch` (the base's) reads the waiting wake-up datagrams first.
 function Select:before_dispatch()
