@@ -33,6 +33,12 @@ local support = require "support"
 
 local loops = {}
 
+-- A watchdog's seconds (5 by default), longer under valgrind (BGWORKER_SMALL),
+-- where everything runs many times slower.
+local function scaled(seconds)
+  return (seconds or 5) * (support.small and 6 or 1)
+end
+
 local function options(name, opts)
   local o = { loop = name }
   for k, v in pairs(opts or {}) do o[k] = v end
@@ -63,7 +69,7 @@ local function select_driver(kind)
     end
   end
   function driver.run(seconds)
-    local deadline = core.now() + (seconds or 5)
+    local deadline = core.now() + scaled(seconds)
     while not d.stopped do
       if core.now() > deadline then
         d:stop()
@@ -101,7 +107,7 @@ local function copas_driver(copas)
     local function ended()
       return d.stopped and coroutine.status(d.reader) == "dead"
     end
-    if support.copas_until(ended, seconds or 5) then
+    if support.copas_until(ended, scaled(seconds)) then
       return false
     end
     d:stop()
@@ -146,7 +152,7 @@ local function luv_driver(uv)
   function driver.run(seconds)
     local fired = false
     local watchdog = uv.new_timer()
-    watchdog:start(math.floor((seconds or 5) * 1000), 0, function()
+    watchdog:start(math.floor(scaled(seconds) * 1000), 0, function()
       fired = true
       if d then d:stop() end
     end)
@@ -206,7 +212,7 @@ local function cqueues_driver(cqueues)
         cqueues.sleep(0)
       end
     end)
-    local deadline = cqueues.monotime() + (seconds or 5)
+    local deadline = cqueues.monotime() + scaled(seconds)
     while not cq:empty() do
       local left = deadline - cqueues.monotime()
       if left <= 0 then

@@ -53,12 +53,20 @@ local function identity(...)
   return ...
 end
 
--- OS threads of this process (Linux).
+-- The pools' worker threads in this process (Linux: they are named
+-- "bgworker-pool-N"; other threads, such as resolver threads that end when
+-- idle, come and go on their own).
 local function threads()
   local f = assert(io.open("/proc/self/status"))
-  local n = f:read("*a"):match("\nThreads:%s*(%d+)")
+  local pid = f:read("*a"):match("\nPid:%s*(%d+)")
   f:close()
-  return tonumber(n)
+  local names = io.popen("cat /proc/" .. pid .. "/task/*/comm 2>/dev/null")
+  local n = 0
+  for name in names:lines() do
+    if name:match("^bgworker%-pool") then n = n + 1 end
+  end
+  names:close()
+  return n
 end
 
 -- Wait until `cond()`, at most 10 s, dispatching meanwhile.
