@@ -35,9 +35,10 @@ COPAS_SPECS := $(shell grep -lE 'support\.needs_copas|require "loops"' spec/*_sp
 copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
-.PHONY: all setup build dist demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
-        leakcheck bench bench-pool clean FORCE \
+.PHONY: all setup build dist demo demo-ticker docs test lint specs examples cargo-test rock-check \
+        nginx-test leakcheck bench bench-pool clean FORCE \
         $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS)) \
+        $(addprefix examples-,$(LUA_VERSIONS)) \
         $(addprefix copas-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 
 all: build
@@ -68,6 +69,10 @@ $(BUILD)/$(1)/.cargo: FORCE
 
 specs-$(1): build-$(1) copas-$(1)
 	$(call with_copas4,$(1),$(call lua_bin,$(1)) /usr/bin/busted spec)
+
+examples-$(1): build-$(1) copas-$(1)
+	$(call with_lua,$(1),BGWORKER_COPAS4_TREE=$(call copas_tree,$(1)) BGWORKER_COPAS_VERSION=$(COPAS_VERSION) \
+	  $(call lua_bin,$(1)) /usr/bin/busted spec/examples_test.lua)
 
 copas-$(1):
 	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) bash scripts/copas-tree $(1) $(call copas_tree,$(1))
@@ -151,6 +156,11 @@ cargo-test:
 	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
 
 specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
+
+# Smoke runs of examples/ and of the README's first program on every Lua
+# version, each with the loops it has (spec/examples_test.lua); on LuaJIT
+# the OpenResty example in a real nginx.
+examples: $(addprefix examples-,$(LUA_VERSIONS))
 
 # Install the rocks of `make dist` with luarocks into fresh trees and run the
 # specs against them: each binary rock with no cargo on PATH, the source rock

@@ -244,7 +244,7 @@ results[1] = run({
   toip = socket.dns.toip,
 })
 
-local dispatcher = bgworker.copas()
+local dispatcher = bgworker.new { loop = "copas" }
 local workers = pool.new { threads = THREADS }
 results[2] = run({
   name = "bgworker",

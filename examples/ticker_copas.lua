@@ -38,7 +38,7 @@ local t0 = socket.gettime()
 local dispatcher
 
 copas.addthread(function()
-  dispatcher = bgworker.copas()
+  dispatcher = bgworker.new { loop = "copas" }
   print(("%s: dispatching in a Copas loop"):format(bgworker._VERSION))
   local t
   t = ticker.start(TICKS, INTERVAL_MS, function(value)
