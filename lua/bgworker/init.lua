@@ -77,8 +77,8 @@ end
 --   stderr.
 --   Each loop's page lists the options of its own (`kind`, `spawn`,
 --   `timeout`).
--- @return the dispatcher. Every dispatcher has `stop()` and `stats()`;
--- the loop's page tells the rest.
+-- @return the dispatcher: every @{Dispatcher} has `stop()`, `stats()` and
+-- `dispatch()`; the loop's page tells the rest.
 function bgworker.new(opts)
   local loop = type(opts) == "table" and opts.loop or "select"
   local d, err = open("bgworker.new", loop, opts)

@@ -77,7 +77,7 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Functions
 
 -- Dumps of the functions submitted so far, so that a function submitted
@@ -116,7 +116,7 @@ local function job_function(fn)
   return code, false
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Pools
 
 local function check_pool(self, method)
@@ -378,7 +378,7 @@ function Pool:stats()
   return self.native:stats()
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Jobs
 
 local function check_job(self, method)
