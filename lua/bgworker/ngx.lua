@@ -26,7 +26,7 @@
 --
 -- Waiting (`bgworker.await`, `job:get`, `pool:run`, `dns.toip`) suspends
 -- the request's light thread on an `ngx.semaphore`. See the topic
--- docs/openresty.md for the nginx settings, and examples/openresty/ for a
+-- @{openresty.md} for the nginx settings, and examples/openresty/ for a
 -- complete configuration.
 --
 -- A dispatcher here has what every @{Dispatcher} has (`dispatch` raises:

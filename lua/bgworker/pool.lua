@@ -43,7 +43,8 @@
 --
 -- In a job, `require "bgworker.worker"` gives `progress(...)` (values for
 -- the job's `on_progress` handler, in order, before its outcome) and
--- `cancelled()` (true once the job was cancelled, for jobs that check).
+-- `cancelled()` (true once the job was cancelled, for jobs that check):
+-- see @{bgworker.worker}, and the topic @{jobs.md} for the whole story.
 --
 -- @module bgworker.pool
 
