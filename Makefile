@@ -36,7 +36,7 @@ copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
 .PHONY: all setup build dist demo demo-ticker docs test lint specs examples cargo-test rock-check \
-        nginx-test leakcheck bench bench-pool clean FORCE \
+        nginx-test leakcheck soak bench bench-pool clean FORCE \
         $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS)) \
         $(addprefix examples-,$(LUA_VERSIONS)) \
         $(addprefix copas-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
@@ -156,9 +156,11 @@ lint:
 	luacheck --quiet lua spec examples bench
 	lua5.4 scripts/check-indent.lua $$(git ls-files '*.lua')
 
+# bgworker-util's tests include the ABI layout test, which compiles
+# spec/native/abi_layout.c against include/bgworker.h (and so lua.h).
 cargo-test:
 	$(CARGO) test --quiet -p bgworker
-	$(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
+	BGWORKER_LUA_INCDIR=$(call lua_incdir,5.4) $(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
 	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
 
 specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
@@ -187,6 +189,15 @@ nginx-test: build-jit
 leakcheck: setup build-5.4 copas-5.4
 	$(call with_copas4,5.4,BGWORKER_SMALL=1 valgrind --quiet --leak-check=full \
 	  --errors-for-leak-kinds=definite$(comma)indirect --error-exitcode=1 --num-callers=40 lua5.4 /usr/bin/busted spec)
+
+# 2-3 minutes of 4 producers into a bounded queue: exactly once and in order,
+# stats consistent, RSS sampled (spec/reliability/soak.lua). Not in `make
+# test`; its last figures are in bench/README.md ("Soak").
+SOAK_LUA ?= 5.4
+SOAK_SECONDS ?= 150
+
+soak: setup build-$(SOAK_LUA)
+	$(call with_lua,$(SOAK_LUA),SOAK_SECONDS=$(SOAK_SECONDS) $(call lua_bin,$(SOAK_LUA)) spec/reliability/soak.lua)
 
 # ---------------------------------------------------------------------------
 # Benchmarks (bench/README.md)

@@ -35,6 +35,29 @@
  *   metamethod): bgworker cannot keep another library's code mapped.
  *   bgworker keeps its own code loaded for the life of the process, so a
  *   handle stays usable after `lua_close`.
+ *
+ * Handles
+ *   A handle is released exactly once and not used afterwards. Doing either
+ *   is a bug in the caller; bgworker notices it while the handle's memory
+ *   has not been handed to a later `acquire` (at least 64 later releases),
+ *   writes one line to stderr for the first such misuse in the process, and
+ *   ignores it: a second release does nothing, and deliver or call with a
+ *   released handle returns BGW_INVALID and frees `data`. A stale handle
+ *   never points into freed memory, but once recycled it is live again for
+ *   its new holder, and the misuse then goes unseen.
+ *
+ * fork()
+ *   A dispatcher's run belongs to the process that started it. In a child
+ *   made by fork() (through the C library) the inherited run is not
+ *   running: bgworker never signals, locks or frees anything of it there,
+ *   and forgets it when the child stops it, starts its own, or closes the
+ *   Lua state (which never blocks). A handle acquired before the fork works
+ *   in the child as in a new process: deliver and call return BGW_CLOSED
+ *   (and free `data`) until the child starts its own run, and then go to
+ *   it. set_capacity returns BGW_CLOSED while the inherited run is there.
+ *   The parent keeps its run as if nothing happened. Threads do not survive
+ *   fork(): a utility library restarts its own in the child, and must not
+ *   find its own locks held there (pthread_atfork).
  */
 #ifndef BGWORKER_H
 #define BGWORKER_H
@@ -60,7 +83,8 @@ enum bgw_status {
     BGW_FULL = 1,      /* bounded queue full and timeout_ms was BGW_NOWAIT */
     BGW_CLOSED = 2,    /* the dispatcher is stopped, or the Lua state is closed */
     BGW_TIMEOUT = 3,   /* no room in time (deliver, call), or no reply in time (call) */
-    BGW_INVALID = 4,   /* NULL handle, NULL decode; for call: NULL result or BGW_NOWAIT */
+    BGW_INVALID = 4,   /* NULL or released handle, NULL decode; for call: NULL result or
+                          BGW_NOWAIT; for set_capacity: above BGW_MAX_CAPACITY */
     BGW_CANCELLED = 5, /* call only: the item was cancelled before its callback ran to the end */
     BGW_ERROR = 6      /* call only: decode, the callback or result raised a Lua error */
 };
@@ -68,6 +92,11 @@ enum bgw_status {
 /* Values for timeout_ms. Any positive value waits at most that many milliseconds. */
 #define BGW_NOWAIT 0
 #define BGW_FOREVER (-1)
+
+/* The largest bound set_capacity accepts (2^31 - 1), as Lua's core.capacity
+ * and opts.capacity do: far beyond any queue that fits in memory, and what
+ * every Lua version holds as an exact integer. */
+#define BGW_MAX_CAPACITY 2147483647
 
 /* A counted reference to one Lua state's helper instance. Opaque. */
 typedef struct bgw_handle bgw_handle;
@@ -103,7 +132,8 @@ typedef struct bgw_api {
     bgw_handle *(*acquire)(lua_State *L);
 
     /* (any thread) Give a handle back. NULL is ignored. Each handle is
-     * released exactly once; it must not be used afterwards. */
+     * released exactly once; it must not be used afterwards (see "Handles"
+     * above for what happens when it is). */
     void (*release)(bgw_handle *handle);
 
     /* (any thread) Queue one item. `data` belongs to the helper from this
@@ -138,8 +168,11 @@ typedef struct bgw_api {
      * (stop clears the bound). Lua's core.capacity and start's
      * opts.capacity change the same setting. Producers waiting for room see
      * the new bound at once; a bound below the items queued makes producers
-     * wait until the reader took the excess. Returns BGW_OK, or BGW_CLOSED
-     * when L has no open instance. */
+     * wait until the reader took the excess. Returns BGW_OK; BGW_INVALID
+     * for a capacity above BGW_MAX_CAPACITY (a negative number converted to
+     * size_t, say), and the setting stays as it was; BGW_CLOSED when L has
+     * no open instance, or in a forked child that has not yet stopped the
+     * run it inherited (see "fork()" above). */
     int (*set_capacity)(lua_State *L, size_t capacity);
 
     /* Cancellation (appended members: bgw_api_get checks `size`).

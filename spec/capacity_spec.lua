@@ -67,11 +67,41 @@ describe("the queue's capacity", function()
   end)
 
   it("refuses a bad capacity, naming it", function()
-    for _, bad in ipairs { -1, 1.5, "x", true, 2 ^ 40 } do
+    for _, bad in ipairs { -1, 1.5, "x", true, 2 ^ 31, 2 ^ 40 } do
       local ok, err = pcall(core.capacity, bad)
       assert.is_false(ok)
-      assert.matches("capacity must be an integer", err, 1, true)
+      assert.matches("capacity must be an integer in 0..2147483647", err, 1, true)
     end
     assert.is_nil(core.capacity())
+  end)
+
+  -- bgworker.h: BGW_MAX_CAPACITY, the same range as core.capacity's.
+  local MAX = 2 ^ 31 - 1
+
+  it("refuses a bound above BGW_MAX_CAPACITY from C with BGW_INVALID and keeps the one set", function()
+    assert.equal("BGW_OK", testutil.set_capacity(3))
+    -- -1 is SIZE_MAX once converted to size_t, -2^63 is 2^63.
+    for _, huge in ipairs { MAX + 1, -1, -2 ^ 63 } do
+      assert.equal("BGW_INVALID", testutil.set_capacity(huge), huge)
+      assert.equal(3, core.capacity())
+    end
+    assert.same(support.codes { BGW_OK = 3, BGW_FULL = 1 },
+      support.join(support.produce { items = 4, timeout = testutil.NOWAIT, callback = noop }))
+    assert.equal(3, support.drain())
+  end)
+
+  it("takes the largest bound from C and from Lua, and it bounds nothing in practice", function()
+    assert.equal("BGW_OK", testutil.set_capacity(MAX))
+    assert.equal(MAX, core.capacity())
+    assert.same(support.codes { BGW_OK = 100 },
+      support.join(support.produce { items = 100, timeout = testutil.NOWAIT, callback = noop }))
+    assert.equal(MAX, core.capacity(MAX))
+    assert.equal(100, support.drain())
+    core.stop()
+    reader:close()
+    reader = support.start_core { capacity = MAX }
+    assert.equal(MAX, core.capacity())
+    assert.same(support.codes { BGW_OK = 10 },
+      support.join(support.produce { items = 10, timeout = testutil.NOWAIT, callback = noop }))
   end)
 end)

@@ -279,6 +279,39 @@ describe("bgworker.copas", function()
     end)
   end)
 
+  it("belongs to the process that started it: a forked child's reader ends without reading", function()
+    -- In a new interpreter: a wake-up is waiting on the socket when the
+    -- parent forks; each child steps Copas, whose inherited reader must end
+    -- (naming fork()) rather than read it, or the parent never wakes.
+    local status, out = support.run_lua [[
+      local copas = require "copas"
+      local bgworker = require "bgworker"
+      local testutil = require "bgworker_testutil"
+      local errors = {}
+      local d = bgworker.new { loop = "copas", errorhandler = function(e) errors[#errors + 1] = tostring(e) end }
+      local count = 0
+      local job = testutil.produce { producers = 2, items = 2000, callback = function() count = count + 1 end }
+      require("socket").sleep(0.05)
+      for _ = 1, 3 do
+        local pid = testutil.fork()
+        if pid == 0 then
+          for _ = 1, 20 do copas.step(0.01) end
+          local ok = d.stopped and count == 0 and #errors == 1 and errors[1]:find("fork()", 1, true)
+          if not ok then io.stderr:write("child: ", tostring(errors[1]), "\n") end
+          testutil._exit(ok and 0 or 1)
+        end
+        assert(testutil.waitpid(pid, 20) == 0, "a child failed or hung")
+      end
+      local deadline = os.time() + 20
+      while count < 4000 and os.time() < deadline do copas.step(0.01) end
+      testutil.join(job)
+      d:stop()
+      io.write("parent got ", count, " errors ", #errors)
+    ]]
+    assert.equals(0, status, out)
+    assert.equals("parent got 4000 errors 0", out)
+  end)
+
   it("refuses dispatch and wait, which Copas does", function()
     d = bgworker.copas()
     assert.has_error(function() d:dispatch() end,

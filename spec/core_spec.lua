@@ -165,6 +165,24 @@ describe("bgworker.core", function()
       assert.equal(0, d.rejected + d.cancelled + d.errors + d.wake_errors)
     end)
 
+    it("counts the lag from a wake-up to the drain that answered it", function()
+      start()
+      join(produce { items = 2, callback = function() end })
+      socket.sleep(0.05) -- the reader is late
+      assert.equal(2, drain())
+      local s = core.stats()
+      assert.is_true(s.lag_last_ns >= 40e6, "lag " .. s.lag_last_ns)
+      assert.equal(s.lag_last_ns, s.lag_max_ns)
+      join(produce { items = 1, callback = function() end })
+      assert.is_true(wait_wake(5))
+      assert.equal(1, drain())
+      s = core.stats()
+      assert.is_true(s.lag_last_ns < s.lag_max_ns, "a prompt drain lowers the last lag only")
+      core.stop()
+      start()
+      assert.equal(0, core.stats().lag_max_ns, "each run counts its own")
+    end)
+
     it("publishes the C API in the registry", function()
       local api = testutil.api()
       assert.equal(1, api.version)
@@ -184,6 +202,102 @@ describe("bgworker.core", function()
       foreign:close()
       core.wake() -- the socket itself still works
       assert.is_true(wait_wake(5))
+    end)
+  end)
+
+  describe("runs and guards", function()
+    it("names each run with an id of its own, and none when stopped", function()
+      assert.is_nil(core.run())
+      start()
+      local first = core.run()
+      assert.equal("number", type(first))
+      assert.equal(first, core.run())
+      core.stop()
+      assert.is_nil(core.run())
+      core.start_fd()
+      local second = core.run()
+      assert.is_true(second ~= nil and second ~= first)
+    end)
+
+    it("stops the run when its guard is collected: items cancelled and freed, descriptor closed", function()
+      local fd = core.start_fd()
+      local run = core.run()
+      join(produce { items = 5, callback = function() error("a cancelled item ran") end })
+      assert.equal(5, core.pending())
+      local before = core.stats()
+      local held = { core.guard() }
+      assert.equal("userdata", type(held[1]))
+      assert.is_true(testutil.fd_open(fd))
+      held[1] = nil
+      collectgarbage()
+      collectgarbage()
+      assert.is_false(core.running())
+      assert.is_nil(core.run())
+      assert.is_false(testutil.fd_open(fd), "the descriptor stayed open")
+      assert.equal(5, stats_delta(before).cancelled)
+      assert.equal(0, counters().decodes)
+      assert_all_freed()
+      -- Stopped as core.stop() would: later delivers are refused, a new start works.
+      assert.same(codes { BGW_CLOSED = 1 }, join(produce { items = 1, callback = function() end }))
+      start()
+      assert.is_true(core.run() ~= run)
+    end)
+
+    it("leaves a newer run alone when the guard of an older one is collected", function()
+      start()
+      local held = { old = core.guard() }
+      core.stop()
+      start()
+      local run = core.run()
+      local current = core.guard()
+      assert.are_not.equal(current, held.old)
+      held.old = nil
+      collectgarbage()
+      collectgarbage()
+      assert.is_true(core.running())
+      assert.equal(run, core.run())
+      assert.is_not_nil(current)
+      local got = 0
+      join(produce { items = 3, callback = function() got = got + 1 end })
+      assert.is_true(pump_until(function() return got == 3 end))
+    end)
+
+    it("makes a guard of no run when stopped, which stops nothing later", function()
+      local held = { core.guard() }
+      start()
+      assert.equal("userdata", type(held[1]))
+      held[1] = nil
+      collectgarbage()
+      collectgarbage()
+      assert.is_true(core.running())
+    end)
+  end)
+
+  describe("handle misuse", function()
+    -- In a new interpreter, to see its stderr: a handle released, then used
+    -- to deliver and to call, then released again.
+    it("refuses a released handle (BGW_INVALID, data freed), ignores a second release, says so once", function()
+      local status, output = support.run_lua [[
+        local core = require "bgworker.core"
+        local socket = require "socket"
+        local testutil = require "bgworker_testutil"
+        local reader = assert(socket.udp())
+        assert(reader:setsockname("127.0.0.1", 0))
+        core.start(tonumber((select(2, reader:getsockname()))))
+        local handle = testutil.acquire()
+        testutil.release(handle)
+        local counts = testutil.join(testutil.produce { handle = handle, items = 3, callback = print })
+        local call = testutil.join(testutil.call { handle = handle, callback = print })
+        testutil.release(handle)
+        local c = testutil.counters()
+        print(("invalid %d, call %s, allocated %d, freed %d, double frees %d, pending %d"):format(
+          counts.BGW_INVALID, call.code, c.allocated, c.freed, c.double_frees, core.pending()))
+        testutil.reset()
+      ]]
+      assert.equal(0, status, output)
+      assert.matches("invalid 3, call BGW_INVALID, allocated 4, freed 4, double frees 0, pending 0", output, 1, true)
+      local _, reports = output:gsub("already released: a bug in the caller", "")
+      assert.equal(1, reports, output)
     end)
   end)
 

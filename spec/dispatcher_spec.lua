@@ -381,6 +381,50 @@ describe("bgworker", function()
     end)
   end)
 
+  describe("after fork()", function()
+    -- In a new interpreter: the parent forks children while two producers
+    -- deliver; each child finds its inherited dispatcher refusing (naming
+    -- fork()), starts its own and gets its own item; the parent gets every
+    -- one of its items.
+    for _, kind in ipairs { "udp", "eventfd" } do
+      it("belongs to the process that started it (" .. kind .. ")", function()
+        local status, out = support.run_lua(([[
+          local bgworker = require "bgworker"
+          local testutil = require "bgworker_testutil"
+          local d = bgworker.new { kind = %q }
+          local count = 0
+          local job = testutil.produce { producers = 2, items = 2000, callback = function()
+            count = count + 1
+          end }
+          for _ = 1, 5 do
+            local pid = testutil.fork()
+            if pid == 0 then
+              local ok = pcall(function()
+                for _, method in ipairs { "dispatch", "wait" } do
+                  local refused, err = pcall(d[method], d, 1)
+                  assert(not refused, method .. " worked in the child")
+                  assert(tostring(err):find("fork()", 1, true), err)
+                end
+                local mine = bgworker.new { kind = %q }
+                local got = false
+                testutil.produce { items = 1, callback = function() got = true end }
+                assert(mine:wait(5) == 1 and got, "the child's own dispatcher got nothing")
+                mine:stop()
+              end)
+              testutil._exit(ok and 0 or 1)
+            end
+            assert(testutil.waitpid(pid, 20) == 0, "a child failed or hung")
+          end
+          while count < 4000 do assert(d:wait(5) > 0, "stalled at " .. count) end
+          testutil.join(job)
+          io.write("parent got ", count)
+        ]]):format(kind, kind))
+        assert.equals(0, status, out)
+        assert.equals("parent got 4000", out)
+      end)
+    end
+  end)
+
   describe("refuses", function()
     local function refuses(pattern, f, ...)
       local ok, err = pcall(f, ...)

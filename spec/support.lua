@@ -256,15 +256,19 @@ function support.fresh_state(code, timeout)
 end
 
 --- Run `script` in a new interpreter (BGWORKER_LUA, which make specs-* sets),
--- stderr with stdout. Returns its exit status and its output.
-function support.run_lua(script)
+-- stderr with stdout. Returns its exit status and its output. An
+-- interpreter still running after `timeout` seconds (120) is killed: status
+-- 124 (or 137).
+function support.run_lua(script, timeout, prefix)
   local lua = os.getenv("BGWORKER_LUA")
   luassert.is_string(lua, "BGWORKER_LUA names the interpreter (set by make specs-*)")
   local path = os.tmpname()
   local file = assert(io.open(path, "w"))
   file:write(script)
   file:close()
-  local pipe = assert(io.popen(lua .. " " .. path .. " 2>&1; echo \"exit:$?\""))
+  local command = ("timeout -k 5 %d %s%s %s 2>&1; echo \"exit:$?\""):format(timeout or 120,
+    prefix and prefix .. " " or "", lua, path)
+  local pipe = assert(io.popen(command))
   local output = pipe:read("*a")
   pipe:close()
   os.remove(path)

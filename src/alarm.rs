@@ -9,10 +9,15 @@
 //!
 //! # Invariants
 //!
-//! - One thread per process serves every instance's alarm, started on the
-//!   first alarm and never busy: it sleeps on a condition variable until the
-//!   earliest alarm is due, or for ever when there is none (no system calls
-//!   while idle).
+//! - One clock per process, with one thread that serves every instance's
+//!   alarm. The thread starts on the first alarm and is never busy: it
+//!   sleeps on a condition variable until the earliest alarm is due, or for
+//!   ever when there is none (no system calls while idle).
+//! - A forked child has no thread of its parent's, and the parent's clock
+//!   may be locked by the parent's thread for good: a child never touches
+//!   it (fork.rs), and makes a clock of its own on its first alarm. A key
+//!   tells which clock it belongs to, so cancelling a parent's key in the
+//!   child does nothing.
 //! - An alarm holds only a `Weak` reference: an instance that is gone is
 //!   skipped, never kept alive by its alarm.
 //! - The clock's lock is never held while a wake-up is sent, so a slow
@@ -23,74 +28,112 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::Instant;
 
+use crate::fork;
 use crate::instance::Shared;
 
-/// Identifies one alarm: its due time, then a number that tells apart two
-/// alarms due at the same instant.
+/// Identifies one alarm: its clock's fork generation, its due time, then a
+/// number that tells apart two alarms due at the same instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     due: Instant,
     serial: u64,
+    generation: u64,
+}
+
+struct Clock {
+    /// The fork generation of the process this clock serves.
+    generation: u64,
+    alarms: Mutex<Alarms>,
+    changed: Condvar,
 }
 
 #[derive(Default)]
-struct Clock {
-    alarms: BTreeMap<Key, Weak<Shared>>,
+struct Alarms {
+    due: BTreeMap<Key, Weak<Shared>>,
     next_serial: u64,
-    started: bool,
 }
 
-static CLOCK: Mutex<Clock> = Mutex::new(Clock { alarms: BTreeMap::new(), next_serial: 0, started: false });
-static CHANGED: Condvar = Condvar::new();
+/// This process's clock, once made; a child's first alarm replaces the
+/// parent's (leaked: it may be locked for good). Only touched inside
+/// `fork::quiet`, so no fork ever finds it locked.
+static CURRENT: Mutex<Option<&'static Clock>> = Mutex::new(None);
 
-fn clock() -> MutexGuard<'static, Clock> {
-    // The clock is a plain map: consistent even if a holder panicked.
-    CLOCK.lock().unwrap_or_else(|e| e.into_inner())
+fn current() -> MutexGuard<'static, Option<&'static Clock>> {
+    CURRENT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Clock {
+    fn alarms(&self) -> MutexGuard<'_, Alarms> {
+        // A plain map: consistent even if a holder panicked.
+        self.alarms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The clock's thread: rings each alarm when due.
+    fn ring(&'static self) {
+        let mut alarms = self.alarms();
+        loop {
+            let Some((&key, _)) = alarms.due.iter().next() else {
+                alarms = self.changed.wait(alarms).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            let now = Instant::now();
+            if key.due > now {
+                alarms = self.changed.wait_timeout(alarms, key.due - now).unwrap_or_else(|e| e.into_inner()).0;
+                continue;
+            }
+            let shared = alarms.due.remove(&key).and_then(|weak| weak.upgrade());
+            drop(alarms);
+            if let Some(shared) = shared {
+                shared.wake();
+            }
+            alarms = self.alarms();
+        }
+    }
+}
+
+/// This process's clock, made (with its thread) on first use; `None` when
+/// no thread could be started.
+fn clock() -> Option<&'static Clock> {
+    let generation = fork::generation();
+    fork::quiet(|| {
+        let mut current = current();
+        if let Some(clock) = *current {
+            if clock.generation == generation {
+                return Some(clock);
+            }
+        }
+        let clock: &'static Clock =
+            Box::leak(Box::new(Clock { generation, alarms: Mutex::new(Alarms::default()), changed: Condvar::new() }));
+        thread::Builder::new().name("bgworker-alarm".into()).spawn(move || clock.ring()).ok()?;
+        *current = Some(clock);
+        Some(clock)
+    })
 }
 
 /// Ring `shared`'s signal at `due`. Returns the key to cancel it with, or
 /// `None` when no thread could be started (the alarm is then not set).
 pub fn set(shared: &Arc<Shared>, due: Instant) -> Option<Key> {
-    let mut clock = clock();
-    if !clock.started {
-        thread::Builder::new().name("bgworker-alarm".into()).spawn(ring).ok()?;
-        clock.started = true;
-    }
-    let key = Key { due, serial: clock.next_serial };
-    clock.next_serial += 1;
-    let earliest = clock.alarms.keys().next().is_none_or(|first| key < *first);
-    clock.alarms.insert(key, Arc::downgrade(shared));
-    drop(clock);
+    let clock = clock()?;
+    let mut alarms = clock.alarms();
+    let key = Key { due, serial: alarms.next_serial, generation: clock.generation };
+    alarms.next_serial += 1;
+    let earliest = alarms.due.keys().next().is_none_or(|first| key < *first);
+    alarms.due.insert(key, Arc::downgrade(shared));
+    drop(alarms);
     if earliest {
-        CHANGED.notify_one();
+        clock.changed.notify_one();
     }
     Some(key)
 }
 
-/// Forget an alarm (rung or not).
+/// Forget an alarm (rung or not). A key of a parent process is ignored.
 pub fn cancel(key: Key) {
-    clock().alarms.remove(&key);
-}
-
-/// The alarm thread's body.
-fn ring() {
-    let mut clock = clock();
-    loop {
-        let Some((&key, _)) = clock.alarms.iter().next() else {
-            clock = CHANGED.wait(clock).unwrap_or_else(|e| e.into_inner());
-            continue;
-        };
-        let now = Instant::now();
-        if key.due > now {
-            clock = CHANGED.wait_timeout(clock, key.due - now).unwrap_or_else(|e| e.into_inner()).0;
-            continue;
-        }
-        let shared = clock.alarms.remove(&key).and_then(|weak| weak.upgrade());
-        drop(clock);
-        if let Some(shared) = shared {
-            shared.wake();
-        }
-        clock = self::clock();
+    if key.generation != fork::generation() {
+        return;
+    }
+    let clock = fork::quiet(|| *current());
+    if let Some(clock) = clock.filter(|clock| clock.generation == key.generation) {
+        clock.alarms().due.remove(&key);
     }
 }
 

@@ -1,21 +1,27 @@
 //! The thread-safe half of the C contract (`include/bgworker.h`): what a
-//! utility library's threads call. `acquire` needs a Lua state and lives
-//! with the Lua binding.
+//! utility library's threads call. `acquire` and `set_capacity` need a Lua
+//! state and live with the Lua binding.
 //!
-//! A `bgw_handle *` is an `Arc<Shared>` turned into a raw pointer: each
-//! handle is one strong count, so the producers' side outlives the Lua
-//! state for as long as a handle is held, and a deliver after the state
-//! closed finds no route and returns `BGW_CLOSED`.
+//! A `bgw_handle *` is the address of a [`HandleBox`] (`handle.rs`) that
+//! holds one strong count of an `Arc<Shared>`, so the producers' side
+//! outlives the Lua state for as long as a handle is held, and a deliver
+//! after the state closed finds no route and returns `BGW_CLOSED`. A
+//! released box reads "released": a call with it, or a second release, is
+//! reported once on stderr and refused (`BGW_INVALID`, data freed).
+//!
+//! Every entry point wraps `data` in a [`Payload`] before anything else, so
+//! it is freed on every path that does not queue it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use crate::handle::HandleBox;
 use crate::instance::Shared;
-use crate::item::{free_payload, DecodeFn, FreeFn, Item, ResultFn};
-use crate::room::Wait;
+use crate::item::{DecodeFn, FreeFn, Item, Payload, ResultFn};
 use crate::status::Status;
 use crate::token::Token;
+use crate::wait::Wait;
 
 /// `bgw_handle`: opaque to C.
 #[repr(C)]
@@ -82,52 +88,113 @@ pub unsafe extern "C" fn token_release(token: *mut TokenRef) {
 
 pub const API_VERSION: c_uint = 1;
 
-/// A new handle: one more strong count on `shared`.
+/// A new handle: one more strong count on `shared`, in a box.
 pub fn new_handle(shared: &Arc<Shared>) -> *mut Handle {
-    Arc::into_raw(shared.clone()) as *mut Handle
+    let boxed: *const HandleBox = HandleBox::new(Arc::into_raw(shared.clone()));
+    boxed.cast_mut().cast()
 }
 
-/// Borrow the shared side behind a handle, or `None` for NULL.
+/// The box of a non-NULL handle.
 ///
 /// # Safety
-/// `handle` is NULL or a handle from `new_handle` not yet released.
-unsafe fn shared<'a>(handle: *mut Handle) -> Option<&'a Shared> {
-    // SAFETY: a live handle is a leaked strong count, so the `Shared` is alive.
-    unsafe { (handle as *const Shared).as_ref() }
+/// `handle` is NULL or came from `new_handle`: boxes are never freed.
+unsafe fn handle_box(handle: *mut Handle) -> Option<&'static HandleBox> {
+    unsafe { (handle as *const HandleBox).as_ref() }
+}
+
+/// Say once per process, on stderr, that a released handle was used. A
+/// plain `write(2)`: std's stderr lock could be held by a thread that a
+/// forked child does not have.
+fn report_misuse(function: &str) {
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    if REPORTED.swap(true, Relaxed) {
+        return;
+    }
+    let message = format!(
+        "bgworker: bgw_api.{function} was called with a handle that was already released: a bug in the caller \
+         (bgworker.h, bgw_api.release); the call was refused. Later misuse is not reported.\n"
+    );
+    // SAFETY: writes from our buffer to the standard error descriptor.
+    unsafe { libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len()) };
+}
+
+/// The producers' side behind a handle: `None` for NULL, and for a
+/// released handle, which is reported.
+///
+/// # Safety
+/// As for `handle_box`.
+unsafe fn resolve<'a>(handle: *mut Handle, function: &str) -> Option<&'a Shared> {
+    let boxed = unsafe { handle_box(handle) }?;
+    match boxed.target() {
+        // SAFETY: a live box holds a strong count, so the `Shared` is alive.
+        Some(target) => Some(unsafe { &*target }),
+        None => {
+            report_misuse(function);
+            None
+        }
+    }
 }
 
 /// # Safety
-/// `handle` is NULL or a live handle, released this once.
+/// `handle` is NULL or came from `new_handle`.
 pub unsafe extern "C" fn release(handle: *mut Handle) {
-    if !handle.is_null() {
-        // SAFETY: the contract releases each handle from `new_handle` once.
-        drop(unsafe { Arc::from_raw(handle as *const Shared) });
+    let Some(boxed) = (unsafe { handle_box(handle) }) else {
+        return;
+    };
+    match boxed.release() {
+        // SAFETY: the box held this strong count; its first release hands it back.
+        Some(target) => drop(unsafe { Arc::from_raw(target) }),
+        None => report_misuse("release"),
     }
 }
 
-/// Refuse a call with invalid arguments: free the data (the contract takes
-/// it whatever happens) and count the rejection where there is an instance.
+/// What a C entry point asks for.
+#[derive(Clone, Copy)]
+enum Kind {
+    Deliver,
+    /// A round trip, with its `result` (NULL is invalid).
+    Call(Option<ResultFn>),
+}
+
+/// Both entry points: check the arguments, make the item, queue it (and
+/// for a round trip wait for the reply). An invalid call frees the data and
+/// is counted as rejected where there is an instance.
 ///
 /// # Safety
-/// As for `free_payload`.
-unsafe fn invalid(shared: Option<&Shared>, data: *mut c_void, free_data: Option<FreeFn>) -> c_int {
-    unsafe { free_payload(data, free_data) };
-    if let Some(shared) = shared {
-        shared.note_rejected();
-    }
-    Status::Invalid.code()
-}
-
-fn wait_for(timeout_ms: c_int) -> Wait {
-    match timeout_ms {
-        0 => Wait::No,
-        t if t < 0 => Wait::Forever,
-        t => Wait::Until(Instant::now() + Duration::from_millis(t as u64)),
+/// As for `handle_box`.
+unsafe fn submit(
+    handle: *mut Handle,
+    kind: Kind,
+    decode: Option<DecodeFn>,
+    payload: Payload,
+    timeout_ms: c_int,
+) -> c_int {
+    let function = match kind {
+        Kind::Deliver => "deliver",
+        Kind::Call(_) => "call",
+    };
+    let shared = unsafe { resolve(handle, function) };
+    let wait = Wait::from_timeout_ms(timeout_ms);
+    let result = match kind {
+        Kind::Deliver => Ok(None),
+        // A round trip always waits for its reply: "do not wait" means nothing there.
+        Kind::Call(Some(result)) if wait != Wait::No => Ok(Some(result)),
+        Kind::Call(_) => Err(()),
+    };
+    match (shared, decode, result) {
+        (Some(shared), Some(decode), Ok(result)) => shared.submit(Item::new(decode, payload, result), wait).code(),
+        (shared, ..) => {
+            drop(payload);
+            if let Some(shared) = shared {
+                shared.note_rejected();
+            }
+            Status::Invalid.code()
+        }
     }
 }
 
 /// # Safety
-/// `handle` is NULL or a live handle; `data` is the caller's to give away.
+/// `handle` is NULL or came from `new_handle`; `data` is the caller's to give away.
 pub unsafe extern "C" fn deliver(
     handle: *mut Handle,
     decode: Option<DecodeFn>,
@@ -135,12 +202,7 @@ pub unsafe extern "C" fn deliver(
     free_data: Option<FreeFn>,
     timeout_ms: c_int,
 ) -> c_int {
-    // SAFETY: the caller holds the handle (contract).
-    let shared = unsafe { shared(handle) };
-    let (Some(shared), Some(decode)) = (shared, decode) else {
-        return unsafe { invalid(shared, data, free_data) };
-    };
-    shared.deliver(Item::new(decode, data, free_data, None), wait_for(timeout_ms)).code()
+    unsafe { submit(handle, Kind::Deliver, decode, Payload::new(data, free_data), timeout_ms) }
 }
 
 /// # Safety
@@ -153,30 +215,18 @@ pub unsafe extern "C" fn call(
     free_data: Option<FreeFn>,
     timeout_ms: c_int,
 ) -> c_int {
-    // SAFETY: the caller holds the handle (contract).
-    let shared = unsafe { shared(handle) };
-    let deadline = match wait_for(timeout_ms) {
-        Wait::Forever => None,
-        Wait::Until(deadline) => Some(deadline),
-        // A round trip always waits for its reply; "do not wait" has no meaning here.
-        Wait::No => return unsafe { invalid(shared, data, free_data) },
-    };
-    let (Some(shared), Some(decode), Some(result)) = (shared, decode, result) else {
-        return unsafe { invalid(shared, data, free_data) };
-    };
-    shared.call(decode, result, data, free_data, deadline).code()
+    unsafe { submit(handle, Kind::Call(result), decode, Payload::new(data, free_data), timeout_ms) }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::instance::Instance;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
-    static FREED: AtomicUsize = AtomicUsize::new(0);
-
-    unsafe extern "C" fn count_free(_data: *mut c_void) {
-        FREED.fetch_add(1, SeqCst);
+    /// Tests run in parallel: each frees into the counter its data points to.
+    unsafe extern "C" fn count_free(data: *mut c_void) {
+        unsafe { &*(data as *const AtomicUsize) }.fetch_add(1, SeqCst);
     }
 
     unsafe extern "C-unwind" fn decode(_state: *mut c_void, _data: *mut c_void) -> c_int {
@@ -189,18 +239,19 @@ mod tests {
     fn invalid_arguments_free_the_data_and_say_so() {
         let instance = Instance::default();
         let handle = new_handle(instance.shared());
-        let before = FREED.load(SeqCst);
+        let freed = AtomicUsize::new(0);
+        let data = &freed as *const AtomicUsize as *mut c_void;
         let invalid = Status::Invalid.code();
         let null: *mut c_void = std::ptr::null_mut();
         // SAFETY: `handle` is live until released at the end; NULL is allowed.
         unsafe {
-            assert_eq!(deliver(null.cast(), Some(decode), null, Some(count_free), 0), invalid);
-            assert_eq!(deliver(handle, None, null, Some(count_free), 0), invalid);
-            assert_eq!(call(handle, Some(decode), None, null, Some(count_free), -1), invalid);
-            assert_eq!(call(handle, Some(decode), Some(result), null, Some(count_free), 0), invalid);
+            assert_eq!(deliver(null.cast(), Some(decode), data, Some(count_free), 0), invalid);
+            assert_eq!(deliver(handle, None, data, Some(count_free), 0), invalid);
+            assert_eq!(call(handle, Some(decode), None, data, Some(count_free), -1), invalid);
+            assert_eq!(call(handle, Some(decode), Some(result), data, Some(count_free), 0), invalid);
             // Not started: refused, and still freed.
-            assert_eq!(deliver(handle, Some(decode), null, Some(count_free), 0), Status::Closed.code());
-            assert_eq!(FREED.load(SeqCst) - before, 5);
+            assert_eq!(deliver(handle, Some(decode), data, Some(count_free), 0), Status::Closed.code());
+            assert_eq!(freed.load(SeqCst), 5);
             release(handle);
             release(null.cast());
         }
@@ -222,6 +273,25 @@ mod tests {
             token_release(std::ptr::null_mut());
         }
         assert_eq!(Arc::strong_count(&token), 1);
+    }
+
+    #[test]
+    fn a_released_handle_is_refused_its_data_freed_and_a_second_release_ignored() {
+        let instance = Instance::default();
+        let handle = new_handle(instance.shared());
+        assert_eq!(Arc::strong_count(instance.shared()), 2);
+        let freed = AtomicUsize::new(0);
+        let data = &freed as *const AtomicUsize as *mut c_void;
+        // SAFETY: the misuse under test; the box stays valid memory.
+        unsafe {
+            release(handle);
+            assert_eq!(Arc::strong_count(instance.shared()), 1);
+            assert_eq!(deliver(handle, Some(decode), data, Some(count_free), -1), Status::Invalid.code());
+            assert_eq!(call(handle, Some(decode), Some(result), data, Some(count_free), -1), Status::Invalid.code());
+            release(handle);
+        }
+        assert_eq!(freed.load(SeqCst), 2);
+        assert_eq!(Arc::strong_count(instance.shared()), 1, "the second release took a count it did not hold");
     }
 
     #[test]

@@ -16,20 +16,41 @@
 //!   are handed back out of the locked scope and dropped there.
 //! - `delivered` is not counted on the hot path: every accepted item is
 //!   later polled, cancelled, or still pending, so it is their sum.
+//!
+//! # fork()
+//!
+//! A run belongs to the process that started it (`fork.rs`). A `Shared`
+//! and a run record the fork generation they were made in. In a forked
+//! child:
+//!
+//! - the inherited run is not running: the instance never touches it (no
+//!   lock, no signal, no free), and forgets it at `stop`, `start` or
+//!   `close`, leaving its memory and the child's copies of its descriptors
+//!   alone;
+//! - an inherited `Shared` forwards to a *successor* made in the child, and
+//!   handles resolve through it (`Shared::current`): they get `Closed`
+//!   until the child starts its own run, which goes to the successor. The
+//!   inherited `Shared` is never locked, and its route is never dropped.
+//!
+//! The loom models at the bottom check the route against stop, start and a
+//! bound that changes while producers wait.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::alarm;
-use crate::item::{DecodeFn, FreeFn, Item, ResultFn, RoundTrip};
-use crate::reply::Reply;
-use crate::room::{Room, Wait};
+use crate::fork;
+use crate::item::Item;
+use crate::lag::{Lag, Stamp};
+use crate::room::{Room, MAX_CAPACITY};
 use crate::signal::Signal;
 use crate::status::Status;
+use crate::sync::{RwLock, RwLockReadGuard};
+use crate::wait::Wait;
 use crate::wake::WakeFlag;
 
 /// What producers need while the instance is started.
@@ -39,28 +60,69 @@ struct Route {
     room: Option<Arc<Room>>,
 }
 
-/// The producers' side, shared by the Lua state and every handle.
-#[derive(Default)]
+/// The producers' side of one process, shared by the Lua state and every
+/// handle.
 pub struct Shared {
     route: RwLock<Option<Route>>,
     wake: WakeFlag,
+    /// When the signal was last raised, for the reader's lag.
+    raised: Stamp,
     rejected: AtomicU64,
     wakeups: AtomicU64,
     wake_errors: AtomicU64,
+    /// The fork generation this was made in.
+    generation: u64,
+    /// In a forked child: the child's own `Shared`, which this forwards to.
+    successor: OnceLock<Arc<Shared>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            route: RwLock::default(),
+            wake: WakeFlag::default(),
+            raised: Stamp::default(),
+            rejected: AtomicU64::default(),
+            wakeups: AtomicU64::default(),
+            wake_errors: AtomicU64::default(),
+            generation: fork::generation(),
+            successor: OnceLock::new(),
+        }
+    }
 }
 
 impl Shared {
+    /// This process's producers' side: `self`, or in a forked child the
+    /// successor made there (see "fork()" above).
+    pub fn current(&self) -> &Shared {
+        if self.generation == fork::generation() {
+            return self;
+        }
+        let successor = match self.successor.get() {
+            Some(successor) => successor,
+            None => fork::quiet(|| self.successor.get_or_init(Arc::default)),
+        };
+        successor.current()
+    }
+
     fn route(&self) -> RwLockReadGuard<'_, Option<Route>> {
         self.route.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `item`. The item is consumed whatever the outcome: a rejected
+    fn set_route(&self, route: Option<Route>) -> Option<Route> {
+        std::mem::replace(&mut *self.route.write().unwrap_or_else(|e| e.into_inner()), route)
+    }
+
+    /// Queue `item` in this process's run; for a round trip, wait for its
+    /// reply too. The item is consumed whatever the outcome: a rejected
     /// item is dropped (so freed) before this returns.
-    pub fn deliver(&self, item: Item, wait: Wait) -> Status {
-        match self.enqueue(item, wait) {
-            Ok(()) => Status::Ok,
+    pub fn submit(&self, item: Item, wait: Wait) -> Status {
+        let shared = self.current();
+        let reply = item.round_trip().map(|round_trip| round_trip.reply.clone());
+        match shared.enqueue(item, wait) {
+            Ok(()) => reply.map_or(Status::Ok, |reply| reply.wait(wait)),
             Err((status, item)) => {
-                self.note_rejected();
+                shared.note_rejected();
                 drop(item);
                 status
             }
@@ -68,25 +130,7 @@ impl Shared {
     }
 
     pub fn note_rejected(&self) {
-        self.rejected.fetch_add(1, Relaxed);
-    }
-
-    /// Queue a round trip and wait for its outcome until `deadline`.
-    pub fn call(
-        &self,
-        decode: DecodeFn,
-        result: ResultFn,
-        data: *mut std::ffi::c_void,
-        free_data: Option<FreeFn>,
-        deadline: Option<std::time::Instant>,
-    ) -> Status {
-        let reply = Arc::new(Reply::default());
-        let item = Item::new(decode, data, free_data, Some(RoundTrip { reply: reply.clone(), result }));
-        let wait = deadline.map_or(Wait::Forever, Wait::Until);
-        match self.deliver(item, wait) {
-            Status::Ok => reply.wait(deadline),
-            refused => refused,
-        }
+        self.current().rejected.fetch_add(1, Relaxed);
     }
 
     fn enqueue(&self, item: Item, wait: Wait) -> Result<(), (Status, Item)> {
@@ -126,21 +170,24 @@ impl Shared {
     fn push(&self, route: &Route, item: Item) -> Result<(), (Status, Item)> {
         route.queue.send(item).map_err(|flume::SendError(item)| (Status::Closed, item))?;
         if self.wake.arm() {
+            self.raised.mark();
             self.send_wake(route);
         }
         Ok(())
     }
 
-    /// Raise the signal now, whether or not anything was delivered (a
-    /// reader that stopped draining early, or an alarm). `false` when not
-    /// started.
+    /// Raise this process's signal now, whether or not anything was
+    /// delivered (a reader that stopped draining early, or an alarm).
+    /// `false` when not started.
     pub fn wake(&self) -> bool {
-        let route = self.route();
+        let shared = self.current();
+        let route = shared.route();
         let Some(route) = route.as_ref() else {
             return false;
         };
-        self.wake.force();
-        self.send_wake(route);
+        shared.wake.force();
+        shared.raised.mark();
+        shared.send_wake(route);
         true
     }
 
@@ -158,12 +205,31 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.generation != fork::generation() {
+            // Inherited: its queue's and room's locks may be held by threads
+            // this process does not have, and its signal is the parent's.
+            // `get_mut` takes no lock.
+            let route = self.route.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+            std::mem::forget(route);
+        }
+    }
+}
+
 /// Slots of the batch buffer kept across an empty poll: enough for a busy
 /// steady state, small next to what a burst of a million items grows.
 const BATCH_KEPT: usize = 4096;
 
-/// The reader's side of a started instance.
-struct Inbox {
+/// Run ids, unique per start within the process.
+static LAST_RUN: AtomicU64 = AtomicU64::new(0);
+
+/// The reader's side of a started instance: one run, from start to stop.
+struct Run {
+    id: u64,
+    /// The fork generation and process that started it.
+    generation: u64,
+    pid: u32,
     queue: flume::Receiver<Item>,
     /// Items moved out of `queue` in one go, not yet handed out: the reader
     /// takes the channel's lock once per batch, not once per item, so it
@@ -174,7 +240,7 @@ struct Inbox {
     signal: Arc<Signal>,
 }
 
-impl Inbox {
+impl Run {
     fn len(&self) -> usize {
         self.batch.len() + self.queue.len()
     }
@@ -187,6 +253,7 @@ struct ReaderCounters {
     cancelled: u64,
     errors: u64,
     empty_polls: u64,
+    lag: Lag,
 }
 
 /// A snapshot of all counters, for `core.stats()`.
@@ -200,10 +267,12 @@ pub struct Stats {
     pub errors: u64,
     pub empty_polls: u64,
     pub wake_errors: u64,
+    pub lag_last_ns: u64,
+    pub lag_max_ns: u64,
 }
 
 impl Stats {
-    pub fn fields(&self) -> [(&'static std::ffi::CStr, u64); 8] {
+    pub fn fields(&self) -> [(&'static std::ffi::CStr, u64); 10] {
         [
             (c"delivered", self.delivered),
             (c"polled", self.polled),
@@ -213,6 +282,8 @@ impl Stats {
             (c"errors", self.errors),
             (c"empty_polls", self.empty_polls),
             (c"wake_errors", self.wake_errors),
+            (c"lag_last_ns", self.lag_last_ns),
+            (c"lag_max_ns", self.lag_max_ns),
         ]
     }
 }
@@ -220,8 +291,9 @@ impl Stats {
 /// The Lua state's instance. Only the thread that runs the state touches it.
 #[derive(Default)]
 pub struct Instance {
+    /// As made with the state; `shared.current()` in a forked child.
     shared: Arc<Shared>,
-    inbox: Option<Inbox>,
+    run: Option<Run>,
     /// The bound of the queue, `None`: unbounded. Set before a start, it
     /// applies to that start; `stop` clears it.
     capacity: Option<usize>,
@@ -246,7 +318,34 @@ impl std::fmt::Display for StartError {
     }
 }
 
+/// A run inherited through fork(): it belongs to process `parent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inherited {
+    pub parent: u32,
+}
+
+impl std::fmt::Display for Inherited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the dispatcher was started by process {} before fork(), and this process ({}) cannot use it; \
+             stop() forgets it, or start a new one",
+            self.parent,
+            std::process::id()
+        )
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum CapacityError {
+    /// Above [`MAX_CAPACITY`].
+    TooLarge,
+    Inherited(Inherited),
+}
+
 impl Instance {
+    /// The producers' side as made with the state, for new handles: they
+    /// resolve it to this process's on every call.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
@@ -255,15 +354,33 @@ impl Instance {
         self.closed
     }
 
+    /// This process's run, if started; never one inherited through fork().
+    fn own_run(&self) -> Option<&Run> {
+        self.run.as_ref().filter(|run| run.generation == fork::generation())
+    }
+
+    /// Set when the only run is one inherited through fork(), until `stop`,
+    /// `start` or `close` forgets it.
+    pub fn inherited(&self) -> Option<Inherited> {
+        let run = self.run.as_ref()?;
+        (run.generation != fork::generation()).then_some(Inherited { parent: run.pid })
+    }
+
     pub fn is_running(&self) -> bool {
-        self.inbox.is_some()
+        self.own_run().is_some()
+    }
+
+    /// The id of this process's current run, unique per start within the
+    /// process; `None` when not started here.
+    pub fn run_id(&self) -> Option<u64> {
+        self.own_run().map(|run| run.id)
     }
 
     /// Whether `start` would succeed, before the caller builds a signal.
     pub fn can_start(&self) -> Result<(), StartError> {
         if self.closed {
             Err(StartError::Closed)
-        } else if self.inbox.is_some() {
+        } else if self.is_running() {
             Err(StartError::AlreadyStarted)
         } else {
             Ok(())
@@ -271,39 +388,63 @@ impl Instance {
     }
 
     /// Start: wake-ups go through `signal`; the queue is bounded by the
-    /// capacity set last (see `set_capacity`).
+    /// capacity set last (see `set_capacity`). In a forked child, the
+    /// inherited run is forgotten first.
     pub fn start(&mut self, signal: Signal) -> Result<(), StartError> {
         self.can_start()?;
+        self.forget_inherited();
         let signal = Arc::new(signal);
         let (tx, rx) = flume::unbounded();
         let room = self.capacity.map(|c| Arc::new(Room::new(c, 0)));
+        let shared = self.shared.current();
         // No producer can see the new queue yet: a flag left up by the last
         // run must not swallow the first wake of this one.
-        self.shared.wake.reset();
-        *self.shared.route.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Route { queue: tx, signal: signal.clone(), room: room.clone() });
-        self.inbox = Some(Inbox { queue: rx, batch: VecDeque::new(), room, signal });
+        shared.wake.reset();
+        shared.set_route(Some(Route { queue: tx, signal: signal.clone(), room: room.clone() }));
+        self.counters.lag = Lag::default();
+        self.run = Some(Run {
+            id: LAST_RUN.fetch_add(1, Relaxed) + 1,
+            generation: fork::generation(),
+            pid: std::process::id(),
+            queue: rx,
+            batch: VecDeque::new(),
+            room,
+            signal,
+        });
         Ok(())
     }
 
+    /// A run inherited through fork() belongs to the parent: forget it
+    /// without touching it (see "fork()" above). The counters restart.
+    fn forget_inherited(&mut self) {
+        if self.inherited().is_some() {
+            std::mem::forget(self.run.take());
+            // The parent's alarm: its clock is the parent's too.
+            self.alarm = None;
+            self.capacity = None;
+            self.counters = ReaderCounters::default();
+        }
+    }
+
     /// Stop: refuse later delivers, cancel what is queued. Returns how many
-    /// items were cancelled.
+    /// items were cancelled. A run inherited through fork() is forgotten,
+    /// with nothing cancelled: its items are the parent's.
     pub fn stop(&mut self) -> usize {
-        let Some(inbox) = self.inbox.take() else {
+        self.forget_inherited();
+        let Some(run) = self.run.take() else {
             return 0;
         };
         self.capacity = None;
         if let Some(key) = self.alarm.take() {
             alarm::cancel(key);
         }
-        if let Some(room) = &inbox.room {
+        if let Some(room) = &run.room {
             room.close();
         }
-        let route = self.shared.route.write().unwrap_or_else(|e| e.into_inner()).take();
-        drop(route);
+        drop(self.shared.current().set_route(None));
         // The route is gone, so nobody can push: this drains everything.
         let mut cancelled = 0;
-        for item in inbox.batch.into_iter().chain(inbox.queue.drain()) {
+        for item in run.batch.into_iter().chain(run.queue.drain()) {
             item.finish(Status::Cancelled);
             cancelled += 1;
         }
@@ -319,25 +460,30 @@ impl Instance {
 
     /// The next item, following the wake protocol (see `wake.rs`).
     pub fn take_next(&mut self) -> Option<Item> {
-        let Inbox { queue, batch, room, signal } = self.inbox.as_mut()?;
+        let shared = self.shared.current();
+        // As `own_run`, but mutable beside `shared`.
+        let Run { queue, batch, room, signal, .. } =
+            self.run.as_mut().filter(|run| run.generation == fork::generation())?;
         let pop = || {
             if batch.is_empty() {
                 batch.extend(queue.drain());
             }
             batch.pop_front()
         };
-        match self.shared.wake.take(pop, || signal.clear()) {
+        match shared.wake.take(pop, || signal.clear()) {
             Some(item) => {
                 if let Some(room) = room {
                     room.release();
                 }
                 self.counters.polled += 1;
+                self.counters.lag.took();
                 Some(item)
             }
             None => {
                 // A burst grew the batch buffer; idle, it need not stay big.
                 batch.shrink_to(BATCH_KEPT);
                 self.counters.empty_polls += 1;
+                self.counters.lag.empty(&shared.raised);
                 None
             }
         }
@@ -348,7 +494,7 @@ impl Instance {
     }
 
     pub fn pending(&self) -> usize {
-        self.inbox.as_ref().map_or(0, Inbox::len)
+        self.own_run().map_or(0, Run::len)
     }
 
     pub fn capacity(&self) -> Option<usize> {
@@ -357,34 +503,43 @@ impl Instance {
 
     /// Bound the queue to `capacity` items (`None`: unbounded): at once if
     /// started, else from the next start, until the next stop. Producers
-    /// waiting for room see the new bound straight away.
-    pub fn set_capacity(&mut self, capacity: Option<usize>) {
+    /// waiting for room see the new bound straight away. Refused above
+    /// [`MAX_CAPACITY`], and while a run inherited through fork() is there.
+    pub fn set_capacity(&mut self, capacity: Option<usize>) -> Result<(), CapacityError> {
+        if capacity.is_some_and(|c| c > MAX_CAPACITY) {
+            return Err(CapacityError::TooLarge);
+        }
+        if let Some(inherited) = self.inherited() {
+            return Err(CapacityError::Inherited(inherited));
+        }
         self.capacity = capacity;
-        let Some(inbox) = self.inbox.as_mut() else {
-            return;
+        let shared = self.shared.current();
+        let Some(run) = self.run.as_mut() else {
+            return Ok(());
         };
-        match (inbox.room.clone(), capacity) {
+        match (run.room.clone(), capacity) {
             (Some(room), Some(capacity)) => room.resize(capacity),
             (None, None) => {}
             (old, capacity) => {
-                let mut route = self.shared.route.write().unwrap_or_else(|e| e.into_inner());
+                let mut route = shared.route.write().unwrap_or_else(|e| e.into_inner());
                 let route = route.as_mut().expect("a started instance has a route");
                 // Under the write lock nobody pushes: the count is exact.
-                let queued = inbox.batch.len() + inbox.queue.len();
-                let room = capacity.map(|c| Arc::new(Room::new(c, queued)));
+                let room = capacity.map(|c| Arc::new(Room::new(c, run.len())));
                 route.room = room.clone();
-                inbox.room = room;
+                run.room = room;
                 if let Some(old) = old {
                     old.lift();
                 }
             }
         }
+        Ok(())
     }
 
     /// Send a wake datagram now (a reader that stopped draining early).
     /// `false` when not started.
-    pub fn wake(&self) -> bool {
-        self.shared.wake()
+    pub fn wake(&mut self) -> bool {
+        self.counters.lag.rewoken();
+        self.is_running() && self.shared.wake()
     }
 
     /// Raise the signal at `due` even if nothing is delivered, replacing the
@@ -395,7 +550,7 @@ impl Instance {
             alarm::cancel(key);
         }
         match due {
-            Some(due) if self.inbox.is_some() => {
+            Some(due) if self.is_running() => {
                 self.alarm = alarm::set(&self.shared, due);
                 self.alarm.is_some()
             }
@@ -405,7 +560,7 @@ impl Instance {
 
     /// The started signal, for its reader-side details.
     pub fn signal(&self) -> Option<&Signal> {
-        self.inbox.as_ref().map(|inbox| &*inbox.signal)
+        self.own_run().map(|run| &*run.signal)
     }
 
     /// Where wake datagrams come from (or, greeting mode, where to greet).
@@ -420,15 +575,18 @@ impl Instance {
 
     pub fn stats(&self) -> Stats {
         let c = self.counters;
+        let shared = self.shared.current();
         Stats {
             delivered: c.polled + c.cancelled + self.pending() as u64,
             polled: c.polled,
-            wakeups: self.shared.wakeups.load(Relaxed),
+            wakeups: shared.wakeups.load(Relaxed),
             cancelled: c.cancelled,
-            rejected: self.shared.rejected.load(Relaxed),
+            rejected: shared.rejected.load(Relaxed),
             errors: c.errors,
             empty_polls: c.empty_polls,
-            wake_errors: self.shared.wake_errors.load(Relaxed),
+            wake_errors: shared.wake_errors.load(Relaxed),
+            lag_last_ns: c.lag.last_ns,
+            lag_max_ns: c.lag.max_ns,
         }
     }
 }
@@ -439,5 +597,8 @@ impl Drop for Instance {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_model;

@@ -1,8 +1,13 @@
-//! One delivery: a decode function, its data, and how to free the data.
+//! One delivery: a decode function, its data, and how to free the data;
+//! for a round trip also where the callback's values go and who waits.
 //!
-//! Ownership is tied to the value: an `Item` frees its data exactly once,
+//! Ownership is tied to values: a [`Payload`] frees its data exactly once,
 //! when it is dropped, on whatever path that happens (decoded, rejected,
-//! cancelled, or the state closing). Nothing else ever frees `data`.
+//! cancelled, refused as invalid, or the state closing). The C entry points
+//! wrap `data` in one first thing, so nothing else ever frees it. An
+//! [`Item`] drops its payload before it tells a waiting thread the outcome
+//! (field order), so when a round trip returns, its data is already gone
+//! (except after a timeout).
 
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
@@ -17,20 +22,56 @@ pub type FreeFn = unsafe extern "C" fn(data: *mut c_void);
 /// `void result(lua_State *L, void *data, int nresults)`.
 pub type ResultFn = unsafe extern "C-unwind" fn(state: *mut c_void, data: *mut c_void, nresults: c_int);
 
-/// What a round trip adds to an item: the waiting thread's rendezvous and
-/// where the callback's values go.
+/// A delivered `data` pointer and the function that frees it.
+pub struct Payload {
+    data: *mut c_void,
+    free_data: Option<FreeFn>,
+}
+
+impl Payload {
+    /// # Safety
+    /// The caller owns `data` and gives it up: it is freed exactly once,
+    /// with `free_data` or, when that is `None`, C `free()`.
+    pub unsafe fn new(data: *mut c_void, free_data: Option<FreeFn>) -> Self {
+        Payload { data, free_data }
+    }
+
+    pub fn data(&self) -> *mut c_void {
+        self.data
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        // SAFETY: the payload owns its data (`new`), and this is its only drop.
+        unsafe {
+            match self.free_data {
+                Some(free_data) => free_data(self.data),
+                None => libc::free(self.data),
+            }
+        }
+    }
+}
+
+/// What a round trip adds to an item: where the callback's values go, and
+/// the waiting thread's rendezvous, told the outcome when this is dropped.
 pub struct RoundTrip {
-    pub reply: Arc<Reply>,
     pub result: ResultFn,
+    pub reply: Arc<Reply>,
+    outcome: Status,
+}
+
+impl Drop for RoundTrip {
+    fn drop(&mut self) {
+        self.reply.finish(self.outcome);
+    }
 }
 
 pub struct Item {
     pub decode: DecodeFn,
-    pub data: *mut c_void,
-    free_data: Option<FreeFn>,
-    pub round_trip: Option<RoundTrip>,
-    /// What the waiting thread is told if the item is dropped now.
-    outcome: Status,
+    // Declared before `round_trip`: dropped, so freed, before the waiter hears.
+    payload: Payload,
+    round_trip: Option<RoundTrip>,
 }
 
 // SAFETY: `data` is owned by the item (the contract hands it over at
@@ -39,42 +80,30 @@ pub struct Item {
 unsafe impl Send for Item {}
 
 impl Item {
-    pub fn new(decode: DecodeFn, data: *mut c_void, free_data: Option<FreeFn>, round_trip: Option<RoundTrip>) -> Self {
-        Item { decode, data, free_data, round_trip, outcome: Status::Cancelled }
+    /// A plain item, or with `result` a round trip's. Both kinds are made
+    /// here and nowhere else.
+    pub fn new(decode: DecodeFn, payload: Payload, result: Option<ResultFn>) -> Self {
+        let round_trip = result.map(|result| RoundTrip { result, reply: Arc::default(), outcome: Status::Cancelled });
+        Item { decode, payload, round_trip }
+    }
+
+    pub fn data(&self) -> *mut c_void {
+        self.payload.data()
+    }
+
+    pub fn round_trip(&self) -> Option<&RoundTrip> {
+        self.round_trip.as_ref()
     }
 
     pub fn reply(&self) -> Option<&Reply> {
-        self.round_trip.as_ref().map(|rt| &*rt.reply)
+        self.round_trip().map(|rt| &*rt.reply)
     }
 
-    /// Free the data, then tell a waiting thread `status`.
+    /// Free the data, then tell a waiting thread `status`. Dropping an item
+    /// unfinished tells it `Cancelled`.
     pub fn finish(mut self, status: Status) {
-        self.outcome = status;
-    }
-}
-
-/// Free `data` with `free_data`, or with C `free()` when it is absent.
-///
-/// # Safety
-/// The caller owns `data` and gives it up: the contract hands it over to be
-/// freed exactly once, with `free_data` or, when that is NULL, `free()`.
-pub unsafe fn free_payload(data: *mut c_void, free_data: Option<FreeFn>) {
-    unsafe {
-        match free_data {
-            Some(free_data) => free_data(data),
-            None => libc::free(data),
-        }
-    }
-}
-
-impl Drop for Item {
-    fn drop(&mut self) {
-        // Free before releasing the waiter, so that when a round trip
-        // returns, its data is already gone (except after a timeout).
-        // SAFETY: the item owns its data, and this is its only drop.
-        unsafe { free_payload(self.data, self.free_data) };
-        if let Some(reply) = self.reply() {
-            reply.finish(self.outcome);
+        if let Some(round_trip) = &mut self.round_trip {
+            round_trip.outcome = status;
         }
     }
 }

@@ -18,10 +18,9 @@
 //! user's. `finish` from any phase but `Abandoned` ends in `Done`; once
 //! abandoned, the Lua side skips `decode`/`result` and only frees the data.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
-
 use crate::status::Status;
+use crate::sync::{Condvar, Mutex, MutexGuard};
+use crate::wait::Wait;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -88,42 +87,36 @@ impl Reply {
         self.changed.notify_all();
     }
 
-    /// The waiting thread: block until done, or until `deadline` passes in a
+    /// The waiting thread: block until done, or until `wait` runs out in a
     /// phase where giving up is safe.
-    pub fn wait(&self, deadline: Option<Instant>) -> Status {
+    pub fn wait(&self, wait: Wait) -> Status {
         let mut phase = self.phase();
         loop {
-            match *phase {
+            phase = match *phase {
                 Phase::Done(status) => return status,
                 Phase::Abandoned => unreachable!("only the waiter abandons"),
-                Phase::Queued | Phase::Running => match deadline {
-                    None => phase = self.changed.wait(phase).unwrap_or_else(|e| e.into_inner()),
-                    Some(deadline) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            *phase = Phase::Abandoned;
-                            return Status::Timeout;
-                        }
-                        phase = self.changed.wait_timeout(phase, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                Phase::Queued | Phase::Running => match wait.block(&self.changed, phase) {
+                    Ok(phase) => phase,
+                    Err(mut phase) => {
+                        *phase = Phase::Abandoned;
+                        return Status::Timeout;
                     }
                 },
-                Phase::Decoding | Phase::Completing => {
-                    phase = self.changed.wait(phase).unwrap_or_else(|e| e.into_inner());
-                }
-            }
+                Phase::Decoding | Phase::Completing => Wait::Forever.block(&self.changed, phase).unwrap_or_else(|p| p),
+            };
         }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
-    fn soon(ms: u64) -> Option<Instant> {
-        Some(Instant::now() + Duration::from_millis(ms))
+    fn soon(ms: u64) -> Wait {
+        Wait::Until(Instant::now() + Duration::from_millis(ms))
     }
 
     #[test]
@@ -138,7 +131,7 @@ mod tests {
                 reply.finish(Status::Ok);
             })
         };
-        assert_eq!(reply.wait(None), Status::Ok);
+        assert_eq!(reply.wait(Wait::Forever), Status::Ok);
         lua.join().unwrap();
     }
 
@@ -178,6 +171,86 @@ mod tests {
         let reply = Reply::default();
         reply.finish(Status::Cancelled);
         reply.finish(Status::Ok);
-        assert_eq!(reply.wait(None), Status::Cancelled);
+        assert_eq!(reply.wait(Wait::Forever), Status::Cancelled);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// What the Lua thread does with a round trip's item. Cancelling (stop)
+    /// and closing the state happen on the Lua thread too: the item is
+    /// dropped there, which finishes it `Cancelled`.
+    #[derive(Clone, Copy, Debug)]
+    enum LuaSide {
+        /// Decode, run the callback, hand its values to `result`.
+        Completes,
+        /// Decode, then the callback raises.
+        CallbackRaises,
+        /// Cancelled by `stop()` while queued.
+        CancelledWhileQueued,
+        /// Decoded, and the state closes while the callback runs.
+        ClosedDuringCallback,
+    }
+
+    /// The caller waits (and gives up at the first moment it may, or
+    /// never) while the Lua thread handles its item. Decode and result
+    /// must only run while the caller still waits, since their data may
+    /// live on its stack; the caller hears one outcome, and `Ok` only if
+    /// `result` ran.
+    #[test]
+    fn decode_and_result_run_only_while_the_caller_waits() {
+        let sides =
+            [LuaSide::Completes, LuaSide::CallbackRaises, LuaSide::CancelledWhileQueued, LuaSide::ClosedDuringCallback];
+        for side in sides {
+            for wait in [Wait::No, Wait::Forever] {
+                loom::model(move || {
+                    let reply = Arc::new(Reply::default());
+                    let waiting = Arc::new(AtomicBool::new(true));
+                    let result_ran = Arc::new(AtomicBool::new(false));
+                    let lua = {
+                        let (reply, waiting, result_ran) = (reply.clone(), waiting.clone(), result_ran.clone());
+                        thread::spawn(move || {
+                            if matches!(side, LuaSide::CancelledWhileQueued) || !reply.begin_decode() {
+                                return reply.finish(Status::Cancelled);
+                            }
+                            assert!(waiting.load(SeqCst), "{side:?}: decode ran after the caller left");
+                            reply.decoded();
+                            match side {
+                                LuaSide::CallbackRaises => reply.finish(Status::Error),
+                                LuaSide::ClosedDuringCallback => reply.finish(Status::Cancelled),
+                                _ if reply.begin_result() => {
+                                    assert!(waiting.load(SeqCst), "{side:?}: result ran after the caller left");
+                                    result_ran.store(true, SeqCst);
+                                    reply.finish(Status::Ok);
+                                }
+                                _ => reply.finish(Status::Cancelled),
+                            }
+                        })
+                    };
+                    let status = reply.wait(wait);
+                    waiting.store(false, SeqCst);
+                    lua.join().unwrap();
+                    let expected: &[Status] = match (side, wait) {
+                        (LuaSide::Completes, Wait::Forever) => &[Status::Ok],
+                        (LuaSide::CallbackRaises, Wait::Forever) => &[Status::Error],
+                        (_, Wait::Forever) => &[Status::Cancelled],
+                        (LuaSide::Completes, _) => &[Status::Ok, Status::Timeout],
+                        (LuaSide::CallbackRaises, _) => &[Status::Error, Status::Timeout],
+                        (_, _) => &[Status::Cancelled, Status::Timeout],
+                    };
+                    assert!(expected.contains(&status), "{side:?} {wait:?}: the caller got {status:?}");
+                    assert_eq!(
+                        status == Status::Ok,
+                        result_ran.load(SeqCst),
+                        "{side:?}: Ok without result, or the reverse"
+                    );
+                });
+            }
+        }
     }
 }

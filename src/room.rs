@@ -4,16 +4,34 @@
 //! Bounding is opt-in; an unbounded dispatcher has no `Room` and its
 //! deliver path touches no lock of this module.
 //!
-//! The capacity can change while producers wait. `free` may then go below
-//! zero (more items queued than the new capacity): producers wait until the
-//! reader has taken enough. A room made for a queue that already holds items
-//! starts with those counted, since the reader releases a slot for every
-//! item it takes once the room exists.
-
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+//! # Invariants
+//!
+//! - `taken` counts the queued items that hold a slot: one per successful
+//!   `acquire` not yet given back by `release`, plus the items a room made
+//!   for a non-empty queue starts with (the reader releases a slot for
+//!   every item it takes once the room exists). A producer may take a slot
+//!   only while `taken < capacity`.
+//! - The capacity can change while producers wait, also below `taken`:
+//!   producers then wait until the reader has taken enough. Every change
+//!   that can let a producer go (`release`, `resize`, `lift`, `close`) is
+//!   made under the lock the waiters check under and then notifies them,
+//!   and a woken waiter checks again before it looks at its deadline, so
+//!   none sleeps through a slot. Counts are unsigned and compared, never subtracted, so no
+//!   capacity, however large, can wrap around.
+//! - `Closed` is final; `Lifted` lets everyone through without counting.
+//!
+//! The loom model at the bottom checks waiting producers against resizes,
+//! releases and a close.
 
 use crate::status::Status;
+use crate::sync::{Condvar, Mutex, MutexGuard};
+use crate::wait::Wait;
+
+/// The largest bound a queue can have, from Lua or C: larger requests are
+/// refused (`BGW_INVALID`, or a Lua argument error). It is what every Lua
+/// version reads as an exact integer, and far beyond any queue that fits in
+/// memory; a larger `size_t` is most likely a negative number converted.
+pub const MAX_CAPACITY: usize = i32::MAX as usize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -27,7 +45,7 @@ enum State {
 #[derive(Debug)]
 struct Slots {
     capacity: usize,
-    free: isize,
+    taken: usize,
     state: State,
 }
 
@@ -37,27 +55,15 @@ pub struct Room {
     released: Condvar,
 }
 
-/// How long a producer may wait for room.
-#[derive(Clone, Copy, Debug)]
-pub enum Wait {
-    No,
-    Forever,
-    Until(Instant),
-}
-
 impl Room {
     /// A room of `capacity` for a queue that holds `queued` items already.
     pub fn new(capacity: usize, queued: usize) -> Self {
-        let slots = Slots { capacity, free: capacity as isize - queued as isize, state: State::Open };
-        Room { slots: Mutex::new(slots), released: Condvar::new() }
+        Room { slots: Mutex::new(Slots { capacity, taken: queued, state: State::Open }), released: Condvar::new() }
     }
 
     /// Change the capacity; waiting producers see the new one at once.
     pub fn resize(&self, capacity: usize) {
-        let mut slots = self.slots();
-        slots.free += capacity as isize - slots.capacity as isize;
-        slots.capacity = capacity;
-        drop(slots);
+        self.slots().capacity = capacity;
         self.released.notify_all();
     }
 
@@ -85,20 +91,14 @@ impl Room {
                 State::Lifted => return Status::Ok,
                 State::Open => {}
             }
-            if slots.free > 0 {
-                slots.free -= 1;
+            if slots.taken < slots.capacity {
+                slots.taken += 1;
                 return Status::Ok;
             }
-            slots = match wait {
-                Wait::No => return Status::Full,
-                Wait::Forever => self.released.wait(slots).unwrap_or_else(|e| e.into_inner()),
-                Wait::Until(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Status::Timeout;
-                    }
-                    self.released.wait_timeout(slots, deadline - now).unwrap_or_else(|e| e.into_inner()).0
-                }
+            slots = match wait.block(&self.released, slots) {
+                Ok(slots) => slots,
+                Err(_) if wait == Wait::No => return Status::Full,
+                Err(_) => return Status::Timeout,
             };
         }
     }
@@ -106,7 +106,10 @@ impl Room {
     /// Give one slot back: the reader took an item, or a producer that
     /// holds a slot could not queue its item after all.
     pub fn release(&self) {
-        self.slots().free += 1;
+        let mut slots = self.slots();
+        debug_assert!(slots.taken > 0, "a slot released that nobody held");
+        slots.taken = slots.taken.saturating_sub(1);
+        drop(slots);
         self.released.notify_one();
     }
 
@@ -116,12 +119,12 @@ impl Room {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn full_then_room_again_after_release() {
@@ -180,11 +183,73 @@ mod tests {
     }
 
     #[test]
+    fn any_capacity_counts_without_wrapping_around() {
+        for capacity in [usize::MAX, isize::MAX as usize + 1, MAX_CAPACITY] {
+            let room = Room::new(capacity, 0);
+            assert_eq!(room.acquire(Wait::No), Status::Ok, "capacity {capacity}");
+            room.resize(1);
+            assert_eq!(room.acquire(Wait::No), Status::Full);
+            room.resize(capacity);
+            assert_eq!(room.acquire(Wait::No), Status::Ok);
+        }
+    }
+
+    #[test]
     fn lifting_lets_every_producer_through() {
         let room = Arc::new(Room::new(1, 1));
         let waiter = blocked(&room);
         room.lift();
         assert_eq!(waiter.join().unwrap(), Status::Ok);
         assert_eq!(room.acquire(Wait::No), Status::Ok);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Two producers wait for room in a full queue (capacity 1, one item
+    /// queued), each for as long as it takes.
+    fn two_waiting_producers(room: &Arc<Room>) -> Vec<thread::JoinHandle<Status>> {
+        (0..2)
+            .map(|_| {
+                let room = room.clone();
+                thread::spawn(move || room.acquire(Wait::Forever))
+            })
+            .collect()
+    }
+
+    /// The reader raises the bound to 2, then takes the queued item: that
+    /// makes room for both producers, whatever the order. Loom reports a
+    /// deadlock if a producer sleeps through the slot meant for it, and the
+    /// count must come out exact.
+    #[test]
+    fn a_resize_and_a_release_let_both_waiting_producers_in() {
+        loom::model(|| {
+            let room = Arc::new(Room::new(1, 1));
+            let producers = two_waiting_producers(&room);
+            room.resize(2);
+            room.release();
+            for producer in producers {
+                assert_eq!(producer.join().unwrap(), Status::Ok);
+            }
+            assert_eq!(room.slots().taken, 2, "1 queued - 1 taken by the reader + 2 producers");
+        });
+    }
+
+    /// The dispatcher stops while both producers wait: both are refused,
+    /// none sleeps on.
+    #[test]
+    fn a_close_refuses_every_waiting_producer() {
+        loom::model(|| {
+            let room = Arc::new(Room::new(1, 1));
+            let producers = two_waiting_producers(&room);
+            room.close();
+            for producer in producers {
+                assert_eq!(producer.join().unwrap(), Status::Closed);
+            }
+        });
     }
 }

@@ -17,6 +17,9 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Datagrams one `accept_greeting` reads at most.
+const GREETING_READS: usize = 64;
+
 pub enum Signal {
     Udp(UdpSocket),
     Greeting { socket: UdpSocket, token: String },
@@ -152,7 +155,10 @@ impl Signal {
 
     /// Greeting mode, reader side: read waiting greetings; connect to the
     /// sender of the first that carries the token and comes from loopback.
-    /// Anything else is read and dropped. `true` once connected.
+    /// Anything else is read and dropped, so junk never jams the port: a
+    /// token that arrives after it is found by this call or a later one.
+    /// At most `GREETING_READS` datagrams per call, so that a flood cannot
+    /// hold the Lua thread here. `true` once connected.
     pub fn accept_greeting(&self) -> bool {
         let Signal::Greeting { socket, token } = self else {
             return false;
@@ -160,8 +166,12 @@ impl Signal {
         if socket.peer_addr().is_ok() {
             return true;
         }
+        // Longer than any token, so a longer datagram never matches.
         let mut buf = [0u8; 64];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+        for _ in 0..GREETING_READS {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                return false;
+            };
             if from.ip().is_loopback() && &buf[..n] == token.as_bytes() && socket.connect(from).is_ok() {
                 return true;
             }
@@ -239,5 +249,47 @@ mod tests {
         let mut buf = [0u8; 8];
         reader.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         assert_eq!(reader.recv_from(&mut buf).unwrap().1, addr);
+    }
+
+    fn receive_buffer(socket: &UdpSocket) -> usize {
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads one int option of a socket we own into `size`.
+        let got = unsafe {
+            libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw mut size).cast(), &mut len)
+        };
+        assert_eq!(got, 0);
+        size as usize
+    }
+
+    #[test]
+    fn a_greeting_after_a_flood_that_filled_the_socket_connects() {
+        let signal = Signal::greeting().unwrap();
+        let Signal::Greeting { socket, .. } = &signal else { unreachable!() };
+        let addr = signal.local_addr().unwrap();
+        let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Small datagrams (the kernel counts each as a few hundred bytes),
+        // some of the token's length, some longer than the read buffer,
+        // until the receive buffer overflowed twice: what does not fit is
+        // dropped.
+        let junk = [b'x'; 100];
+        let sizes = [1, signal.token().unwrap().len(), junk.len()];
+        for n in 0..2 * receive_buffer(socket) / 256 {
+            flood.send_to(&junk[..sizes[n % sizes.len()]], addr).unwrap();
+        }
+        let mut calls = 0;
+        while !signal.accept_greeting() && socket.peek_from(&mut [0u8; 1]).is_ok() {
+            calls += 1;
+        }
+        assert!(calls > 0, "the flood was read in one call: nothing bounds a call");
+        assert!(!signal.accept_greeting(), "junk connected the socket");
+
+        let reader = UdpSocket::bind("127.0.0.1:0").unwrap();
+        reader.send_to(signal.token().unwrap().as_bytes(), addr).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !signal.accept_greeting() {
+            assert!(std::time::Instant::now() < deadline, "the token after the flood was not taken");
+        }
+        assert_eq!(socket.peer_addr().unwrap(), reader.local_addr().unwrap());
     }
 }

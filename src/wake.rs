@@ -29,10 +29,7 @@
 //! The `loom` model at the bottom checks the protocol with two producers
 //! and one reader.
 
-#[cfg(loom)]
-use loom::sync::atomic::{AtomicBool, Ordering::SeqCst};
-#[cfg(not(loom))]
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use crate::sync::{AtomicBool, Ordering::SeqCst};
 
 #[derive(Debug, Default)]
 pub struct WakeFlag {

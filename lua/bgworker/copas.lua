@@ -127,6 +127,41 @@ end
 -- ------------------------------------------------------------------------
 -- The reader
 
+-- The reader's socket as Copas sees it: it reads only while its dispatcher
+-- runs the core's current run. A process forked after the dispatcher
+-- started inherits the reader, whose reads would otherwise take the
+-- parent's wake-ups; there the reader ends instead (see `reader`).
+local Wakeups = {}
+Wakeups.__index = Wakeups
+
+function Wakeups:getfd()
+  return self.socket:getfd()
+end
+
+function Wakeups.dirty()
+  return false
+end
+
+function Wakeups:settimeout(timeout)
+  return self.socket:settimeout(timeout)
+end
+
+function Wakeups:receive(size)
+  local d = self.dispatcher
+  if d.run == nil then
+    -- Copas 1.x runs a new thread at once: the dispatcher is still
+    -- starting. Wait for the socket as usual.
+    return nil, "timeout"
+  elseif not d:owns_run() then
+    return nil, "closed"
+  end
+  return self.socket:receive(size)
+end
+
+function Wakeups:close()
+  return self.socket:close()
+end
+
 -- Spawn mode: each callback in a Copas thread of its own. Copas reports
 -- its errors to the thread's error handler, which passes them on.
 local function spawned(self, f, ...)
@@ -143,25 +178,21 @@ local function spawn_item(self, f, ...)
   return true
 end
 
--- Read every wake-up datagram that is waiting, without blocking.
--- (LuaSocket 3.0's receive on a closed UDP socket returns "": stop there.)
-local function discard(sock)
-  while sock:receive(DATAGRAM) and sock:getfd() >= 0 do
-  end
-end
+local discard = dispatcher.discard_datagrams
 
 local function reader(self)
-  local copas, sock = self.copas, self.socket
+  local copas, sock, wakeups = self.copas, self.socket, self.wakeups
   local receive = copas.receive
   local handle = self.spawn and spawn_item or nil
   local budget = self.budget
   while not self.stopped do
-    local ok, err = receive(sock, DATAGRAM)
+    local ok, err = receive(wakeups, DATAGRAM)
     if self.stopped then
       break
     end
-    if sock:getfd() < 0 or (not ok and err ~= "timeout") then
-      self:report("wake-up socket failed: " .. tostring(err or "closed"))
+    local lost = self:lost_run("bgworker.copas reader")
+    if lost or sock:getfd() < 0 or (not ok and err ~= "timeout") then
+      self:report(lost or "wake-up socket failed: " .. tostring(err or "closed"))
       self:stop()
       break
     end
@@ -180,7 +211,7 @@ local function reader(self)
     -- make that our own, not one a callback was using.
     nudge(self)
   end
-  sock:close()
+  wakeups:close()
 end
 
 -- Copas 4.8+: one thread waits for copas.exit() and then stops the running
@@ -214,6 +245,7 @@ function Copas.start(self, opts)
   if not self.socket then
     return nil, err
   end
+  self.wakeups = setmetatable({ socket = self.socket, dispatcher = self }, Wakeups)
   if not copas.pause and not copas.sleep then
     self.nudge = setmetatable({ socket = self.socket, armed = false }, Nudge)
   end
@@ -252,7 +284,7 @@ function Copas.after_stop(self)
     -- Copas 4 resumes a reader that waits on a socket closed this way.
     -- (Only when there was no datagram to send: a reader that is between
     -- two steps of copas.receive would wait on the closed socket forever.)
-    copas.close(self.socket)
+    copas.close(self.wakeups)
   end
 end
 

@@ -20,7 +20,6 @@
 --     dispatcher stops, with "stopped".
 
 local core = require "bgworker.core"
-require "bgworker._shim" -- TEMPORARY
 local args = require "bgworker.args"
 local protect = require "bgworker.protect"
 
@@ -55,7 +54,12 @@ local classes = setmetatable({}, { __mode = "k" })
 
 --- Options every loop accepts.
 local COMMON_OPTIONS = {
-  capacity = args.option.count,
+  capacity = function(fname, n, name, v)
+    if v ~= nil and not (args.is_count(v) and v <= core.MAX_CAPACITY) then
+      return args.bad(fname, n, ("%s must be an integer in 1..%d, got %s"):format(name,
+        core.MAX_CAPACITY, args.describe(v)))
+    end
+  end,
   budget = args.option.count,
   errorhandler = args.option.func,
   -- Read by bgworker.new to choose the loop.
@@ -97,10 +101,6 @@ function M.check_self(self, method)
   end
 end
 
-local function check_self(self, method)
-  local msg = M.check_self(self, method)
-  if msg then error(msg, 3) end
-end
 
 --------------------------------------------------------------------------
 -- Starting
@@ -212,6 +212,14 @@ function M.start_udp(opts)
   return sock
 end
 
+--- Read every wake-up datagram waiting on `sock`, without blocking: they
+-- carry no information. (LuaSocket 3.0's receive on a closed UDP socket
+-- returns "": stop there.)
+function M.discard_datagrams(sock)
+  while sock:receive(16) and sock:getfd() >= 0 do
+  end
+end
+
 --- Start the core with a descriptor signal (`opts.kind`: "eventfd" or
 -- "pipe"; by default the system's). Returns the descriptor, or nil and a
 -- message.
@@ -235,6 +243,22 @@ function Dispatcher:owns_run()
   return not self.stopped and self.run ~= nil and core.run() == self.run
 end
 
+--- Nothing, or why `method` cannot use this dispatcher although it was not
+-- stopped: the core's run is no longer its own (the core was stopped or
+-- restarted directly, or this process was forked after the dispatcher
+-- started: then the core's own message names fork()).
+function Dispatcher:lost_run(method)
+  if self.stopped or self:owns_run() then
+    return nil
+  end
+  local ok, err = pcall(core.pending)
+  if not ok then
+    return method .. ": " .. tostring(err)
+  end
+  return method .. ": this dispatcher no longer runs the core (it was stopped or started again" ..
+    " through bgworker.core); make a new one"
+end
+
 -- Loop hooks around core.stop(); the base does nothing.
 function Dispatcher.before_stop() end
 function Dispatcher.after_stop() end
@@ -246,7 +270,8 @@ function Dispatcher.after_stop() end
 -- callback.
 -- @treturn int the number of pending items cancelled
 function Dispatcher:stop()
-  check_self(self, "stop")
+  local msg = M.check_self(self, "stop")
+  if msg then error(msg, 2) end
   if self.stopped then
     return 0
   end
@@ -404,7 +429,8 @@ function Dispatcher.before_dispatch() end
 -- @treturn int the number handled: callbacks run (including those that
 -- raised), items whose decode failed, timers and resumed waits
 function Dispatcher:dispatch(limit)
-  local msg = M.check_self(self, "dispatch") or args.count("dispatch", 2, "max", limit, true)
+  local msg = M.check_self(self, "dispatch") or args.count("dispatch", 2, "max", limit, true) or
+    self:lost_run("dispatch")
   if msg then error(msg, 2) end
   if self.stopped then
     return 0
@@ -468,7 +494,8 @@ end
 -- a wake-up signal to the drain that answered it, for the last drain and the
 -- worst one (a loop that stalls shows here first)
 function Dispatcher:stats()
-  check_self(self, "stats")
+  local msg = M.check_self(self, "stats")
+  if msg then error(msg, 2) end
   if not self:owns_run() then
     local final = self.final_stats or {}
     final.running = false
@@ -489,8 +516,8 @@ function Dispatcher:stats()
     cancelled = delta("cancelled"),
     rejected = delta("rejected"),
     wakeups = delta("wakeups"),
-    lag_last = now.lag_last or 0,
-    lag_max = now.lag_max or 0,
+    lag_last = now.lag_last_ns / 1e9,
+    lag_max = now.lag_max_ns / 1e9,
   }
 end
 

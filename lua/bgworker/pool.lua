@@ -42,9 +42,12 @@
 -- description.
 --
 -- In a job, `require "bgworker.worker"` gives `progress(...)` (values for
--- the job's `on_progress` handler, in order, before its outcome) and
--- `cancelled()` (true once the job was cancelled, for jobs that check):
--- see @{bgworker.worker}, and the topic @{jobs.md} for the whole story.
+-- the job's `on_progress` handler, in order, before its outcome; at most
+-- `PROGRESS_IN_FLIGHT` (64) of a job's progress items wait to be dispatched
+-- at a time: beyond that `progress` waits, so a job that reports faster than
+-- the loop drains is slowed, not buffered without bound) and `cancelled()`
+-- (true once the job was cancelled, for jobs that check): see
+-- @{bgworker.worker}, and the topic @{jobs.md} for the whole story.
 --
 -- @module bgworker.pool
 
@@ -63,6 +66,9 @@ local pool = {}
 
 --- Most threads a pool may have.
 pool.MAX_THREADS = 1024
+
+--- Progress items of one job that may wait to be dispatched at a time.
+pool.PROGRESS_IN_FLIGHT = native.PROGRESS_IN_FLIGHT
 
 --- Seconds `close()` waits by default for running jobs to stop (the same
 -- grace as a pool that is collected, or whose Lua state closes).

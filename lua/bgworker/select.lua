@@ -35,9 +35,6 @@ local check_self = dispatcher.check_self
 
 local M = {}
 
--- Wake-up datagrams carry no information; read at most this much of each.
-local DATAGRAM = 16
-
 -- socket.select refuses timeouts of 2^31 ms and more: wait longer in parts.
 local LONGEST_SELECT = 86400
 
@@ -94,12 +91,7 @@ function Select.dirty()
   return false
 end
 
--- Read every wake-up datagram that is waiting, without blocking.
--- (LuaSocket 3.0's receive on a closed UDP socket returns "": stop there.)
-local function discard(sock)
-  while sock:receive(DATAGRAM) and sock:getfd() >= 0 do
-  end
-end
+local discard = dispatcher.discard_datagrams
 
 -- `dispatch` (the base's) reads the waiting wake-up datagrams first.
 function Select:before_dispatch()
@@ -114,7 +106,8 @@ end
 -- @treturn int the number handled, 0 when the time ran out (or the
 -- dispatcher is stopped)
 function Select:wait(timeout)
-  local msg = check_self(self, "wait") or args.seconds("wait", 2, "timeout", timeout, true)
+  local msg = check_self(self, "wait") or args.seconds("wait", 2, "timeout", timeout, true) or
+    self:lost_run("wait")
   if msg then error(msg, 2) end
   local gettime = core.now
   local deadline = timeout and gettime() + timeout

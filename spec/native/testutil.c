@@ -34,6 +34,8 @@
  *       opts.timeout      timeout_ms of each deliver (default FOREVER).
  *       opts.payload      items carry 0..payload random bytes (default 0).
  *       opts.null_handle  true: deliver with a NULL handle.
+ *       opts.handle       a handle from testutil.acquire(): every producer
+ *                         delivers with it, and none releases it.
  *   testutil.call(opts) -> job
  *     Start one thread that makes one round trip with bgw_api.call. Its
  *     decode pushes opts.callback, job, 1, true; its result copies up to 8
@@ -43,6 +45,8 @@
  *       opts.result       "copy" (default); "raise": result raises an error;
  *                         "null": result is NULL.
  *   testutil.done(job) -> boolean: all the job's threads have finished.
+ *   testutil.stop(job): the job's producers deliver no more items after the
+ *     one each is delivering (nor linger for until_closed).
  *   testutil.join(job) -> table
  *     Wait for the job's threads and forget the job. For produce: the
  *     number of delivers that returned each code, keyed by name
@@ -55,13 +59,29 @@
  *   testutil.reset()
  *     Zero the counters, free the graveyard, and forget the callbacks of
  *     this state. Only while no job runs and no item is queued anywhere.
+ *   testutil.bury()
+ *     Free the graveyard's items for good, keeping the counters: for long
+ *     runs. A second free of a buried item is no longer caught.
  *   testutil.fresh_state(code) -> true, values... | false, message
  *     Run the Lua chunk `code` in a new Lua state with the standard
  *     libraries and the caller's package.path and package.cpath, then close
  *     that state. Returns the chunk's values (nil, booleans, numbers,
  *     strings) or its error.
  *   testutil.strerror(code) -> bgw_api.strerror(code)
- *   testutil.set_capacity(n) -> the name of bgw_api.set_capacity(L, n)'s code
+ *   testutil.set_capacity(n) -> the name of bgw_api.set_capacity(L, n)'s code;
+ *     n is converted to size_t as C converts it: -1 is SIZE_MAX.
+ *   testutil.acquire() -> handle (a light userdata): bgw_api.acquire(L),
+ *     held until testutil.release(handle). Handles are plain pointers:
+ *     releasing one twice, or producing with it after its release, is the
+ *     caller misuse that bgworker reports and refuses.
+ *   testutil.release(handle): bgw_api.release(handle).
+ *   testutil.fork() -> pid in the parent, 0 in the child (raises on failure).
+ *   testutil.waitpid(pid, timeout) -> the child's exit status (128 + signal
+ *     when killed), or nil if it is still running after `timeout` seconds.
+ *   testutil.kill(pid): SIGKILL the child and reap it.
+ *   testutil._exit(status): end this process at once, running no atexit
+ *     handler and closing no Lua state.
+ *   testutil.fd_open(fd) -> whether descriptor fd is open in this process.
  *   testutil.api() -> {version, size, client_size}: the published table's
  *     version and size, and sizeof(bgw_api) in this build.
  *   testutil.NOWAIT, testutil.FOREVER: BGW_NOWAIT, BGW_FOREVER.
@@ -70,6 +90,11 @@
 
 #include <limits.h>
 #include <pthread.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -265,7 +290,7 @@ typedef struct job job;
 typedef struct worker {
     job *job;
     int id; /* 1-based producer id; the job id for a call */
-    bgw_handle *handle; /* the thread's; it releases it when it ends */
+    bgw_handle *handle; /* the thread's; it releases it when it ends, unless held */
     pthread_t thread;
     unsigned rng;
     long counts[NCODES + 1];
@@ -286,12 +311,14 @@ struct job {
     int until_closed;
     int timeout_ms;
     size_t payload;
+    int held; /* the workers use a handle from testutil.acquire(): not theirs to release */
 
     /* Threads wait here until all of them exist: either all run or none. */
     pthread_mutex_t gate_lock;
     pthread_cond_t gate_cond;
     enum gate gate;
     atomic_int running; /* threads not yet finished */
+    atomic_int stopping; /* testutil.stop(): producers deliver no more */
 
     int code; /* call: what call returned */
     reply reply; /* call: copied from the thread's stack after call */
@@ -337,13 +364,13 @@ static int deliver_one(worker *w, long seq)
 
 static void produce(worker *w)
 {
-    const job *j = w->job;
+    job *j = w->job;
     struct timespec ms = {0, 1000000L};
     long seq, extra;
     int closed = 0;
-    for (seq = 1; seq <= j->items; seq++)
+    for (seq = 1; seq <= j->items && !atomic_load_explicit(&j->stopping, memory_order_relaxed); seq++)
         deliver_one(w, seq);
-    for (extra = 0; closed < j->until_closed && extra < MAX_LINGER; extra++) {
+    for (extra = 0; closed < j->until_closed && extra < MAX_LINGER && !atomic_load(&j->stopping); extra++) {
         nanosleep(&ms, NULL);
         closed += deliver_one(w, seq++) == BGW_CLOSED;
     }
@@ -377,7 +404,8 @@ static void *worker_thread(void *arg)
         else
             produce(w);
     }
-    j->api.release(w->handle);
+    if (!j->held)
+        j->api.release(w->handle);
     atomic_fetch_sub(&j->running, 1);
     return NULL;
 }
@@ -442,6 +470,7 @@ static int start_job(lua_State *L, int is_call)
     const bgw_api *api = bgw_api_get(L);
     job opts, *j;
     int decode, null_handle, i, created;
+    bgw_handle *held;
 
     luaL_checktype(L, 1, LUA_TTABLE);
     if (api == NULL)
@@ -461,6 +490,12 @@ static int start_job(lua_State *L, int is_call)
     opts.result = result_fns[opt_choice(L, "result", results)];
     lua_getfield(L, 1, "null_handle");
     null_handle = lua_toboolean(L, -1);
+    lua_getfield(L, 1, "handle");
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TLIGHTUSERDATA)
+        return luaL_error(L, "testutil: opts.handle must come from testutil.acquire()");
+    held = (bgw_handle *)lua_touserdata(L, -1);
+    opts.held = held != NULL;
+    lua_pop(L, 1);
     lua_getfield(L, 1, "callback");
     if (decode == 0 && lua_type(L, -1) != LUA_TFUNCTION)
         return luaL_error(L, "testutil: opts.callback must be a function");
@@ -475,6 +510,7 @@ static int start_job(lua_State *L, int is_call)
     pthread_mutex_init(&j->gate_lock, NULL);
     pthread_cond_init(&j->gate_cond, NULL);
     atomic_init(&j->running, j->nworkers);
+    atomic_init(&j->stopping, 0);
     pthread_mutex_lock(&jobs_lock);
     j->id = ++last_job_id;
     pthread_mutex_unlock(&jobs_lock);
@@ -483,7 +519,7 @@ static int start_job(lua_State *L, int is_call)
         w->job = j;
         w->id = is_call ? j->id : i + 1;
         w->rng = 2654435761u * (unsigned)(i + 1);
-        w->handle = null_handle ? NULL : api->acquire(L);
+        w->handle = null_handle ? NULL : held != NULL ? held : api->acquire(L);
     }
     for (created = 0; created < j->nworkers; created++)
         if (pthread_create(&j->workers[created].thread, NULL, worker_thread, &j->workers[created]))
@@ -493,7 +529,7 @@ static int start_job(lua_State *L, int is_call)
         for (i = 0; i < j->nworkers; i++)
             if (i < created)
                 pthread_join(j->workers[i].thread, NULL);
-            else
+            else if (!j->held)
                 api->release(j->workers[i].handle);
         free_job(j);
         return luaL_error(L, "testutil: pthread_create failed");
@@ -532,6 +568,12 @@ static job *find_job(lua_State *L, int unlink)
     if (j == NULL)
         luaL_argerror(L, 1, "no such job");
     return j;
+}
+
+static int tu_stop(lua_State *L)
+{
+    atomic_store(&find_job(L, 0)->stopping, 1);
+    return 0;
 }
 
 static int tu_done(lua_State *L)
@@ -605,15 +647,10 @@ static int tu_counters(lua_State *L)
     return 1;
 }
 
-static int tu_reset(lua_State *L)
+static int tu_bury(lua_State *L)
 {
     item *dead;
-    atomic_store(&counters.allocated, 0);
-    atomic_store(&counters.freed, 0);
-    atomic_store(&counters.double_frees, 0);
-    atomic_store(&counters.stale_decodes, 0);
-    atomic_store(&counters.decodes, 0);
-    atomic_store(&counters.results, 0);
+    (void)L;
     pthread_mutex_lock(&graveyard_lock);
     dead = graveyard;
     graveyard = NULL;
@@ -623,6 +660,18 @@ static int tu_reset(lua_State *L)
         free(dead);
         dead = next;
     }
+    return 0;
+}
+
+static int tu_reset(lua_State *L)
+{
+    atomic_store(&counters.allocated, 0);
+    atomic_store(&counters.freed, 0);
+    atomic_store(&counters.double_frees, 0);
+    atomic_store(&counters.stale_decodes, 0);
+    atomic_store(&counters.decodes, 0);
+    atomic_store(&counters.results, 0);
+    tu_bury(L);
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, CALLBACKS_KEY);
     return 0;
@@ -714,9 +763,99 @@ static int tu_strerror(lua_State *L)
 static int tu_set_capacity(lua_State *L)
 {
     lua_Integer capacity = luaL_checkinteger(L, 1);
-    luaL_argcheck(L, capacity >= 0, 1, "capacity must be >= 0");
     lua_pushstring(L, checked_api(L)->strerror(checked_api(L)->set_capacity(L, (size_t)capacity)));
     return 1;
+}
+
+static int tu_acquire(lua_State *L)
+{
+    bgw_handle *handle = checked_api(L)->acquire(L);
+    if (handle == NULL)
+        return luaL_error(L, "testutil: bgw_api.acquire returned NULL");
+    lua_pushlightuserdata(L, handle);
+    return 1;
+}
+
+static int tu_release(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
+    checked_api(L)->release((bgw_handle *)lua_touserdata(L, 1));
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Processes                                                          */
+
+static int tu_fork(lua_State *L)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return luaL_error(L, "testutil: fork failed");
+    lua_pushinteger(L, pid);
+    return 1;
+}
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static int tu_waitpid(lua_State *L)
+{
+    pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+    double deadline = now() + luaL_checknumber(L, 2);
+    struct timespec ms = {0, 1000000L};
+    int status;
+    for (;;) {
+        pid_t got = waitpid(pid, &status, WNOHANG);
+        if (got == pid) {
+            lua_pushinteger(L, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+            return 1;
+        }
+        if (got < 0)
+            return luaL_error(L, "testutil: waitpid(%d) failed", (int)pid);
+        if (now() > deadline) {
+            lua_pushnil(L);
+            return 1;
+        }
+        nanosleep(&ms, NULL);
+    }
+}
+
+static int tu_kill(lua_State *L)
+{
+    pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+    int status;
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return 0;
+}
+
+static int tu_exit(lua_State *L)
+{
+    _exit((int)luaL_checkinteger(L, 1));
+}
+
+static int tu_fd_open(lua_State *L)
+{
+    lua_pushboolean(L, fcntl((int)luaL_checkinteger(L, 1), F_GETFD) != -1);
+    return 1;
+}
+
+/* A child forked while one of our locks was held would find it held for
+ * good: take them around fork(), as a utility library should. */
+static void lock_all(void)
+{
+    pthread_mutex_lock(&jobs_lock);
+    pthread_mutex_lock(&graveyard_lock);
+}
+
+static void unlock_all(void)
+{
+    pthread_mutex_unlock(&graveyard_lock);
+    pthread_mutex_unlock(&jobs_lock);
 }
 
 static int tu_api(lua_State *L)
@@ -738,15 +877,27 @@ int luaopen_bgworker_testutil(lua_State *L)
         {"produce", tu_produce},
         {"call", tu_call},
         {"done", tu_done},
+        {"stop", tu_stop},
         {"join", tu_join},
         {"counters", tu_counters},
         {"reset", tu_reset},
+        {"bury", tu_bury},
         {"fresh_state", tu_fresh_state},
         {"strerror", tu_strerror},
         {"set_capacity", tu_set_capacity},
         {"api", tu_api},
+        {"acquire", tu_acquire},
+        {"release", tu_release},
+        {"fork", tu_fork},
+        {"waitpid", tu_waitpid},
+        {"kill", tu_kill},
+        {"_exit", tu_exit},
+        {"fd_open", tu_fd_open},
         {NULL, NULL},
     };
+    static atomic_flag fork_handlers = ATOMIC_FLAG_INIT;
+    if (!atomic_flag_test_and_set(&fork_handlers))
+        pthread_atfork(lock_all, unlock_all, unlock_all);
     lua_getfield(L, LUA_REGISTRYINDEX, CALLBACKS_KEY);
     if (lua_isnil(L, -1)) {
         lua_newtable(L);

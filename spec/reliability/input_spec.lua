@@ -106,7 +106,7 @@ describe("bad input", function()
     end)
 
     it("functions without arguments ignore extra ones, started or not", function()
-      local names = { "greeted", "fd", "stop", "pending", "running", "sender", "stats", "poll" }
+      local names = { "greeted", "fd", "stop", "pending", "running", "run", "guard", "sender", "stats", "poll" }
       for _, started in ipairs { false, true } do
         if started then core.start(port) end
         for _, case in ipairs(VALUES) do

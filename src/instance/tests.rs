@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::signal::FdKind;
+use crate::wait::Wait;
 use std::ffi::{c_int, c_void};
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -33,12 +34,16 @@ fn payload(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> *mut c_void
     Box::into_raw(Box::new(Payload { producer, seq, freed: freed.clone() })) as *mut c_void
 }
 
+fn owned_payload(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> crate::item::Payload {
+    unsafe { crate::item::Payload::new(payload(producer, seq, freed), Some(free_payload)) }
+}
+
 fn item(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> Item {
-    Item::new(never_decoded, payload(producer, seq, freed), Some(free_payload), None)
+    Item::new(never_decoded, owned_payload(producer, seq, freed), None)
 }
 
 fn peek(item: &Item) -> (usize, usize) {
-    let payload = unsafe { &*(item.data as *const Payload) };
+    let payload = unsafe { &*(item.data() as *const Payload) };
     (payload.producer, payload.seq)
 }
 
@@ -46,7 +51,7 @@ fn peek(item: &Item) -> (usize, usize) {
 fn started(capacity: Option<usize>) -> (Instance, UdpSocket) {
     let reader = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut instance = Instance::default();
-    instance.set_capacity(capacity);
+    instance.set_capacity(capacity).unwrap();
     instance.start(Signal::udp(reader.local_addr().unwrap().port()).unwrap()).unwrap();
     reader.connect(instance.sender().unwrap()).unwrap();
     (instance, reader)
@@ -74,7 +79,7 @@ fn many_producers_exactly_once_in_order_with_coalesced_wakeups() {
             let (shared, freed) = (shared.clone(), freed.clone());
             thread::spawn(move || {
                 for seq in 0..ITEMS {
-                    assert_eq!(shared.deliver(item(p, seq, &freed), Wait::Forever), Status::Ok);
+                    assert_eq!(shared.submit(item(p, seq, &freed), Wait::Forever), Status::Ok);
                 }
             })
         })
@@ -109,12 +114,12 @@ fn stop_cancels_pending_items_and_later_delivers_are_closed() {
     let (mut instance, _reader) = started(None);
     let shared = instance.shared().clone();
     for seq in 0..10 {
-        assert_eq!(shared.deliver(item(0, seq, &freed), Wait::No), Status::Ok);
+        assert_eq!(shared.submit(item(0, seq, &freed), Wait::No), Status::Ok);
     }
     assert_eq!(instance.pending(), 10);
     assert_eq!(instance.stop(), 10);
     assert_eq!(freed.load(SeqCst), 10);
-    assert_eq!(shared.deliver(item(0, 10, &freed), Wait::No), Status::Closed);
+    assert_eq!(shared.submit(item(0, 10, &freed), Wait::No), Status::Closed);
     assert_eq!(freed.load(SeqCst), 11, "a refused item is freed before deliver returns");
     let stats = instance.stats();
     assert_eq!((stats.cancelled, stats.rejected, stats.delivered), (10, 1, 10));
@@ -144,10 +149,10 @@ fn a_handle_outlives_the_instance() {
     let freed = Arc::new(AtomicUsize::new(0));
     let (instance, _reader) = started(None);
     let shared = instance.shared().clone();
-    shared.deliver(item(0, 0, &freed), Wait::No);
+    shared.submit(item(0, 0, &freed), Wait::No);
     drop(instance);
     assert_eq!(freed.load(SeqCst), 1, "closing frees what is pending");
-    assert_eq!(shared.deliver(item(0, 1, &freed), Wait::Forever), Status::Closed);
+    assert_eq!(shared.submit(item(0, 1, &freed), Wait::Forever), Status::Closed);
     assert_eq!(freed.load(SeqCst), 2);
 }
 
@@ -156,16 +161,16 @@ fn bounded_queue_full_timeout_and_blocking() {
     let freed = Arc::new(AtomicUsize::new(0));
     let (mut instance, _reader) = started(Some(2));
     let shared = instance.shared().clone();
-    assert_eq!(shared.deliver(item(0, 0, &freed), Wait::No), Status::Ok);
-    assert_eq!(shared.deliver(item(0, 1, &freed), Wait::No), Status::Ok);
-    assert_eq!(shared.deliver(item(0, 2, &freed), Wait::No), Status::Full);
+    assert_eq!(shared.submit(item(0, 0, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.submit(item(0, 1, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.submit(item(0, 2, &freed), Wait::No), Status::Full);
     let soon = Instant::now() + Duration::from_millis(10);
-    assert_eq!(shared.deliver(item(0, 3, &freed), Wait::Until(soon)), Status::Timeout);
+    assert_eq!(shared.submit(item(0, 3, &freed), Wait::Until(soon)), Status::Timeout);
     assert_eq!(freed.load(SeqCst), 2);
 
     let blocked = {
         let (shared, freed) = (shared.clone(), freed.clone());
-        thread::spawn(move || shared.deliver(item(0, 4, &freed), Wait::Forever))
+        thread::spawn(move || shared.submit(item(0, 4, &freed), Wait::Forever))
     };
     thread::sleep(Duration::from_millis(20));
     assert!(!blocked.is_finished(), "a blocking deliver into a full queue must wait");
@@ -182,10 +187,10 @@ fn stop_releases_a_producer_blocked_on_a_full_queue() {
     let freed = Arc::new(AtomicUsize::new(0));
     let (mut instance, _reader) = started(Some(1));
     let shared = instance.shared().clone();
-    assert_eq!(shared.deliver(item(0, 0, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.submit(item(0, 0, &freed), Wait::No), Status::Ok);
     let blocked = {
         let (shared, freed) = (shared.clone(), freed.clone());
-        thread::spawn(move || shared.deliver(item(0, 1, &freed), Wait::Forever))
+        thread::spawn(move || shared.submit(item(0, 1, &freed), Wait::Forever))
     };
     thread::sleep(Duration::from_millis(20));
     assert_eq!(instance.stop(), 1);
@@ -195,7 +200,7 @@ fn stop_releases_a_producer_blocked_on_a_full_queue() {
 
 #[test]
 fn wake_forces_a_datagram() {
-    let (instance, reader) = started(None);
+    let (mut instance, reader) = started(None);
     assert_eq!(receive_all(&reader), 0);
     assert!(instance.wake());
     thread::sleep(Duration::from_millis(10));
@@ -212,8 +217,8 @@ mod round_trip {
     fn call(shared: &Arc<Shared>, freed: &Arc<AtomicUsize>, timeout_ms: u64) -> thread::JoinHandle<Status> {
         let (shared, freed) = (shared.clone(), freed.clone());
         thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-            shared.call(never_decoded, no_result, payload(9, 0, &freed), Some(free_payload), Some(deadline))
+            let wait = Wait::Until(Instant::now() + Duration::from_millis(timeout_ms));
+            shared.submit(Item::new(never_decoded, owned_payload(9, 0, &freed), Some(no_result)), wait)
         })
     }
 
@@ -288,7 +293,7 @@ fn stats_are_consistent_under_concurrent_delivery() {
         let (shared, freed, done) = (shared.clone(), freed.clone(), done.clone());
         thread::spawn(move || {
             for seq in 0..10_000 {
-                shared.deliver(item(0, seq, &freed), Wait::No);
+                shared.submit(item(0, seq, &freed), Wait::No);
             }
             *done.lock().unwrap() = true;
         })
@@ -318,8 +323,8 @@ fn a_descriptor_signal_is_readable_until_the_empty_poll_clears_it() {
             unsafe { libc::poll(&mut pollfd, 1, 0) == 1 }
         };
         let shared = instance.shared().clone();
-        shared.deliver(item(0, 0, &freed), Wait::No);
-        shared.deliver(item(0, 1, &freed), Wait::No);
+        shared.submit(item(0, 0, &freed), Wait::No);
+        shared.submit(item(0, 1, &freed), Wait::No);
         assert!(readable(), "{kind:?}: the first deliver signals");
         assert!(instance.take_next().is_some() && instance.take_next().is_some());
         assert!(readable(), "{kind:?}: still readable until the drain ends");
@@ -337,31 +342,31 @@ fn the_capacity_changes_while_running_and_a_stop_clears_it() {
     let (mut instance, reader) = started(None);
     let shared = instance.shared().clone();
     for seq in 0..3 {
-        assert_eq!(shared.deliver(item(0, seq, &freed), Wait::No), Status::Ok);
+        assert_eq!(shared.submit(item(0, seq, &freed), Wait::No), Status::Ok);
     }
     // Bounded now, with 3 queued: full until the reader took two.
-    instance.set_capacity(Some(2));
-    assert_eq!(shared.deliver(item(0, 3, &freed), Wait::No), Status::Full);
+    instance.set_capacity(Some(2)).unwrap();
+    assert_eq!(shared.submit(item(0, 3, &freed), Wait::No), Status::Full);
     let blocked = {
         let (shared, freed) = (shared.clone(), freed.clone());
-        thread::spawn(move || shared.deliver(item(0, 4, &freed), Wait::Forever))
+        thread::spawn(move || shared.submit(item(0, 4, &freed), Wait::Forever))
     };
     thread::sleep(Duration::from_millis(20));
     assert!(!blocked.is_finished());
     // Unbounded again: the waiting producer goes through.
-    instance.set_capacity(None);
+    instance.set_capacity(None).unwrap();
     assert_eq!(blocked.join().unwrap(), Status::Ok);
     let seqs: Vec<_> = std::iter::from_fn(|| instance.take_next()).map(|item| peek(&item).1).collect();
     assert_eq!(seqs, vec![0, 1, 2, 4]);
 
     // Set while stopped: it bounds the next start, and its stop clears it.
     instance.stop();
-    instance.set_capacity(Some(1));
+    instance.set_capacity(Some(1)).unwrap();
     let restart = |instance: &mut Instance| instance.start(Signal::udp(reader.local_addr().unwrap().port()).unwrap());
     restart(&mut instance).unwrap();
     assert_eq!(instance.capacity(), Some(1));
-    assert_eq!(shared.deliver(item(0, 5, &freed), Wait::No), Status::Ok);
-    assert_eq!(shared.deliver(item(0, 6, &freed), Wait::No), Status::Full);
+    assert_eq!(shared.submit(item(0, 5, &freed), Wait::No), Status::Ok);
+    assert_eq!(shared.submit(item(0, 6, &freed), Wait::No), Status::Full);
     instance.stop();
     restart(&mut instance).unwrap();
     assert_eq!(instance.capacity(), None);

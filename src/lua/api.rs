@@ -1,5 +1,6 @@
 //! The registry side of the C contract: publishing `bgw_api`, `acquire`,
-//! and the two lifetime guarantees the header makes.
+//! `set_capacity`, the two lifetime guarantees the header makes, and the
+//! fork handlers' installation.
 //!
 //! 1. *bgworker stays loaded.* Handles outlive their state, and their
 //!    functions live in this library; `lua_close` would otherwise unload it
@@ -14,12 +15,15 @@
 //!    closers do nothing when collected: only the current one acts.
 
 use std::ffi::{c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Once;
 
 use mlua::ffi::*;
 
 use super::{InstanceCell, INSTANCE_KEY};
 use crate::capi::{self, Api, Handle, API_VERSION};
+use crate::fork;
+use crate::instance::CapacityError;
 use crate::status::{self, Status};
 
 /// `BGW_REGISTRY_KEY` of the header.
@@ -41,8 +45,6 @@ static API: Api = Api {
     token_release: capi::token_release,
 };
 
-/// # Safety
-/// `state` is valid.
 pub unsafe fn publish(state: *mut lua_State) {
     unsafe {
         lua_pushlightuserdata(state, &API as *const Api as *mut c_void);
@@ -79,13 +81,15 @@ unsafe extern "C-unwind" fn acquire(state: *mut c_void) -> *mut Handle {
 /// `bgw_api.set_capacity`.
 unsafe extern "C-unwind" fn set_capacity(state: *mut c_void, capacity: usize) -> c_int {
     let state = state as *mut lua_State;
-    match unsafe { instance_cell(state) }.and_then(|cell| cell.instance.as_mut()) {
-        Some(instance) if !instance.is_closed() => {
-            instance.set_capacity((capacity > 0).then_some(capacity));
-            Status::Ok.code()
-        }
-        _ => Status::Closed.code(),
-    }
+    let status = match unsafe { instance_cell(state) }.and_then(|cell| cell.instance.as_mut()) {
+        Some(instance) if !instance.is_closed() => match instance.set_capacity((capacity > 0).then_some(capacity)) {
+            Ok(()) => Status::Ok,
+            Err(CapacityError::TooLarge) => Status::Invalid,
+            Err(CapacityError::Inherited(_)) => Status::Closed,
+        },
+        _ => Status::Closed,
+    };
+    status.code()
 }
 
 unsafe fn install_closer(state: *mut lua_State) {
@@ -112,6 +116,17 @@ unsafe extern "C-unwind" fn closer_gc(state: *mut lua_State) -> c_int {
         }
     }
     0
+}
+
+/// Install the fork handlers of `fork.rs`, once per process. A swap rather
+/// than a `Once`: a `Once` left running by a parent thread would block a
+/// forked child.
+pub fn watch_forks() {
+    static WATCHING: AtomicBool = AtomicBool::new(false);
+    if !WATCHING.swap(true, Relaxed) {
+        // The handlers are in this library, which stays loaded (guarantee 1).
+        unsafe { libc::pthread_atfork(Some(fork::prepare), Some(fork::parent), Some(fork::child)) };
+    }
 }
 
 /// Pin this shared library for the life of the process (guarantee 1).

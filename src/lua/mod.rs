@@ -5,10 +5,30 @@
 //! binding uses mlua's raw C API (`mlua::ffi`, `module` feature): the hot
 //! path (`poll`) and the registry contract need the Lua stack itself, and
 //! errors must reach Lua as plain strings.
+//!
+//! # Safety: the rule for every `unsafe` in this module and below
+//!
+//! The binding is a set of C functions that Lua calls, and the C API
+//! functions of `api.rs` that a utility library calls on its Lua thread.
+//! Each `unsafe` block here relies on the same three things, and says more
+//! only where it relies on something else:
+//!
+//! 1. The `lua_State *` is the one Lua called us with (or that the utility
+//!    library passed on its Lua thread): valid, and ours until we return.
+//! 2. We keep to the stack we were given: Lua guarantees `LUA_MINSTACK`
+//!    free slots on entry, and a function that pushes more calls
+//!    `luaL_checkstack` first.
+//! 3. No error of ours or of user code (decode, result, `__tostring`)
+//!    leaves a frame that owns a Rust value with a destructor: functions
+//!    return `LuaResult` and only their thin `extern` wrapper raises, after
+//!    everything is dropped (`raise.rs`), and user code runs under
+//!    `lua_pcall`. Lua's own memory error is the exception: it can leave
+//!    from any push, and then what the frame owned is leaked, not freed.
 
 mod api;
-mod error;
+mod args;
 mod poll;
+mod raise;
 mod token;
 
 use std::ffi::{c_int, CStr};
@@ -16,14 +36,17 @@ use std::ptr;
 
 use mlua::ffi::*;
 
-use crate::instance::Instance;
+use crate::instance::{CapacityError, Instance};
+use crate::room::MAX_CAPACITY;
 use crate::signal::{FdKind, Signal};
-use error::{integer_in, push_str, LuaResult, Raise};
+use args::integer_in;
+use raise::{push_str, LuaResult, Raise};
 
 /// Registry field holding the state's instance userdata.
 const INSTANCE_KEY: &CStr = c"bgworker.core.instance";
 /// Metatable names live in the registry too: they must differ from the keys.
 const INSTANCE_METATABLE: &CStr = c"bgworker.core.Instance";
+const GUARD_METATABLE: &CStr = c"bgworker.core.Guard";
 
 /// The instance userdata. `None` once its state has closed it.
 struct InstanceCell {
@@ -31,20 +54,27 @@ struct InstanceCell {
 }
 
 /// The instance of the running function's first upvalue.
-///
-/// # Safety
-/// Called from a module function, whose upvalue 1 is the instance userdata.
 unsafe fn instance<'a>(state: *mut lua_State) -> LuaResult<&'a mut Instance> {
+    // Upvalue 1 of every function that calls this is an InstanceCell,
+    // alive while the function is.
     let cell = unsafe { lua_touserdata(state, lua_upvalueindex(1)) } as *mut InstanceCell;
-    // SAFETY: upvalue 1 is always an InstanceCell, alive while the function is.
     unsafe { (*cell).instance.as_mut() }.ok_or_else(|| Raise::Message("bgworker.core: the Lua state is closing".into()))
+}
+
+/// The instance, for a function `name` that would touch its run: refused
+/// in a forked child while the run inherited from the parent is there.
+unsafe fn owned<'a>(state: *mut lua_State, name: &str) -> LuaResult<&'a mut Instance> {
+    let instance = unsafe { instance(state) }?;
+    match instance.inherited() {
+        Some(inherited) => Err(Raise::Message(format!("bgworker.core.{name}: {inherited}"))),
+        None => Ok(instance),
+    }
 }
 
 /// Wrap an inner function as a `lua_CFunction` that raises its errors.
 macro_rules! lua_fn {
     ($name:ident => $inner:path) => {
         unsafe extern "C-unwind" fn $name(state: *mut lua_State) -> c_int {
-            // SAFETY: Lua calls us with a valid state.
             match unsafe { $inner(state) } {
                 Ok(n) => n,
                 Err(raise) => unsafe { raise.raise(state) },
@@ -66,12 +96,12 @@ lua_fn!(core_token => token::token);
 lua_fn!(core_alarm => alarm);
 lua_fn!(core_now => now);
 lua_fn!(core_running => running);
+lua_fn!(core_run => run);
+lua_fn!(core_guard => guard);
 lua_fn!(core_sender => sender);
 lua_fn!(core_stats => stats);
 lua_fn!(core_poll => poll::poll);
 lua_fn!(core_complete => poll::complete);
-
-const MAX_CAPACITY: f64 = i32::MAX as f64;
 
 /// The options table at `index`, if any: `capacity`, and (descriptor
 /// signal) `kind`.
@@ -89,23 +119,23 @@ unsafe fn start_options(state: *mut lua_State, index: c_int) -> LuaResult<StartO
             _ => {
                 return Err(Raise::Arg(
                     index,
-                    format!("opts must be a table or nil, got {}", error::type_name(state, index)),
+                    format!("opts must be a table or nil, got {}", args::type_name(state, index)),
                 ))
             }
         }
         lua_getfield(state, index, c"capacity".as_ptr());
         if lua_isnil(state, -1) == 0 {
             let capacity =
-                integer_in(state, -1, "opts.capacity", 1.0, MAX_CAPACITY).map_err(|m| Raise::Arg(index, m))?;
+                integer_in(state, -1, "opts.capacity", 1.0, MAX_CAPACITY as f64).map_err(|m| Raise::Arg(index, m))?;
             options.capacity = Some(capacity as usize);
         }
         lua_getfield(state, index, c"kind".as_ptr());
-        options.fd_kind = match error::string_at(state, -1).as_deref() {
+        options.fd_kind = match args::string_at(state, -1).as_deref() {
             None if lua_isnil(state, -1) != 0 => options.fd_kind,
             Some("eventfd") => FdKind::EventFd,
             Some("pipe") => FdKind::Pipe,
             _ => {
-                let got = error::describe(state, -1);
+                let got = args::describe(state, -1);
                 return Err(Raise::Arg(index, format!("opts.kind must be \"eventfd\", \"pipe\" or nil, got {got}")));
             }
         };
@@ -124,9 +154,13 @@ unsafe fn start_with<'a>(
         let instance = instance(state)?;
         let failed = |e: &dyn std::fmt::Display| Raise::Message(format!("bgworker.core: cannot start: {e}"));
         instance.can_start().map_err(|e| failed(&e))?;
+        if instance.inherited().is_some() {
+            // A forked child starts its own run: forget the parent's first.
+            instance.stop();
+        }
         let signal = make_signal(&options).map_err(|e| failed(&e))?;
         if options.capacity.is_some() {
-            instance.set_capacity(options.capacity);
+            instance.set_capacity(options.capacity).map_err(|e| capacity_error("start", e))?;
         }
         instance.start(signal).map_err(|e| failed(&e))?;
         Ok(instance)
@@ -172,7 +206,7 @@ unsafe fn start_greeting(state: *mut lua_State) -> LuaResult<c_int> {
 /// `greeted()`: true once a greeting with the token has arrived.
 unsafe fn greeted(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        let greeted = instance(state)?.signal().is_some_and(Signal::accept_greeting);
+        let greeted = owned(state, "greeted")?.signal().is_some_and(Signal::accept_greeting);
         lua_pushboolean(state, greeted as c_int);
     }
     Ok(1)
@@ -182,10 +216,10 @@ unsafe fn greeted(state: *mut lua_State) -> LuaResult<c_int> {
 /// first (0: unbounded), at once and for later starts.
 unsafe fn capacity(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        let instance = instance(state)?;
+        let instance = owned(state, "capacity")?;
         if lua_isnoneornil(state, 1) == 0 {
-            let n = integer_in(state, 1, "capacity", 0.0, MAX_CAPACITY).map_err(|m| Raise::Arg(1, m))?;
-            instance.set_capacity((n >= 1.0).then_some(n as usize));
+            let n = integer_in(state, 1, "capacity", 0.0, MAX_CAPACITY as f64).map_err(|m| Raise::Arg(1, m))?;
+            instance.set_capacity((n >= 1.0).then_some(n as usize)).map_err(|e| capacity_error("capacity", e))?;
         }
         match instance.capacity() {
             Some(n) => lua_pushinteger(state, n as lua_Integer),
@@ -198,7 +232,7 @@ unsafe fn capacity(state: *mut lua_State) -> LuaResult<c_int> {
 /// `fd()`: the descriptor of a descriptor signal, or nil.
 unsafe fn fd(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        match instance(state)?.reader_fd() {
+        match owned(state, "fd")?.reader_fd() {
             Some(fd) => lua_pushinteger(state, fd as lua_Integer),
             None => lua_pushnil(state),
         }
@@ -206,7 +240,8 @@ unsafe fn fd(state: *mut lua_State) -> LuaResult<c_int> {
     Ok(1)
 }
 
-/// `stop()`: the number of items cancelled.
+/// `stop()`: the number of items cancelled. In a forked child, forgets the
+/// run inherited from the parent (0 cancelled: its items are the parent's).
 unsafe fn stop(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
         let cancelled = instance(state)?.stop();
@@ -217,7 +252,7 @@ unsafe fn stop(state: *mut lua_State) -> LuaResult<c_int> {
 
 unsafe fn pending(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        let pending = instance(state)?.pending();
+        let pending = owned(state, "pending")?.pending();
         lua_pushinteger(state, pending as lua_Integer);
     }
     Ok(1)
@@ -225,7 +260,7 @@ unsafe fn pending(state: *mut lua_State) -> LuaResult<c_int> {
 
 unsafe fn wake(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        if !instance(state)?.wake() {
+        if !owned(state, "wake")?.wake() {
             return Err(Raise::Message("bgworker.core.wake: not started".into()));
         }
     }
@@ -247,7 +282,7 @@ unsafe fn alarm(state: *mut lua_State) -> LuaResult<c_int> {
                 Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds))
             }
             _ => {
-                let got = error::describe(state, 1);
+                let got = args::describe(state, 1);
                 return Err(Raise::Arg(1, format!("seconds must be a non-negative number or nil, got {got}")));
             }
         };
@@ -276,10 +311,62 @@ unsafe fn running(state: *mut lua_State) -> LuaResult<c_int> {
     Ok(1)
 }
 
+/// `run()`: the id of this process's current run, or nil when not started
+/// here.
+unsafe fn run(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        match instance(state)?.run_id() {
+            Some(id) => lua_pushinteger(state, id as lua_Integer),
+            None => lua_pushnil(state),
+        }
+    }
+    Ok(1)
+}
+
+/// What `guard()` returns: the run that was current when it was made.
+struct Guard {
+    run: Option<u64>,
+}
+
+/// `guard()`: a userdata that, when collected, stops the run that was
+/// current when it was made, if that run is still the current one.
+unsafe fn guard(state: *mut lua_State) -> LuaResult<c_int> {
+    unsafe {
+        let run = instance(state)?.run_id();
+        let guard = lua_newuserdata(state, std::mem::size_of::<Guard>()) as *mut Guard;
+        ptr::write(guard, Guard { run });
+        luaL_getmetatable(state, GUARD_METATABLE.as_ptr());
+        lua_setmetatable(state, -2);
+    }
+    Ok(1)
+}
+
+/// `__gc` of a guard; upvalue 1 is the instance userdata.
+unsafe extern "C-unwind" fn guard_gc(state: *mut lua_State) -> c_int {
+    unsafe {
+        // Only set as __gc of Guard userdata.
+        let run = (*(lua_touserdata(state, 1) as *const Guard)).run;
+        let cell = lua_touserdata(state, lua_upvalueindex(1)) as *mut InstanceCell;
+        if let Some(instance) = (*cell).instance.as_mut() {
+            if run.is_some() && instance.run_id() == run {
+                instance.stop();
+            }
+        }
+    }
+    0
+}
+
+fn capacity_error(function: &str, error: CapacityError) -> Raise {
+    Raise::Message(match error {
+        CapacityError::TooLarge => format!("bgworker.core.{function}: capacity must be at most {MAX_CAPACITY}"),
+        CapacityError::Inherited(inherited) => format!("bgworker.core.{function}: {inherited}"),
+    })
+}
+
 /// `sender()`: `"127.0.0.1", port`, or nil when not started.
 unsafe fn sender(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        match instance(state)?.sender() {
+        match owned(state, "sender")?.sender() {
             Some(addr) => {
                 let ip = addr.ip().to_string();
                 push_str(state, &ip);
@@ -296,7 +383,7 @@ unsafe fn sender(state: *mut lua_State) -> LuaResult<c_int> {
 
 unsafe fn stats(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        let fields = instance(state)?.stats().fields();
+        let fields = owned(state, "stats")?.stats().fields();
         lua_createtable(state, 0, fields.len() as c_int);
         for (name, value) in fields {
             lua_pushinteger(state, value as lua_Integer);
@@ -307,9 +394,9 @@ unsafe fn stats(state: *mut lua_State) -> LuaResult<c_int> {
 }
 
 unsafe extern "C-unwind" fn instance_gc(state: *mut lua_State) -> c_int {
+    // Only set as __gc of InstanceCell userdata. Closing frees the pending
+    // items now, while the utility libraries are still loaded.
     let cell = unsafe { lua_touserdata(state, 1) } as *mut InstanceCell;
-    // SAFETY: only set as __gc of InstanceCell userdata. Closing frees the
-    // pending items now, while the utility libraries are still loaded.
     if let Some(cell) = unsafe { cell.as_mut() } {
         drop(cell.instance.take());
     }
@@ -336,18 +423,24 @@ unsafe fn push_instance(state: *mut lua_State) {
 }
 
 /// # Safety
-/// Called by `require` with a valid state.
+/// Called by `require` with a valid state (the rule at the top).
 #[no_mangle]
 pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> c_int {
     unsafe {
         api::keep_this_library_loaded();
+        api::watch_forks();
         push_instance(state);
         let instance_index = lua_gettop(state);
         api::publish(state);
+        luaL_newmetatable(state, GUARD_METATABLE.as_ptr());
+        lua_pushvalue(state, instance_index);
+        lua_pushcclosure(state, guard_gc, 1);
+        lua_setfield(state, -2, c"__gc".as_ptr());
+        lua_pop(state, 1);
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
 
-        let functions: [(&CStr, lua_CFunction); 16] = [
+        let functions: [(&CStr, lua_CFunction); 18] = [
             (c"alarm", core_alarm),
             (c"now", core_now),
             (c"capacity", core_capacity),
@@ -361,6 +454,8 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             (c"wake", core_wake),
             (c"token", core_token),
             (c"running", core_running),
+            (c"run", core_run),
+            (c"guard", core_guard),
             (c"sender", core_sender),
             (c"stats", core_stats),
             (c"poll", core_poll),
@@ -374,6 +469,8 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         }
         push_str(state, env!("CARGO_PKG_VERSION"));
         lua_setfield(state, -2, c"version".as_ptr());
+        lua_pushinteger(state, MAX_CAPACITY as lua_Integer);
+        lua_setfield(state, -2, c"MAX_CAPACITY".as_ptr());
     }
     1
 }

@@ -11,8 +11,10 @@ use std::ptr;
 
 use mlua::ffi::*;
 
-use super::error::{error_text, type_name, LuaResult, Raise};
-use super::instance;
+use super::args::type_name;
+use super::raise::{error_text, LuaResult, Raise};
+use super::{instance, owned};
+use crate::fork;
 use crate::item::{DecodeFn, Item, ResultFn};
 use crate::status::Status;
 
@@ -21,16 +23,35 @@ const ROUND_TRIP_METATABLE: &CStr = c"bgworker.core.RoundTrip";
 /// A round trip between decode and its completion: owns the item, so data
 /// stays alive for `result`. Dropped unfinished (the callback was never
 /// completed, or the state closed): the waiter gets `BGW_CANCELLED`.
+///
+/// In a forked child, an inherited one is left alone: its waiter is a
+/// thread of the parent, whose lock this process must not take.
 struct RoundTripCell {
     item: Option<Item>,
+    generation: u64,
+}
+
+impl RoundTripCell {
+    /// The item, unless this process inherited it through fork(): then it
+    /// is forgotten, never freed nor finished here.
+    fn take(&mut self) -> Option<Item> {
+        let item = self.item.take();
+        if self.generation == fork::generation() {
+            return item;
+        }
+        std::mem::forget(item);
+        None
+    }
 }
 
 /// `poll()`: decode's values, or nothing when the queue is empty.
+///
+/// Decode is user code: it may collect a guard, which stops the run. So
+/// the instance is looked up again after it, never held across it.
 pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
-        let instance = instance(state)?;
         loop {
-            let Some(item) = instance.take_next() else {
+            let Some(item) = owned(state, "poll")?.take_next() else {
                 return Ok(0);
             };
             if let Some(reply) = item.reply() {
@@ -42,11 +63,11 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
             let base = lua_gettop(state);
             lua_pushcfunction(state, decode_trampoline);
             lua_pushlightuserdata(state, item.decode as *mut c_void);
-            lua_pushlightuserdata(state, item.data);
+            lua_pushlightuserdata(state, item.data());
             if lua_pcall(state, 2, LUA_MULTRET, 0) != LUA_OK {
                 let message = format!("bgworker: decode raised an error: {}", error_text(state, -1));
                 lua_settop(state, base);
-                instance.note_error();
+                note_error(state);
                 item.finish(Status::Error);
                 return Err(Raise::Message(message));
             }
@@ -57,7 +78,7 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
                     _ => format!("a {} first", type_name(state, base + 1)),
                 };
                 lua_settop(state, base);
-                instance.note_error();
+                note_error(state);
                 item.finish(Status::Error);
                 return Err(Raise::Message(format!("bgworker: decode must push a function first; it pushed {pushed}")));
             }
@@ -77,9 +98,16 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
     }
 }
 
+/// Count a failed decode, callback or result, if the state is still open.
+unsafe fn note_error(state: *mut lua_State) {
+    if let Ok(instance) = unsafe { instance(state) } {
+        instance.note_error();
+    }
+}
+
 unsafe extern "C-unwind" fn decode_trampoline(state: *mut lua_State) -> c_int {
     unsafe {
-        // SAFETY: poll pushed these two light userdata: decode and its data.
+        // Poll pushed these two light userdata: decode and its data.
         let decode: DecodeFn = std::mem::transmute::<*mut c_void, DecodeFn>(lua_touserdata(state, 1));
         let data = lua_touserdata(state, 2);
         lua_settop(state, 0);
@@ -94,7 +122,7 @@ unsafe extern "C-unwind" fn decode_trampoline(state: *mut lua_State) -> c_int {
 
 unsafe extern "C-unwind" fn result_trampoline(state: *mut lua_State) -> c_int {
     unsafe {
-        // SAFETY: complete pushed result and its data, then the values.
+        // Complete pushed result and its data, then the values.
         let result: ResultFn = std::mem::transmute::<*mut c_void, ResultFn>(lua_touserdata(state, 1));
         let data = lua_touserdata(state, 2);
         result(state.cast(), data, lua_gettop(state) - 2);
@@ -105,16 +133,16 @@ unsafe extern "C-unwind" fn result_trampoline(state: *mut lua_State) -> c_int {
 unsafe fn push_round_trip(state: *mut lua_State, item: Item) {
     unsafe {
         let cell = lua_newuserdata(state, std::mem::size_of::<RoundTripCell>()) as *mut RoundTripCell;
-        ptr::write(cell, RoundTripCell { item: Some(item) });
+        ptr::write(cell, RoundTripCell { item: Some(item), generation: fork::generation() });
         luaL_getmetatable(state, ROUND_TRIP_METATABLE.as_ptr());
         lua_setmetatable(state, -2);
     }
 }
 
 unsafe extern "C-unwind" fn round_trip_gc(state: *mut lua_State) -> c_int {
-    // SAFETY: only set as __gc of RoundTripCell userdata.
+    // Only set as __gc of RoundTripCell userdata.
     if let Some(cell) = unsafe { (lua_touserdata(state, 1) as *mut RoundTripCell).as_mut() } {
-        drop(cell.item.take());
+        drop(cell.take());
     }
     0
 }
@@ -125,19 +153,23 @@ unsafe extern "C-unwind" fn round_trip_gc(state: *mut lua_State) -> c_int {
 pub unsafe fn complete(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
         let cell = luaL_checkudata(state, 1, ROUND_TRIP_METATABLE.as_ptr()) as *mut RoundTripCell;
-        let Some(item) = (*cell).item.take() else {
+        if (*cell).generation != fork::generation() {
+            drop((*cell).take());
+            return Err(Raise::Message(
+                "bgworker: this round trip was polled before fork(); its caller waits in the parent".into(),
+            ));
+        }
+        let Some(item) = (*cell).take() else {
             return Err(Raise::Message("bgworker: this round trip is already complete".into()));
         };
         let values = lua_gettop(state) - 2;
         if lua_toboolean(state, 2) == 0 {
-            if let Ok(instance) = instance(state) {
-                instance.note_error();
-            }
+            note_error(state);
             item.finish(Status::Error);
             lua_settop(state, 3);
             return Err(Raise::Value);
         }
-        let round_trip = item.round_trip.as_ref().expect("a round-trip token holds a round trip");
+        let round_trip = item.round_trip().expect("a round-trip token holds a round trip");
         if !round_trip.reply.begin_result() {
             // The caller timed out while the callback ran: nobody to hand values to.
             drop(item);
@@ -146,16 +178,14 @@ pub unsafe fn complete(state: *mut lua_State) -> LuaResult<c_int> {
         luaL_checkstack(state, values + 3, ptr::null());
         lua_pushcfunction(state, result_trampoline);
         lua_pushlightuserdata(state, round_trip.result as *mut c_void);
-        lua_pushlightuserdata(state, item.data);
+        lua_pushlightuserdata(state, item.data());
         for index in 3..3 + values {
             lua_pushvalue(state, index);
         }
         if lua_pcall(state, values + 2, 0, 0) != LUA_OK {
             let message =
                 format!("bgworker: a round trip's result function raised an error: {}", error_text(state, -1));
-            if let Ok(instance) = instance(state) {
-                instance.note_error();
-            }
+            note_error(state);
             item.finish(Status::Error);
             return Err(Raise::Message(message));
         }
@@ -165,8 +195,6 @@ pub unsafe fn complete(state: *mut lua_State) -> LuaResult<c_int> {
 }
 
 /// Register the round-trip metatable and build the wrapper: pushes it.
-///
-/// # Safety
 /// `instance_index` holds the instance userdata.
 pub unsafe fn open(state: *mut lua_State, instance_index: c_int) {
     unsafe {

@@ -61,6 +61,7 @@ pub struct Api {
         timeout_ms: c_int,
     ) -> c_int,
     pub strerror: unsafe extern "C" fn(code: c_int) -> *const c_char,
+    /// Not called by this crate; mirrored so that the layout is the header's.
     pub set_capacity: unsafe extern "C-unwind" fn(state: *mut lua_State, capacity: usize) -> c_int,
     pub token_get: unsafe extern "C-unwind" fn(state: *mut lua_State, index: c_int) -> *mut TokenRef,
     pub token_cancelled: unsafe extern "C" fn(token: *const TokenRef) -> c_int,
@@ -105,4 +106,88 @@ pub fn keep_this_library_loaded() {
             libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE);
         }
     });
+}
+
+/// The layout test: `bgw_api` as the header declares it (compiled by the C
+/// compiler from `spec/native/abi_layout.c`), as the core publishes it
+/// (`bgworker::capi::Api`) and as this crate reads it (`Api`) must agree
+/// member for member, so that a mismatch fails here and not in a user's
+/// process. `make cargo-test` runs it; `CC` and `BGWORKER_LUA_INCDIR` (the
+/// directory of `lua.h`) say how to compile the C side.
+#[cfg(test)]
+mod layout {
+    use std::mem::{offset_of, size_of};
+    use std::path::Path;
+    use std::process::Command;
+
+    /// `bgw_api`'s members, in order. A new member is appended here, and to
+    /// the list in `spec/native/abi_layout.c`.
+    macro_rules! api_members {
+        ($layout:ident!($api:ty)) => {
+            $layout!($api; version, size, acquire, release, deliver, call, strerror, set_capacity, token_get,
+                token_cancelled, token_release)
+        };
+    }
+
+    fn field_size<S, F>(_field: fn(&S) -> &F) -> usize {
+        size_of::<F>()
+    }
+
+    /// `(member, offset, size)` of each member of a Rust mirror.
+    macro_rules! layout {
+        ($api:ty; $($member:ident),+) => {
+            vec![$((stringify!($member).to_string(), offset_of!($api, $member), field_size(|api: &$api| &api.$member))),+]
+        };
+    }
+
+    /// Compile and run the C side; its output as (name, numbers) lines.
+    fn c_side() -> Vec<(String, Vec<usize>)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let lua_include = std::env::var("BGWORKER_LUA_INCDIR").unwrap_or_else(|_| "/usr/include/lua5.4".into());
+        let program = std::env::temp_dir().join(format!("bgworker-abi-layout-{}", std::process::id()));
+        let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let compiled = Command::new(&compiler)
+            .args(["-std=c11", "-Wall", "-Werror", "-o"])
+            .arg(&program)
+            .arg(format!("-I{}", root.join("include").display()))
+            .arg(format!("-I{lua_include}"))
+            .arg(root.join("spec/native/abi_layout.c"))
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C compiler {compiler:?}: {e}"));
+        assert!(compiled.success(), "spec/native/abi_layout.c did not compile (BGWORKER_LUA_INCDIR={lua_include})");
+        let output = Command::new(&program).output().expect("the layout program runs");
+        std::fs::remove_file(&program).ok();
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut words = line.split_whitespace();
+                let name = words.next().unwrap().to_string();
+                (name, words.map(|n| n.parse().unwrap()).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_header_the_core_and_this_crate_agree_on_bgw_api() {
+        let c = c_side();
+        let value = |name: &str| c.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1[0];
+        let c_members: Vec<(String, usize, usize)> = c
+            .iter()
+            .filter(|(_, numbers)| numbers.len() == 2)
+            .map(|(name, numbers)| (name.clone(), numbers[0], numbers[1]))
+            .collect();
+        assert_eq!(value("end"), value("sizeof"), "the C list misses members at the end of bgw_api");
+
+        let core = api_members!(layout!(bgworker::capi::Api));
+        let util = api_members!(layout!(super::Api));
+        assert_eq!(core, c_members, "src/capi.rs's Api against bgworker.h");
+        assert_eq!(util, c_members, "bgworker-util's Api against bgworker.h");
+        assert_eq!(size_of::<bgworker::capi::Api>(), value("sizeof"));
+        assert_eq!(size_of::<super::Api>(), value("sizeof"));
+
+        assert_eq!(bgworker::capi::API_VERSION as usize, value("BGW_API_VERSION"));
+        assert_eq!(super::API_VERSION as usize, value("BGW_API_VERSION"));
+        assert_eq!(bgworker::room::MAX_CAPACITY, value("BGW_MAX_CAPACITY"));
+    }
 }

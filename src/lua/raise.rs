@@ -7,9 +7,11 @@
 //! `Raise::raise` moves its message onto the Lua stack and drops its own
 //! `String` before it jumps.
 
-use std::ffi::{c_int, CStr};
+use std::ffi::c_int;
 
 use mlua::ffi::*;
+
+use super::args::{string_at, type_name};
 
 pub enum Raise {
     /// `bad argument #n to 'f' (message)`.
@@ -21,8 +23,7 @@ pub enum Raise {
 }
 
 impl Raise {
-    /// # Safety
-    /// `state` is the running state, inside a C function called by Lua.
+    /// Only from the `extern` wrapper of a C function that Lua called.
     pub unsafe fn raise(self, state: *mut lua_State) -> ! {
         unsafe {
             match self {
@@ -45,18 +46,8 @@ impl Raise {
 
 pub type LuaResult<T> = Result<T, Raise>;
 
-/// # Safety
-/// `state` is valid and has a free stack slot.
 pub unsafe fn push_str(state: *mut lua_State, s: &str) {
     unsafe { lua_pushlstring(state, s.as_ptr().cast(), s.len()) };
-}
-
-/// The type name of the value at `index`, for messages.
-///
-/// # Safety
-/// `state` is valid.
-pub unsafe fn type_name(state: *mut lua_State, index: c_int) -> String {
-    unsafe { CStr::from_ptr(lua_typename(state, lua_type(state, index))) }.to_string_lossy().into_owned()
 }
 
 /// A readable form of an error value, for messages that wrap it: strings
@@ -64,10 +55,8 @@ pub unsafe fn type_name(state: *mut lua_State, index: c_int) -> String {
 /// objects have one), else their type.
 ///
 /// `__tostring` is user code that may raise, and our callers may own values
-/// with destructors, so it runs under `lua_pcall`.
-///
-/// # Safety
-/// `state` is valid and has two free stack slots.
+/// with destructors, so it runs under `lua_pcall`. Needs two free stack
+/// slots.
 pub unsafe fn error_text(state: *mut lua_State, index: c_int) -> String {
     unsafe {
         let index = lua_absindex(state, index);
@@ -97,51 +86,4 @@ unsafe extern "C-unwind" fn to_string(state: *mut lua_State) -> c_int {
         luaL_tolstring(state, 1, std::ptr::null_mut());
     }
     1
-}
-
-/// What was passed, for "got ..." in argument errors: numbers and strings
-/// by value, anything else by type.
-///
-/// # Safety
-/// `state` is valid.
-pub unsafe fn describe(state: *mut lua_State, index: c_int) -> String {
-    unsafe {
-        match lua_type(state, index) {
-            LUA_TNUMBER => format!("{}", lua_tonumber(state, index)),
-            LUA_TSTRING => format!("{:?}", string_at(state, index).unwrap_or_default()),
-            _ => type_name(state, index),
-        }
-    }
-}
-
-/// An integer argument within `min..=max`. Like `luaL_checkinteger`, it
-/// takes floats with an exact integer value and numeric strings (LuaSocket's
-/// `getsockname` returns the port as one).
-///
-/// # Safety
-/// `state` is valid.
-pub unsafe fn integer_in(state: *mut lua_State, index: c_int, what: &str, min: f64, max: f64) -> Result<f64, String> {
-    unsafe {
-        let n = lua_tonumber(state, index);
-        if lua_isnumber(state, index) != 0 && n.fract() == 0.0 && (min..=max).contains(&n) {
-            Ok(n)
-        } else {
-            Err(format!("{what} must be an integer in {min}..{max}, got {}", describe(state, index)))
-        }
-    }
-}
-
-/// The string at `index`, if it is one (numbers are not).
-///
-/// # Safety
-/// `state` is valid.
-pub unsafe fn string_at(state: *mut lua_State, index: c_int) -> Option<String> {
-    unsafe {
-        if lua_type(state, index) != LUA_TSTRING {
-            return None;
-        }
-        let mut len = 0;
-        let ptr = lua_tolstring(state, index, &mut len);
-        Some(String::from_utf8_lossy(std::slice::from_raw_parts(ptr.cast(), len)).into_owned())
-    }
 }
