@@ -7,12 +7,15 @@
 --   make examples            (examples-5.1 ... examples-jit)
 --
 -- Which examples run depends on the Lua version, as their loops do:
---   select, Copas 4 (the README's program), the Copas 1.x variant with Copas 4:
+--   select, Copas 4 (the README's program), the Copas 1.x variant and the C
+--   ticker (examples/c/ticker.c, from build/<ver>/) with Copas 4:
 --                              every version;
---   the Copas 1.x variant with Debian's Copas 1.2: Lua 5.1, 5.2 and LuaJIT;
+--   the Copas 1.x variant and the README's program's Copas 1.x ending with
+--   Debian's Copas 1.2:        Lua 5.1, 5.2 and LuaJIT;
 --   luv, cqueues:              Lua 5.1 to 5.4 (a missing one fails), and
 --                              LuaJIT when they load there (else pending);
 --   OpenResty:                 LuaJIT, in nginx with lua-nginx-module.
+-- (examples/demo.lua is `make demo`, a run of half a minute: not here.)
 --
 -- Its name does not match busted's _spec pattern: `busted spec` leaves it
 -- alone. Run from the top of the checkout. Environment (the Makefile sets
@@ -245,6 +248,17 @@ describe("examples/", function()
       check_run("examples/copas1.lua", LUA_PATH, COPAS1_OUTPUT, true)
     end)
   end
+
+  it("ticker_copas.lua: the C ticker's thread into Copas (make demo-ticker)", function()
+    local path = copas4_path()
+    need_copas(path, COPAS4_VERSION:match("^%d+"))
+    local expected = { "bgworker %d+%.%d+%.%d+: dispatching in a Copas loop" }
+    for i = 1, 5 do
+      expected[#expected + 1] = " *%d+%.%d+ s  TICK " .. i .. " OF 5"
+    end
+    expected[#expected + 1] = "done"
+    check_run("examples/ticker_copas.lua", path, expected)
+  end)
 
   -- luv and cqueues: required on Lua 5.1 to 5.4; under LuaJIT, Debian's
   -- builds for Lua 5.1 may load (then they run) or not (then pending).
