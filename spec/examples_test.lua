@@ -192,7 +192,7 @@ describe("the README's first program", function()
     assert.equals(harness.read_file(ROOT .. "/examples/copas.lua"), (readme_program()))
   end)
 
-  it("runs with Copas " .. COPAS4_VERSION .. " and prints what it promises", function()
+  it("runs, with Copas " .. COPAS4_VERSION .. ", and prints what it promises", function()
     local path = copas4_path()
     need_copas(path, COPAS4_VERSION:match("^%d+"))
     check_program(readme_program(), path, COPAS4_OUTPUT)
@@ -200,7 +200,7 @@ describe("the README's first program", function()
 
   -- Debian packages Copas 1.2 for these (and LuaJIT).
   if _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2" then
-    it("runs with Copas 1.2 as the README says: from the ticking thread on, its own loop", function()
+    it("ends with a loop of its own on Copas 1.2, as the README says", function()
       need_copas(LUA_PATH, "1")
       local program, ending = readme_program()
       local start = program:find("\nlocal ticks = 0\n", 1, true)
@@ -303,7 +303,8 @@ if IS_JIT then
   describe("examples/openresty", function()
     local server
 
-    setup(function()
+    -- Lazy: only when a test of the block runs (not under --filter).
+    lazy_setup(function()
       harness.check_requirements(BUILD, { "bgworker/core.so", "bgworker/pool_native.so",
         "bgworker/dns_native.so" })
       -- The example's configuration as a user adapts it: this build, this
@@ -325,7 +326,7 @@ if IS_JIT then
       server:start(harness.user_directive() .. " pid " .. server.dir .. "/nginx.pid;")
     end)
 
-    teardown(function()
+    lazy_teardown(function()
       if server then
         server:cleanup()
       end
