@@ -35,9 +35,10 @@ COPAS_SPECS := $(shell grep -lE 'support\.needs_copas|require "loops"' spec/*_sp
 copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
-.PHONY: all setup build dist demo demo-ticker docs test lint specs cargo-test rock-check nginx-test \
-        leakcheck soak bench bench-pool clean FORCE \
+.PHONY: all setup build dist demo demo-ticker docs test lint specs examples cargo-test rock-check \
+        nginx-test leakcheck soak bench bench-pool clean FORCE \
         $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS)) \
+        $(addprefix examples-,$(LUA_VERSIONS)) \
         $(addprefix copas-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 
 all: build
@@ -68,6 +69,10 @@ $(BUILD)/$(1)/.cargo: FORCE
 
 specs-$(1): build-$(1) copas-$(1)
 	$(call with_copas4,$(1),$(call lua_bin,$(1)) /usr/bin/busted spec)
+
+examples-$(1): build-$(1) copas-$(1)
+	$(call with_lua,$(1),BGWORKER_COPAS4_TREE=$(call copas_tree,$(1)) BGWORKER_COPAS_VERSION=$(COPAS_VERSION) \
+	  $(call lua_bin,$(1)) /usr/bin/busted spec/examples_test.lua)
 
 copas-$(1):
 	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) bash scripts/copas-tree $(1) $(call copas_tree,$(1))
@@ -112,9 +117,15 @@ DIST_LUA ?= $(LUA_VERSIONS)
 dist: setup
 	bash scripts/dist $(DIST_LUA)
 
-# The Lua API reference (LDoc) in build/docs.
-docs:
-	ldoc .
+# The Lua API reference (LDoc, config.ld) in build/docs. Anything LDoc says
+# beyond its two usual lines (a warning, a Markdown processor it lacks)
+# fails the target.
+docs: setup
+	@rm -rf $(BUILD)/docs && mkdir -p $(BUILD)
+	@ldoc --fatalwarnings . >$(BUILD)/ldoc.log 2>&1; status=$$?; \
+	  if grep -v -e '^reading configuration from config.ld$$' -e '^output written to ' $(BUILD)/ldoc.log >&2 \
+	    || [ $$status -ne 0 ]; then echo "make docs: ldoc warned or failed (above)" >&2; exit 1; fi
+	@echo "make docs: build/docs/index.html"
 
 # ---------------------------------------------------------------------------
 # Demos
@@ -131,7 +142,7 @@ demo-ticker: setup build-5.1
 # ---------------------------------------------------------------------------
 # Tests: `make test` is what CI runs.
 
-test: setup lint cargo-test specs rock-check nginx-test leakcheck
+test: setup lint docs cargo-test specs examples rock-check nginx-test leakcheck
 
 # The crates' own Lua tests embed a Lua 5.4 (`vendored`); clippy also checks
 # the `module` build, which compiles the luaopen entry points.
@@ -153,6 +164,11 @@ cargo-test:
 	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
 
 specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
+
+# Smoke runs of examples/ and of the README's first program on every Lua
+# version, each with the loops it has (spec/examples_test.lua); on LuaJIT
+# the OpenResty example in a real nginx.
+examples: $(addprefix examples-,$(LUA_VERSIONS))
 
 # Install the rocks of `make dist` with luarocks into fresh trees and run the
 # specs against them: each binary rock with no cargo on PATH, the source rock

@@ -1,5 +1,6 @@
--- The example run by `make demo`: a native library's background thread (the
--- C ticker, examples/c/ticker.c) delivers values into a Copas loop.
+-- The example run by `make demo-ticker`: a native library's background
+-- thread (the C ticker, examples/c/ticker.c) delivers values into a Copas
+-- loop.
 --
 -- While the ticker's thread sleeps between values, the loop is free: a
 -- second Copas thread answers TCP requests all along, and the ticker's
@@ -38,7 +39,7 @@ local t0 = socket.gettime()
 local dispatcher
 
 copas.addthread(function()
-  dispatcher = bgworker.copas()
+  dispatcher = bgworker.new { loop = "copas" }
   print(("%s: dispatching in a Copas loop"):format(bgworker._VERSION))
   local t
   t = ticker.start(TICKS, INTERVAL_MS, function(value)

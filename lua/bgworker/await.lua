@@ -35,6 +35,7 @@ local error, select = error, select
 local unpack = table.unpack or unpack
 
 --- Call `start(callback, token)` and wait for the callback.
+-- @function await
 -- @tparam function start starts the work
 -- @tparam[opt] number timeout seconds (non-negative); by default no limit
 -- @return `true` and the values the callback got; or `nil, "timeout"`, or

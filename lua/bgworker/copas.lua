@@ -22,6 +22,9 @@
 -- own on older versions. Their timeouts, and timers, fire through the
 -- core's alarm.
 --
+-- A dispatcher here has what every @{Dispatcher} has (`dispatch` raises:
+-- Copas drives it). `Copas` below is the class of these dispatchers.
+--
 -- @module bgworker.copas
 
 local args = require "bgworker.args"
@@ -45,7 +48,7 @@ local Copas = dispatcher.class("copas", { spawn = args.option.boolean })
 M.class = Copas
 Copas.gettime = core.now
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Copas versions
 
 -- Copas 1.x resumes a new thread with a nil socket before its arguments,
@@ -121,7 +124,7 @@ local function pause(self)
   end
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- The reader
 
 -- The reader's socket as Copas sees it: it reads only while its dispatcher
@@ -299,7 +302,7 @@ function Copas:wait()
   error(msg, 2)
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Waiting
 
 -- Copas 1.x waits on anything with getfd and closes the socket that

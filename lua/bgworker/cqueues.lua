@@ -26,6 +26,9 @@
 -- controller: it waits on a `cqueues.condition`, with the timeout given to
 -- `cqueues.poll`.
 --
+-- A dispatcher here has what every @{Dispatcher} has, and `loop` and the
+-- polling protocol (below: `Cqueues` is the class of these dispatchers).
+--
 -- @module bgworker.cqueues
 
 local args = require "bgworker.args"
@@ -129,7 +132,7 @@ function Cqueues.suspender()
   }
 end
 
---- A timer in the controller of the caller (or of `d:loop()`): `fn()` runs
+-- A timer in the controller of the caller (or of `d:loop()`): `fn()` runs
 -- in protected mode after `seconds`.
 function Cqueues:timer(seconds, fn)
   local cq = cqueues.running() or self.controller

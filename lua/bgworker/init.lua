@@ -15,7 +15,12 @@
 --     copas.loop()
 --
 -- Every loop's dispatcher is made the same way, `bgworker.new(opts)`, with
--- `opts.loop` naming the loop; one runs in a Lua state at a time.
+-- `opts.loop` naming the loop; one runs in a Lua state at a time. What
+-- every dispatcher has is on the page @{Dispatcher}.
+--
+-- The fields `pool`, `dns`, `await`, `select`, `luv`, `cqueues` and `ngx`
+-- are the modules @{bgworker.pool}, @{bgworker.dns}, ..., loaded on first
+-- use.
 --
 -- @module bgworker
 
@@ -28,7 +33,8 @@ local error, rawset, require, setmetatable, type = error, rawset, require, setme
 local bgworker = {
   --- The version of this module, "MAJOR.MINOR.PATCH".
   version = "0.1.0",
-  --- The native core this layer is built on (see docs/core.md).
+  --- The native core this layer is built on: the topic @{core.md} lists its
+  -- functions, `core.stats()` (the core's counters) among them.
   core = core,
   --- Items a dispatcher handles before it lets others run, by default.
   DEFAULT_BUDGET = dispatcher.DEFAULT_BUDGET,
@@ -77,8 +83,8 @@ end
 --   stderr.
 --   Each loop's page lists the options of its own (`kind`, `spawn`,
 --   `timeout`).
--- @return the dispatcher. Every dispatcher has `stop()` and `stats()`;
--- the loop's page tells the rest.
+-- @return the dispatcher: every @{Dispatcher} has `stop()`, `stats()` and
+-- `dispatch()`; the loop's page tells the rest.
 function bgworker.new(opts)
   local loop = type(opts) == "table" and opts.loop or "select"
   local d, err = open("bgworker.new", loop, opts)
@@ -88,6 +94,8 @@ end
 
 --- `bgworker.new(opts)` with `opts.loop = "copas"`: the name of earlier
 -- versions.
+-- @tparam[opt] table opts as for `new`
+-- @return the dispatcher (see @{bgworker.copas})
 function bgworker.copas(opts)
   local loop = type(opts) == "table" and opts.loop or "copas"
   local d, err = open("bgworker.copas", loop, opts)

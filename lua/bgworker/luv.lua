@@ -22,6 +22,9 @@
 -- suspended, and the dispatcher resumes it when the result (or a luv timer,
 -- for the timeout) comes.
 --
+-- A dispatcher here has what every @{Dispatcher} has; `dispatch` runs the
+-- waiting callbacks outside luv's turn too.
+--
 -- @module bgworker.luv
 
 local args = require "bgworker.args"
@@ -109,7 +112,7 @@ function Luv:suspender()
   return self:resuming_suspender(co)
 end
 
---- A luv timer: `fn()` runs in protected mode after `seconds`.
+-- A luv timer: `fn()` runs in protected mode after `seconds`.
 function Luv:timer(seconds, fn)
   local timer = uv.new_timer()
   timer:start(math.floor(seconds * 1000 + 0.5), 0, function()

@@ -11,22 +11,26 @@
 --
 --     init_worker_by_lua_block {
 --         require("bgworker").new { loop = "ngx" }
+--         workers = require("bgworker.pool").new { threads = 2 }
 --     }
 --
 --     content_by_lua_block {
---         local await = require "bgworker.await"
---         local ticker = require "bgworker.ticker"
---         local values = {}
---         local ok, result = await(function(done)
---             return ticker.start(3, 10, function(v)
---                 values[#values + 1] = v
---                 if v == 3 then done(values) end
---             end)
---         end, 5)
+--         local job = workers:submit(work, n)
+--         local ok, result = job:get(2)
+--         if ok == nil then -- "timeout"
+--             job:cancel()
+--             return ngx.exit(504)
+--         end
+--         ngx.say(result)
 --     }
 --
--- Waiting (`bgworker.await`, `job:get`) suspends the request's light thread
--- on an `ngx.semaphore`. See docs/openresty.md for the nginx settings.
+-- Waiting (`bgworker.await`, `job:get`, `pool:run`, `dns.toip`) suspends
+-- the request's light thread on an `ngx.semaphore`. See the topic
+-- @{openresty.md} for the nginx settings, and examples/openresty/ for a
+-- complete configuration.
+--
+-- A dispatcher here has what every @{Dispatcher} has (`dispatch` raises:
+-- the reader dispatches). `Ngx` below is the class of these dispatchers.
 --
 -- @module bgworker.ngx
 
@@ -88,7 +92,7 @@ end
 -- This worker's reader, once started.
 local reader
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- The reader
 
 -- Requests waiting (bgworker.await, job:get) keep an exiting worker's reader
@@ -294,7 +298,7 @@ end
 -- (kept here under the name of earlier versions).
 M.await = await
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Waiting
 
 function Ngx:suspender()
@@ -316,7 +320,7 @@ function Ngx:suspender()
   }
 end
 
---- An `ngx.timer.at` timer: `fn()` runs in protected mode after `seconds`.
+-- An `ngx.timer.at` timer: `fn()` runs in protected mode after `seconds`.
 -- (nginx timers cannot be cancelled: a cancelled one fires and does nothing.)
 function Ngx:timer(seconds, fn)
   local cancelled = false

@@ -46,7 +46,8 @@
 -- `PROGRESS_IN_FLIGHT` (64) of a job's progress items wait to be dispatched
 -- at a time: beyond that `progress` waits, so a job that reports faster than
 -- the loop drains is slowed, not buffered without bound) and `cancelled()`
--- (true once the job was cancelled, for jobs that check).
+-- (true once the job was cancelled, for jobs that check): see
+-- @{bgworker.worker}, and the topic @{jobs.md} for the whole story.
 --
 -- @module bgworker.pool
 
@@ -83,7 +84,7 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Functions
 
 -- Dumps of the functions submitted so far, so that a function submitted
@@ -122,7 +123,7 @@ local function job_function(fn)
   return code, false
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Pools
 
 local function check_pool(self, method)
@@ -384,7 +385,7 @@ function Pool:stats()
   return self.native:stats()
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Jobs
 
 local function check_job(self, method)

@@ -18,6 +18,9 @@
 -- the timeout) comes. Timeouts fire through the core's alarm, so a loop
 -- blocked in `socket.select` wakes for them.
 --
+-- A dispatcher here has what every @{Dispatcher} has, and `wait`, `getfd`
+-- and `dirty` (below: `Select` is the class of these dispatchers).
+--
 -- @module bgworker.select
 
 local args = require "bgworker.args"
@@ -124,7 +127,7 @@ function Select:wait(timeout)
   return 0
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Waiting
 
 -- Outside any coroutine: block, running this dispatcher.
