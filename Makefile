@@ -187,7 +187,7 @@ nginx-test: build-jit
 # Every spec under memcheck on Lua 5.4, the reliability specs at small sizes.
 # No suppressions: nothing is lost outside our code either (spec/reliability/README.md).
 leakcheck: setup build-5.4 copas-5.4
-	$(call with_copas4,5.4,BGWORKER_SMALL=1 valgrind --quiet --leak-check=full \
+	$(call with_copas4,5.4,BGWORKER_SMALL=1 valgrind --quiet --leak-check=full --show-leak-kinds=definite$(comma)indirect \
 	  --errors-for-leak-kinds=definite$(comma)indirect --error-exitcode=1 --num-callers=40 lua5.4 /usr/bin/busted spec)
 
 # 2-3 minutes of 4 producers into a bounded queue: exactly once and in order,
