@@ -11,6 +11,7 @@ pub mod fork;
 pub mod handle;
 pub mod instance;
 pub mod item;
+mod queue;
 pub mod reply;
 pub mod room;
 pub mod signal;
