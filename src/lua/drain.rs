@@ -57,7 +57,7 @@ use mlua::ffi::*;
 
 use super::args::{describe, type_name};
 use super::poll::push_round_trip;
-use super::raise::{error_text, push_str, Raise};
+use super::raise::{error_text, push_str, LuaResult, Raise};
 use super::{owned, InstanceCell};
 use crate::item::DecodeFn;
 use crate::status::Status;
@@ -164,36 +164,36 @@ pub const YIELDABLE: bool = cfg!(not(any(feature = "lua51", feature = "luajit"))
 
 /// `drain(limit)`; upvalues: the instance, the round-trip wrapper, the loop.
 pub unsafe extern "C-unwind" fn drain(state: *mut lua_State) -> c_int {
-    // Beyond c_int::MAX (the count's type on Lua 5.2), the drain stops
-    // there as if the limit ran out: the caller comes back for the rest.
-    let limit = match unsafe { (lua_isnumber(state, 1) != 0, lua_tonumber(state, 1)) } {
-        (true, n) if n >= 0.0 => n.min(c_int::MAX as f64) as c_int,
-        _ => {
-            let message = format!("limit must be a non-negative number, got {}", unsafe { describe(state, 1) });
-            unsafe { Raise::Arg(1, message).raise(state) }
-        }
+    let (limit, run, saved) = match unsafe { arguments(state) } {
+        Ok(arguments) => arguments,
+        Err(raise) => unsafe { raise.raise(state) },
     };
     unsafe {
-        let run = match owned(state, "drain") {
-            Ok(instance) => instance.run_id().unwrap_or(0),
-            Err(Raise::Message(refused)) => {
-                // A run inherited through fork(): an error to report, no item taken.
-                lua_pushinteger(state, 0);
-                lua_pushnil(state);
-                push_str(state, &refused);
-                return 3;
-            }
-            Err(other) => other.raise(state),
-        };
         lua_settop(state, 0);
         lua_pushinteger(state, limit as lua_Integer);
         lua_pushcfunction(state, message_handler);
-        let saved = (*cell(state)).instance.as_mut().map_or(0, |i| i.drain_state().taken);
         lua_pushinteger(state, saved as lua_Integer);
         lua_pushvalue(state, lua_upvalueindex(3));
         lua_pushinteger(state, limit as lua_Integer);
         lua_pushinteger(state, run as lua_Integer);
         calls::call_loop(state)
+    }
+}
+
+/// The limit, the run to drain (0: none) and the outer drain's count.
+unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, usize)> {
+    unsafe {
+        let instance = owned(state, "drain")?;
+        // Beyond c_int::MAX (the count's type on Lua 5.2), the drain stops
+        // there as if the limit ran out: the caller comes back for the rest.
+        let limit = match (lua_isnumber(state, 1) != 0, lua_tonumber(state, 1)) {
+            (true, n) if n >= 0.0 => n.min(c_int::MAX as f64) as c_int,
+            _ => {
+                let got = describe(state, 1);
+                return Err(Raise::Arg(1, format!("limit must be a non-negative number, got {got}")));
+            }
+        };
+        Ok((limit, instance.run_id().unwrap_or(0), instance.drain_state().taken))
     }
 }
 
