@@ -38,7 +38,9 @@
 //!   the continuation's context, and mirrored in `DrainState::taken` before
 //!   each item, so that the entry reads it after an error. A drain run from
 //!   a callback (a nested dispatch) saves and restores the outer one's
-//!   mirror.
+//!   mirror. (Drains interleaved in several coroutines share the mirror:
+//!   an error raised by a callback after it yielded may be counted with
+//!   another drain's items, as the Lua loop's `self.count` was.)
 //! - **Yields.** On Lua 5.2 and later, decode's callback is called with
 //!   `lua_callk` and the loop with `lua_pcallk`: a callback may yield
 //!   across the drain, and the loop carries on in its continuation when it
@@ -193,7 +195,9 @@ unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, usize)> {
                 return Err(Raise::Arg(1, format!("limit must be a non-negative number, got {got}")));
             }
         };
-        Ok((limit, instance.run_id().unwrap_or(0), instance.drain_state().taken))
+        let drain = instance.drain_state();
+        let saved = std::mem::take(&mut drain.taken);
+        Ok((limit, instance.run_id().unwrap_or(0), saved))
     }
 }
 
@@ -202,21 +206,11 @@ unsafe fn finish(state: *mut lua_State, status: c_int) -> c_int {
     unsafe {
         // Before anything that could raise: settle the item a decode left.
         let cell = cell(state);
-        let mut decode_failed = false;
-        if let Some(instance) = (*cell).instance.as_mut() {
-            let drain = instance.drain_state();
-            if let Some(item) = drain.held.take() {
-                decode_failed = true;
-                item.finish(Status::Error);
-                instance.note_error();
-            }
-        }
+        let decode_failed = settle_failed(cell);
         let taken = match (*cell).instance.as_mut() {
             Some(instance) => {
                 let drain = instance.drain_state();
-                let taken = drain.taken;
-                drain.taken = lua_tointeger(state, ENTRY_SAVED) as usize;
-                taken
+                std::mem::replace(&mut drain.taken, lua_tointeger(state, ENTRY_SAVED) as usize)
             }
             None => 0,
         };
@@ -374,14 +368,18 @@ unsafe fn take_and_hold(cell: *mut InstanceCell, run: u64) -> Option<(DecodeFn, 
     }
 }
 
-/// Decode pushed something unusable: the held item failed.
-unsafe fn settle_failed(cell: *mut InstanceCell) {
-    if let Some(instance) = unsafe { (*cell).instance.as_mut() } {
-        if let Some(item) = instance.drain_state().held.take() {
-            item.finish(Status::Error);
-            instance.note_error();
-        }
-    }
+/// The held item failed (decode raised, or pushed something unusable):
+/// finish it as an error, so free it. Whether there was one.
+unsafe fn settle_failed(cell: *mut InstanceCell) -> bool {
+    let Some(instance) = (unsafe { (*cell).instance.as_mut() }) else {
+        return false;
+    };
+    let Some(item) = instance.drain_state().held.take() else {
+        return false;
+    };
+    item.finish(Status::Error);
+    instance.note_error();
+    true
 }
 
 unsafe fn finished(state: *mut lua_State, count: c_int, empty: bool) -> c_int {
