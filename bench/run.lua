@@ -377,32 +377,48 @@ end
 
 local LATENCY_LOOPS = { "raw_udp", "select", "eventfd", "luv", "copas" }
 
+-- The loops' runs are interleaved, REPS rounds of a share of the items
+-- each, as the throughput runs are: a busy moment of the machine lands on
+-- every loop's figures a little, not on one loop's whole run.
 local function latency()
-  local out = {}
+  local out, measured, samples, sent, woken = {}, {}, {}, {}, {}
   for _, loop in ipairs(LATENCY_LOOPS) do
     if loop == "copas" and not has_copas then
       out.copas = "not available: no Copas for " .. _VERSION .. " on this system"
     elseif not latency_loops[loop] then
       out[loop] = "not available: no luv for " .. _VERSION .. " on this system"
     else
-      progress("latency: %s, %d items, one per ms", loop, LATENCY_ITEMS)
-      local lat = {}
+      measured[#measured + 1] = loop
+      samples[loop], sent[loop], woken[loop] = {}, 0, { wakeups = 0, delivered = 0 }
+    end
+  end
+  local share = math.ceil(LATENCY_ITEMS / REPS)
+  for round = 1, REPS do
+    for _, loop in ipairs(measured) do
+      progress("latency %d/%d: %s, %d items, one per ms", round, REPS, loop, share)
+      local lat = samples[loop]
+      local offset = #lat
       local function record(_, _, stamp)
         count = count + 1
-        lat[count] = now() - stamp
+        lat[offset + count] = now() - stamp
       end
       count = 0
       collectgarbage()
       local before = core.stats()
-      latency_loops[loop](LATENCY_ITEMS, record)
-      local r = percentiles(lat, count)
-      r.sent = LATENCY_ITEMS
-      if loop ~= "raw_udp" then
-        local d = stats_delta(before)
-        r.wakeups, r.delivered = d.wakeups, d.delivered
-      end
-      out[loop] = r
+      latency_loops[loop](share, record)
+      sent[loop] = sent[loop] + share
+      local d = stats_delta(before)
+      woken[loop].wakeups = woken[loop].wakeups + d.wakeups
+      woken[loop].delivered = woken[loop].delivered + d.delivered
     end
+  end
+  for _, loop in ipairs(measured) do
+    local r = percentiles(samples[loop], #samples[loop])
+    r.sent = sent[loop]
+    if loop ~= "raw_udp" then
+      r.wakeups, r.delivered = woken[loop].wakeups, woken[loop].delivered
+    end
+    out[loop] = r
   end
   return out
 end

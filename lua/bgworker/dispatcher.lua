@@ -136,7 +136,7 @@ function M.open(class, fname, opts)
     errorhandler = opts.errorhandler or M.default_errorhandler,
     call = protect.call,
     stopped = false,
-    -- The drain's item count (see `run_items`).
+    -- The drain's item count (see `handle_items`).
     count = 0,
     -- Callbacks run and errors reported by this dispatcher.
     dispatched = 0,
@@ -385,8 +385,7 @@ end
 -- Handle up to `limit` items; `handle` nil: call each callback.
 local function run_items(self, limit, handle)
   local n, empty
-  local co, main = running()
-  if handle == nil and (drain_yieldable or co == nil or main) then
+  if handle == nil and (drain_yieldable or not M.in_coroutine()) then
     n, empty = drain_items(self, limit)
   else
     n, empty = handle_items(self, limit, handle or call_item)
