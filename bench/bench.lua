@@ -422,7 +422,7 @@ local function rows(items)
     { "luv", "eventfd + luv (bgworker.luv)" },
     { "cqueues", "eventfd + cqueues (bgworker.cqueues)" },
   } do
-    list[#list + 1] = { m[2], function(res)
+    list[#list + 1] = { m[2], short = m[1] == "fd_select", function(res)
       local fd = res.fd
       if type(fd) ~= "table" then return fd and "not available" or "n/a" end
       local t, l = fd.throughput[m[1]], fd.latency[m[1]]
@@ -533,8 +533,8 @@ end
 -- The opening figure of bench/README.md: what a user's dispatch() loop
 -- does with malloc'd items, next to the ceiling, the pure-Lua loop and luv.
 local function headline(results)
-  local cells = { { "Lua", "select + dispatch(), malloc'd items, 1 producer", "dispatch() drain ceiling",
-    "pure-Lua loop (table of callbacks)", "luv async (peer)" } }
+  local cells = { { "Lua", "select + dispatch(), malloc'd items, 1 producer",
+    "dispatch() drain ceiling, malloc'd (static) items", "pure-Lua loop (table of callbacks)", "luv async (peer)" } }
   for _, v in ipairs(VERSIONS) do
     local res = results.versions[v]
     local t = type(res.throughput) == "table" and res.throughput
@@ -542,7 +542,8 @@ local function headline(results)
     cells[#cells + 1] = {
       res.lua or v,
       run and ("**%s/s**"):format(si(run.per_second)) or "n/a",
-      t and ("%s/s"):format(si(t.ceiling.dispatcher.per_second)) or "n/a",
+      t and ("%s/s (%s/s)"):format(si(t.ceiling.dispatcher_malloc.per_second), si(t.ceiling.dispatcher.per_second))
+        or "n/a",
       t and ("%s/s (direct call: %s/s)"):format(si(t.pure_lua_table.per_second), si(t.pure_lua.per_second)) or "n/a",
       type(res.luv) == "table" and ("%s/s, %.0f%% of sends arrived"):format(si(res.luv.per_second),
         100 * res.luv.arrived) or "n/a",
