@@ -105,7 +105,7 @@ return function(results, versions)
     }, "\n"), latency_panel },
     { "bench/throughput.png", table.concat({
       "set xlabel 'producer threads'", "set ylabel 'million callbacks/s'", "set xtics (1, 2, 4)",
-      "set xrange [0.8:4.2]", "set yrange [0:*]", "set key below",
+      "set xrange [0.8:4.2]", "set yrange [0:*]", "set key top right", "set offsets 0, 0, graph 0.5, 0",
     }, "\n"), throughput_panel },
   }
   local written = {}
