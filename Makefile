@@ -204,7 +204,7 @@ soak: setup build-$(SOAK_LUA)
 
 BENCH_LUA ?= 5.4 jit
 
-bench: setup $(addprefix build-,$(BENCH_LUA))
+bench: setup $(addprefix build-,$(BENCH_LUA)) $(addprefix copas-,$(BENCH_LUA))
 	BENCH_LUA="$(BENCH_LUA)" BENCH_BUILD="$(BUILD)" lua5.4 bench/bench.lua
 
 # Inline vs bgworker.pool vs luv's uv.new_work, on every Lua version.

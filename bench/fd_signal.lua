@@ -8,8 +8,8 @@
 -- The producer is bgworker_bench (bench/native/bench.c): one thread that
 -- delivers small items stamped with CLOCK_MONOTONIC. Rows:
 --   udp_select    bgworker.new(): a UDP socket in socket.select, dispatch()
---   fd_select     the eventfd in socket.select (an object with getfd), drained
---                 the same way (bgworker.drain.batch, same budget)
+--   fd_select     bgworker.new { kind = "eventfd" }: the dispatcher itself
+--                 (it has getfd) in socket.select, dispatch()
 --   pipe_select   the same with a pipe
 --   luv           bgworker.luv: the eventfd in a uv_poll_t, inside uv.run()
 --   cqueues       bgworker.cqueues: the eventfd polled by a cqueues controller
@@ -18,7 +18,6 @@
 
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
-local drain = require "bgworker.drain"
 local bench = require "bgworker_bench"
 local common = require "common"
 local socket = require "socket"
@@ -35,16 +34,6 @@ local REPS = env_number("BENCH_REPS", 3)
 local LATENCY_ITEMS = env_number("BENCH_LATENCY_ITEMS", 2000)
 
 local progress = common.progress("fd: ")
-
--- A descriptor dispatcher for socket.select: the drain of bgworker.luv and
--- bgworker.cqueues, waited on with select like the UDP dispatcher.
-local function fd_dispatcher(kind)
-  local self = {}
-  drain.start_fd(self, "fd_signal", { kind = kind })
-  local fd = self.fd
-  self.waitable = { getfd = function() return fd end }
-  return self
-end
 
 -- Each mode: mode(done, produce) starts its dispatcher, starts the producer
 -- (produce()), runs until `done()` (as for common.watch) and stops. Returns
@@ -64,16 +53,15 @@ end
 
 local function fd_select(kind)
   return function(done, produce)
-    local d = fd_dispatcher(kind)
-    local before, set, w = core.stats(), { d.waitable }, d.waitable
+    local d = bgworker.new { kind = kind }
+    local before, set = core.stats(), { d }
     local job = produce()
     until_done(done, function()
-      local readable = socket.select(set, nil, 1)
-      if readable[w] then drain.batch(d, d.budget) end
+      if socket.select(set, nil, 1)[d] then d:dispatch() end
     end)
     job:join()
     local delta = stats_delta(before)
-    core.stop()
+    d:stop()
     return delta
   end
 end
@@ -81,9 +69,8 @@ modes.fd_select = fd_select("eventfd")
 modes.pipe_select = fd_select("pipe")
 
 if has_luv then
-  local bgluv = require "bgworker.luv"
   function modes.luv(done, produce)
-    local d = bgluv.start()
+    local d = bgworker.new { loop = "luv" }
     local before = core.stats()
     -- A timer checks for the end (and for stalls) without touching the drain.
     local timer = uv.new_timer()
@@ -105,10 +92,9 @@ if has_luv then
 end
 
 if has_cqueues then
-  local bgcq = require "bgworker.cqueues"
   function modes.cqueues(done, produce)
     local cq = cqueues.new()
-    local d = bgcq.start()
+    local d = bgworker.new { loop = "cqueues" }
     local before = core.stats()
     local failed
     cq:wrap(function() d:loop() end)
@@ -143,8 +129,9 @@ local function throughput_once(mode, n)
   collectgarbage()
   local t0
   local delta = modes[mode](function() return count >= n or count end, function()
-    t0 = seconds()
-    return bench.produce { items = n, callback = callback }
+    local job = bench.produce { items = n, callback = callback }
+    t0 = job:started() / 1e6
+    return job
   end)
   assert(count == n, "items lost")
   return t1 - t0, delta

@@ -4,7 +4,9 @@
 --   lua bench/run.lua SECTION...
 --
 -- Sections: throughput, latency, memory, luv, idle, and fd (the
--- descriptor signal against UDP: bench/fd_signal.lua). It prints progress on
+-- descriptor signal against UDP: bench/fd_signal.lua). Copas is measured
+-- when `require "copas"` finds it (bench.lua puts Copas 4's tree, from
+-- `make copas-<ver>`, on LUA_PATH). It prints progress on
 -- stderr and its figures on stdout as a Lua chunk, `return { ... }`. Every
 -- figure comes with the baseline it is compared to, measured in this same
 -- run; bench.lua makes the ratios. Sizes come from the environment:
@@ -40,6 +42,20 @@ local progress = common.progress("")
 local count = 0
 local function callback(_, _, _)
   count = count + 1
+end
+
+-- The same callback 64 times over, each a function of its own prototype
+-- (sharing `count`): called in turn, no compiler can inline them, which
+-- LuaJIT does with `callback` in a plain loop. Lua 5.1 has no upvaluejoin,
+-- and no compiler either: the same function there.
+local CALLBACKS = {}
+for i = 1, 64 do
+  local f = callback
+  if debug.upvaluejoin then
+    f = load(string.dump(callback))
+    debug.upvaluejoin(f, 1, callback, 1)
+  end
+  CALLBACKS[i] = f
 end
 
 local poll = core.poll
@@ -94,14 +110,14 @@ end
 -- start of the producers to the last callback, and the stats delta.
 local loops = {}
 
--- One such run, its loop started: `step` until the last callback.
+-- One such run, its loop started: `step` until the last callback, timed
+-- from the start of the producer threads (their items made).
 local function timed(total, producers, extra, step)
   local before = core.stats()
   count = 0
-  local t0 = seconds()
   local job = produce(total, producers, extra)
   run_until(total, step)
-  local t = seconds() - t0
+  local t = seconds() - job:started() / 1e6
   job:join()
   return t, stats_delta(before)
 end
@@ -182,9 +198,13 @@ local CEILINGS = {
     local call = protect.call
     while select(2, call(step)) do end
   end) },
-  { "dispatcher", function(total)
+}
+
+-- dispatcher:dispatch() draining items queued first, static or malloc'd.
+local function dispatch_ceiling(alloc)
+  return function(total)
     local d = bgworker.new()
-    local job = produce(total, 1)
+    local job = produce(total, 1, { alloc = alloc })
     job:join()
     count = 0
     local t0 = seconds()
@@ -192,14 +212,26 @@ local CEILINGS = {
     local t = seconds() - t0
     d:stop()
     return t
-  end },
-}
+  end
+end
+CEILINGS[#CEILINGS + 1] = { "dispatcher", dispatch_ceiling("static") }
+CEILINGS[#CEILINGS + 1] = { "dispatcher_malloc", dispatch_ceiling("malloc") }
 
--- The same callback with the same arguments, from a Lua loop.
+-- The same callback with the same arguments, from a Lua loop: called
+-- directly, and through the table of callbacks (not inlined).
 local function pure_lua(total)
   count = 0
   local t0 = seconds()
   for i = 1, total do callback(1, i, 0.5) end
+  return seconds() - t0
+end
+
+local function pure_lua_table(total)
+  local callbacks = CALLBACKS
+  count = 0
+  local t0 = seconds()
+  for i = 1, total do callbacks[i % 64 + 1](1, i, 0.5) end
+  assert(count == total)
   return seconds() - t0
 end
 
@@ -209,7 +241,10 @@ end
 -- figures of one round stay fair.
 local function throughput()
   local out = { items = ITEMS, reps = REPS, ceiling = {}, runs = {} }
-  local measures = { { name = "pure Lua", f = pure_lua, put = function(r) out.pure_lua = r end } }
+  local measures = {
+    { name = "pure Lua", f = pure_lua, put = function(r) out.pure_lua = r end },
+    { name = "pure Lua, table of callbacks", f = pure_lua_table, put = function(r) out.pure_lua_table = r end },
+  }
   for _, ceiling in ipairs(CEILINGS) do
     measures[#measures + 1] = { name = "drain ceiling, " .. ceiling[1], f = ceiling[2], put = function(r)
       r.ns_per_item = r.seconds / ITEMS * 1e9
@@ -230,7 +265,10 @@ local function throughput()
   for _, producers in ipairs(PRODUCERS) do run("select_tight", producers, "static") end
   run("select_tight", 1, "malloc")
   for _, producers in ipairs(PRODUCERS) do run("select_dispatcher", producers, "static") end
+  run("select_dispatcher", 1, "malloc")
+  run("select_dispatcher", 4, "malloc")
   if has_copas then
+    out.copas_version = copas._VERSION
     for _, producers in ipairs(PRODUCERS) do run("copas", producers, "static") end
   else
     out.copas = "not available: no Copas for " .. _VERSION .. " on this system"
@@ -256,12 +294,15 @@ end
 -- read again by the callback. The baseline is a raw datagram carrying the
 -- stamp from a C thread to a select loop: the wake-up cost of the kernel.
 
--- common.percentiles, and the mean.
+-- common.percentiles, the mean, and the quantiles 1%, 2%, ... 100% (the
+-- max), for the distribution's picture.
 local function percentiles(lat, n)
   local r = common.percentiles(lat, n)
   local sum = 0
   for i = 1, n do sum = sum + lat[i] end
   r.mean_us = sum / n
+  r.quantiles = {}
+  for q = 1, 100 do r.quantiles[q] = lat[math.max(1, math.ceil(q / 100 * n))] end
   return r
 end
 
@@ -286,13 +327,22 @@ function latency_loops.raw_udp(n, record)
   s:close()
 end
 
-function latency_loops.select(n, record)
-  local d = bgworker.new()
-  local job = bench.produce { items = n, interval_us = 1000, callback = record }
-  run_until(n, select_step(d))
-  job:join()
-  d:stop()
+-- bgworker.new() in a select loop, woken by a UDP datagram or, with
+-- `kind`, a descriptor.
+local function select_loop(kind)
+  return function(n, record)
+    local d = bgworker.new(kind and { kind = kind })
+    local job = bench.produce { items = n, interval_us = 1000, callback = record }
+    local set, waitable = { d.socket or d }, d.socket or d
+    run_until(n, function()
+      if socket.select(set, nil, 1)[waitable] then d:dispatch() end
+    end)
+    job:join()
+    d:stop()
+  end
 end
+latency_loops.select = select_loop(nil)
+latency_loops.eventfd = select_loop("eventfd")
 
 function latency_loops.copas(n, record)
   local d = bgworker.copas()
@@ -302,30 +352,73 @@ function latency_loops.copas(n, record)
   stop_copas(d)
 end
 
+-- bgworker's luv loop: the eventfd in a uv_poll_t, inside uv.run(); a
+-- timer stops it when the items are in, or when they stall.
+local has_luv, uv = pcall(require, "luv")
+if has_luv then
+  function latency_loops.luv(n, record)
+    local d = bgworker.new { loop = "luv" }
+    local job = bench.produce { items = n, interval_us = 1000, callback = record }
+    local watch, stalled = common.watch(function() return count >= n or count end), nil
+    local timer = uv.new_timer()
+    timer:start(10, 10, function()
+      local over
+      over, stalled = watch()
+      if over or stalled then
+        timer:close()
+        d:stop()
+      end
+    end)
+    uv.run()
+    job:join()
+    if stalled then error(stalled) end
+  end
+end
+
+local LATENCY_LOOPS = { "raw_udp", "select", "eventfd", "luv", "copas" }
+
+-- The loops' runs are interleaved, REPS rounds of a share of the items
+-- each, as the throughput runs are: a busy moment of the machine lands on
+-- every loop's figures a little, not on one loop's whole run.
 local function latency()
-  local out = {}
-  for _, loop in ipairs { "raw_udp", "select", "copas" } do
+  local out, measured, samples, sent, woken = {}, {}, {}, {}, {}
+  for _, loop in ipairs(LATENCY_LOOPS) do
     if loop == "copas" and not has_copas then
       out.copas = "not available: no Copas for " .. _VERSION .. " on this system"
+    elseif not latency_loops[loop] then
+      out[loop] = "not available: no luv for " .. _VERSION .. " on this system"
     else
-      progress("latency: %s, %d items, one per ms", loop, LATENCY_ITEMS)
-      local lat = {}
+      measured[#measured + 1] = loop
+      samples[loop], sent[loop], woken[loop] = {}, 0, { wakeups = 0, delivered = 0 }
+    end
+  end
+  local share = math.ceil(LATENCY_ITEMS / REPS)
+  for round = 1, REPS do
+    for _, loop in ipairs(measured) do
+      progress("latency %d/%d: %s, %d items, one per ms", round, REPS, loop, share)
+      local lat = samples[loop]
+      local offset = #lat
       local function record(_, _, stamp)
         count = count + 1
-        lat[count] = now() - stamp
+        lat[offset + count] = now() - stamp
       end
       count = 0
       collectgarbage()
       local before = core.stats()
-      latency_loops[loop](LATENCY_ITEMS, record)
-      local r = percentiles(lat, count)
-      r.sent = LATENCY_ITEMS
-      if loop ~= "raw_udp" then
-        local d = stats_delta(before)
-        r.wakeups, r.delivered = d.wakeups, d.delivered
-      end
-      out[loop] = r
+      latency_loops[loop](share, record)
+      sent[loop] = sent[loop] + share
+      local d = stats_delta(before)
+      woken[loop].wakeups = woken[loop].wakeups + d.wakeups
+      woken[loop].delivered = woken[loop].delivered + d.delivered
     end
+  end
+  for _, loop in ipairs(measured) do
+    local r = percentiles(samples[loop], #samples[loop])
+    r.sent = sent[loop]
+    if loop ~= "raw_udp" then
+      r.wakeups, r.delivered = woken[loop].wakeups, woken[loop].delivered
+    end
+    out[loop] = r
   end
   return out
 end
@@ -389,8 +482,7 @@ end
 -- async:send coalesces into one payload slot, so most sends are lost.
 
 local function luv()
-  local ok, uv = pcall(require, "luv")
-  if not ok then
+  if not has_luv then
     return "not available: " .. tostring(uv)
   end
   local n = ITEMS

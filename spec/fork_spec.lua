@@ -66,7 +66,7 @@ local scenario = {}
 
 -- The inherited run refuses everything but stop and start, naming fork().
 function scenario.refuses()
-  for _, name in ipairs { "poll", "wake", "pending", "fd", "sender", "greeted", "capacity", "stats" } do
+  for _, name in ipairs { "poll", "drain", "wake", "pending", "fd", "sender", "greeted", "capacity", "stats" } do
     local ok, err = pcall(core[name])
     assert(not ok, name .. " worked on the inherited run")
     assert(tostring(err):find("fork()", 1, true), name .. ": " .. tostring(err))

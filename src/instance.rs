@@ -46,6 +46,7 @@ use crate::alarm;
 use crate::fork;
 use crate::item::Item;
 use crate::lag::{Lag, Stamp};
+use crate::queue::Queue;
 use crate::room::{Room, MAX_CAPACITY};
 use crate::signal::Signal;
 use crate::status::Status;
@@ -55,7 +56,7 @@ use crate::wake::WakeFlag;
 
 /// What producers need while the instance is started.
 struct Route {
-    queue: flume::Sender<Item>,
+    queue: Arc<Queue>,
     signal: Arc<Signal>,
     room: Option<Arc<Room>>,
 }
@@ -168,7 +169,7 @@ impl Shared {
     }
 
     fn push(&self, route: &Route, item: Item) -> Result<(), (Status, Item)> {
-        route.queue.send(item).map_err(|flume::SendError(item)| (Status::Closed, item))?;
+        route.queue.push(item);
         if self.wake.arm() {
             self.raised.mark();
             self.send_wake(route);
@@ -230,11 +231,12 @@ struct Run {
     /// The fork generation and process that started it.
     generation: u64,
     pid: u32,
-    queue: flume::Receiver<Item>,
-    /// Items moved out of `queue` in one go, not yet handed out: the reader
-    /// takes the channel's lock once per batch, not once per item, so it
-    /// contends far less with the producers. Still pending: they count in
-    /// `pending()`, hold their room, and are cancelled by `stop`.
+    queue: Arc<Queue>,
+    /// Items taken from `queue` in one go (a swap of buffers), not yet
+    /// handed out: the reader takes the queue's lock once per batch, not
+    /// once per item, so it contends far less with the producers. Still
+    /// pending: they count in `pending()`, hold their room, and are
+    /// cancelled by `stop`.
     batch: VecDeque<Item>,
     room: Option<Arc<Room>>,
     signal: Arc<Signal>,
@@ -300,7 +302,22 @@ pub struct Instance {
     counters: ReaderCounters,
     /// The alarm set by `set_alarm`, until it is replaced or the run stops.
     alarm: Option<alarm::Key>,
+    /// The reader's hand-off to the Lua binding's drain (`lua/drain.rs`).
+    drain: DrainState,
     closed: bool,
+}
+
+/// What the drain (`lua/drain.rs`) keeps here rather than in its own
+/// frames, which a Lua error leaves by longjmp.
+#[derive(Default)]
+pub struct DrainState {
+    /// The item being decoded: owned here, so that a decode that raises
+    /// cannot leak it. The drain that catches the error settles it; `close`
+    /// frees one still here.
+    pub held: Option<Item>,
+    /// Items taken so far by the innermost drain in progress (its budget
+    /// counts them, the failed one included).
+    pub taken: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -394,19 +411,19 @@ impl Instance {
         self.can_start()?;
         self.forget_inherited();
         let signal = Arc::new(signal);
-        let (tx, rx) = flume::unbounded();
+        let queue = Arc::new(Queue::default());
         let room = self.capacity.map(|c| Arc::new(Room::new(c, 0)));
         let shared = self.shared.current();
         // No producer can see the new queue yet: a flag left up by the last
         // run must not swallow the first wake of this one.
         shared.wake.reset();
-        shared.set_route(Some(Route { queue: tx, signal: signal.clone(), room: room.clone() }));
+        shared.set_route(Some(Route { queue: queue.clone(), signal: signal.clone(), room: room.clone() }));
         self.counters.lag = Lag::default();
         self.run = Some(Run {
             id: LAST_RUN.fetch_add(1, Relaxed) + 1,
             generation: fork::generation(),
             pid: std::process::id(),
-            queue: rx,
+            queue,
             batch: VecDeque::new(),
             room,
             signal,
@@ -444,7 +461,9 @@ impl Instance {
         drop(self.shared.current().set_route(None));
         // The route is gone, so nobody can push: this drains everything.
         let mut cancelled = 0;
-        for item in run.batch.into_iter().chain(run.queue.drain()) {
+        let mut items = run.batch;
+        run.queue.take_all(&mut items);
+        for item in items {
             item.finish(Status::Cancelled);
             cancelled += 1;
         }
@@ -455,7 +474,12 @@ impl Instance {
     /// The state is closing: stop for good.
     pub fn close(&mut self) {
         self.stop();
+        drop(self.drain.held.take());
         self.closed = true;
+    }
+
+    pub fn drain_state(&mut self) -> &mut DrainState {
+        &mut self.drain
     }
 
     /// The next item, following the wake protocol (see `wake.rs`).
@@ -466,7 +490,7 @@ impl Instance {
             self.run.as_mut().filter(|run| run.generation == fork::generation())?;
         let pop = || {
             if batch.is_empty() {
-                batch.extend(queue.drain());
+                queue.take_all(batch);
             }
             batch.pop_front()
         };

@@ -12,6 +12,7 @@ pub mod handle;
 pub mod instance;
 pub mod item;
 pub mod lag;
+mod queue;
 pub mod reply;
 pub mod room;
 pub mod signal;

@@ -25,7 +25,7 @@
 //!   (`core.wake()`), which restores (1).
 //!
 //! The queue must order a push and a later pop through a lock or a
-//! sequentially consistent operation (flume's queue is behind a mutex).
+//! sequentially consistent operation (`queue.rs` is a mutex over a buffer).
 //! The `loom` model at the bottom checks the protocol with two producers
 //! and one reader.
 

@@ -4,8 +4,9 @@
  *
  * Each item carries three numbers to callback(p, seq, x): the producer
  * (1..producers), a sequence number (1..items, per producer) and x, the
- * CLOCK_MONOTONIC time of the deliver in microseconds (see now()). Its decode
- * is static and allocates nothing; so does delivering, unless asked:
+ * CLOCK_MONOTONIC time of the deliver in microseconds (see now()) when the
+ * job stamps its items, else 0. Its decode is static and allocates nothing;
+ * so does delivering, unless asked:
  *   alloc = "static"  (default) every item lives in an array made and touched
  *                     before the threads start; free_data does nothing.
  *   alloc = "malloc"  every item is malloc'd by its producer and freed by the
@@ -16,6 +17,9 @@
  *     items (default 1) as fast as it can, or one every opts.interval_us
  *     microseconds (absolute deadlines, so delays do not add up).
  *     opts.callback (function) is required.
+ *     opts.stamp: stamp each item with the time (x). By default only paced
+ *     jobs (interval_us) stamp: a clock read costs a saturated producer
+ *     about a third of its time here, which is not the helper's.
  *     opts.udp_port: instead of delivering, send each stamp x as a datagram
  *     ("%.3f") to 127.0.0.1:udp_port: the raw wake-up the helper is
  *     measured against. No callback then.
@@ -23,6 +27,8 @@
  *     Wait for the threads; how many delivers returned BGW_OK and anything
  *     else. The job's __gc joins too, then frees the static arrays and the
  *     callback: keep the job until its items are decoded or cancelled.
+ *   job:started() -> the time (as now()) the first thread was started,
+ *     after the static arrays were made: where a throughput run begins.
  *   bench.now() -> CLOCK_MONOTONIC in microseconds, as a float.
  *   bench.trim(): malloc_trim(0), so that RSS shows what is still in use.
  *   bench.ITEM_SIZE: the bytes of one item (its payload).
@@ -73,8 +79,10 @@ typedef struct job {
     long items;
     long interval_us;
     int udp_port; /* 0: deliver through the helper */
+    int stamp;
     int nproducers;
     int joined;
+    double started;
     producer producers[MAX_PRODUCERS];
 } job;
 
@@ -122,7 +130,7 @@ static int deliver_one(producer *p, long seq)
     it->callback = j->callback;
     it->producer = p->id;
     it->seq = seq;
-    it->x = monotonic_us();
+    it->x = j->stamp ? monotonic_us() : 0;
     return j->api.deliver(p->handle, decode, it, p->items ? free_nothing : NULL, BGW_FOREVER);
 }
 
@@ -206,7 +214,7 @@ static int b_produce(lua_State *L)
     job *j;
     long producers, items, interval_us;
     int udp_port;
-    int is_static, i, created;
+    int is_static, stamp, i, created;
     luaL_checktype(L, 1, LUA_TTABLE);
     if (api == NULL)
         return luaL_error(L, "bench.produce: bgworker.core is not loaded");
@@ -221,6 +229,9 @@ static int b_produce(lua_State *L)
     lua_getfield(L, 1, "callback");
     if (udp_port == 0)
         luaL_checktype(L, -1, LUA_TFUNCTION);
+    lua_getfield(L, 1, "stamp");
+    stamp = lua_isnil(L, -1) ? interval_us > 0 : lua_toboolean(L, -1);
+    lua_pop(L, 1);
 
     j = lua_newuserdata(L, sizeof *j);
     memset(j, 0, sizeof *j);
@@ -232,6 +243,7 @@ static int b_produce(lua_State *L)
     j->items = items;
     j->interval_us = interval_us;
     j->udp_port = udp_port;
+    j->stamp = stamp;
     for (i = 0; i < producers; i++) {
         producer *p = &j->producers[i];
         p->job = j;
@@ -249,6 +261,7 @@ static int b_produce(lua_State *L)
         lua_pushvalue(L, -2);
         j->callback = luaL_ref(L, LUA_REGISTRYINDEX);
     }
+    j->started = monotonic_us();
     for (created = 0; created < producers; created++) {
         producer *p = &j->producers[created];
         p->handle = udp_port ? NULL : api->acquire(L);
@@ -281,6 +294,13 @@ static int b_join(lua_State *L)
     return 2;
 }
 
+static int b_started(lua_State *L)
+{
+    job *j = luaL_checkudata(L, 1, JOB_MT);
+    lua_pushnumber(L, j->started);
+    return 1;
+}
+
 static int b_gc(lua_State *L)
 {
     job *j = luaL_checkudata(L, 1, JOB_MT);
@@ -307,7 +327,7 @@ static int b_trim(lua_State *L)
 
 int luaopen_bgworker_bench(lua_State *L)
 {
-    static const luaL_Reg methods[] = {{"join", b_join}, {NULL, NULL}};
+    static const luaL_Reg methods[] = {{"join", b_join}, {"started", b_started}, {NULL, NULL}};
     static const luaL_Reg functions[] = {{"produce", b_produce}, {"now", b_now},
                                              {"trim", b_trim}, {NULL, NULL}};
     if (luaL_newmetatable(L, JOB_MT)) {

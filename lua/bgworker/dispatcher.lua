@@ -23,7 +23,8 @@ local core = require "bgworker.core"
 local args = require "bgworker.args"
 local protect = require "bgworker.protect"
 
-local poll, wake = core.poll, core.wake
+local poll, wake, drain = core.poll, core.wake, core.drain
+local drain_yieldable = core.drain_yieldable
 local error, getmetatable, next, pairs, pcall, select, setmetatable = error, getmetatable, next,
   pairs, pcall, select, setmetatable
 local tostring, type = tostring, type
@@ -136,7 +137,7 @@ function M.open(class, fname, opts)
     errorhandler = opts.errorhandler or M.default_errorhandler,
     call = protect.call,
     stopped = false,
-    -- The drain's item count (see `run_items`).
+    -- The drain's item count (see `handle_items`).
     count = 0,
     -- Callbacks run and errors reported by this dispatcher.
     dispatched = 0,
@@ -310,9 +311,13 @@ end
 --------------------------------------------------------------------------
 -- Draining
 --
--- Hot path: no tables, no closures, and one protected call per batch rather
--- than per item; after an error, a new batch goes on where the failed one
--- stopped.
+-- Hot path. Items go through the core's drain (`core.drain`: decode and
+-- callback in one protected call per batch, in C) wherever a callback's
+-- yield can go through it: everywhere on Lua 5.2+, outside coroutines on
+-- 5.1 and LuaJIT. Elsewhere, and with a handler of the loop's own, a Lua
+-- loop over `poll()`: no tables, no closures, and one protected call per
+-- batch rather than per item. Either way, after an error a new batch goes
+-- on where the failed one stopped.
 
 -- The default way to handle an item: call its callback with its arguments.
 -- `poll` returned nothing when `f` is nil: the queue is empty.
@@ -343,9 +348,9 @@ local function batch(self, limit, handle)
   return false
 end
 
--- Handle up to `limit` items in batches under self.call; report errors.
--- Returns the items handled and whether the queue was found empty.
-local function run_items(self, limit, handle)
+-- Up to `limit` items through `handle`, in batches under self.call; report
+-- errors. Returns the items handled and whether the queue was found empty.
+local function handle_items(self, limit, handle)
   -- Saved and restored, for a callback that dispatches.
   local saved = self.count
   self.count = 0
@@ -365,6 +370,36 @@ local function run_items(self, limit, handle)
   until empty ~= nil
   local n = self.count
   self.count = saved
+  return n, empty
+end
+
+-- The same through the core's drain, which counts the item that raised in
+-- its `n` (a failure that took no item is not tried again).
+local function drain_items(self, limit)
+  local total = 0
+  while true do
+    local n, empty, err, tb = drain(limit - total)
+    total = total + n
+    if empty ~= nil then
+      return total, empty
+    end
+    self:report(err, tb)
+    if self.stopped or n == 0 then
+      return total, true
+    elseif total >= limit then
+      return total, false
+    end
+  end
+end
+
+-- Handle up to `limit` items; `handle` nil: call each callback.
+local function run_items(self, limit, handle)
+  local n, empty
+  if handle == nil and (drain_yieldable or not M.in_coroutine()) then
+    n, empty = drain_items(self, limit)
+  else
+    n, empty = handle_items(self, limit, handle or call_item)
+  end
   self.dispatched = self.dispatched + n
   return n, empty
 end
@@ -394,7 +429,7 @@ function Dispatcher:drain(limit, handle)
   local empty = true
   if not self.stopped then
     local items
-    items, empty = run_items(self, limit, handle or call_item)
+    items, empty = run_items(self, limit, handle)
     n = n + items
     if next(self.due) ~= nil then
       n = n + self:run_due()

@@ -27,6 +27,7 @@
 
 mod api;
 mod args;
+mod drain;
 mod poll;
 mod raise;
 mod token;
@@ -467,6 +468,7 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             lua_pushcclosure(state, function, 2);
             lua_setfield(state, -2, name.as_ptr());
         }
+        drain::open(state, lua_gettop(state), instance_index, wrapper_index);
         push_str(state, env!("CARGO_PKG_VERSION"));
         lua_setfield(state, -2, c"version".as_ptr());
         lua_pushinteger(state, MAX_CAPACITY as lua_Integer);

@@ -26,12 +26,17 @@ const ROUND_TRIP_METATABLE: &CStr = c"bgworker.core.RoundTrip";
 ///
 /// In a forked child, an inherited one is left alone: its waiter is a
 /// thread of the parent, whose lock this process must not take.
-struct RoundTripCell {
+pub struct RoundTripCell {
     item: Option<Item>,
     generation: u64,
 }
 
 impl RoundTripCell {
+    /// Give the token its item (it is made empty, before the item moves).
+    pub fn hold(&mut self, item: Option<Item>) {
+        self.item = item;
+    }
+
     /// The item, unless this process inherited it through fork(): then it
     /// is forgotten, never freed nor finished here.
     fn take(&mut self) -> Option<Item> {
@@ -91,7 +96,7 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
             // the callback and completes the round trip through the token.
             luaL_checkstack(state, 2, ptr::null());
             lua_pushvalue(state, lua_upvalueindex(2));
-            push_round_trip(state, item);
+            (*push_round_trip(state)).hold(Some(item));
             lua_rotate(state, base + 1, 2);
             return Ok(count + 2);
         }
@@ -130,12 +135,15 @@ unsafe extern "C-unwind" fn result_trampoline(state: *mut lua_State) -> c_int {
     0
 }
 
-unsafe fn push_round_trip(state: *mut lua_State, item: Item) {
+/// Push a new, empty round-trip token; `hold` gives it its item. Made
+/// empty so that a memory error here cannot leak an item.
+pub unsafe fn push_round_trip(state: *mut lua_State) -> *mut RoundTripCell {
     unsafe {
         let cell = lua_newuserdata(state, std::mem::size_of::<RoundTripCell>()) as *mut RoundTripCell;
-        ptr::write(cell, RoundTripCell { item: Some(item), generation: fork::generation() });
+        ptr::write(cell, RoundTripCell { item: None, generation: fork::generation() });
         luaL_getmetatable(state, ROUND_TRIP_METATABLE.as_ptr());
         lua_setmetatable(state, -2);
+        cell
     }
 }
 
