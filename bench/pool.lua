@@ -3,8 +3,9 @@
 --
 -- 1. Wall time of CPU-bound jobs: inline, on the pool, with uv.new_work
 --    (on LuaJIT also on a pool with the JIT off in its workers).
--- 2. Empty jobs per second: the per-job overhead, pool vs uv.new_work
---    (target: at least 2x luv's).
+-- 2. Empty jobs per second: the per-job overhead, bgworker.pool (as a
+--    program uses it: job handles and callbacks) vs uv.new_work (target: at
+--    least 2x luv's); and the native half alone, as a breakdown.
 -- 3. Cancel latency of a CPU-bound job: from `cancel` until its worker
 --    starts the next job (target: p99 <= 50 ms).
 -- 4. Close time of a pool whose workers run `while true do end`.
@@ -165,6 +166,25 @@ end
 -- 2. Empty jobs per second.
 local EMPTY = string.dump(function() end)
 
+-- Through bgworker.pool, as a program uses it: a job handle and a callback
+-- per job.
+local lua_pool = require("bgworker.pool").new { threads = THREADS }
+
+local function empty_on_lua_pool()
+  local done = 0
+  local function callback()
+    done = done + 1
+  end
+  local empty = function() end
+  for _ = 1, EMPTY_JOBS do
+    lua_pool:submit(empty, callback)
+  end
+  while done < EMPTY_JOBS do
+    dispatcher:wait()
+  end
+end
+
+-- The native half alone, for the breakdown.
 local function empty_on_pool()
   local done = 0
   local function handler()
@@ -194,14 +214,22 @@ end
 print()
 print(("Empty jobs, %d per run, best of %d runs"):format(EMPTY_JOBS, ROUNDS))
 print(("%-36s %8s %10s"):format("", "jobs/s", "vs luv"))
-local pool_rate = EMPTY_JOBS / best(empty_on_pool)
-if has_luv then
-  local luv_rate = EMPTY_JOBS / best(empty_on_luv)
-  print(("%-36s %8.0f %9.2fx"):format(("bgworker.pool, %d threads"):format(THREADS), pool_rate, pool_rate / luv_rate))
-  print(("%-36s %8.0f %9.2fx"):format(("luv uv.new_work, %s threads"):format(LUV_THREADS), luv_rate, 1))
-else
-  print(("%-36s %8.0f"):format(("bgworker.pool, %d threads"):format(THREADS), pool_rate))
+local lua_rate = EMPTY_JOBS / best(empty_on_lua_pool)
+local native_rate = EMPTY_JOBS / best(empty_on_pool)
+local luv_rate = has_luv and EMPTY_JOBS / best(empty_on_luv)
+local function row(name, rate)
+  if luv_rate then
+    print(("%-36s %8.0f %9.2fx"):format(name, rate, rate / luv_rate))
+  else
+    print(("%-36s %8.0f"):format(name, rate))
+  end
 end
+row(("bgworker.pool, %d threads"):format(THREADS), lua_rate)
+if luv_rate then
+  row(("luv uv.new_work, %s threads"):format(LUV_THREADS), luv_rate)
+end
+row(("bgworker.pool_native alone, %d threads"):format(THREADS), native_rate)
+assert(lua_pool:close(5))
 assert(pool:close(5))
 
 -- 3. Cancel latency: a pool of one worker runs `while true do end`; after

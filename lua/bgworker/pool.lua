@@ -175,10 +175,13 @@ end
 local function finish(job, status, outcome, now)
   job.state, job.outcome = status, outcome
   job.pool.jobs[job.id] = nil
-  for waiter in pairs(job.waiters) do
-    waiter:wake()
+  local waiters = job.waiters
+  if waiters then
+    job.waiters = nil
+    for waiter in pairs(waiters) do
+      waiter:wake()
+    end
   end
-  job.waiters = nil
   local callback = job.callback
   if callback then
     job.callback = nil
@@ -195,7 +198,9 @@ local ENDED = { done = true, failed = true, cancelled = true }
 -- Wait with `waiter` for the job's outcome: `get`'s results.
 local function wait_outcome(job, waiter, timeout)
   if not ENDED[job.state] then
-    job.waiters[waiter] = true
+    local waiters = job.waiters or {}
+    job.waiters = waiters
+    waiters[waiter] = true
     local ok, reason = waiter:wait(timeout)
     if job.waiters then
       job.waiters[waiter] = nil
@@ -301,8 +306,8 @@ local function queue(self, fname, fn, callback, n, ...)
   if not id then
     return nil, args.bad(fname, position + 1, message)
   end
-  local job = setmetatable({ pool = self, id = id, state = "queued", callback = callback,
-    waiters = {} }, Job)
+  -- `waiters` is made by the first get that has to wait.
+  local job = setmetatable({ pool = self, id = id, state = "queued", callback = callback }, Job)
   self.jobs[id] = job
   return job
 end
