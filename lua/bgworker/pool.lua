@@ -84,6 +84,9 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
+-- The outcome of every job done without results.
+local DONE = pack(true)
+
 -- ------------------------------------------------------------------------
 -- Functions
 
@@ -153,25 +156,37 @@ local OPTIONS = {
   jit = args.option.boolean,
 }
 
--- Call a job's callback (or a progress handler) where callbacks run: here
--- when the dispatcher runs this (an outcome it delivered), else at its next
--- drain (a cancellation, from the caller of cancel or close).
-local function call_later(f, ...)
-  local d = dispatcher.current()
-  if d then
-    d:defer(f, ...)
-  else
-    -- No dispatcher: nobody would run it later. Call it now, protected.
-    local ok, err, tb = protect.call(f, ...)
-    if not ok then
+-- Call `f(...)` now, protected: an error goes to the running dispatcher's
+-- error handler, as the errors of the callbacks it calls itself do. For
+-- user code called from a batch of events, so that one callback that
+-- raises does not take the rest of the batch with it.
+local function call_reporting(f, ...)
+  local ok, err, tb = protect.call(f, ...)
+  if not ok then
+    local d = dispatcher.current()
+    if d then
+      d:report(err, tb)
+    else
       dispatcher.default_errorhandler(err, tb)
     end
   end
 end
 
+-- Call a job's callback where callbacks run: at the dispatcher's next drain
+-- (a cancellation, from the caller of cancel or close).
+local function call_later(f, ...)
+  local d = dispatcher.current()
+  if d then
+    d:defer(f, ...)
+  else
+    -- No dispatcher: nobody would run it later. Call it now.
+    call_reporting(f, ...)
+  end
+end
+
 -- The job ended with `outcome` (packed: true, results... | false, err, tb):
 -- keep it, wake its waiters, forget it in the pool, and call its callback,
--- now (`now`: we are in a callback the dispatcher runs) or later.
+-- now (`now`: we are handling the dispatcher's events) or later.
 local function finish(job, status, outcome, now)
   job.state, job.outcome = status, outcome
   job.pool.jobs[job.id] = nil
@@ -185,10 +200,12 @@ local function finish(job, status, outcome, now)
   local callback = job.callback
   if callback then
     job.callback = nil
-    if now then
-      callback(unpack(outcome, 1, outcome.n))
-    else
+    if not now then
       call_later(callback, unpack(outcome, 1, outcome.n))
+    elseif outcome == DONE then
+      call_reporting(callback, true)
+    else
+      call_reporting(callback, unpack(outcome, 1, outcome.n))
     end
   end
 end
@@ -213,20 +230,30 @@ local function wait_outcome(job, waiter, timeout)
   return unpack(outcome, 1, outcome.n)
 end
 
-local EVENTS = {
-  progress = function(job, ...)
-    local handler = job.progress
-    if handler then
-      handler(...)
+-- A batch of the native pool's events (`on_events`): `n` values of
+-- `events`, pairs `id, value`. An outcome of job `id` has `true` (done,
+-- no results) or the packed outcome; a progress has `-id` and the packed
+-- values. Jobs cancelled meanwhile are no longer in `jobs`: their events
+-- go nowhere.
+local function handle_events(jobs, events, n)
+  for i = 1, n, 2 do
+    local id, value = events[i], events[i + 1]
+    if id > 0 then
+      local job = jobs[id]
+      if job and value == true then
+        finish(job, "done", DONE, true)
+      elseif job then
+        finish(job, value[1] and "done" or "failed", value, true)
+      end
+    else
+      local job = jobs[-id]
+      local handler = job and job.progress
+      if handler then
+        call_reporting(handler, unpack(value, 1, value.n))
+      end
     end
-  end,
-  done = function(job, ...)
-    finish(job, "done", pack(true, ...), true)
-  end,
-  failed = function(job, err, tb)
-    finish(job, "failed", pack(false, err, tb), true)
-  end,
-}
+  end
+end
 
 --- Make a pool.
 -- @tparam[opt] table opts
@@ -269,12 +296,10 @@ function pool.new(opts)
     init_named = named,
     init_timeout = opts.init_timeout,
     jit = jit_option,
-    on_event = function(id, event, ...)
+    on_events = function(events, n)
       local self = ref[1]
-      local job = self and self.jobs[id]
-      local handle_event = EVENTS[event]
-      if job and handle_event then
-        return handle_event(job, ...)
+      if self then
+        handle_events(self.jobs, events, n)
       end
     end,
   }
@@ -289,8 +314,9 @@ function pool.new(opts)
   return self
 end
 
--- Queue fn(...) (n arguments): the job, or nil and why it cannot be queued.
-local function queue(self, fname, fn, callback, n, ...)
+-- What the workers receive for job function fn (`code, named`, as for
+-- the native submit), or nil and why no job can be queued.
+local function prepare(self, fname, fn)
   if self.closed then
     return nil, fname .. ": the pool is closed"
   end
@@ -298,16 +324,28 @@ local function queue(self, fname, fn, callback, n, ...)
     return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
       " bgworker.new() first"
   end
-  local code, named = job_function(fn)
+  local code, named = dumps[fn], false
   if not code then
-    return nil, args.bad(fname, 1, named)
+    code, named = job_function(fn)
+    if not code then
+      return nil, args.bad(fname, 1, named)
+    end
   end
-  local id, position, message = self.native:submit(code, named, n, ...)
+  return code, named
+end
+
+-- The job the native submit queued (`id`; or nil, the position of an
+-- argument that cannot be copied and why): the job, or nil and a message.
+local function add_job(self, fname, callback, id, position, message)
   if not id then
     return nil, args.bad(fname, position + 1, message)
   end
-  -- `waiters` is made by the first get that has to wait.
-  local job = setmetatable({ pool = self, id = id, state = "queued", callback = callback }, Job)
+  -- Every field a job gets is in the constructor, nil ones included, so
+  -- that the table is made at its final size (`waiters` is made by the
+  -- first get that has to wait).
+  local job = setmetatable({
+    pool = self, id = id, state = "queued", callback = callback, outcome = nil, progress = nil, waiters = nil,
+  }, Job)
   self.jobs[id] = job
   return job
 end
@@ -323,12 +361,15 @@ function Pool:submit(fn, ...)
   local msg = check_pool(self, "submit")
   if msg then error(msg, 2) end
   local n = select("#", ...)
-  local callback
-  if n > 0 and type((select(n, ...))) == "function" then
-    callback = (select(n, ...))
+  local callback = n > 0 and select(n, ...)
+  if type(callback) == "function" then
     n = n - 1
+  else
+    callback = nil
   end
-  local job, err = queue(self, "submit", fn, callback, n, ...)
+  local code, named = prepare(self, "submit", fn)
+  if not code then error(named, 2) end
+  local job, err = add_job(self, "submit", callback, self.native:submit(code, named, n, ...))
   if not job then error(err, 2) end
   return job
 end
@@ -345,7 +386,9 @@ function Pool:run(fn, ...)
   if msg then error(msg, 2) end
   local waiter, why = dispatcher.waiter_for("run")
   if not waiter then error(why, 2) end
-  local job, err = queue(self, "run", fn, nil, select("#", ...), ...)
+  local code, named = prepare(self, "run", fn)
+  if not code then error(named, 2) end
+  local job, err = add_job(self, "run", nil, self.native:submit(code, named, select("#", ...), ...))
   if not job then error(err, 2) end
   return wait_outcome(job, waiter)
 end

@@ -4,25 +4,38 @@
 //! A job is *live* from `submit` until it ends, and it ends exactly once,
 //! by one of: `settle` (its outcome reached the Lua thread), `cancel`,
 //! `close`, or `lose` (its outcome was dropped unread: no dispatcher, or
-//! the pool closed while it waited for room). Each of them removes the
-//! job's entry under the lock and the others then find none, which is
-//! what makes "exactly once" hold when they race.
+//! the pool closed while it waited for room). Each of them ends it under
+//! the lock (removes its entry, or marks it dropped while queued) and the
+//! others then find it ended, which is what makes "exactly once" hold
+//! when they race.
+//!
+//! The queue holds the queued jobs themselves, in id order; only running
+//! jobs have an entry in a map. So a submit, on the Lua thread, costs a
+//! push under the lock that the workers contend for, and the map stays
+//! as small as the number of workers and outcomes on their way.
 //!
 //! # Invariants (at every unlock)
-//! - `jobs` holds exactly the live jobs. A queued job's id is in `queue`
-//!   (stale ids of jobs cancelled while queued may follow it there; `take`
-//!   skips them).
+//! - `queue` holds the jobs with ids `queue_front()..next_id`, in order:
+//!   ids enter at the back when submitted and leave at the front when
+//!   taken (or all at once when closed). Those in `dropped` were cancelled
+//!   while queued; the others are the queued jobs.
+//! - `running` holds exactly the live jobs a worker took.
 //! - `queued + running + done + failed + cancelled == submitted`: every
 //!   transition moves one job between two of them, under the lock.
 //! - Once closed, no job is queued: `close` takes them all and `submit`
 //!   refuses, so a worker that finds the queue empty and the board closed
 //!   is owed nothing.
+//! - `waking <= idle`: of the workers waiting in `take`, those that
+//!   `submit` woke and that have not returned from their wait yet (or
+//!   fewer, after a spurious wakeup). A submit wakes one more whenever
+//!   `idle > waking`, so a queued job never waits while every worker sleeps.
 //! - A running job's outcome is delivered only if `finish` said so, and
 //!   `finish` says so only for a job nobody cancelled; after that, `cancel`
 //!   refuses it: the outcome is on its way.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -35,7 +48,15 @@ pub struct Board<J> {
     state: Mutex<State<J>>,
     /// A job was queued, or the board closed.
     work: Condvar,
+    /// `queue.len()`, mirrored out of the lock for workers that spin
+    /// before they wait (a hint: they look again under the lock).
+    queued_hint: AtomicUsize,
 }
+
+/// How long a worker that found no job looks for one before it sleeps:
+/// jobs that come faster than that find it awake, so the submitter makes
+/// no system call to wake it.
+const SPIN: Duration = Duration::from_micros(50);
 
 /// Hashes ids, which are sequential: a multiplication spreads them over
 /// the whole word (SipHash, the default, costs more than the job itself).
@@ -58,27 +79,48 @@ impl Hasher for IdHasher {
 
 struct State<J> {
     next_id: Id,
-    queue: VecDeque<Id>,
-    jobs: HashMap<Id, Entry<J>, BuildHasherDefault<IdHasher>>,
+    queue: VecDeque<Queued<J>>,
+    /// Ids in `queue` whose jobs were cancelled.
+    dropped: HashSet<Id, BuildHasherDefault<IdHasher>>,
+    running: HashMap<Id, Running, BuildHasherDefault<IdHasher>>,
     /// Workers waiting in `take`: only then does `submit` wake one.
     idle: usize,
+    /// Of those, how many `submit` has woken and are yet to return from
+    /// their wait: a burst of submits wakes each idle worker once, not
+    /// once per job (a wake is a system call).
+    waking: usize,
     closed: bool,
     counts: Counts,
     waits: Times,
     runs: Times,
 }
 
-enum Entry<J> {
-    Queued {
-        job: J,
-        since: Instant,
-    },
-    /// `produced`: its function ended and its outcome is on its way.
-    Running {
-        worker: usize,
-        control: Arc<Control>,
-        produced: bool,
-    },
+struct Queued<J> {
+    id: Id,
+    job: J,
+    since: Instant,
+}
+
+struct Running {
+    worker: usize,
+    control: Arc<Control>,
+    /// Its function ended and its outcome is on its way.
+    produced: bool,
+}
+
+impl<J> State<J> {
+    /// The first id in the queue (`next_id` when it is empty).
+    fn queue_front(&self) -> Id {
+        self.queue.front().map_or(self.next_id, |queued| queued.id)
+    }
+
+    fn is_queued(&self, id: Id) -> bool {
+        (self.queue_front()..self.next_id).contains(&id) && !self.dropped.contains(&id)
+    }
+
+    fn is_running(&self, id: Id) -> bool {
+        self.running.contains_key(&id)
+    }
 }
 
 /// Jobs by where they are; see the invariants.
@@ -162,14 +204,16 @@ impl<J> Default for Board<J> {
         let state = State {
             next_id: 1,
             queue: VecDeque::new(),
-            jobs: HashMap::default(),
+            dropped: HashSet::default(),
+            running: HashMap::default(),
             idle: 0,
+            waking: 0,
             closed: false,
             counts: Counts::default(),
             waits: Times::default(),
             runs: Times::default(),
         };
-        Board { state: Mutex::new(state), work: Condvar::new() }
+        Board { state: Mutex::new(state), work: Condvar::new(), queued_hint: AtomicUsize::new(0) }
     }
 }
 
@@ -182,124 +226,198 @@ impl<J> Board<J> {
 
     /// Queue `job`: its id, or `Err(job)` when the board is closed.
     pub fn submit(&self, job: J) -> Result<Id, J> {
+        // Out of the lock, which the workers contend for.
+        let since = Instant::now();
         let mut state = self.lock();
         if state.closed {
             return Err(job);
         }
         let id = state.next_id;
         state.next_id += 1;
-        state.jobs.insert(id, Entry::Queued { job, since: Instant::now() });
-        state.queue.push_back(id);
+        state.queue.push_back(Queued { id, job, since });
+        self.queued_hint.store(state.queue.len(), Ordering::Relaxed);
         state.counts.submitted += 1;
         state.counts.queued += 1;
-        let idle = state.idle > 0;
+        let wake = state.idle > state.waking;
+        if wake {
+            state.waking += 1;
+        }
         drop(state);
-        if idle {
+        if wake {
             self.work.notify_one();
         }
         Ok(id)
     }
 
+    /// Under the lock: the next queued job, now running on `worker` since
+    /// `now`, with the control in `spare` (taken from there).
+    fn start_next(
+        &self,
+        state: &mut State<J>,
+        worker: usize,
+        spare: &mut Option<Arc<Control>>,
+        now: Instant,
+    ) -> Option<Taken<J>> {
+        while let Some(Queued { id, job, since }) = state.queue.pop_front() {
+            self.queued_hint.store(state.queue.len(), Ordering::Relaxed);
+            if state.dropped.remove(&id) {
+                // Cancelled while queued (and counted then).
+                continue;
+            }
+            let control = spare.take().unwrap_or_default();
+            state.running.insert(id, Running { worker, control: Arc::clone(&control), produced: false });
+            state.waits.add(now.saturating_duration_since(since));
+            state.counts.queued -= 1;
+            state.counts.running += 1;
+            return Some(Taken { id, job, control, started: now });
+        }
+        None
+    }
+
     /// For `worker`: the next queued job, now running, waiting for one;
-    /// `None` once the board is closed (its queue is then empty).
-    pub fn take(&self, worker: usize) -> Option<Taken<J>> {
+    /// `None` once the board is closed (its queue is then empty). The job's
+    /// control is taken from `spare` when there is one there (made out of
+    /// the lock by the caller).
+    pub fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
+        let mut now = Instant::now();
         let mut state = self.lock();
+        let mut spun = false;
         loop {
-            while let Some(id) = state.queue.pop_front() {
-                let Some(entry) = state.jobs.get_mut(&id) else { continue };
-                let control = Arc::new(Control::default());
-                let running = Entry::Running { worker, control: Arc::clone(&control), produced: false };
-                let Entry::Queued { job, since } = std::mem::replace(entry, running) else {
-                    unreachable!("a queued id names a queued job")
-                };
-                let started = Instant::now();
-                state.waits.add(started - since);
-                state.counts.queued -= 1;
-                state.counts.running += 1;
-                return Some(Taken { id, job, control, started });
+            if let Some(taken) = self.start_next(&mut state, worker, spare, now) {
+                return Some(taken);
             }
             if state.closed {
                 return None;
             }
+            if !spun {
+                spun = true;
+                drop(state);
+                self.spin(now + SPIN);
+                now = Instant::now();
+                state = self.lock();
+                continue;
+            }
             state.idle += 1;
             state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
             state.idle -= 1;
+            // Woken by a submit, or spuriously (then a later wake finds
+            // `waking` too low, which only costs a wake more).
+            state.waking = state.waking.saturating_sub(1);
+            now = Instant::now();
         }
     }
 
-    /// The function of running job `id`, started at `started`, ended.
-    /// True when its outcome is to be delivered (then `settle` or `lose`
-    /// ends the job); false when it was cancelled meanwhile.
-    pub fn finish(&self, id: Id, started: Instant) -> bool {
+    /// The function of running job `id`, started at `started`, ended on
+    /// `worker`: true when its outcome is to be delivered (then `settle`
+    /// or `lose` ends the job), false when it was cancelled meanwhile. In
+    /// the same lock, the worker's next job if one is queued (as `take`
+    /// gives it, without waiting): a busy worker locks once per job.
+    pub fn finish(
+        &self,
+        id: Id,
+        started: Instant,
+        worker: usize,
+        spare: &mut Option<Arc<Control>>,
+    ) -> (bool, Option<Taken<J>>) {
+        let now = Instant::now();
         let mut state = self.lock();
-        let State { jobs, runs, .. } = &mut *state;
-        match jobs.get_mut(&id) {
-            Some(Entry::Running { produced, .. }) if !*produced => {
+        let State { running, runs, .. } = &mut *state;
+        let deliver = match running.get_mut(&id) {
+            Some(Running { produced, .. }) if !*produced => {
                 *produced = true;
-                runs.add(started.elapsed());
+                runs.add(now.saturating_duration_since(started));
                 true
             }
             _ => false,
+        };
+        (deliver, self.start_next(&mut state, worker, spare, now))
+    }
+
+    /// Out of the lock: wait until a job seems queued, or `until`.
+    fn spin(&self, until: Instant) {
+        while self.queued_hint.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
         }
     }
 
-    /// Job `id`'s outcome reached the Lua thread: it ends, done or failed.
-    /// False if it had already ended.
-    pub fn settle(&self, id: Id, failed: bool) -> bool {
+    /// These outcomes (`id, failed`) reached the Lua thread: each job ends,
+    /// done or failed, unless it had already ended.
+    pub fn settle(&self, outcomes: impl IntoIterator<Item = (Id, bool)>) {
         let mut state = self.lock();
-        if state.jobs.remove(&id).is_none() {
-            return false;
+        let State { running, counts, .. } = &mut *state;
+        for (id, failed) in outcomes {
+            if running.remove(&id).is_some() {
+                counts.running -= 1;
+                if failed {
+                    counts.failed += 1;
+                } else {
+                    counts.done += 1;
+                }
+            }
         }
-        state.counts.running -= 1;
-        if failed {
-            state.counts.failed += 1;
-        } else {
-            state.counts.done += 1;
-        }
-        true
     }
 
-    /// Job `id`'s outcome was dropped unread: it ends, counted cancelled.
-    pub fn lose(&self, id: Id) {
+    /// These jobs' outcomes were dropped unread: each ends, counted
+    /// cancelled, unless it had already ended.
+    pub fn lose(&self, ids: impl IntoIterator<Item = Id>) {
         let mut state = self.lock();
-        if state.jobs.remove(&id).is_some() {
-            state.counts.running -= 1;
-            state.counts.cancelled += 1;
+        let State { running, counts, .. } = &mut *state;
+        for id in ids {
+            if running.remove(&id).is_some() {
+                counts.running -= 1;
+                counts.cancelled += 1;
+            }
         }
     }
 
-    /// True while job `id` runs (so its progress is still wanted).
-    pub fn is_running(&self, id: Id) -> bool {
-        matches!(self.lock().jobs.get(&id), Some(Entry::Running { .. }))
+    /// Keep in `events` those whose `progress_id` is `None` or names a job
+    /// that still runs (so its progress is still wanted); the others are
+    /// returned, to be dropped once the lock is released.
+    pub fn retain_running<E>(&self, events: &mut Vec<E>, progress_id: impl Fn(&E) -> Option<Id>) -> Vec<E> {
+        if events.iter().all(|event| progress_id(event).is_none()) {
+            return Vec::new();
+        }
+        let state = self.lock();
+        let wanted = |event: &E| progress_id(event).is_none_or(|id| state.is_running(id));
+        let (kept, unwanted) = std::mem::take(events).into_iter().partition(wanted);
+        *events = kept;
+        unwanted
     }
 
     pub fn cancel(&self, id: Id) -> Cancelled {
         let mut state = self.lock();
-        let State { jobs, counts, .. } = &mut *state;
-        let cancelled = match jobs.get(&id) {
-            Some(Entry::Queued { .. }) => {
-                counts.queued -= 1;
-                Cancelled::Queued
+        let cancelled = if state.is_queued(id) {
+            state.dropped.insert(id);
+            state.counts.queued -= 1;
+            Cancelled::Queued
+        } else {
+            match state.running.get(&id) {
+                Some(Running { worker, control, produced: false }) => {
+                    control.cancel();
+                    let worker = *worker;
+                    state.running.remove(&id);
+                    state.counts.running -= 1;
+                    Cancelled::Running { worker }
+                }
+                _ => return Cancelled::No,
             }
-            Some(Entry::Running { worker, control, produced: false }) => {
-                control.cancel();
-                counts.running -= 1;
-                Cancelled::Running { worker: *worker }
-            }
-            _ => return Cancelled::No,
         };
-        jobs.remove(&id);
-        counts.cancelled += 1;
+        state.counts.cancelled += 1;
         cancelled
     }
 
     pub fn status(&self, id: Id) -> Option<Status> {
         let state = self.lock();
-        match state.jobs.get(&id) {
-            Some(Entry::Queued { .. }) => Some(Status::Queued),
-            Some(Entry::Running { .. }) => Some(Status::Running),
-            None if id >= 1 && id < state.next_id => Some(Status::Finished),
-            None => None,
+        if state.is_running(id) {
+            Some(Status::Running)
+        } else if state.is_queued(id) {
+            Some(Status::Queued)
+        } else if id >= 1 && id < state.next_id {
+            Some(Status::Finished)
+        } else {
+            None
         }
     }
 
@@ -317,24 +435,27 @@ impl<J> Board<J> {
     pub fn close(&self) -> Vec<usize> {
         let mut state = self.lock();
         state.closed = true;
-        state.queue.clear();
+        let queued = std::mem::take(&mut state.queue);
+        self.queued_hint.store(0, Ordering::Relaxed);
+        state.dropped.clear();
+        let State { running, counts, .. } = &mut *state;
+        counts.cancelled += counts.queued;
+        counts.queued = 0;
         let mut interrupt = Vec::new();
-        let State { jobs, counts, .. } = &mut *state;
-        jobs.retain(|_, entry| {
-            match entry {
-                Entry::Queued { .. } => counts.queued -= 1,
-                Entry::Running { worker, control, produced: false } => {
-                    control.cancel();
-                    interrupt.push(*worker);
-                    counts.running -= 1;
-                }
-                Entry::Running { produced: true, .. } => return true,
+        running.retain(|_, Running { worker, control, produced }| {
+            if *produced {
+                return true;
             }
+            control.cancel();
+            interrupt.push(*worker);
+            counts.running -= 1;
             counts.cancelled += 1;
             false
         });
         drop(state);
         self.work.notify_all();
+        // The jobs' values, freed out of the lock.
+        drop(queued);
         interrupt
     }
 

@@ -115,6 +115,7 @@ mod fork;
 mod interrupt;
 mod job;
 mod module;
+mod outbox;
 mod pool;
 mod raw;
 mod value;
