@@ -322,9 +322,14 @@ function pool.new(opts)
   if rawget(_G, "jit") then
     jit_option = opts.jit == true
   end
+  local self = setmetatable({
+    threads = floor(threads), closed = false,
+    -- Live jobs by id, and events to handle (see run_backlog).
+    jobs = {}, backlog = { head = 1, tail = 1 },
+  }, Pool)
   -- The native pool calls back through a weak reference, so that a pool
   -- nobody references is collected (and closed).
-  local ref = setmetatable({}, { __mode = "v" })
+  local ref = setmetatable({ self }, { __mode = "v" })
   local handle, err, tb = native.new {
     threads = floor(threads),
     path = package.path,
@@ -334,11 +339,13 @@ function pool.new(opts)
     init_timeout = opts.init_timeout,
     jit = jit_option,
     on_events = function(events, n)
-      local self = ref[1]
-      if self then
-        handle_events(self, events, n)
+      local pool_ = ref[1]
+      if pool_ then
+        handle_events(pool_, events, n)
       end
     end,
+    -- The native `queue` makes the jobs (see POOL, ID...) and lists them.
+    jobs = { owner = self, list = self.jobs, metatable = Job },
   }
   if not handle then
     if tb then
@@ -346,12 +353,7 @@ function pool.new(opts)
     end
     error("bgworker.pool.new: init failed in a worker: " .. tostring(err), 2)
   end
-  local self = setmetatable({
-    native = handle, threads = floor(threads), closed = false,
-    -- Live jobs by id, and events to handle (see run_backlog).
-    jobs = {}, backlog = { head = 1, tail = 1 },
-  }, Pool)
-  ref[1] = self
+  self.native = handle
   return self
 end
 
@@ -372,10 +374,10 @@ local function prepare(self, fname, fn)
   return code, named
 end
 
--- Queue fn(...) (its first n arguments), with `callback` (or false): the
--- job, or nil and why it cannot be queued. Once per job: a function
--- submitted before, to an open pool, takes the short way.
-local function queue(self, fname, fn, callback, n, ...)
+-- Queue fn(...): the job, or nil and why it cannot be queued. `callback`:
+-- a function as the last argument is the job's callback. Once per job: a
+-- function submitted before, to an open pool, takes the short way.
+local function queue(self, fname, fn, callback, ...)
   local code, named = dumps[fn], false
   if not code or self.closed or not running() then
     code, named = prepare(self, fname, fn)
@@ -383,12 +385,10 @@ local function queue(self, fname, fn, callback, n, ...)
       return nil, named
     end
   end
-  local id, position, message = self.native:submit(code, named, n, ...)
-  if not id then
+  local job, position, message = self.native:queue(code, named, callback, ...)
+  if not job then
     return nil, args.bad(fname, position + 1, message)
   end
-  local job = setmetatable({ self, id, "queued", callback, false, false, false }, Job)
-  self.jobs[id] = job
   return job
 end
 
@@ -401,14 +401,7 @@ end
 -- @return the job
 function Pool:submit(fn, ...)
   if getmetatable(self) ~= Pool then error(not_a_pool(self, "submit"), 2) end
-  local n = select("#", ...)
-  local callback = n > 0 and select(n, ...)
-  if type(callback) == "function" then
-    n = n - 1
-  else
-    callback = false
-  end
-  local job, err = queue(self, "submit", fn, callback, n, ...)
+  local job, err = queue(self, "submit", fn, true, ...)
   if not job then error(err, 2) end
   return job
 end
@@ -425,7 +418,7 @@ function Pool:run(fn, ...)
   if msg then error(msg, 2) end
   local waiter, why = dispatcher.waiter_for("run")
   if not waiter then error(why, 2) end
-  local job, err = queue(self, "run", fn, false, select("#", ...), ...)
+  local job, err = queue(self, "run", fn, false, ...)
   if not job then error(err, 2) end
   return wait_outcome(job, waiter)
 end

@@ -9,26 +9,40 @@
 //! others then find it ended, which is what makes "exactly once" hold
 //! when they race.
 //!
-//! The queue holds the queued jobs themselves, in id order; only running
-//! jobs have an entry in a map. So a submit, on the Lua thread, costs a
-//! push under the lock that the workers contend for, and the map stays
-//! as small as the number of workers and outcomes on their way.
+//! Two locks, so that the Lua thread, which submits, and the workers,
+//! which take jobs and finish them, rarely wait for each other:
+//! - `incoming` (a submit pushes its job there, and nothing else) holds
+//!   the jobs submitted since a worker last took them all;
+//! - `state` holds the jobs the workers took from `incoming` (in `queue`,
+//!   still queued), the running ones, the ended counts and the times.
+//!
+//! Queued jobs are held in the queues themselves, in id order; only running
+//! jobs have an entry in a map, which stays as small as the number of
+//! workers and outcomes on their way.
 //!
 //! # Invariants (at every unlock)
-//! - `queue` holds the jobs with ids `queue_front()..next_id`, in order:
-//!   ids enter at the back when submitted and leave at the front when
-//!   taken (or all at once when closed). Those in `dropped` were cancelled
-//!   while queued; the others are the queued jobs.
+//! - Locks are taken in the order `state`, then `incoming`.
+//! - `state.queue` then `incoming.queue` hold the jobs with ids
+//!   `front..next_id`, in order (`front`: the first of them, or `next_id`):
+//!   ids enter `incoming` when submitted, move to `state.queue` all at
+//!   once, and leave its front when taken (or all at once when closed).
+//!   Those in `dropped` were cancelled while queued; the others are the
+//!   queued jobs. So `submitted == next_id - 1` and `queued == next_id -
+//!   front - dropped.len()`, and `counts` keeps the others.
 //! - `running` holds exactly the live jobs a worker took.
 //! - `queued + running + done + failed + cancelled == submitted`: every
-//!   transition moves one job between two of them, under the lock.
-//! - Once closed, no job is queued: `close` takes them all and `submit`
-//!   refuses, so a worker that finds the queue empty and the board closed
-//!   is owed nothing.
-//! - `waking <= idle`: of the workers waiting in `take`, those that
+//!   transition moves one job between two of them, under the locks that
+//!   guard both (a snapshot takes both).
+//! - Once closed (both `closed` flags, set under both locks), no job is
+//!   queued: `close` takes them all and `submit` refuses, so a worker that
+//!   finds the queues empty and the board closed is owed nothing.
+//! - `waking <= idle`: of the workers waiting for a submit, those that
 //!   `submit` woke and that have not returned from their wait yet (or
-//!   fewer, after a spurious wakeup). A submit wakes one more whenever
-//!   `idle > waking`, so a queued job never waits while every worker sleeps.
+//!   fewer, after a spurious wakeup). A worker waits only after it saw
+//!   both queues empty under both locks, and keeps `incoming` locked until
+//!   it waits, so that no job arrives unseen; a submit wakes one more
+//!   whenever `idle > waking`: a queued job never waits while every worker
+//!   sleeps.
 //! - A running job's outcome is delivered only if `finish` said so, and
 //!   `finish` says so only for a job nobody cancelled; after that, `cancel`
 //!   refuses it: the outcome is on its way.
@@ -40,17 +54,19 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
+use crate::spin_lock;
 
 /// A job's id: unique within its pool, from 1.
 pub type Id = u64;
 
 pub struct Board<J> {
     state: Mutex<State<J>>,
-    /// A job was queued, or the board closed.
+    incoming: Mutex<Incoming<J>>,
+    /// A job was submitted, or the board closed (with `incoming`).
     work: Condvar,
-    /// `queue.len()`, mirrored out of the lock for workers that spin
-    /// before they wait (a hint: they look again under the lock).
-    queued_hint: AtomicUsize,
+    /// Jobs in both queues, mirrored out of the locks for workers that
+    /// spin before they wait (a hint: they look again under the locks).
+    available: AtomicUsize,
 }
 
 /// How long a worker that found no job looks for one before it sleeps:
@@ -77,22 +93,31 @@ impl Hasher for IdHasher {
     }
 }
 
+type IdMap<V> = HashMap<Id, V, BuildHasherDefault<IdHasher>>;
+
 struct State<J> {
+    /// Jobs taken from `incoming`, not yet by a worker.
+    queue: VecDeque<Queued<J>>,
+    /// Ids in the queues whose jobs were cancelled.
+    dropped: HashSet<Id, BuildHasherDefault<IdHasher>>,
+    running: IdMap<Running>,
+    closed: bool,
+    /// `running`, `done`, `failed`, `cancelled` (the others are derived).
+    counts: Counts,
+    waits: Times,
+    runs: Times,
+}
+
+struct Incoming<J> {
     next_id: Id,
     queue: VecDeque<Queued<J>>,
-    /// Ids in `queue` whose jobs were cancelled.
-    dropped: HashSet<Id, BuildHasherDefault<IdHasher>>,
-    running: HashMap<Id, Running, BuildHasherDefault<IdHasher>>,
-    /// Workers waiting in `take`: only then does `submit` wake one.
+    /// Workers waiting for a submit: only then does `submit` wake one.
     idle: usize,
     /// Of those, how many `submit` has woken and are yet to return from
     /// their wait: a burst of submits wakes each idle worker once, not
     /// once per job (a wake is a system call).
     waking: usize,
     closed: bool,
-    counts: Counts,
-    waits: Times,
-    runs: Times,
 }
 
 struct Queued<J> {
@@ -108,18 +133,27 @@ struct Running {
     produced: bool,
 }
 
-impl<J> State<J> {
-    /// The first id in the queue (`next_id` when it is empty).
-    fn queue_front(&self) -> Id {
-        self.queue.front().map_or(self.next_id, |queued| queued.id)
+/// Both locks, for what looks at the queues as a whole.
+struct Both<'a, J> {
+    state: MutexGuard<'a, State<J>>,
+    incoming: MutexGuard<'a, Incoming<J>>,
+}
+
+impl<J> Both<'_, J> {
+    /// The first id in the queues (`next_id` when they are empty).
+    fn front(&self) -> Id {
+        let first = self.state.queue.front().or(self.incoming.queue.front());
+        first.map_or(self.incoming.next_id, |queued| queued.id)
     }
 
     fn is_queued(&self, id: Id) -> bool {
-        (self.queue_front()..self.next_id).contains(&id) && !self.dropped.contains(&id)
+        (self.front()..self.incoming.next_id).contains(&id) && !self.state.dropped.contains(&id)
     }
 
-    fn is_running(&self, id: Id) -> bool {
-        self.running.contains_key(&id)
+    fn counts(&self) -> Counts {
+        let submitted = self.incoming.next_id - 1;
+        let queued = self.incoming.next_id - self.front() - self.state.dropped.len() as u64;
+        Counts { submitted, queued, ..self.state.counts }
     }
 }
 
@@ -202,54 +236,59 @@ pub struct Taken<J> {
 impl<J> Default for Board<J> {
     fn default() -> Self {
         let state = State {
-            next_id: 1,
             queue: VecDeque::new(),
             dropped: HashSet::default(),
             running: HashMap::default(),
-            idle: 0,
-            waking: 0,
             closed: false,
             counts: Counts::default(),
             waits: Times::default(),
             runs: Times::default(),
         };
-        Board { state: Mutex::new(state), work: Condvar::new(), queued_hint: AtomicUsize::new(0) }
+        let incoming = Incoming { next_id: 1, queue: VecDeque::new(), idle: 0, waking: 0, closed: false };
+        Board {
+            state: Mutex::new(state),
+            incoming: Mutex::new(incoming),
+            work: Condvar::new(),
+            available: AtomicUsize::new(0),
+        }
     }
 }
 
 impl<J> Board<J> {
     fn lock(&self) -> MutexGuard<'_, State<J>> {
-        // Nothing panics under the lock; were it to, each operation leaves
-        // the state consistent before anything that could panic.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        spin_lock::lock(&self.state)
     }
 
-    /// Queue `job`: its id, or `Err(job)` when the board is closed.
+    fn lock_both(&self) -> Both<'_, J> {
+        let state = self.lock();
+        Both { state, incoming: spin_lock::lock(&self.incoming) }
+    }
+
+    /// Queue `job`: its id, or `Err(job)` when the board is closed. Takes
+    /// only `incoming`.
     pub fn submit(&self, job: J) -> Result<Id, J> {
-        // Out of the lock, which the workers contend for.
         let since = Instant::now();
-        let mut state = self.lock();
-        if state.closed {
+        let mut incoming = spin_lock::lock(&self.incoming);
+        if incoming.closed {
             return Err(job);
         }
-        let id = state.next_id;
-        state.next_id += 1;
-        state.queue.push_back(Queued { id, job, since });
-        self.queued_hint.store(state.queue.len(), Ordering::Relaxed);
-        state.counts.submitted += 1;
-        state.counts.queued += 1;
-        let wake = state.idle > state.waking;
+        let id = incoming.next_id;
+        incoming.next_id += 1;
+        incoming.queue.push_back(Queued { id, job, since });
+        self.available.fetch_add(1, Ordering::Relaxed);
+        let wake = incoming.idle > incoming.waking;
         if wake {
-            state.waking += 1;
+            incoming.waking += 1;
         }
-        drop(state);
+        drop(incoming);
         if wake {
             self.work.notify_one();
         }
         Ok(id)
     }
 
-    /// Under the lock: the next queued job, now running on `worker` since
+    /// Under the `state` lock: the next queued job (taking those in
+    /// `incoming` first when there are none), now running on `worker` since
     /// `now`, with the control in `spare` (taken from there).
     fn start_next(
         &self,
@@ -258,8 +297,13 @@ impl<J> Board<J> {
         spare: &mut Option<Arc<Control>>,
         now: Instant,
     ) -> Option<Taken<J>> {
-        while let Some(Queued { id, job, since }) = state.queue.pop_front() {
-            self.queued_hint.store(state.queue.len(), Ordering::Relaxed);
+        loop {
+            if state.queue.is_empty() {
+                // Empty, so the swap moves them all, and both keep their buffers.
+                std::mem::swap(&mut state.queue, &mut spin_lock::lock(&self.incoming).queue);
+            }
+            let Queued { id, job, since } = state.queue.pop_front()?;
+            self.available.fetch_sub(1, Ordering::Relaxed);
             if state.dropped.remove(&id) {
                 // Cancelled while queued (and counted then).
                 continue;
@@ -267,22 +311,20 @@ impl<J> Board<J> {
             let control = spare.take().unwrap_or_default();
             state.running.insert(id, Running { worker, control: Arc::clone(&control), produced: false });
             state.waits.add(now.saturating_duration_since(since));
-            state.counts.queued -= 1;
             state.counts.running += 1;
             return Some(Taken { id, job, control, started: now });
         }
-        None
     }
 
     /// For `worker`: the next queued job, now running, waiting for one;
-    /// `None` once the board is closed (its queue is then empty). The job's
-    /// control is taken from `spare` when there is one there (made out of
-    /// the lock by the caller).
+    /// `None` once the board is closed (its queues are then empty). The
+    /// job's control is taken from `spare` when there is one there (made
+    /// out of the locks by the caller).
     pub fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
         let mut now = Instant::now();
-        let mut state = self.lock();
         let mut spun = false;
         loop {
+            let mut state = self.lock();
             if let Some(taken) = self.start_next(&mut state, worker, spare, now) {
                 return Some(taken);
             }
@@ -294,15 +336,22 @@ impl<J> Board<J> {
                 drop(state);
                 self.spin(now + SPIN);
                 now = Instant::now();
-                state = self.lock();
                 continue;
             }
-            state.idle += 1;
-            state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
-            state.idle -= 1;
-            // Woken by a submit, or spuriously (then a later wake finds
-            // `waking` too low, which only costs a wake more).
-            state.waking = state.waking.saturating_sub(1);
+            // Both queues are empty (start_next looked at both under the
+            // locks), and `incoming` stays locked until the wait: no
+            // submit comes unseen.
+            let mut incoming = spin_lock::lock(&self.incoming);
+            drop(state);
+            if incoming.queue.is_empty() && !incoming.closed {
+                incoming.idle += 1;
+                incoming = self.work.wait(incoming).unwrap_or_else(PoisonError::into_inner);
+                incoming.idle -= 1;
+                // Woken by a submit, or spuriously (then a later wake finds
+                // `waking` too low, which only costs a wake more).
+                incoming.waking = incoming.waking.saturating_sub(1);
+            }
+            drop(incoming);
             now = Instant::now();
         }
     }
@@ -333,9 +382,9 @@ impl<J> Board<J> {
         (deliver, self.start_next(&mut state, worker, spare, now))
     }
 
-    /// Out of the lock: wait until a job seems queued, or `until`.
+    /// Out of the locks: wait until a job seems queued, or `until`.
     fn spin(&self, until: Instant) {
-        while self.queued_hint.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+        while self.available.load(Ordering::Relaxed) == 0 && Instant::now() < until {
             for _ in 0..64 {
                 std::hint::spin_loop();
             }
@@ -380,19 +429,19 @@ impl<J> Board<J> {
             return Vec::new();
         }
         let state = self.lock();
-        let wanted = |event: &E| progress_id(event).is_none_or(|id| state.is_running(id));
+        let wanted = |event: &E| progress_id(event).is_none_or(|id| state.running.contains_key(&id));
         let (kept, unwanted) = std::mem::take(events).into_iter().partition(wanted);
         *events = kept;
         unwanted
     }
 
     pub fn cancel(&self, id: Id) -> Cancelled {
-        let mut state = self.lock();
-        let cancelled = if state.is_queued(id) {
-            state.dropped.insert(id);
-            state.counts.queued -= 1;
+        let mut both = self.lock_both();
+        let cancelled = if both.is_queued(id) {
+            both.state.dropped.insert(id);
             Cancelled::Queued
         } else {
+            let state = &mut *both.state;
             match state.running.get(&id) {
                 Some(Running { worker, control, produced: false }) => {
                     control.cancel();
@@ -404,17 +453,17 @@ impl<J> Board<J> {
                 _ => return Cancelled::No,
             }
         };
-        state.counts.cancelled += 1;
+        both.state.counts.cancelled += 1;
         cancelled
     }
 
     pub fn status(&self, id: Id) -> Option<Status> {
-        let state = self.lock();
-        if state.is_running(id) {
+        let both = self.lock_both();
+        if both.state.running.contains_key(&id) {
             Some(Status::Running)
-        } else if state.is_queued(id) {
+        } else if both.is_queued(id) {
             Some(Status::Queued)
-        } else if id >= 1 && id < state.next_id {
+        } else if id >= 1 && id < both.incoming.next_id {
             Some(Status::Finished)
         } else {
             None
@@ -422,10 +471,10 @@ impl<J> Board<J> {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let state = self.lock();
-        let (wait_mean, wait_max) = state.waits.seconds();
-        let (run_mean, run_max) = state.runs.seconds();
-        Snapshot { counts: state.counts, wait_mean, wait_max, run_mean, run_max }
+        let both = self.lock_both();
+        let (wait_mean, wait_max) = both.state.waits.seconds();
+        let (run_mean, run_max) = both.state.runs.seconds();
+        Snapshot { counts: both.counts(), wait_mean, wait_max, run_mean, run_max }
     }
 
     /// Close: refuse new jobs, cancel the queued ones and the running ones
@@ -433,14 +482,15 @@ impl<J> Board<J> {
     /// those, to interrupt. Wakes every waiting `take`. Closing again does
     /// nothing.
     pub fn close(&self) -> Vec<usize> {
-        let mut state = self.lock();
-        state.closed = true;
-        let queued = std::mem::take(&mut state.queue);
-        self.queued_hint.store(0, Ordering::Relaxed);
-        state.dropped.clear();
-        let State { running, counts, .. } = &mut *state;
-        counts.cancelled += counts.queued;
-        counts.queued = 0;
+        let mut both = self.lock_both();
+        let queued = both.counts().queued;
+        both.state.closed = true;
+        both.incoming.closed = true;
+        let jobs = (std::mem::take(&mut both.state.queue), std::mem::take(&mut both.incoming.queue));
+        self.available.store(0, Ordering::Relaxed);
+        let State { running, counts, dropped, .. } = &mut *both.state;
+        dropped.clear();
+        counts.cancelled += queued;
         let mut interrupt = Vec::new();
         running.retain(|_, Running { worker, control, produced }| {
             if *produced {
@@ -452,10 +502,10 @@ impl<J> Board<J> {
             counts.cancelled += 1;
             false
         });
-        drop(state);
+        drop(both);
         self.work.notify_all();
-        // The jobs' values, freed out of the lock.
-        drop(queued);
+        // The jobs' values, freed out of the locks.
+        drop(jobs);
         interrupt
     }
 
