@@ -344,8 +344,6 @@ function pool.new(opts)
         handle_events(pool_, events, n)
       end
     end,
-    -- The native `queue` makes the jobs (see POOL, ID...) and lists them.
-    jobs = { owner = self, list = self.jobs, metatable = Job },
   }
   if not handle then
     if tb then
@@ -358,8 +356,13 @@ function pool.new(opts)
 end
 
 -- What the workers receive for job function fn (`code, named`, as for
--- the native submit), or nil and why no job can be queued now.
+-- the native submit), or nil and why no job can be queued now. Once per
+-- job: a function submitted before, to an open pool, takes the short way.
 local function prepare(self, fname, fn)
+  local code = dumps[fn]
+  if code and not self.closed and running() then
+    return code, false
+  end
   if self.closed then
     return nil, fname .. ": the pool is closed"
   end
@@ -367,28 +370,22 @@ local function prepare(self, fname, fn)
     return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
       " bgworker.new() first"
   end
-  local code, named = job_function(fn)
+  local named
+  code, named = job_function(fn)
   if not code then
     return nil, args.bad(fname, 1, named)
   end
   return code, named
 end
 
--- Queue fn(...): the job, or nil and why it cannot be queued. `callback`:
--- a function as the last argument is the job's callback. Once per job: a
--- function submitted before, to an open pool, takes the short way.
-local function queue(self, fname, fn, callback, ...)
-  local code, named = dumps[fn], false
-  if not code or self.closed or not running() then
-    code, named = prepare(self, fname, fn)
-    if not code then
-      return nil, named
-    end
+-- The job the native `queue` queued (`id, callback`), listed; or nil and
+-- why (the `nil, position, message` of an argument that cannot be copied).
+local function add_job(self, fname, id, callback, message)
+  if not id then
+    return nil, args.bad(fname, callback + 1, message)
   end
-  local job, position, message = self.native:queue(code, named, callback, ...)
-  if not job then
-    return nil, args.bad(fname, position + 1, message)
-  end
+  local job = setmetatable({ self, id, "queued", callback, false, false, false }, Job)
+  self.jobs[id] = job
   return job
 end
 
@@ -401,7 +398,10 @@ end
 -- @return the job
 function Pool:submit(fn, ...)
   if getmetatable(self) ~= Pool then error(not_a_pool(self, "submit"), 2) end
-  local job, err = queue(self, "submit", fn, true, ...)
+  local code, named = prepare(self, "submit", fn)
+  if not code then error(named, 2) end
+  -- A last argument that is a function is the callback (`true`).
+  local job, err = add_job(self, "submit", self.native:queue(code, named, true, ...))
   if not job then error(err, 2) end
   return job
 end
@@ -418,7 +418,9 @@ function Pool:run(fn, ...)
   if msg then error(msg, 2) end
   local waiter, why = dispatcher.waiter_for("run")
   if not waiter then error(why, 2) end
-  local job, err = queue(self, "run", fn, false, ...)
+  local code, named = prepare(self, "run", fn)
+  if not code then error(named, 2) end
+  local job, err = add_job(self, "run", self.native:queue(code, named, false, ...))
   if not job then error(err, 2) end
   return wait_outcome(job, waiter)
 end

@@ -60,19 +60,35 @@ use crate::spin_lock;
 pub type Id = u64;
 
 pub struct Board<J> {
-    state: Mutex<State<J>>,
-    incoming: Mutex<Incoming<J>>,
+    // Each on cache lines of its own: the workers write `state`, the Lua
+    // thread `incoming`, and spinning workers read `available` all along.
+    state: Padded<Mutex<State<J>>>,
+    incoming: Padded<Mutex<Incoming<J>>>,
     /// A job was submitted, or the board closed (with `incoming`).
     work: Condvar,
     /// Jobs in both queues, mirrored out of the locks for workers that
     /// spin before they wait (a hint: they look again under the locks).
-    available: AtomicUsize,
+    available: Padded<AtomicUsize>,
+}
+
+/// A value alone on its cache lines (two: the prefetcher pairs them).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// How long a worker that found no job looks for one before it sleeps:
 /// jobs that come faster than that find it awake, so the submitter makes
 /// no system call to wake it.
 const SPIN: Duration = Duration::from_micros(50);
+const GATHER: Duration = Duration::from_micros(5);
+const GATHER_JOBS: usize = 16;
 
 /// Hashes ids, which are sequential: a multiplication spreads them over
 /// the whole word (SipHash, the default, costs more than the job itself).
@@ -246,10 +262,10 @@ impl<J> Default for Board<J> {
         };
         let incoming = Incoming { next_id: 1, queue: VecDeque::new(), idle: 0, waking: 0, closed: false };
         Board {
-            state: Mutex::new(state),
-            incoming: Mutex::new(incoming),
+            state: Padded(Mutex::new(state)),
+            incoming: Padded(Mutex::new(incoming)),
             work: Condvar::new(),
-            available: AtomicUsize::new(0),
+            available: Padded(AtomicUsize::new(0)),
         }
     }
 }
@@ -385,6 +401,12 @@ impl<J> Board<J> {
     /// Out of the locks: wait until a job seems queued, or `until`.
     fn spin(&self, until: Instant) {
         while self.available.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+        }
+        let gather = Instant::now() + GATHER;
+        while self.available.load(Ordering::Relaxed) < GATHER_JOBS && Instant::now() < gather {
             for _ in 0..64 {
                 std::hint::spin_loop();
             }

@@ -63,32 +63,8 @@ fn required<T: mlua::FromLua>(opts: &Table, name: &str, expected: &str) -> mlua:
         .ok_or_else(|| mlua::Error::runtime(bad_argument(1, "new", format!("opts.{name} must be {expected}"))))
 }
 
-const KNOWN_OPTIONS: [&str; 10] =
-    ["threads", "path", "cpath", "init", "init_named", "on_event", "on_events", "init_timeout", "jit", "jobs"];
-
-/// `opts.jobs`, checked: what `queue` makes jobs with, as the list that
-/// becomes the pool's uservalue (see [`BINDING_OWNER`] and the others).
-fn jobs_binding(lua: &Lua, opts: &Table) -> mlua::Result<Option<Table>> {
-    let Some(jobs) = option::<Table>(opts, "jobs", "a table")? else { return Ok(None) };
-    let field = |name: &str| -> mlua::Result<Table> {
-        jobs.raw_get::<Option<Table>>(name).ok().flatten().ok_or_else(|| {
-            mlua::Error::runtime(bad_argument(1, "new", format!("opts.jobs.{name} must be a table")))
-        })
-    };
-    let binding = lua.create_table()?;
-    binding.raw_set(BINDING_OWNER, field("owner")?)?;
-    binding.raw_set(BINDING_LIST, field("list")?)?;
-    binding.raw_set(BINDING_METATABLE, field("metatable")?)?;
-    binding.raw_set(BINDING_QUEUED, "queued")?;
-    Ok(Some(binding))
-}
-
-// The pool's uservalue, when made with `opts.jobs`: a list of its owner,
-// the list of live jobs, the jobs' metatable, and the string "queued".
-const BINDING_OWNER: lua_Integer = 1;
-const BINDING_LIST: lua_Integer = 2;
-const BINDING_METATABLE: lua_Integer = 3;
-const BINDING_QUEUED: lua_Integer = 4;
+const KNOWN_OPTIONS: [&str; 9] =
+    ["threads", "path", "cpath", "init", "init_named", "on_event", "on_events", "init_timeout", "jit"];
 
 fn options(opts: Table) -> mlua::Result<Options> {
     let refuse = |message: String| mlua::Error::runtime(bad_argument(1, "new", message));
@@ -128,7 +104,6 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
     let LuaValue::Table(opts) = opts else {
         return Err(mlua::Error::runtime(bad_argument(1, "new", format!("table expected, got {}", opts.type_name()))));
     };
-    let binding = jobs_binding(lua, &opts)?;
     let mut pool = match Pool::new(lua, options(opts)?)? {
         Ok(pool) => Some(pool),
         Err(Refused::Failed(failure)) => {
@@ -148,14 +123,9 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
             return Ok(MultiValue::from_vec(vec![LuaValue::Nil, message.into_lua(lua)?]))
         }
     };
-    // SAFETY: push_pool leaves the userdata (only) for exec_raw to collect.
-    // If Lua raises before the pool moved in, `pool` still owns it here.
-    let userdata: LuaValue = unsafe {
-        match binding {
-            Some(binding) => lua.exec_raw(binding, |state| push_pool(state, &mut pool, true)),
-            None => lua.exec_raw((), |state| push_pool(state, &mut pool, false)),
-        }
-    }?;
+    // SAFETY: push_pool leaves the userdata for exec_raw to collect. If Lua
+    // raises before the pool moved in, `pool` still owns it here.
+    let userdata: LuaValue = unsafe { lua.exec_raw((), |state| push_pool(state, &mut pool)) }?;
     Ok(MultiValue::from_vec(vec![userdata]))
 }
 
@@ -167,20 +137,15 @@ struct PoolCell {
     /// `None` once collected.
     pool: Option<Pool>,
     recent: Recent,
-    /// Made with `opts.jobs`: its uservalue is the binding (on Lua 5.1 a
-    /// userdata always has an environment table, so the type cannot tell).
-    bound: bool,
 }
 
-/// Push a new pool userdata owning the pool in `slot`; when `bound`, the
-/// only value on the stack is its jobs binding, which becomes its
-/// uservalue (and leaves the stack). Its methods have the metatable as
-/// their upvalue, which is how they recognise a pool (cheaper than a
-/// registry lookup by name, once per job).
+/// Push a new pool userdata owning the pool in `slot`. Its methods have
+/// the metatable as their upvalue, which is how they recognise a pool
+/// (cheaper than a registry lookup by name, once per job).
 ///
 /// # Safety
 /// `state` is valid, on its thread; may raise before it takes the pool.
-unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>, bound: bool) {
+unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     unsafe {
         if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
             let methods: [(&CStr, lua_CFunction); 6] = [
@@ -203,13 +168,9 @@ unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>, bound: bool)
         }
         let cell = lua_newuserdata(state, std::mem::size_of::<PoolCell>()) as *mut PoolCell;
         // From here on nothing raises: the userdata owns the pool at once.
-        ptr::write(cell, PoolCell { pool: slot.take(), recent: Recent::default(), bound });
+        ptr::write(cell, PoolCell { pool: slot.take(), recent: Recent::default() });
         lua_insert(state, -2);
         lua_setmetatable(state, -2);
-        if bound {
-            lua_insert(state, 1);
-            lua_setuservalue(state, 1);
-        }
     }
 }
 
@@ -239,15 +200,15 @@ unsafe fn raise(state: *mut lua_State, raise: Raise) -> ! {
     }
 }
 
-/// A method: the state, the pool, and its functions given last and binding.
-type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent, bool) -> Result<c_int, Raise>;
+/// A method: the state, the pool, and the functions it was given last.
+type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> Result<c_int, Raise>;
 
 /// Call `method` on the pool that is argument 1, raising its error.
 ///
 /// # Safety
 /// In a C function called by Lua.
 unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
-    let result = unsafe { pool_at(state, name).and_then(|(pool, recent, bound)| method(state, pool, recent, bound)) };
+    let result = unsafe { pool_at(state, name).and_then(|(pool, recent)| method(state, pool, recent)) };
     match result {
         Ok(count) => count,
         Err(e) => unsafe { raise(state, e) },
@@ -255,12 +216,11 @@ unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
 }
 
 /// The pool that is argument 1 of method `name` (not collected, and made
-/// by this process), the functions it was given last, and whether it has
-/// a jobs binding.
+/// by this process), and the functions it was given last.
 ///
 /// # Safety
 /// In a method made by `push_pool`, called by Lua.
-unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool, &'a mut Recent, bool), Raise> {
+unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool, &'a mut Recent), Raise> {
     unsafe {
         let cell = lua_touserdata(state, 1) as *mut PoolCell;
         let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
@@ -273,14 +233,14 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool
             return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
         }
         // SAFETY: a userdata with our metatable holds a PoolCell.
-        let PoolCell { pool, recent, bound } = &mut *cell;
+        let PoolCell { pool, recent } = &mut *cell;
         let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
         if pool.is_inherited() {
             return Err(Raise::Message(format!(
                 "{name}: this pool belongs to the process that made it, and this one is a fork of it"
             )));
         }
-        Ok((pool, recent, *bound))
+        Ok((pool, recent))
     }
 }
 
@@ -323,7 +283,7 @@ unsafe extern "C-unwind" fn pool_submit(state: *mut lua_State) -> c_int {
 }
 
 /// `submit(code, named, n, args...)`: the first n args are the job's.
-unsafe fn submit(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent, _: bool) -> Result<c_int, Raise> {
+unsafe fn submit(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         let count = count_at(state, 4)?;
         // Missing arguments are nils.
@@ -378,11 +338,11 @@ unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
     unsafe { call(state, "queue", queue) }
 }
 
-/// `queue(code, named, callback, args...)`, on a pool made with
-/// `opts.jobs`: the job, made and listed, or `nil, position, message`.
-/// When `callback` is true and the last argument is a function, that
-/// function is the job's callback, not an argument.
-unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent, bound: bool) -> Result<c_int, Raise> {
+/// `queue(code, named, callback, args...)`: as `submit` with every
+/// argument after `callback`, except that when `callback` is true and the
+/// last of them is a function, that function is no argument of the job:
+/// `id, callback` (the function, or false) | `nil, position, message`.
+unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         let mut top = lua_gettop(state).max(4);
         lua_settop(state, top);
@@ -390,65 +350,25 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent, bou
         if callback {
             top -= 1;
         }
-        if !bound {
-            return Err(Raise::Message("queue: this pool was made without opts.jobs".into()));
-        }
-        lua_getuservalue(state, 1);
-        let binding = lua_gettop(state);
-        // The job, made before it is queued: from here until it is listed,
-        // only listing it may raise (memory).
-        luaL_checkstack(state, 4, ptr::null());
-        lua_createtable(state, 7, 0);
-        let job = lua_gettop(state);
-        lua_rawgeti(state, binding, BINDING_OWNER);
-        lua_rawseti(state, job, JOB_POOL);
-        lua_pushboolean(state, 0);
-        lua_rawseti(state, job, JOB_ID);
-        lua_rawgeti(state, binding, BINDING_QUEUED);
-        lua_rawseti(state, job, JOB_STATE);
-        if callback {
-            lua_pushvalue(state, top + 1);
-        } else {
-            lua_pushboolean(state, 0);
-        }
-        lua_rawseti(state, job, JOB_CALLBACK);
-        for field in [JOB_OUTCOME, JOB_PROGRESS, JOB_WAITERS] {
-            lua_pushboolean(state, 0);
-            lua_rawseti(state, job, field);
-        }
-        lua_rawgeti(state, binding, BINDING_METATABLE);
-        lua_setmetatable(state, job);
         let id = match queue_job(state, pool, recent, top - 4)? {
             Ok(id) => id,
             Err(refused) => return Ok(refused),
         };
         lua_pushinteger(state, id as lua_Integer);
-        lua_rawseti(state, job, JOB_ID);
-        lua_rawgeti(state, binding, BINDING_LIST);
-        lua_pushvalue(state, job);
-        lua_rawseti(state, -2, id as lua_Integer);
-        lua_pushvalue(state, job);
+        if callback {
+            lua_pushvalue(state, top + 1);
+        } else {
+            lua_pushboolean(state, 0);
+        }
     }
-    Ok(1)
+    Ok(2)
 }
-
-// A job made by `queue` is a list of: its pool (the binding's owner), its
-// id, its state ("queued"), its callback, its outcome, its progress
-// handler and its waiters, `false` where there is none (the Lua layer's
-// layout, pool.lua).
-const JOB_POOL: lua_Integer = 1;
-const JOB_ID: lua_Integer = 2;
-const JOB_STATE: lua_Integer = 3;
-const JOB_CALLBACK: lua_Integer = 4;
-const JOB_OUTCOME: lua_Integer = 5;
-const JOB_PROGRESS: lua_Integer = 6;
-const JOB_WAITERS: lua_Integer = 7;
 
 unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {
     unsafe { call(state, "cancel", cancel) }
 }
 
-unsafe fn cancel(state: *mut lua_State, pool: &mut Pool, _: &mut Recent, _: bool) -> Result<c_int, Raise> {
+unsafe fn cancel(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         match id_at(state)?.map_or(Cancelled::No, |id| pool.cancel(id)) {
             Cancelled::Queued => lua_pushstring(state, c"queued".as_ptr()),
@@ -466,7 +386,7 @@ unsafe extern "C-unwind" fn pool_status(state: *mut lua_State) -> c_int {
     unsafe { call(state, "status", status) }
 }
 
-unsafe fn status(state: *mut lua_State, pool: &mut Pool, _: &mut Recent, _: bool) -> Result<c_int, Raise> {
+unsafe fn status(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         let name = match id_at(state)?.and_then(|id| pool.status(id)) {
             Some(Status::Queued) => c"queued",
@@ -486,7 +406,7 @@ unsafe extern "C-unwind" fn pool_stats(state: *mut lua_State) -> c_int {
     unsafe { call(state, "stats", stats) }
 }
 
-unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent, _: bool) -> Result<c_int, Raise> {
+unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     let snapshot = pool.snapshot();
     let counts = snapshot.counts;
     let integers: [(&CStr, u64); 7] = [
@@ -523,7 +443,7 @@ unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
 }
 
 /// `close(timeout)`: true, or false and "timeout".
-unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent, _: bool) -> Result<c_int, Raise> {
+unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         if lua_type(state, 2) != LUA_TNUMBER {
             let got = type_name(state, 2);
