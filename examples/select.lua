@@ -33,7 +33,7 @@ while waiting > 0 do
   local readable = socket.select({ d.socket }, nil, 1)
   if readable[d.socket] then d:dispatch() end
 end
-print("jobs done:", workers:stats().done, "callbacks run:", d:stats().dispatched)
+print("jobs done:", workers:stats().done, "callback errors:", d:stats().errors)
 
 workers:close()
 d:stop()

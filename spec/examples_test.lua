@@ -226,7 +226,7 @@ describe("examples/", function()
       "callback:\ttrue\t144",
       "get:\ttrue\tbgworker",
       "toip:\t127%.0%.0%.1",
-      "jobs done:\t2\tcallbacks run:\t3",
+      "jobs done:\t2\tcallback errors:\t0",
     }, true)
   end)
 

@@ -61,6 +61,7 @@ local debug, error, getmetatable, package, select, setmetatable, string, tostrin
   debug, error, getmetatable, package, select, setmetatable, string, tostring, type
 local floor, huge = math.floor, math.huge
 local unpack = table.unpack or unpack
+local running = core.running
 
 local pool = {}
 
@@ -83,6 +84,9 @@ Job.__index = Job
 local function pack(...)
   return { n = select("#", ...), ... }
 end
+
+-- The outcome of every job done without results.
+local DONE = pack(true)
 
 -- ------------------------------------------------------------------------
 -- Functions
@@ -126,10 +130,14 @@ end
 -- ------------------------------------------------------------------------
 -- Pools
 
+-- The message for `method` called on something other than a pool.
+local function not_a_pool(self, method)
+  return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
+end
+
 local function check_pool(self, method)
   if getmetatable(self) ~= Pool then
-    return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" ..
-      method .. "()")
+    return not_a_pool(self, method)
   end
 end
 
@@ -153,9 +161,25 @@ local OPTIONS = {
   jit = args.option.boolean,
 }
 
--- Call a job's callback (or a progress handler) where callbacks run: here
--- when the dispatcher runs this (an outcome it delivered), else at its next
--- drain (a cancellation, from the caller of cancel or close).
+-- A job is a list (made once per job: cheaper than a record) of:
+local POOL, ID, STATE, CALLBACK, OUTCOME, PROGRESS, WAITERS = 1, 2, 3, 4, 5, 6, 7
+-- its pool, its id, "queued" (until it ends: then "done", "failed" or
+-- "cancelled"), its callback, its outcome (packed: true, results... |
+-- false, err, traceback), its progress handler and the waiters of `get`
+-- (made by the first that has to wait); false where there is none.
+
+-- Hand an error of a callback to the running dispatcher's error handler.
+local function report(err, tb)
+  local d = dispatcher.current()
+  if d then
+    d:report(err, tb)
+  else
+    dispatcher.default_errorhandler(err, tb)
+  end
+end
+
+-- Call a job's callback where callbacks run: at the dispatcher's next drain
+-- (a cancellation, from the caller of cancel or close).
 local function call_later(f, ...)
   local d = dispatcher.current()
   if d then
@@ -164,31 +188,33 @@ local function call_later(f, ...)
     -- No dispatcher: nobody would run it later. Call it now, protected.
     local ok, err, tb = protect.call(f, ...)
     if not ok then
-      dispatcher.default_errorhandler(err, tb)
+      report(err, tb)
     end
   end
 end
 
--- The job ended with `outcome` (packed: true, results... | false, err, tb):
--- keep it, wake its waiters, forget it in the pool, and call its callback,
--- now (`now`: we are in a callback the dispatcher runs) or later.
+-- The job ended with `outcome`: keep it, wake its waiters, forget it in
+-- the pool, and call its callback, now (`now`: we are handling the
+-- pool's events) or later.
 local function finish(job, status, outcome, now)
-  job.state, job.outcome = status, outcome
-  job.pool.jobs[job.id] = nil
-  local waiters = job.waiters
+  job[STATE], job[OUTCOME] = status, outcome
+  job[POOL].jobs[job[ID]] = nil
+  local waiters = job[WAITERS]
   if waiters then
-    job.waiters = nil
+    job[WAITERS] = false
     for waiter in pairs(waiters) do
       waiter:wake()
     end
   end
-  local callback = job.callback
+  local callback = job[CALLBACK]
   if callback then
-    job.callback = nil
-    if now then
-      callback(unpack(outcome, 1, outcome.n))
-    else
+    job[CALLBACK] = false
+    if not now then
       call_later(callback, unpack(outcome, 1, outcome.n))
+    elseif outcome == DONE then
+      callback(true)
+    else
+      callback(unpack(outcome, 1, outcome.n))
     end
   end
 end
@@ -197,36 +223,74 @@ local ENDED = { done = true, failed = true, cancelled = true }
 
 -- Wait with `waiter` for the job's outcome: `get`'s results.
 local function wait_outcome(job, waiter, timeout)
-  if not ENDED[job.state] then
-    local waiters = job.waiters or {}
-    job.waiters = waiters
+  if not ENDED[job[STATE]] then
+    local waiters = job[WAITERS] or {}
+    job[WAITERS] = waiters
     waiters[waiter] = true
     local ok, reason = waiter:wait(timeout)
-    if job.waiters then
-      job.waiters[waiter] = nil
+    if job[WAITERS] then
+      job[WAITERS][waiter] = nil
     end
     if not ok then
       return nil, reason
     end
   end
-  local outcome = job.outcome
+  local outcome = job[OUTCOME]
   return unpack(outcome, 1, outcome.n)
 end
 
-local EVENTS = {
-  progress = function(job, ...)
-    local handler = job.progress
-    if handler then
-      handler(...)
+-- Handle the pool's events in its backlog, in order, until there are none
+-- (also those that callbacks add meanwhile, by dispatching). An event is
+-- a pair `id, value` of the native pool's `on_events`: the outcome of job
+-- `id`, `true` (done, no results) or packed; or a progress of job `-id`,
+-- its packed values. Jobs cancelled meanwhile are no longer in `jobs`:
+-- their events go nowhere. An event leaves the backlog before its
+-- callback runs, so a callback that raises takes only itself.
+local function run_backlog(self)
+  local backlog, jobs = self.backlog, self.jobs
+  local i = backlog.head
+  while i < backlog.tail do
+    local id, value = backlog[i], backlog[i + 1]
+    backlog[i], backlog[i + 1] = nil, nil
+    backlog.head = i + 2
+    if id > 0 then
+      local job = jobs[id]
+      if job and value == true then
+        finish(job, "done", DONE, true)
+      elseif job then
+        finish(job, value[1] and "done" or "failed", value, true)
+      end
+    else
+      local job = jobs[-id]
+      local handler = job and job[PROGRESS]
+      if handler then
+        handler(unpack(value, 1, value.n))
+      end
     end
-  end,
-  done = function(job, ...)
-    finish(job, "done", pack(true, ...), true)
-  end,
-  failed = function(job, err, tb)
-    finish(job, "failed", pack(false, err, tb), true)
-  end,
-}
+    i = backlog.head
+  end
+  -- Empty: the next events start at the front again.
+  backlog.head, backlog.tail = 1, 1
+end
+
+-- The native pool's `on_events`: add the `n` values of `events` to the
+-- backlog and handle it, in one protected call per batch rather than one
+-- per callback; after an error (reported as the dispatcher reports the
+-- errors of the callbacks it calls) the rest goes on.
+local function handle_events(self, events, n)
+  local backlog = self.backlog
+  local tail = backlog.tail
+  for i = 1, n do
+    backlog[tail + i - 1] = events[i]
+  end
+  backlog.tail = tail + n
+  repeat
+    local ok, err, tb = protect.call(run_backlog, self)
+    if not ok then
+      report(err, tb)
+    end
+  until ok
+end
 
 --- Make a pool.
 -- @tparam[opt] table opts
@@ -258,9 +322,14 @@ function pool.new(opts)
   if rawget(_G, "jit") then
     jit_option = opts.jit == true
   end
+  local self = setmetatable({
+    threads = floor(threads), closed = false,
+    -- Live jobs by id, and events to handle (see run_backlog).
+    jobs = {}, backlog = { head = 1, tail = 1 },
+  }, Pool)
   -- The native pool calls back through a weak reference, so that a pool
   -- nobody references is collected (and closed).
-  local ref = setmetatable({}, { __mode = "v" })
+  local ref = setmetatable({ self }, { __mode = "v" })
   local handle, err, tb = native.new {
     threads = floor(threads),
     path = package.path,
@@ -269,12 +338,10 @@ function pool.new(opts)
     init_named = named,
     init_timeout = opts.init_timeout,
     jit = jit_option,
-    on_event = function(id, event, ...)
-      local self = ref[1]
-      local job = self and self.jobs[id]
-      local handle_event = EVENTS[event]
-      if job and handle_event then
-        return handle_event(job, ...)
+    on_events = function(events, n)
+      local pool_ = ref[1]
+      if pool_ then
+        handle_events(pool_, events, n)
       end
     end,
   }
@@ -284,30 +351,40 @@ function pool.new(opts)
     end
     error("bgworker.pool.new: init failed in a worker: " .. tostring(err), 2)
   end
-  local self = setmetatable({ native = handle, threads = floor(threads), closed = false, jobs = {} }, Pool)
-  ref[1] = self
+  self.native = handle
   return self
 end
 
--- Queue fn(...) (n arguments): the job, or nil and why it cannot be queued.
-local function queue(self, fname, fn, callback, n, ...)
+-- What the workers receive for job function fn (`code, named`, as for
+-- the native submit), or nil and why no job can be queued now. Once per
+-- job: a function submitted before, to an open pool, takes the short way.
+local function prepare(self, fname, fn)
+  local code = dumps[fn]
+  if code and not self.closed and running() then
+    return code, false
+  end
   if self.closed then
     return nil, fname .. ": the pool is closed"
   end
-  if not core.running() then
+  if not running() then
     return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
       " bgworker.new() first"
   end
-  local code, named = job_function(fn)
+  local named
+  code, named = job_function(fn)
   if not code then
     return nil, args.bad(fname, 1, named)
   end
-  local id, position, message = self.native:submit(code, named, n, ...)
+  return code, named
+end
+
+-- The job the native `queue` queued (`id, callback`), listed; or nil and
+-- why (the `nil, position, message` of an argument that cannot be copied).
+local function add_job(self, fname, id, callback, message)
   if not id then
-    return nil, args.bad(fname, position + 1, message)
+    return nil, args.bad(fname, callback + 1, message)
   end
-  -- `waiters` is made by the first get that has to wait.
-  local job = setmetatable({ pool = self, id = id, state = "queued", callback = callback }, Job)
+  local job = setmetatable({ self, id, "queued", callback, false, false, false }, Job)
   self.jobs[id] = job
   return job
 end
@@ -320,15 +397,11 @@ end
 --   (`true, results...`, `false, err, traceback`, or `false, "cancelled"`)
 -- @return the job
 function Pool:submit(fn, ...)
-  local msg = check_pool(self, "submit")
-  if msg then error(msg, 2) end
-  local n = select("#", ...)
-  local callback
-  if n > 0 and type((select(n, ...))) == "function" then
-    callback = (select(n, ...))
-    n = n - 1
-  end
-  local job, err = queue(self, "submit", fn, callback, n, ...)
+  if getmetatable(self) ~= Pool then error(not_a_pool(self, "submit"), 2) end
+  local code, named = prepare(self, "submit", fn)
+  if not code then error(named, 2) end
+  -- A last argument that is a function is the callback (`true`).
+  local job, err = add_job(self, "submit", self.native:queue(code, named, true, ...))
   if not job then error(err, 2) end
   return job
 end
@@ -345,7 +418,9 @@ function Pool:run(fn, ...)
   if msg then error(msg, 2) end
   local waiter, why = dispatcher.waiter_for("run")
   if not waiter then error(why, 2) end
-  local job, err = queue(self, "run", fn, nil, select("#", ...), ...)
+  local code, named = prepare(self, "run", fn)
+  if not code then error(named, 2) end
+  local job, err = add_job(self, "run", self.native:queue(code, named, false, ...))
   if not job then error(err, 2) end
   return wait_outcome(job, waiter)
 end
@@ -405,10 +480,10 @@ end
 function Job:status()
   local msg = check_job(self, "status")
   if msg then error(msg, 2) end
-  if ENDED[self.state] then
-    return self.state
+  if ENDED[self[STATE]] then
+    return self[STATE]
   end
-  local native_status = self.pool.native:status(self.id)
+  local native_status = self[POOL].native:status(self[ID])
   return native_status == "queued" and "queued" or "running"
 end
 
@@ -422,7 +497,7 @@ end
 function Job:cancel()
   local msg = check_job(self, "cancel")
   if msg then error(msg, 2) end
-  if ENDED[self.state] or not self.pool.native:cancel(self.id) then
+  if ENDED[self[STATE]] or not self[POOL].native:cancel(self[ID]) then
     -- Ended here, or its outcome is on its way: it comes as it is.
     return false
   end
@@ -441,7 +516,7 @@ end
 function Job:get(timeout)
   local msg = check_job(self, "get") or args.seconds("get", 2, "timeout", timeout, true)
   if msg then error(msg, 2) end
-  if ENDED[self.state] then
+  if ENDED[self[STATE]] then
     return wait_outcome(self)
   end
   local waiter, why = dispatcher.waiter_for("get")
@@ -457,7 +532,7 @@ function Job:on_progress(fn)
   local msg = check_job(self, "on_progress") or args.typed("on_progress", 2, "handler", fn,
     "function", true)
   if msg then error(msg, 2) end
-  self.progress = fn
+  self[PROGRESS] = fn or false
   return self
 end
 

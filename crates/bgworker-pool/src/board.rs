@@ -4,38 +4,91 @@
 //! A job is *live* from `submit` until it ends, and it ends exactly once,
 //! by one of: `settle` (its outcome reached the Lua thread), `cancel`,
 //! `close`, or `lose` (its outcome was dropped unread: no dispatcher, or
-//! the pool closed while it waited for room). Each of them removes the
-//! job's entry under the lock and the others then find none, which is
-//! what makes "exactly once" hold when they race.
+//! the pool closed while it waited for room). Each of them ends it under
+//! the lock (removes its entry, or marks it dropped while queued) and the
+//! others then find it ended, which is what makes "exactly once" hold
+//! when they race.
+//!
+//! Two locks, so that the Lua thread, which submits, and the workers,
+//! which take jobs and finish them, rarely wait for each other:
+//! - `incoming` (a submit pushes its job there, and nothing else) holds
+//!   the jobs submitted since a worker last took them all;
+//! - `state` holds the jobs the workers took from `incoming` (in `queue`,
+//!   still queued), the running ones, the ended counts and the times.
+//!
+//! Queued jobs are held in the queues themselves, in id order; only running
+//! jobs have an entry in a map, which stays as small as the number of
+//! workers and outcomes on their way.
 //!
 //! # Invariants (at every unlock)
-//! - `jobs` holds exactly the live jobs. A queued job's id is in `queue`
-//!   (stale ids of jobs cancelled while queued may follow it there; `take`
-//!   skips them).
+//! - Locks are taken in the order `state`, then `incoming`.
+//! - `state.queue` then `incoming.queue` hold the jobs with ids
+//!   `front..next_id`, in order (`front`: the first of them, or `next_id`):
+//!   ids enter `incoming` when submitted, move to `state.queue` all at
+//!   once, and leave its front when taken (or all at once when closed).
+//!   Those in `dropped` were cancelled while queued; the others are the
+//!   queued jobs. So `submitted == next_id - 1` and `queued == next_id -
+//!   front - dropped.len()`, and `counts` keeps the others.
+//! - `running` holds exactly the live jobs a worker took.
 //! - `queued + running + done + failed + cancelled == submitted`: every
-//!   transition moves one job between two of them, under the lock.
-//! - Once closed, no job is queued: `close` takes them all and `submit`
-//!   refuses, so a worker that finds the queue empty and the board closed
-//!   is owed nothing.
+//!   transition moves one job between two of them, under the locks that
+//!   guard both (a snapshot takes both).
+//! - Once closed (both `closed` flags, set under both locks), no job is
+//!   queued: `close` takes them all and `submit` refuses, so a worker that
+//!   finds the queues empty and the board closed is owed nothing.
+//! - `waking <= idle`: of the workers waiting for a submit, those that
+//!   `submit` woke and that have not returned from their wait yet (or
+//!   fewer, after a spurious wakeup). A worker waits only after it saw
+//!   both queues empty under both locks, and keeps `incoming` locked until
+//!   it waits, so that no job arrives unseen; a submit wakes one more
+//!   whenever `idle > waking`: a queued job never waits while every worker
+//!   sleeps.
 //! - A running job's outcome is delivered only if `finish` said so, and
 //!   `finish` says so only for a job nobody cancelled; after that, `cancel`
 //!   refuses it: the outcome is on its way.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
+use crate::spin_lock;
 
 /// A job's id: unique within its pool, from 1.
 pub type Id = u64;
 
 pub struct Board<J> {
-    state: Mutex<State<J>>,
-    /// A job was queued, or the board closed.
+    // Each on cache lines of its own: the workers write `state`, the Lua
+    // thread `incoming`, and spinning workers read `available` all along.
+    state: Padded<Mutex<State<J>>>,
+    incoming: Padded<Mutex<Incoming<J>>>,
+    /// A job was submitted, or the board closed (with `incoming`).
     work: Condvar,
+    /// Jobs in both queues, mirrored out of the locks for workers that
+    /// spin before they wait (a hint: they look again under the locks).
+    available: Padded<AtomicUsize>,
 }
+
+/// A value alone on its cache lines (two: the prefetcher pairs them).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// How long a worker that found no job looks for one before it sleeps:
+/// jobs that come faster than that find it awake, so the submitter makes
+/// no system call to wake it.
+const SPIN: Duration = Duration::from_micros(50);
+const GATHER: Duration = Duration::from_micros(5);
+const GATHER_JOBS: usize = 16;
 
 /// Hashes ids, which are sequential: a multiplication spreads them over
 /// the whole word (SipHash, the default, costs more than the job itself).
@@ -56,29 +109,68 @@ impl Hasher for IdHasher {
     }
 }
 
+type IdMap<V> = HashMap<Id, V, BuildHasherDefault<IdHasher>>;
+
 struct State<J> {
-    next_id: Id,
-    queue: VecDeque<Id>,
-    jobs: HashMap<Id, Entry<J>, BuildHasherDefault<IdHasher>>,
-    /// Workers waiting in `take`: only then does `submit` wake one.
-    idle: usize,
+    /// Jobs taken from `incoming`, not yet by a worker.
+    queue: VecDeque<Queued<J>>,
+    /// Ids in the queues whose jobs were cancelled.
+    dropped: HashSet<Id, BuildHasherDefault<IdHasher>>,
+    running: IdMap<Running>,
     closed: bool,
+    /// `running`, `done`, `failed`, `cancelled` (the others are derived).
     counts: Counts,
     waits: Times,
     runs: Times,
 }
 
-enum Entry<J> {
-    Queued {
-        job: J,
-        since: Instant,
-    },
-    /// `produced`: its function ended and its outcome is on its way.
-    Running {
-        worker: usize,
-        control: Arc<Control>,
-        produced: bool,
-    },
+struct Incoming<J> {
+    next_id: Id,
+    queue: VecDeque<Queued<J>>,
+    /// Workers waiting for a submit: only then does `submit` wake one.
+    idle: usize,
+    /// Of those, how many `submit` has woken and are yet to return from
+    /// their wait: a burst of submits wakes each idle worker once, not
+    /// once per job (a wake is a system call).
+    waking: usize,
+    closed: bool,
+}
+
+struct Queued<J> {
+    id: Id,
+    job: J,
+    since: Instant,
+}
+
+struct Running {
+    worker: usize,
+    control: Arc<Control>,
+    /// Its function ended and its outcome is on its way.
+    produced: bool,
+}
+
+/// Both locks, for what looks at the queues as a whole.
+struct Both<'a, J> {
+    state: MutexGuard<'a, State<J>>,
+    incoming: MutexGuard<'a, Incoming<J>>,
+}
+
+impl<J> Both<'_, J> {
+    /// The first id in the queues (`next_id` when they are empty).
+    fn front(&self) -> Id {
+        let first = self.state.queue.front().or(self.incoming.queue.front());
+        first.map_or(self.incoming.next_id, |queued| queued.id)
+    }
+
+    fn is_queued(&self, id: Id) -> bool {
+        (self.front()..self.incoming.next_id).contains(&id) && !self.state.dropped.contains(&id)
+    }
+
+    fn counts(&self) -> Counts {
+        let submitted = self.incoming.next_id - 1;
+        let queued = self.incoming.next_id - self.front() - self.state.dropped.len() as u64;
+        Counts { submitted, queued, ..self.state.counts }
+    }
 }
 
 /// Jobs by where they are; see the invariants.
@@ -160,154 +252,251 @@ pub struct Taken<J> {
 impl<J> Default for Board<J> {
     fn default() -> Self {
         let state = State {
-            next_id: 1,
             queue: VecDeque::new(),
-            jobs: HashMap::default(),
-            idle: 0,
+            dropped: HashSet::default(),
+            running: HashMap::default(),
             closed: false,
             counts: Counts::default(),
             waits: Times::default(),
             runs: Times::default(),
         };
-        Board { state: Mutex::new(state), work: Condvar::new() }
+        let incoming = Incoming { next_id: 1, queue: VecDeque::new(), idle: 0, waking: 0, closed: false };
+        Board {
+            state: Padded(Mutex::new(state)),
+            incoming: Padded(Mutex::new(incoming)),
+            work: Condvar::new(),
+            available: Padded(AtomicUsize::new(0)),
+        }
     }
 }
 
 impl<J> Board<J> {
     fn lock(&self) -> MutexGuard<'_, State<J>> {
-        // Nothing panics under the lock; were it to, each operation leaves
-        // the state consistent before anything that could panic.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        spin_lock::lock(&self.state)
     }
 
-    /// Queue `job`: its id, or `Err(job)` when the board is closed.
+    fn lock_both(&self) -> Both<'_, J> {
+        let state = self.lock();
+        Both { state, incoming: spin_lock::lock(&self.incoming) }
+    }
+
+    /// Queue `job`: its id, or `Err(job)` when the board is closed. Takes
+    /// only `incoming`.
     pub fn submit(&self, job: J) -> Result<Id, J> {
-        let mut state = self.lock();
-        if state.closed {
+        let since = Instant::now();
+        let mut incoming = spin_lock::lock(&self.incoming);
+        if incoming.closed {
             return Err(job);
         }
-        let id = state.next_id;
-        state.next_id += 1;
-        state.jobs.insert(id, Entry::Queued { job, since: Instant::now() });
-        state.queue.push_back(id);
-        state.counts.submitted += 1;
-        state.counts.queued += 1;
-        let idle = state.idle > 0;
-        drop(state);
-        if idle {
+        let id = incoming.next_id;
+        incoming.next_id += 1;
+        incoming.queue.push_back(Queued { id, job, since });
+        self.available.fetch_add(1, Ordering::Relaxed);
+        let wake = incoming.idle > incoming.waking;
+        if wake {
+            incoming.waking += 1;
+        }
+        drop(incoming);
+        if wake {
             self.work.notify_one();
         }
         Ok(id)
     }
 
-    /// For `worker`: the next queued job, now running, waiting for one;
-    /// `None` once the board is closed (its queue is then empty).
-    pub fn take(&self, worker: usize) -> Option<Taken<J>> {
-        let mut state = self.lock();
+    /// Under the `state` lock: the next queued job (taking those in
+    /// `incoming` first when there are none), now running on `worker` since
+    /// `now`, with the control in `spare` (taken from there).
+    fn start_next(
+        &self,
+        state: &mut State<J>,
+        worker: usize,
+        spare: &mut Option<Arc<Control>>,
+        now: Instant,
+    ) -> Option<Taken<J>> {
         loop {
-            while let Some(id) = state.queue.pop_front() {
-                let Some(entry) = state.jobs.get_mut(&id) else { continue };
-                let control = Arc::new(Control::default());
-                let running = Entry::Running { worker, control: Arc::clone(&control), produced: false };
-                let Entry::Queued { job, since } = std::mem::replace(entry, running) else {
-                    unreachable!("a queued id names a queued job")
-                };
-                let started = Instant::now();
-                state.waits.add(started - since);
-                state.counts.queued -= 1;
-                state.counts.running += 1;
-                return Some(Taken { id, job, control, started });
+            if state.queue.is_empty() {
+                // Empty, so the swap moves them all, and both keep their buffers.
+                std::mem::swap(&mut state.queue, &mut spin_lock::lock(&self.incoming).queue);
+            }
+            let Queued { id, job, since } = state.queue.pop_front()?;
+            self.available.fetch_sub(1, Ordering::Relaxed);
+            if state.dropped.remove(&id) {
+                // Cancelled while queued (and counted then).
+                continue;
+            }
+            let control = spare.take().unwrap_or_default();
+            state.running.insert(id, Running { worker, control: Arc::clone(&control), produced: false });
+            state.waits.add(now.saturating_duration_since(since));
+            state.counts.running += 1;
+            return Some(Taken { id, job, control, started: now });
+        }
+    }
+
+    /// For `worker`: the next queued job, now running, waiting for one;
+    /// `None` once the board is closed (its queues are then empty). The
+    /// job's control is taken from `spare` when there is one there (made
+    /// out of the locks by the caller).
+    pub fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
+        let mut now = Instant::now();
+        let mut spun = false;
+        loop {
+            let mut state = self.lock();
+            if let Some(taken) = self.start_next(&mut state, worker, spare, now) {
+                return Some(taken);
             }
             if state.closed {
                 return None;
             }
-            state.idle += 1;
-            state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
-            state.idle -= 1;
+            if !spun {
+                spun = true;
+                drop(state);
+                self.spin(now + SPIN);
+                now = Instant::now();
+                continue;
+            }
+            // Both queues are empty (start_next looked at both under the
+            // locks), and `incoming` stays locked until the wait: no
+            // submit comes unseen.
+            let mut incoming = spin_lock::lock(&self.incoming);
+            drop(state);
+            if incoming.queue.is_empty() && !incoming.closed {
+                incoming.idle += 1;
+                incoming = self.work.wait(incoming).unwrap_or_else(PoisonError::into_inner);
+                incoming.idle -= 1;
+                // Woken by a submit, or spuriously (then a later wake finds
+                // `waking` too low, which only costs a wake more).
+                incoming.waking = incoming.waking.saturating_sub(1);
+            }
+            drop(incoming);
+            now = Instant::now();
         }
     }
 
-    /// The function of running job `id`, started at `started`, ended.
-    /// True when its outcome is to be delivered (then `settle` or `lose`
-    /// ends the job); false when it was cancelled meanwhile.
-    pub fn finish(&self, id: Id, started: Instant) -> bool {
+    /// The function of running job `id`, started at `started`, ended on
+    /// `worker`: true when its outcome is to be delivered (then `settle`
+    /// or `lose` ends the job), false when it was cancelled meanwhile. In
+    /// the same lock, the worker's next job if one is queued (as `take`
+    /// gives it, without waiting): a busy worker locks once per job.
+    pub fn finish(
+        &self,
+        id: Id,
+        started: Instant,
+        worker: usize,
+        spare: &mut Option<Arc<Control>>,
+    ) -> (bool, Option<Taken<J>>) {
+        let now = Instant::now();
         let mut state = self.lock();
-        let State { jobs, runs, .. } = &mut *state;
-        match jobs.get_mut(&id) {
-            Some(Entry::Running { produced, .. }) if !*produced => {
+        let State { running, runs, .. } = &mut *state;
+        let deliver = match running.get_mut(&id) {
+            Some(Running { produced, .. }) if !*produced => {
                 *produced = true;
-                runs.add(started.elapsed());
+                runs.add(now.saturating_duration_since(started));
                 true
             }
             _ => false,
+        };
+        (deliver, self.start_next(&mut state, worker, spare, now))
+    }
+
+    /// Out of the locks: wait until a job seems queued, or `until`.
+    fn spin(&self, until: Instant) {
+        while self.available.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+        }
+        let gather = Instant::now() + GATHER;
+        while self.available.load(Ordering::Relaxed) < GATHER_JOBS && Instant::now() < gather {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
         }
     }
 
-    /// Job `id`'s outcome reached the Lua thread: it ends, done or failed.
-    /// False if it had already ended.
-    pub fn settle(&self, id: Id, failed: bool) -> bool {
+    /// These outcomes (`id, failed`) reached the Lua thread: each job ends,
+    /// done or failed, unless it had already ended.
+    pub fn settle(&self, outcomes: impl IntoIterator<Item = (Id, bool)>) {
         let mut state = self.lock();
-        if state.jobs.remove(&id).is_none() {
-            return false;
+        let State { running, counts, .. } = &mut *state;
+        for (id, failed) in outcomes {
+            if running.remove(&id).is_some() {
+                counts.running -= 1;
+                if failed {
+                    counts.failed += 1;
+                } else {
+                    counts.done += 1;
+                }
+            }
         }
-        state.counts.running -= 1;
-        if failed {
-            state.counts.failed += 1;
-        } else {
-            state.counts.done += 1;
-        }
-        true
     }
 
-    /// Job `id`'s outcome was dropped unread: it ends, counted cancelled.
-    pub fn lose(&self, id: Id) {
+    /// These jobs' outcomes were dropped unread: each ends, counted
+    /// cancelled, unless it had already ended.
+    pub fn lose(&self, ids: impl IntoIterator<Item = Id>) {
         let mut state = self.lock();
-        if state.jobs.remove(&id).is_some() {
-            state.counts.running -= 1;
-            state.counts.cancelled += 1;
+        let State { running, counts, .. } = &mut *state;
+        for id in ids {
+            if running.remove(&id).is_some() {
+                counts.running -= 1;
+                counts.cancelled += 1;
+            }
         }
     }
 
-    /// True while job `id` runs (so its progress is still wanted).
-    pub fn is_running(&self, id: Id) -> bool {
-        matches!(self.lock().jobs.get(&id), Some(Entry::Running { .. }))
+    /// Keep in `events` those whose `progress_id` is `None` or names a job
+    /// that still runs (so its progress is still wanted); the others are
+    /// returned, to be dropped once the lock is released.
+    pub fn retain_running<E>(&self, events: &mut Vec<E>, progress_id: impl Fn(&E) -> Option<Id>) -> Vec<E> {
+        if events.iter().all(|event| progress_id(event).is_none()) {
+            return Vec::new();
+        }
+        let state = self.lock();
+        let wanted = |event: &E| progress_id(event).is_none_or(|id| state.running.contains_key(&id));
+        let (kept, unwanted) = std::mem::take(events).into_iter().partition(wanted);
+        *events = kept;
+        unwanted
     }
 
     pub fn cancel(&self, id: Id) -> Cancelled {
-        let mut state = self.lock();
-        let State { jobs, counts, .. } = &mut *state;
-        let cancelled = match jobs.get(&id) {
-            Some(Entry::Queued { .. }) => {
-                counts.queued -= 1;
-                Cancelled::Queued
+        let mut both = self.lock_both();
+        let cancelled = if both.is_queued(id) {
+            both.state.dropped.insert(id);
+            Cancelled::Queued
+        } else {
+            let state = &mut *both.state;
+            match state.running.get(&id) {
+                Some(Running { worker, control, produced: false }) => {
+                    control.cancel();
+                    let worker = *worker;
+                    state.running.remove(&id);
+                    state.counts.running -= 1;
+                    Cancelled::Running { worker }
+                }
+                _ => return Cancelled::No,
             }
-            Some(Entry::Running { worker, control, produced: false }) => {
-                control.cancel();
-                counts.running -= 1;
-                Cancelled::Running { worker: *worker }
-            }
-            _ => return Cancelled::No,
         };
-        jobs.remove(&id);
-        counts.cancelled += 1;
+        both.state.counts.cancelled += 1;
         cancelled
     }
 
     pub fn status(&self, id: Id) -> Option<Status> {
-        let state = self.lock();
-        match state.jobs.get(&id) {
-            Some(Entry::Queued { .. }) => Some(Status::Queued),
-            Some(Entry::Running { .. }) => Some(Status::Running),
-            None if id >= 1 && id < state.next_id => Some(Status::Finished),
-            None => None,
+        let both = self.lock_both();
+        if both.state.running.contains_key(&id) {
+            Some(Status::Running)
+        } else if both.is_queued(id) {
+            Some(Status::Queued)
+        } else if id >= 1 && id < both.incoming.next_id {
+            Some(Status::Finished)
+        } else {
+            None
         }
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let state = self.lock();
-        let (wait_mean, wait_max) = state.waits.seconds();
-        let (run_mean, run_max) = state.runs.seconds();
-        Snapshot { counts: state.counts, wait_mean, wait_max, run_mean, run_max }
+        let both = self.lock_both();
+        let (wait_mean, wait_max) = both.state.waits.seconds();
+        let (run_mean, run_max) = both.state.runs.seconds();
+        Snapshot { counts: both.counts(), wait_mean, wait_max, run_mean, run_max }
     }
 
     /// Close: refuse new jobs, cancel the queued ones and the running ones
@@ -315,26 +504,30 @@ impl<J> Board<J> {
     /// those, to interrupt. Wakes every waiting `take`. Closing again does
     /// nothing.
     pub fn close(&self) -> Vec<usize> {
-        let mut state = self.lock();
-        state.closed = true;
-        state.queue.clear();
+        let mut both = self.lock_both();
+        let queued = both.counts().queued;
+        both.state.closed = true;
+        both.incoming.closed = true;
+        let jobs = (std::mem::take(&mut both.state.queue), std::mem::take(&mut both.incoming.queue));
+        self.available.store(0, Ordering::Relaxed);
+        let State { running, counts, dropped, .. } = &mut *both.state;
+        dropped.clear();
+        counts.cancelled += queued;
         let mut interrupt = Vec::new();
-        let State { jobs, counts, .. } = &mut *state;
-        jobs.retain(|_, entry| {
-            match entry {
-                Entry::Queued { .. } => counts.queued -= 1,
-                Entry::Running { worker, control, produced: false } => {
-                    control.cancel();
-                    interrupt.push(*worker);
-                    counts.running -= 1;
-                }
-                Entry::Running { produced: true, .. } => return true,
+        running.retain(|_, Running { worker, control, produced }| {
+            if *produced {
+                return true;
             }
+            control.cancel();
+            interrupt.push(*worker);
+            counts.running -= 1;
             counts.cancelled += 1;
             false
         });
-        drop(state);
+        drop(both);
         self.work.notify_all();
+        // The jobs' values, freed out of the locks.
+        drop(jobs);
         interrupt
     }
 

@@ -1,16 +1,22 @@
-//! A pool's events on their way to the Lua thread: each is an item
-//! delivered through bgworker, whose decode pushes the pool's `on_event`
-//! and its arguments, `id, "progress", values...`, `id, "done",
-//! results...` or `id, "failed", error, traceback`. Decode uses Lua's C
-//! API ([`RawItem`]): it runs once per job, on the Lua thread.
+//! A pool's events on their way to the Lua thread: progress and outcomes,
+//! posted by the workers to the pool's [`Outbox`] and carried through
+//! bgworker by core items (outbox.rs says when one is delivered). A
+//! carrier's decode (Lua's C API, [`RawItem`]) pushes its share of events
+//! as one call of the pool's handler:
+//!
+//! - `on_event(id, "progress", values...)`, `on_event(id, "done",
+//!   results...)` or `on_event(id, "failed", error, traceback)`: one event
+//!   per carrier;
+//! - `on_events(list, n)`: up to [`BATCH`] events per carrier, as `n`
+//!   values of `list`: pairs `id, value` (lib.rs).
 //!
 //! Decode asks the board first: a progress event of a job that ended
-//! (cancelled) in the meantime decodes to a function that does nothing,
-//! so after a successful `cancel` the Lua side hears nothing more of that
-//! job. An outcome's decode is what ends its job as done or failed; an
-//! outcome dropped unread (no dispatcher, a stopped one, a closed state,
-//! a pool that closed while it waited for room, or a decode that raised)
-//! ends it as cancelled.
+//! (cancelled) in the meantime is left out, so after a successful `cancel`
+//! the Lua side hears nothing more of that job. Decoding an outcome is what
+//! ends its job as done or failed; an outcome dropped unread (its carrier
+//! was refused or cancelled by the core: no dispatcher, a stopped one, a
+//! closed state, a pool that closed while it waited for room, or a decode
+//! that raised) ends it as cancelled.
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
@@ -18,139 +24,260 @@ use std::sync::Arc;
 
 use bgworker_util::{RawItem, Sender};
 use mlua::ffi::{
-    luaL_checkstack, lua_Integer, lua_State, lua_pushcfunction, lua_pushinteger, lua_pushstring, lua_rawgeti,
-    LUA_REGISTRYINDEX,
+    luaL_checkstack, lua_Integer, lua_State, lua_createtable, lua_pushboolean, lua_pushcfunction, lua_pushinteger,
+    lua_pushstring, lua_rawgeti, lua_rawseti, lua_setfield, LUA_REGISTRYINDEX,
 };
 use mlua::{Function, Lua, RegistryKey};
 
 use crate::board::{Board, Id};
 use crate::control::{Control, InFlight, PROGRESS_IN_FLIGHT};
 use crate::job::{Job, Outcome};
+use crate::outbox::Outbox;
 use crate::raw::push_str;
 use crate::value::Values;
+
+/// Most events one carrier takes to an `on_events` handler. A carrier is
+/// one item of the dispatcher's budget, whatever it carries.
+pub const BATCH: usize = 32;
+
+/// How the Lua side wants its events.
+pub enum Handler {
+    /// `on_event(id, event, values...)`, one event per call.
+    Each(Function),
+    /// `on_events(list, n)`, up to [`BATCH`] events per call.
+    Batch(Function),
+}
+
+enum Event {
+    Progress { id: Id, values: Values, _in_flight: InFlight },
+    Outcome { id: Id, outcome: Outcome },
+}
+
+impl Event {
+    fn progress_id(&self) -> Option<Id> {
+        match self {
+            Event::Progress { id, .. } => Some(*id),
+            Event::Outcome { .. } => None,
+        }
+    }
+
+    /// An outcome's job and whether it failed.
+    fn outcome(&self) -> Option<(Id, bool)> {
+        match self {
+            Event::Outcome { id, outcome } => Some((*id, matches!(outcome, Outcome::Failed { .. }))),
+            Event::Progress { .. } => None,
+        }
+    }
+}
+
+/// What the workers and the carriers of one pool share.
+struct Shared {
+    outbox: Outbox<Event>,
+    board: Arc<Board<Job>>,
+    /// The handler function, in the Lua thread's registry.
+    handler: RegistryKey,
+    batched: bool,
+}
 
 #[derive(Clone)]
 pub struct Events {
     sender: Sender,
-    on_event: Arc<RegistryKey>,
-    board: Arc<Board<Job>>,
+    shared: Arc<Shared>,
 }
 
-/// `on_event, id, event`: the arguments every event starts with.
-///
-/// # Safety
-/// On the Lua thread, in a decode; `on_event` is a key of this state.
-unsafe fn push_head(state: *mut lua_State, on_event: &RegistryKey, id: Id, event: &CStr) -> c_int {
-    unsafe {
-        luaL_checkstack(state, 4, ptr::null());
-        lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(on_event.id()));
-        lua_pushinteger(state, id as lua_Integer);
-        lua_pushstring(state, event.as_ptr());
-    }
-    3
-}
-
-/// The callback of an event nobody wants any more.
+/// The callback of a carrier whose share is empty, or holds only progress
+/// of a job nobody wants any more.
 unsafe extern "C-unwind" fn ignore(_: *mut lua_State) -> c_int {
     0
 }
 
-struct Progress {
-    id: Id,
-    values: Values,
-    board: Arc<Board<Job>>,
-    on_event: Arc<RegistryKey>,
-    _in_flight: InFlight,
+/// A core item that takes a share of the outbox to the Lua thread.
+struct Carrier {
+    shared: Arc<Shared>,
+    /// Its share, once taken (by decode, or by the drop of a carrier never
+    /// decoded).
+    share: Option<Vec<Event>>,
+    /// Its outcomes reached the Lua thread (they were settled).
+    delivered: bool,
 }
 
-// SAFETY: decode pushes a function and its arguments; it borrows only.
-unsafe impl RawItem for Progress {
-    unsafe fn decode(&mut self, state: *mut lua_State) -> c_int {
-        unsafe {
-            if !self.board.is_running(self.id) {
-                lua_pushcfunction(state, ignore);
-                return 1;
-            }
-            push_head(state, &self.on_event, self.id, c"progress") + self.values.push(state)
-        }
-    }
-}
-
-struct Settled {
-    id: Id,
-    outcome: Outcome,
-    board: Arc<Board<Job>>,
-    on_event: Arc<RegistryKey>,
-    settled: bool,
-}
-
-impl Drop for Settled {
+impl Drop for Carrier {
     fn drop(&mut self) {
-        if !self.settled {
-            self.board.lose(self.id);
+        let share = self.share.take().unwrap_or_else(|| self.shared.outbox.take_share());
+        if !self.delivered {
+            self.shared.board.lose(share.iter().filter_map(Event::outcome).map(|(id, _)| id));
         }
     }
 }
 
-// SAFETY: decode pushes a function and its arguments; it borrows only, and
-// settles once everything is pushed (a raise before leaves it to `Drop`).
-unsafe impl RawItem for Settled {
-    unsafe fn decode(&mut self, state: *mut lua_State) -> c_int {
-        let (failed, count) = unsafe {
-            match &self.outcome {
-                Outcome::Done(values) => {
-                    (false, push_head(state, &self.on_event, self.id, c"done") + values.push(state))
+/// Push `values` as a list `{n = count, [head,] values...}`.
+///
+/// # Safety
+/// On the Lua thread, in a decode (it may raise).
+unsafe fn push_list(state: *mut lua_State, head: Option<bool>, values: &Values) {
+    unsafe {
+        let offset = c_int::from(head.is_some());
+        luaL_checkstack(state, 2, ptr::null());
+        lua_createtable(state, values.len() as c_int + offset, 1);
+        let list = mlua::ffi::lua_gettop(state);
+        if let Some(head) = head {
+            lua_pushboolean(state, c_int::from(head));
+            lua_rawseti(state, list, 1);
+        }
+        let count = values.push(state);
+        for index in (1..=count).rev() {
+            lua_rawseti(state, list, lua_Integer::from(index + offset));
+        }
+        lua_pushinteger(state, lua_Integer::from(count + offset));
+        lua_setfield(state, list, c"n".as_ptr());
+    }
+}
+
+impl Carrier {
+    /// `on_event, id, event`: the arguments every single event starts with.
+    ///
+    /// # Safety
+    /// On the Lua thread, in a decode.
+    unsafe fn push_head(&self, state: *mut lua_State, id: Id, event: &CStr) -> c_int {
+        unsafe {
+            luaL_checkstack(state, 4, ptr::null());
+            lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.handler.id()));
+            lua_pushinteger(state, id as lua_Integer);
+            lua_pushstring(state, event.as_ptr());
+        }
+        3
+    }
+
+    /// `on_event` and the event's values.
+    ///
+    /// # Safety
+    /// As for `push_head`.
+    unsafe fn push_each(&self, state: *mut lua_State, event: &Event) -> c_int {
+        unsafe {
+            match event {
+                Event::Progress { id, values, .. } => self.push_head(state, *id, c"progress") + values.push(state),
+                Event::Outcome { id, outcome: Outcome::Done(values) } => {
+                    self.push_head(state, *id, c"done") + values.push(state)
                 }
-                Outcome::Failed { error, traceback } => {
-                    let head = push_head(state, &self.on_event, self.id, c"failed");
+                Event::Outcome { id, outcome: Outcome::Failed { error, traceback } } => {
+                    let head = self.push_head(state, *id, c"failed");
                     luaL_checkstack(state, 2, ptr::null());
                     error.push(state);
                     push_str(state, traceback.as_bytes());
-                    (true, head + 2)
+                    head + 2
                 }
             }
+        }
+    }
+
+    /// `on_events, list, n`.
+    ///
+    /// # Safety
+    /// As for `push_head`.
+    unsafe fn push_batch(&self, state: *mut lua_State, share: &[Event]) -> c_int {
+        unsafe {
+            luaL_checkstack(state, 5, ptr::null());
+            lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.handler.id()));
+            let n = 2 * share.len() as lua_Integer;
+            lua_createtable(state, n as c_int, 0);
+            let list = mlua::ffi::lua_gettop(state);
+            for (index, event) in (1..).step_by(2).zip(share) {
+                match event {
+                    Event::Progress { id, values, .. } => {
+                        lua_pushinteger(state, -(*id as lua_Integer));
+                        push_list(state, None, values);
+                    }
+                    Event::Outcome { id, outcome: Outcome::Done(values) } => {
+                        lua_pushinteger(state, *id as lua_Integer);
+                        if values.is_empty() {
+                            lua_pushboolean(state, 1);
+                        } else {
+                            push_list(state, Some(true), values);
+                        }
+                    }
+                    Event::Outcome { id, outcome: Outcome::Failed { error, traceback } } => {
+                        lua_pushinteger(state, *id as lua_Integer);
+                        lua_createtable(state, 3, 1);
+                        lua_pushboolean(state, 0);
+                        lua_rawseti(state, -2, 1);
+                        error.push(state);
+                        lua_rawseti(state, -2, 2);
+                        push_str(state, traceback.as_bytes());
+                        lua_rawseti(state, -2, 3);
+                        lua_pushinteger(state, 3);
+                        lua_setfield(state, -2, c"n".as_ptr());
+                    }
+                }
+                lua_rawseti(state, list, index + 1);
+                lua_rawseti(state, list, index);
+            }
+            lua_pushinteger(state, n);
+        }
+        3
+    }
+}
+
+// SAFETY: decode pushes a function and its arguments; it borrows only
+// (the share it takes lives in `self`), and settles once everything is
+// pushed (a raise before leaves the share to `Drop`).
+unsafe impl RawItem for Carrier {
+    unsafe fn decode(&mut self, state: *mut lua_State) -> c_int {
+        let share = self.share.get_or_insert_with(|| self.shared.outbox.take_share());
+        let unwanted = self.shared.board.retain_running(share, Event::progress_id);
+        drop(unwanted);
+        let share = self.share.as_deref().unwrap_or_default();
+        let count = unsafe {
+            match share {
+                [] => {
+                    lua_pushcfunction(state, ignore);
+                    1
+                }
+                [event] if !self.shared.batched => self.push_each(state, event),
+                _ => self.push_batch(state, share),
+            }
         };
-        self.board.settle(self.id, failed);
-        self.settled = true;
+        self.shared.board.settle(share.iter().filter_map(Event::outcome));
+        self.delivered = true;
         count
     }
 }
 
 impl Events {
     /// On the Lua thread, where bgworker.core must be loaded.
-    pub fn new(lua: &Lua, on_event: Function, board: Arc<Board<Job>>) -> mlua::Result<Events> {
+    pub fn new(lua: &Lua, handler: Handler, board: Arc<Board<Job>>) -> mlua::Result<Events> {
         let sender = Sender::new(lua)?;
-        Ok(Events { sender, on_event: Arc::new(lua.create_registry_value(on_event)?), board })
+        let (function, batched, batch) = match handler {
+            Handler::Each(function) => (function, false, 1),
+            Handler::Batch(function) => (function, true, BATCH),
+        };
+        let handler = lua.create_registry_value(function)?;
+        Ok(Events { sender, shared: Arc::new(Shared { outbox: Outbox::new(batch), board, handler, batched }) })
     }
 
-    /// From job `id`'s worker: deliver a progress event, first waiting
-    /// while [`PROGRESS_IN_FLIGHT`] of its events are in flight. False
-    /// when the job was cancelled first.
+    /// Post `event`, and deliver a carrier if the outbox asks for one. The
+    /// carrier waits for room in a bounded queue until the pool closes: it
+    /// may carry other jobs' events, so one job's cancellation does not
+    /// stop it (the Lua thread, which cancelled, drains on).
+    fn post(&self, event: Event) {
+        if self.shared.outbox.post(event) {
+            let carrier = Carrier { shared: Arc::clone(&self.shared), share: None, delivered: false };
+            // Not delivered: the carrier was dropped, with its share.
+            let _ = self.sender.deliver_raw_while(carrier, || !self.shared.board.is_closed());
+        }
+    }
+
+    /// From job `id`'s worker: post a progress event, first waiting while
+    /// [`PROGRESS_IN_FLIGHT`] of its events are in flight. False when the
+    /// job was cancelled first.
     pub fn progress(&self, id: Id, control: &Arc<Control>, values: Values) -> bool {
         let Some(in_flight) = control.reserve(PROGRESS_IN_FLIGHT) else { return false };
-        let event = Progress {
-            id,
-            values,
-            board: Arc::clone(&self.board),
-            on_event: Arc::clone(&self.on_event),
-            _in_flight: in_flight,
-        };
-        // Not delivered (no dispatcher, or cancelled while waiting for
-        // room): dropped with its reservation, as the Lua side would have.
-        let _ = self.sender.deliver_raw_while(event, || !control.is_cancelled());
+        self.post(Event::Progress { id, values, _in_flight: in_flight });
         true
     }
 
-    /// From job `id`'s worker, after `Board::finish` said so: deliver its
-    /// outcome, waiting for room until the pool closes.
+    /// From job `id`'s worker, after `Board::finish` said so: post its
+    /// outcome.
     pub fn outcome(&self, id: Id, outcome: Outcome) {
-        let event = Settled {
-            id,
-            outcome,
-            board: Arc::clone(&self.board),
-            on_event: Arc::clone(&self.on_event),
-            settled: false,
-        };
-        let _ = self.sender.deliver_raw_while(event, || !self.board.is_closed());
+        self.post(Event::Outcome { id, outcome });
     }
 }

@@ -7,6 +7,7 @@
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use mlua::ffi::*;
 use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 
 use crate::board::{Cancelled, Id, Status};
-use crate::job::{Func, Job};
+use crate::events::Handler;
+use crate::job::{Func, Job, Recent};
 use crate::pool::{Options, Pool, Refused};
 use crate::raw::{bytes_at, push_str, type_name};
 use crate::value::Values;
@@ -61,7 +63,8 @@ fn required<T: mlua::FromLua>(opts: &Table, name: &str, expected: &str) -> mlua:
         .ok_or_else(|| mlua::Error::runtime(bad_argument(1, "new", format!("opts.{name} must be {expected}"))))
 }
 
-const KNOWN_OPTIONS: [&str; 8] = ["threads", "path", "cpath", "init", "init_named", "on_event", "init_timeout", "jit"];
+const KNOWN_OPTIONS: [&str; 9] =
+    ["threads", "path", "cpath", "init", "init_named", "on_event", "on_events", "init_timeout", "jit"];
 
 fn options(opts: Table) -> mlua::Result<Options> {
     let refuse = |message: String| mlua::Error::runtime(bad_argument(1, "new", message));
@@ -85,10 +88,15 @@ fn options(opts: Table) -> mlua::Result<Options> {
         path: required::<LuaString>(&opts, "path", "a string")?.as_bytes().to_vec(),
         cpath: required::<LuaString>(&opts, "cpath", "a string")?.as_bytes().to_vec(),
         jit: option(&opts, "jit", "a boolean")?.unwrap_or(true),
-        init: init.map(|code| Func::new(&code.as_bytes(), named)),
+        init: init.map(|code| Arc::new(Func::new(&code.as_bytes(), named))),
     };
-    let on_event = required(&opts, "on_event", "a function")?;
-    Ok(Options { threads: threads as usize, setup, on_event, init_timeout })
+    let handler = match (option(&opts, "on_event", "a function")?, option(&opts, "on_events", "a function")?) {
+        (Some(on_event), None) => Handler::Each(on_event),
+        (None, Some(on_events)) => Handler::Batch(on_events),
+        (None, None) => return Err(refuse("opts.on_event must be a function (or opts.on_events)".into())),
+        (Some(_), Some(_)) => return Err(refuse("opts.on_event and opts.on_events exclude each other".into())),
+    };
+    Ok(Options { threads: threads as usize, setup, handler, init_timeout })
 }
 
 /// `new(opts)`: a pool, or `nil, error, traceback`.
@@ -124,20 +132,25 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
 // ---------------------------------------------------------------------------
 // The pool userdata
 
-/// The userdata's block: `None` once collected.
+/// The userdata's block.
 struct PoolCell {
+    /// `None` once collected.
     pool: Option<Pool>,
+    recent: Recent,
 }
 
-/// Push a new pool userdata owning the pool in `slot`.
+/// Push a new pool userdata owning the pool in `slot`. Its methods have
+/// the metatable as their upvalue, which is how they recognise a pool
+/// (cheaper than a registry lookup by name, once per job).
 ///
 /// # Safety
 /// `state` is valid, on its thread; may raise before it takes the pool.
 unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     unsafe {
         if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
-            let methods: [(&CStr, lua_CFunction); 5] = [
+            let methods: [(&CStr, lua_CFunction); 6] = [
                 (c"submit", pool_submit),
+                (c"queue", pool_queue),
                 (c"cancel", pool_cancel),
                 (c"status", pool_status),
                 (c"stats", pool_stats),
@@ -145,7 +158,8 @@ unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
             ];
             lua_createtable(state, 0, methods.len() as c_int);
             for (name, method) in methods {
-                lua_pushcfunction(state, method);
+                lua_pushvalue(state, -2);
+                lua_pushcclosure(state, method, 1);
                 lua_setfield(state, -2, name.as_ptr());
             }
             lua_setfield(state, -2, c"__index".as_ptr());
@@ -154,7 +168,7 @@ unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
         }
         let cell = lua_newuserdata(state, std::mem::size_of::<PoolCell>()) as *mut PoolCell;
         // From here on nothing raises: the userdata owns the pool at once.
-        ptr::write(cell, PoolCell { pool: slot.take() });
+        ptr::write(cell, PoolCell { pool: slot.take(), recent: Recent::default() });
         lua_insert(state, -2);
         lua_setmetatable(state, -2);
     }
@@ -186,31 +200,32 @@ unsafe fn raise(state: *mut lua_State, raise: Raise) -> ! {
     }
 }
 
-type Method = unsafe fn(*mut lua_State, &mut Pool) -> Result<c_int, Raise>;
+/// A method: the state, the pool, and the functions it was given last.
+type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> Result<c_int, Raise>;
 
 /// Call `method` on the pool that is argument 1, raising its error.
 ///
 /// # Safety
 /// In a C function called by Lua.
 unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
-    let result = unsafe { pool_at(state, name).and_then(|pool| method(state, pool)) };
+    let result = unsafe { pool_at(state, name).and_then(|(pool, recent)| method(state, pool, recent)) };
     match result {
         Ok(count) => count,
         Err(e) => unsafe { raise(state, e) },
     }
 }
 
-/// The pool that is argument 1 of method `name`.
+/// The pool that is argument 1 of method `name` (not collected, and made
+/// by this process), and the functions it was given last.
 ///
 /// # Safety
-/// In a C function called by Lua.
-unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut Pool, Raise> {
+/// In a method made by `push_pool`, called by Lua.
+unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool, &'a mut Recent), Raise> {
     unsafe {
         let cell = lua_touserdata(state, 1) as *mut PoolCell;
         let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
-            luaL_getmetatable(state, METATABLE.as_ptr());
-            let same = lua_rawequal(state, -1, -2) != 0;
-            lua_pop(state, 2);
+            let same = lua_rawequal(state, -1, lua_upvalueindex(1)) != 0;
+            lua_pop(state, 1);
             same
         };
         if !ours {
@@ -218,13 +233,14 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut Pool,
             return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
         }
         // SAFETY: a userdata with our metatable holds a PoolCell.
-        let pool = (*cell).pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
+        let PoolCell { pool, recent } = &mut *cell;
+        let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
         if pool.is_inherited() {
             return Err(Raise::Message(format!(
                 "{name}: this pool belongs to the process that made it, and this one is a fork of it"
             )));
         }
-        Ok(pool)
+        Ok((pool, recent))
     }
 }
 
@@ -267,41 +283,92 @@ unsafe extern "C-unwind" fn pool_submit(state: *mut lua_State) -> c_int {
 }
 
 /// `submit(code, named, n, args...)`: the first n args are the job's.
-unsafe fn submit(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+unsafe fn submit(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
-        let Some(code) = bytes_at(state, 2) else {
-            let got = type_name(state, 2);
-            return Err(Raise::Arg(2, format!("string expected, got {got}")));
-        };
-        let named = lua_toboolean(state, 3) != 0;
         let count = count_at(state, 4)?;
         // Missing arguments are nils.
         if lua_checkstack(state, count as c_int + 3) == 0 {
             return Err(Raise::Message("submit: too many arguments".into()));
         }
         lua_settop(state, 4 + count as c_int);
-        let args = match Values::copy(state, 5, count as c_int) {
+        match queue_job(state, pool, recent, count as c_int)? {
+            Ok(id) => lua_pushinteger(state, id as lua_Integer),
+            Err(refused) => return Ok(refused),
+        }
+        Ok(1)
+    }
+}
+
+/// Queue the job whose code and `named` are arguments 2 and 3, and whose
+/// arguments are the `count` values from stack index 5 up: its id, or
+/// (`Err`) the count of the `nil, position, message` it pushed when an
+/// argument cannot be copied.
+///
+/// # Safety
+/// In a method called by Lua, with those values on the stack.
+unsafe fn queue_job(
+    state: *mut lua_State,
+    pool: &mut Pool,
+    recent: &mut Recent,
+    count: c_int,
+) -> Result<Result<Id, c_int>, Raise> {
+    unsafe {
+        let Some(code) = bytes_at(state, 2) else {
+            let got = type_name(state, 2);
+            return Err(Raise::Arg(2, format!("string expected, got {got}")));
+        };
+        let named = lua_toboolean(state, 3) != 0;
+        let args = match Values::copy(state, 5, count) {
             Ok(args) => args,
             Err((position, e)) => {
                 let message = format!("{e} cannot be copied to a worker");
                 lua_pushnil(state);
                 lua_pushinteger(state, position as lua_Integer + 1);
                 push_str(state, message.as_bytes());
-                return Ok(3);
+                return Ok(Err(3));
             }
         };
-        let job = Job { func: Func::new(code, named), args };
+        let job = Job { func: recent.get(code, named), args };
         let id = pool.submit(job).ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
-        lua_pushinteger(state, id as lua_Integer);
-        Ok(1)
+        Ok(Ok(id))
     }
+}
+
+unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "queue", queue) }
+}
+
+/// `queue(code, named, callback, args...)`: as `submit` with every
+/// argument after `callback`, except that when `callback` is true and the
+/// last of them is a function, that function is no argument of the job:
+/// `id, callback` (the function, or false) | `nil, position, message`.
+unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
+    unsafe {
+        let mut top = lua_gettop(state).max(4);
+        lua_settop(state, top);
+        let callback = lua_toboolean(state, 4) != 0 && top > 4 && lua_type(state, top) == LUA_TFUNCTION;
+        if callback {
+            top -= 1;
+        }
+        let id = match queue_job(state, pool, recent, top - 4)? {
+            Ok(id) => id,
+            Err(refused) => return Ok(refused),
+        };
+        lua_pushinteger(state, id as lua_Integer);
+        if callback {
+            lua_pushvalue(state, top + 1);
+        } else {
+            lua_pushboolean(state, 0);
+        }
+    }
+    Ok(2)
 }
 
 unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {
     unsafe { call(state, "cancel", cancel) }
 }
 
-unsafe fn cancel(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+unsafe fn cancel(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         match id_at(state)?.map_or(Cancelled::No, |id| pool.cancel(id)) {
             Cancelled::Queued => lua_pushstring(state, c"queued".as_ptr()),
@@ -319,7 +386,7 @@ unsafe extern "C-unwind" fn pool_status(state: *mut lua_State) -> c_int {
     unsafe { call(state, "status", status) }
 }
 
-unsafe fn status(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+unsafe fn status(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         let name = match id_at(state)?.and_then(|id| pool.status(id)) {
             Some(Status::Queued) => c"queued",
@@ -339,7 +406,7 @@ unsafe extern "C-unwind" fn pool_stats(state: *mut lua_State) -> c_int {
     unsafe { call(state, "stats", stats) }
 }
 
-unsafe fn stats(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     let snapshot = pool.snapshot();
     let counts = snapshot.counts;
     let integers: [(&CStr, u64); 7] = [
@@ -376,7 +443,7 @@ unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
 }
 
 /// `close(timeout)`: true, or false and "timeout".
-unsafe fn close(state: *mut lua_State, pool: &mut Pool) -> Result<c_int, Raise> {
+unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         if lua_type(state, 2) != LUA_TNUMBER {
             let got = type_name(state, 2);
@@ -400,7 +467,10 @@ unsafe extern "C-unwind" fn pool_gc(state: *mut lua_State) -> c_int {
     // SAFETY: only set as __gc of our userdata, which holds a PoolCell.
     let cell = unsafe { lua_touserdata(state, 1) } as *mut PoolCell;
     if let Some(cell) = unsafe { cell.as_mut() } {
+        // Lua frees the block itself, without dropping it: what it owns
+        // goes here (and a second __gc finds nothing).
         drop(cell.pool.take());
+        drop(std::mem::take(&mut cell.recent));
     }
     0
 }

@@ -71,15 +71,18 @@ unsafe extern "C-unwind" fn trampoline(state: *mut lua_State) -> c_int {
 }
 
 /// Run `body` under `lua_pcall`, with the `nargs` values on top of the
-/// stack moved onto its own stack (at 1..=nargs). The values it returns
-/// (its count) are left in their place, and `Ok` says how many; if it
-/// raises, its error is left there instead, and `Err`. `body` may raise,
-/// and must own nothing with a destructor when it does.
+/// stack moved onto its own stack (at 1..=nargs), and the message handler
+/// at stack index `handler` (0: none). The values it returns (its count)
+/// are left in their place, and `Ok` says how many; if it raises, its
+/// error is left there instead (what the handler made of it), and `Err`.
+/// `body` may raise, and must own nothing with a destructor when it does.
 ///
 /// # Safety
-/// `state` is valid, on its thread, with `nargs` values on its stack.
+/// `state` is valid, on its thread, with `nargs` values on its stack
+/// above `handler`.
 pub unsafe fn protect(
     state: *mut lua_State,
+    handler: c_int,
     nargs: c_int,
     mut body: impl FnMut(*mut lua_State) -> c_int,
 ) -> Result<c_int, ()> {
@@ -95,7 +98,7 @@ pub unsafe fn protect(
         lua_insert(state, base + 1);
         lua_pushlightuserdata(state, &mut body as *mut Body as *mut c_void);
         lua_insert(state, base + 2);
-        match lua_pcall(state, nargs + 1, LUA_MULTRET, 0) {
+        match lua_pcall(state, nargs + 1, LUA_MULTRET, handler) {
             LUA_OK => Ok(lua_gettop(state) - base),
             _ => Err(()),
         }
@@ -112,7 +115,7 @@ pub unsafe fn describe(state: *mut lua_State, index: c_int) -> String {
         let base = lua_gettop(state);
         let what = type_name(state, index);
         lua_pushvalue(state, index);
-        let converted = protect(state, 1, |inner| {
+        let converted = protect(state, 0, 1, |inner| {
             luaL_tolstring(inner, 1, ptr::null_mut());
             1
         });

@@ -209,6 +209,15 @@ impl Copier {
 }
 
 impl Values {
+    /// How many values (top-level) there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Copy the `count` values from stack index `first` up. It only reads
     /// (it never raises, so it may own what it likes). On failure, the
     /// position (from 0) of the value that cannot cross, and why.

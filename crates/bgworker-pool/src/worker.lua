@@ -1,20 +1,16 @@
 -- Runs once in each worker's Lua state, with the native helpers and its own
 -- chunk name (which tracebacks leave out): sets the state up and returns
--- run(code, named, ...), which the worker calls for each task (its init,
--- then its jobs). run returns true and the function's results, or false,
--- the error value and a traceback string.
+-- what the worker's native side calls each task (its init, then its jobs)
+-- with: the message handler of that call, `traceback()` (what the handler
+-- kept of the last failure) and `resolve(name)` (a named task's function).
 local native, CHUNK = ...
 local CANCEL, interrupted, enter, leave = native.CANCEL, native.interrupted, native.enter, native.leave
 
-local coroutine, debug, error, package, require, select, table, type =
-  coroutine, debug, error, package, require, select, table, type
+local coroutine, debug, error, package, require, table, type =
+  coroutine, debug, error, package, require, table, type
 local raw_pcall, raw_xpcall, raw_resume, create = pcall, xpcall, coroutine.resume, coroutine.create
 -- Lua 5.4: runs a dead coroutine's pending __close variables.
 local close = coroutine.close
--- Lua 5.1 and LuaJIT load a binary chunk from a string with loadstring,
--- 5.2+ with load (5.2 has both).
-local loadcode = loadstring or load
-local unpack = table.unpack or unpack
 
 -- A cancelled task must end: a protected call that failed while the task
 -- is cancelled failed because of the cancellation (or hides it), so the
@@ -106,18 +102,18 @@ local function trim(traceback)
   return table.concat(lines, "\n")
 end
 
--- The traceback of the last error, taken where it was raised.
-local traceback
+-- The traceback of the last error, taken where it was raised: the
+-- message handler of the worker's call of each task.
+local last_traceback
 local function handler(err)
-  traceback = trim(debug.traceback("", 2))
+  last_traceback = trim(debug.traceback("", 2))
   return err
 end
 
-local function finish(ok, ...)
-  if ok then
-    return true, ...
-  end
-  return false, (...), traceback
+local function traceback()
+  local taken = last_traceback
+  last_traceback = nil
+  return taken
 end
 
 -- "a.b.f": function f of module "a.b", required now.
@@ -134,42 +130,4 @@ local function resolve(name)
   return f
 end
 
--- Loaded functions by their code, so that a function submitted again is
--- not loaded again. Bounded: emptied when full.
-local LOADED_MAX = 256
-local loaded, count = {}, 0
-
-local function load_code(code)
-  local f = loaded[code]
-  if f then
-    return f
-  end
-  local err
-  f, err = loadcode(code, "=job")
-  if not f then
-    error(err, 0)
-  end
-  if count == LOADED_MAX then
-    loaded, count = {}, 0
-  end
-  loaded[code], count = f, count + 1
-  return f
-end
-
-local function call(code, named, ...)
-  local f = named and resolve(code) or load_code(code)
-  return f(...)
-end
-
--- Lua 5.1's xpcall passes no arguments to the function.
-if select("#", raw_xpcall(function(...) return ... end, handler, true)) == 2 then
-  return function(code, named, ...)
-    return finish(raw_xpcall(call, handler, code, named, ...))
-  end
-end
-return function(code, named, ...)
-  local n, args = select("#", ...), { ... }
-  return finish(raw_xpcall(function()
-    return call(code, named, unpack(args, 1, n))
-  end, handler))
-end
+return handler, traceback, resolve

@@ -2,9 +2,12 @@
 //! Set up once with mlua (paths, the JIT, the interrupt, `bgworker.worker`,
 //! worker.lua's wrappers), then it runs tasks through Lua's C API (the
 //! pool's init, then jobs: an mlua call per job would cost more than an
-//! empty job).
+//! empty job). A task is one protected call, with worker.lua's message
+//! handler, of the task's function: loaded from its code once (then found
+//! by its [`Func`]'s address), or required by name.
 
 use std::cell::RefCell;
+use std::ffi::CStr;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
@@ -28,7 +31,7 @@ pub struct Setup {
     /// cancelled (interrupt.rs). No effect on other Lua versions.
     pub jit: bool,
     /// Run once, before any job.
-    pub init: Option<Func>,
+    pub init: Option<Arc<Func>>,
 }
 
 /// What `bgworker.worker`'s functions need: the running job, and where
@@ -45,12 +48,42 @@ fn context_key() -> *const c_void {
     &CONTEXT_KEY as *const u8 as *const c_void
 }
 
+/// Most functions a worker keeps loaded; when full, it forgets them all.
+const LOADED_MAX: usize = 256;
+
+/// The functions a worker loaded from code, and their registry references.
+#[derive(Default)]
+struct Loaded {
+    functions: Vec<(Arc<Func>, c_int)>,
+}
+
+impl Loaded {
+    /// The reference of `func`, found by address (a function submitted
+    /// again is the same `Func`, module.rs), else by its code.
+    fn find(&self, func: &Arc<Func>) -> Option<c_int> {
+        let same = |(loaded, _): &&(Arc<Func>, c_int)| Arc::ptr_eq(loaded, func);
+        let equal = |(loaded, _): &&(Arc<Func>, c_int)| **loaded == **func;
+        let functions = &self.functions;
+        functions.iter().rev().find(same).or_else(|| functions.iter().rev().find(equal)).map(|(_, r)| *r)
+    }
+}
+
+/// worker.lua's functions, by their registry keys.
+struct Driver {
+    /// The message handler of a task's call: keeps the traceback aside.
+    handler: RegistryKey,
+    /// `traceback()`: the traceback the handler kept last, forgotten.
+    traceback: RegistryKey,
+    /// `resolve(name)`: the function "module.function", required.
+    resolve: RegistryKey,
+}
+
 pub struct WorkerState {
     // Dropped first: `context` must outlive the state, whose finalisers
     // may still call `progress`.
     lua: Lua,
-    /// The function worker.lua returns.
-    run: RegistryKey,
+    driver: Driver,
+    loaded: RefCell<Loaded>,
     /// The main state: tasks run on it.
     main: *mut lua_State,
     interrupt: Arc<Interrupt>,
@@ -89,7 +122,14 @@ impl WorkerState {
             })
         }?;
         match Self::load_driver(&lua, cancel) {
-            Ok(run) => Ok(WorkerState { lua, run, main, interrupt: Arc::clone(interrupt), context }),
+            Ok(driver) => Ok(WorkerState {
+                lua,
+                driver,
+                loaded: RefCell::default(),
+                main,
+                interrupt: Arc::clone(interrupt),
+                context,
+            }),
             Err(e) => {
                 // As `Drop` does: detach, then close the state while the
                 // context is still there.
@@ -101,9 +141,8 @@ impl WorkerState {
         }
     }
 
-    /// Run worker.lua with the native helpers: the registry key of the
-    /// function it returns.
-    fn load_driver(lua: &Lua, cancel: Table) -> mlua::Result<RegistryKey> {
+    /// Run worker.lua with the native helpers: the functions it returns.
+    fn load_driver(lua: &Lua, cancel: Table) -> mlua::Result<Driver> {
         let native = lua.create_table()?;
         native.set("CANCEL", cancel)?;
         // SAFETY: lua_CFunctions for this state, attached and with its context.
@@ -114,14 +153,18 @@ impl WorkerState {
             native.set("progress", lua.create_c_function(progress)?)?;
             native.set("cancelled", lua.create_c_function(cancelled)?)?;
         }
-        let run: mlua::Function =
+        let (handler, traceback, resolve): (mlua::Function, mlua::Function, mlua::Function) =
             lua.load(include_str!("worker.lua")).set_name(format!("={CHUNK}")).call((native, CHUNK))?;
-        lua.create_registry_value(run)
+        Ok(Driver {
+            handler: lua.create_registry_value(handler)?,
+            traceback: lua.create_registry_value(traceback)?,
+            resolve: lua.create_registry_value(resolve)?,
+        })
     }
 
     /// Run `func(args...)` as `task`: the pool's init (`job` is `None`) or
     /// job `job`.
-    pub fn run(&self, task: &Arc<Control>, job: Option<Id>, func: &Func, args: &Values) -> Outcome {
+    pub fn run(&self, task: &Arc<Control>, job: Option<Id>, func: &Arc<Func>, args: &Values) -> Outcome {
         self.interrupt.begin(Arc::clone(task));
         *self.context.current.borrow_mut() = job.map(|id| (id, Arc::clone(task)));
         // SAFETY: the main state, on its thread, between mlua calls.
@@ -138,35 +181,29 @@ impl WorkerState {
 
     /// # Safety
     /// On the worker thread, outside any mlua call.
-    unsafe fn call(&self, func: &Func, args: &Values) -> Outcome {
-        let (code, named) = match func {
-            Func::Code(code) => (code, false),
-            Func::Named(name) => (name, true),
-        };
+    unsafe fn call(&self, func: &Arc<Func>, args: &Values) -> Outcome {
         let state = self.main;
         unsafe {
             let base = lua_gettop(state);
-            // Pushing the arguments may raise (memory): protected, and the
-            // body only borrows.
-            let called = protect(state, 0, |inner| {
-                luaL_checkstack(inner, 3, std::ptr::null());
-                lua_rawgeti(inner, LUA_REGISTRYINDEX, lua_Integer::from(self.run.id()));
-                push_str(inner, code);
-                lua_pushboolean(inner, named as c_int);
+            if lua_checkstack(state, 1) == 0 {
+                let error = ErrorValue::Described("stack overflow".into());
+                return Outcome::Failed { error, traceback: String::new() };
+            }
+            lua_rawgeti(state, LUA_REGISTRYINDEX, registry_id(&self.driver.handler));
+            // Pushing the function and the arguments may raise (memory, a
+            // load or require that fails): inside the protected call, and
+            // the body only borrows.
+            let called = protect(state, base + 1, 0, |inner| {
+                self.push_function(inner, func);
                 let count = args.push(inner);
-                lua_call(inner, count + 2, LUA_MULTRET);
+                lua_call(inner, count, LUA_MULTRET);
                 lua_gettop(inner)
             });
-            let first = base + 1;
             let outcome = match called {
-                // The driver itself raised: out of memory, or the
-                // cancellation outside its xpcall.
-                Err(()) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: String::new() },
-                Ok(_) if lua_toboolean(state, first) == 0 => Outcome::Failed {
-                    error: ErrorValue::of(state, first + 1),
-                    traceback: String::from_utf8_lossy(bytes_at(state, first + 2).unwrap_or_default()).into_owned(),
-                },
-                Ok(count) => match Values::copy(state, first + 1, count - 1) {
+                // The error, as the handler returned it: raised by the
+                // function, by its loading, or by the cancellation.
+                Err(()) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: self.take_traceback() },
+                Ok(count) => match Values::copy(state, base + 2, count) {
                     Ok(values) => Outcome::Done(values),
                     Err((position, e)) => Outcome::Failed {
                         error: ErrorValue::Described(format!(
@@ -181,6 +218,82 @@ impl WorkerState {
             outcome
         }
     }
+
+    /// Push the task's function. It may raise; it owns nothing meanwhile.
+    ///
+    /// # Safety
+    /// On the worker thread, in a protected call.
+    unsafe fn push_function(&self, state: *mut lua_State, func: &Arc<Func>) {
+        const CHUNKNAME: &CStr = c"=job";
+        unsafe {
+            luaL_checkstack(state, 2, std::ptr::null());
+            match &**func {
+                Func::Named(name) => {
+                    lua_rawgeti(state, LUA_REGISTRYINDEX, registry_id(&self.driver.resolve));
+                    push_str(state, name);
+                    lua_call(state, 1, 1);
+                }
+                Func::Code(code) => {
+                    let found = self.loaded.borrow().find(func);
+                    if let Some(reference) = found {
+                        lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(reference));
+                        return;
+                    }
+                    let status =
+                        luaL_loadbufferx(state, code.as_ptr().cast(), code.len(), CHUNKNAME.as_ptr(), std::ptr::null());
+                    if status != LUA_OK {
+                        lua_error(state);
+                    }
+                    lua_pushvalue(state, -1);
+                    let reference = luaL_ref(state, LUA_REGISTRYINDEX);
+                    self.remember(state, func, reference);
+                }
+            }
+        }
+    }
+
+    /// Keep `reference`, the loaded `func`; when full, forget the others.
+    ///
+    /// # Safety
+    /// On the worker thread.
+    unsafe fn remember(&self, state: *mut lua_State, func: &Arc<Func>, reference: c_int) {
+        let mut loaded = self.loaded.borrow_mut();
+        if loaded.functions.len() == LOADED_MAX {
+            for (_, old) in loaded.functions.drain(..) {
+                // Frees a slot of the registry: it never raises.
+                unsafe { luaL_unref(state, LUA_REGISTRYINDEX, old) };
+            }
+        }
+        loaded.functions.push((Arc::clone(func), reference));
+    }
+
+    /// The traceback the message handler kept for the last failure, or
+    /// an empty string (a memory error runs no handler).
+    ///
+    /// # Safety
+    /// On the worker thread, outside any mlua call.
+    unsafe fn take_traceback(&self) -> String {
+        let state = self.main;
+        unsafe {
+            let base = lua_gettop(state);
+            let taken = protect(state, 0, 0, |inner| {
+                lua_rawgeti(inner, LUA_REGISTRYINDEX, registry_id(&self.driver.traceback));
+                lua_call(inner, 0, 1);
+                1
+            });
+            let traceback = match taken {
+                Ok(_) => String::from_utf8_lossy(bytes_at(state, -1).unwrap_or_default()).into_owned(),
+                Err(()) => String::new(),
+            };
+            lua_settop(state, base);
+            traceback
+        }
+    }
+}
+
+/// A registry key's index, for `lua_rawgeti`.
+fn registry_id(key: &RegistryKey) -> lua_Integer {
+    lua_Integer::from(key.id())
 }
 
 impl Drop for WorkerState {

@@ -6,19 +6,31 @@ fn counts<J>(board: &Board<J>) -> Counts {
     board.snapshot().counts
 }
 
+/// The next job of `worker`, if one is queued.
+fn take<J>(board: &Board<J>, worker: usize) -> Option<Taken<J>> {
+    board.take(worker, &mut None)
+}
+
+/// Finish `taken` on worker 0: whether its outcome is to be delivered, and
+/// the id of the job the worker took next, if any.
+fn finish<J>(board: &Board<J>, taken: &Taken<J>) -> (bool, Option<Id>) {
+    let (deliver, next) = board.finish(taken.id, taken.started, 0, &mut None);
+    (deliver, next.map(|next| next.id))
+}
+
 #[test]
 fn a_job_goes_from_queued_to_running_to_done_once() {
     let board = Board::default();
     let id = board.submit(7).unwrap();
     assert_eq!((id, board.status(id), board.status(id + 1), board.status(0)), (1, Some(Status::Queued), None, None));
-    let taken = board.take(3).unwrap();
+    let taken = take(&board, 3).unwrap();
     assert_eq!((taken.id, taken.job, board.status(id)), (id, 7, Some(Status::Running)));
-    assert!(board.finish(id, taken.started));
+    assert_eq!(finish(&board, &taken), (true, None));
     assert_eq!(board.cancel(id), Cancelled::No, "its outcome is on its way");
     assert_eq!(board.status(id), Some(Status::Running), "running until the outcome is read");
-    board.settle(id, false);
-    board.settle(id, true);
-    board.lose(id);
+    board.settle([(id, false)]);
+    board.settle([(id, true)]);
+    board.lose([id]);
     assert_eq!(board.status(id), Some(Status::Finished));
     let expected = Counts { submitted: 1, done: 1, ..Counts::default() };
     assert_eq!(counts(&board), expected, "ended once, whatever came after");
@@ -32,7 +44,7 @@ fn a_cancelled_queued_job_is_skipped_by_take() {
     let (first, second) = (board.submit(1).unwrap(), board.submit(2).unwrap());
     assert_eq!(board.cancel(first), Cancelled::Queued);
     assert_eq!(board.cancel(first), Cancelled::No);
-    assert_eq!(board.take(0).unwrap().id, second);
+    assert_eq!(take(&board, 0).unwrap().id, second);
     assert_eq!(counts(&board), Counts { submitted: 2, running: 1, cancelled: 1, ..Counts::default() });
 }
 
@@ -40,11 +52,11 @@ fn a_cancelled_queued_job_is_skipped_by_take() {
 fn a_job_cancelled_while_running_produces_nothing() {
     let board = Board::default();
     let id = board.submit(1).unwrap();
-    let taken = board.take(5).unwrap();
+    let taken = take(&board, 5).unwrap();
     assert_eq!(board.cancel(id), Cancelled::Running { worker: 5 });
     assert!(taken.control.is_cancelled());
-    assert!(!board.finish(id, taken.started), "its outcome is not delivered");
-    board.lose(id);
+    assert_eq!(finish(&board, &taken), (false, None), "its outcome is not delivered");
+    board.lose([id]);
     assert_eq!(counts(&board), Counts { submitted: 1, cancelled: 1, ..Counts::default() });
     assert_eq!(board.snapshot().run_max, 0.0, "a cancelled run is not timed");
 }
@@ -53,10 +65,10 @@ fn a_job_cancelled_while_running_produces_nothing() {
 fn a_lost_outcome_ends_its_job_as_cancelled() {
     let board = Board::default();
     let id = board.submit(1).unwrap();
-    let taken = board.take(0).unwrap();
-    assert!(board.finish(id, taken.started));
-    board.lose(id);
-    board.settle(id, false);
+    let taken = take(&board, 0).unwrap();
+    assert_eq!(finish(&board, &taken), (true, None));
+    board.lose([id]);
+    board.settle([(id, false)]);
     assert_eq!(counts(&board), Counts { submitted: 1, cancelled: 1, ..Counts::default() });
 }
 
@@ -64,16 +76,19 @@ fn a_lost_outcome_ends_its_job_as_cancelled() {
 fn close_cancels_queued_and_running_jobs_but_not_outcomes_on_their_way() {
     let board = Board::default();
     let ids: Vec<Id> = (0..4).map(|job| board.submit(job).unwrap()).collect();
-    let produced = board.take(0).unwrap();
-    assert!(board.finish(produced.id, produced.started));
-    let running = board.take(1).unwrap();
-    assert_eq!(board.close(), [1]);
+    let produced = take(&board, 0).unwrap();
+    let running = take(&board, 1).unwrap();
+    // Worker 0 takes the next job as it finishes.
+    assert_eq!(finish(&board, &produced), (true, Some(ids[2])));
+    let mut interrupted = board.close();
+    interrupted.sort();
+    assert_eq!(interrupted, [0, 1]);
     assert!(running.control.is_cancelled());
     assert_eq!(board.submit(9), Err(9));
-    assert!(board.take(2).is_none(), "nothing is owed to a worker once closed");
+    assert!(take(&board, 2).is_none(), "nothing is owed to a worker once closed");
     assert_eq!(board.status(ids[0]), Some(Status::Running));
     assert_eq!(ids[1..].iter().map(|&id| board.status(id)).collect::<Vec<_>>(), [Some(Status::Finished); 3]);
-    board.settle(produced.id, false);
+    board.settle([(produced.id, false)]);
     assert_eq!(counts(&board), Counts { submitted: 4, done: 1, cancelled: 3, ..Counts::default() });
     assert!(board.close().is_empty());
 }
@@ -83,7 +98,7 @@ fn take_waits_for_a_job_or_the_close() {
     let board = Arc::new(Board::<u32>::default());
     let worker = {
         let board = Arc::clone(&board);
-        thread::spawn(move || (board.take(0).map(|t| t.job), board.take(0).map(|t| t.job)))
+        thread::spawn(move || (take(&board, 0).map(|t| t.job), take(&board, 0).map(|t| t.job)))
     };
     thread::sleep(Duration::from_millis(20));
     let id = board.submit(4).unwrap();
@@ -109,15 +124,19 @@ fn under_contention_each_job_ends_exactly_once_and_the_counts_add_up() {
         .map(|worker| {
             let (board, endings) = (Arc::clone(&board), Arc::clone(&endings));
             thread::spawn(move || {
-                while let Some(taken) = board.take(worker) {
-                    if board.finish(taken.id, taken.started) {
+                let mut spare = None;
+                let mut next = board.take(worker, &mut spare);
+                while let Some(taken) = next {
+                    let (deliver, following) = board.finish(taken.id, taken.started, worker, &mut spare);
+                    if deliver {
                         if taken.job % 5 == 0 {
-                            board.lose(taken.id);
+                            board.lose([taken.id]);
                         } else {
-                            board.settle(taken.id, taken.job % 2 == 0);
+                            board.settle([(taken.id, taken.job % 2 == 0)]);
                         }
                         end(&endings, taken.id);
                     }
+                    next = following.or_else(|| board.take(worker, &mut spare));
                 }
             })
         })
