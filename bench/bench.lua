@@ -199,9 +199,9 @@ local function derive(res)
 end
 
 --------------------------------------------------------------------------
--- Targets: issue 12's goals, and those of the first benchmark that still
--- say something (wake-ups, idle). Each is checked where the goal names a
--- version, else on every one.
+-- Targets: issue 12's goals, issue 8's (the pool), and those of the first
+-- benchmark that still say something (wake-ups, idle). Each is checked
+-- where the goal names a version, else on every one.
 
 local function targets(v, res)
   local out = {}
@@ -253,6 +253,17 @@ local function targets(v, res)
     -- within a millisecond of clock resolution and noise.
     check("idle: no CPU beyond the plain loop's (+1 ms)", i.helper.cpu_seconds <= i.baseline.cpu_seconds + 0.001,
       i.helper.cpu_seconds)
+  end
+  -- Issue 8's: bgworker.pool against luv's uv.new_work, and cancelling.
+  local p = res.pool
+  if type(p) == "table" then
+    local empty = p.empty[1]
+    if empty then
+      check("pool: empty jobs through bgworker.pool >= 2x luv's uv.new_work", empty.vs_luv >= 2, empty.vs_luv)
+    end
+    if p.cancel then
+      check("pool: cancel latency of a CPU-bound job, p99 <= 50 ms", p.cancel.p99_ms <= 50, p.cancel.p99_ms)
+    end
   end
   return out
 end

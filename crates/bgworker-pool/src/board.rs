@@ -49,26 +49,21 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
-use crate::spin_lock;
 
 /// A job's id: unique within its pool, from 1.
 pub type Id = u64;
 
 pub struct Board<J> {
     // Each on cache lines of its own: the workers write `state`, the Lua
-    // thread `incoming`, and spinning workers read `available` all along.
+    // thread `incoming`.
     state: Padded<Mutex<State<J>>>,
     incoming: Padded<Mutex<Incoming<J>>>,
     /// A job was submitted, or the board closed (with `incoming`).
     work: Condvar,
-    /// Jobs in both queues, mirrored out of the locks for workers that
-    /// spin before they wait (a hint: they look again under the locks).
-    available: Padded<AtomicUsize>,
 }
 
 /// A value alone on its cache lines (two: the prefetcher pairs them).
@@ -82,13 +77,6 @@ impl<T> std::ops::Deref for Padded<T> {
         &self.0
     }
 }
-
-/// How long a worker that found no job looks for one before it sleeps:
-/// jobs that come faster than that find it awake, so the submitter makes
-/// no system call to wake it.
-const SPIN: Duration = Duration::from_micros(50);
-const GATHER: Duration = Duration::from_micros(5);
-const GATHER_JOBS: usize = 16;
 
 /// Hashes ids, which are sequential: a multiplication spreads them over
 /// the whole word (SipHash, the default, costs more than the job itself).
@@ -261,37 +249,38 @@ impl<J> Default for Board<J> {
             runs: Times::default(),
         };
         let incoming = Incoming { next_id: 1, queue: VecDeque::new(), idle: 0, waking: 0, closed: false };
-        Board {
-            state: Padded(Mutex::new(state)),
-            incoming: Padded(Mutex::new(incoming)),
-            work: Condvar::new(),
-            available: Padded(AtomicUsize::new(0)),
-        }
+        Board { state: Padded(Mutex::new(state)), incoming: Padded(Mutex::new(incoming)), work: Condvar::new() }
     }
+}
+
+/// Lock `mutex`, poisoned or not: the board's state is consistent at every
+/// point that could panic (nothing under its locks panics but an
+/// allocation failure, which aborts).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<J> Board<J> {
     fn lock(&self) -> MutexGuard<'_, State<J>> {
-        spin_lock::lock(&self.state)
+        lock(&self.state)
     }
 
     fn lock_both(&self) -> Both<'_, J> {
         let state = self.lock();
-        Both { state, incoming: spin_lock::lock(&self.incoming) }
+        Both { state, incoming: lock(&self.incoming) }
     }
 
     /// Queue `job`: its id, or `Err(job)` when the board is closed. Takes
     /// only `incoming`.
     pub fn submit(&self, job: J) -> Result<Id, J> {
         let since = Instant::now();
-        let mut incoming = spin_lock::lock(&self.incoming);
+        let mut incoming = lock(&self.incoming);
         if incoming.closed {
             return Err(job);
         }
         let id = incoming.next_id;
         incoming.next_id += 1;
         incoming.queue.push_back(Queued { id, job, since });
-        self.available.fetch_add(1, Ordering::Relaxed);
         let wake = incoming.idle > incoming.waking;
         if wake {
             incoming.waking += 1;
@@ -316,10 +305,9 @@ impl<J> Board<J> {
         loop {
             if state.queue.is_empty() {
                 // Empty, so the swap moves them all, and both keep their buffers.
-                std::mem::swap(&mut state.queue, &mut spin_lock::lock(&self.incoming).queue);
+                std::mem::swap(&mut state.queue, &mut lock(&self.incoming).queue);
             }
             let Queued { id, job, since } = state.queue.pop_front()?;
-            self.available.fetch_sub(1, Ordering::Relaxed);
             if state.dropped.remove(&id) {
                 // Cancelled while queued (and counted then).
                 continue;
@@ -338,7 +326,6 @@ impl<J> Board<J> {
     /// out of the locks by the caller).
     pub fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
         let mut now = Instant::now();
-        let mut spun = false;
         loop {
             let mut state = self.lock();
             if let Some(taken) = self.start_next(&mut state, worker, spare, now) {
@@ -347,17 +334,10 @@ impl<J> Board<J> {
             if state.closed {
                 return None;
             }
-            if !spun {
-                spun = true;
-                drop(state);
-                self.spin(now + SPIN);
-                now = Instant::now();
-                continue;
-            }
             // Both queues are empty (start_next looked at both under the
             // locks), and `incoming` stays locked until the wait: no
             // submit comes unseen.
-            let mut incoming = spin_lock::lock(&self.incoming);
+            let mut incoming = lock(&self.incoming);
             drop(state);
             if incoming.queue.is_empty() && !incoming.closed {
                 incoming.idle += 1;
@@ -396,21 +376,6 @@ impl<J> Board<J> {
             _ => false,
         };
         (deliver, self.start_next(&mut state, worker, spare, now))
-    }
-
-    /// Out of the locks: wait until a job seems queued, or `until`.
-    fn spin(&self, until: Instant) {
-        while self.available.load(Ordering::Relaxed) == 0 && Instant::now() < until {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
-        }
-        let gather = Instant::now() + GATHER;
-        while self.available.load(Ordering::Relaxed) < GATHER_JOBS && Instant::now() < gather {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
-        }
     }
 
     /// These outcomes (`id, failed`) reached the Lua thread: each job ends,
@@ -509,7 +474,6 @@ impl<J> Board<J> {
         both.state.closed = true;
         both.incoming.closed = true;
         let jobs = (std::mem::take(&mut both.state.queue), std::mem::take(&mut both.incoming.queue));
-        self.available.store(0, Ordering::Relaxed);
         let State { running, counts, dropped, .. } = &mut *both.state;
         dropped.clear();
         counts.cancelled += queued;

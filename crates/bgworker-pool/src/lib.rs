@@ -118,7 +118,6 @@ mod module;
 mod outbox;
 mod pool;
 mod raw;
-mod spin_lock;
 mod value;
 mod worker;
 mod worker_state;
