@@ -152,6 +152,9 @@ local function luv_driver(uv)
   function driver.run(seconds)
     local fired = false
     local watchdog = uv.new_timer()
+    -- libuv starts timers from the time it cached at its last turn, which
+    -- is old after the other loops' tests ran: refresh it first.
+    uv.update_time()
     watchdog:start(math.floor(scaled(seconds) * 1000), 0, function()
       fired = true
       if d then d:stop() end
@@ -169,8 +172,6 @@ local function luv_driver(uv)
   end
   function driver.after(seconds, fn)
     local timer = uv.new_timer()
-    -- libuv starts timers from its cached loop time, which is stale when
-    -- this runs slowly (valgrind): refresh it first.
     uv.update_time()
     timer:start(math.floor(seconds * 1000), 0, function()
       timer:close()

@@ -11,6 +11,7 @@
 local await = require "bgworker.await"
 local bgworker = require "bgworker"
 local core = require "bgworker.core"
+local socket = require "socket"
 local support = require "support"
 
 local uv, bgluv = support.require_native("luv", "bgworker.luv")
@@ -63,11 +64,31 @@ describe("bgworker.luv", function()
       if count == 1000 then d:stop() end
     end }
     local watchdog = uv.new_timer()
+    uv.update_time() -- timers start from the loop's cached time
     watchdog:start(10000, 0, function() d:stop() end)
     watchdog:unref()
     uv.run()
     watchdog:close()
     assert.equals(1000, count)
+  end)
+
+  it("times a wait from its start, also when the loop's clock is stale", function()
+    -- libuv starts a timer from the time it cached at its last turn, which
+    -- is old when the program did something slow since: a wait must still
+    -- last its whole timeout.
+    d = bgworker.new { loop = "luv" }
+    uv.run("nowait")
+    socket.sleep(0.4) -- the loop's cached time is now 0.4 s old
+    local result, took
+    coroutine.wrap(function()
+      local start = core.now()
+      result = { await(function() end, 0.5) }
+      took = core.now() - start
+      d:stop()
+    end)()
+    uv.run()
+    assert.same({ nil, "timeout" }, { result[1], result[2] })
+    assert.is_true(took >= 0.5, ("the 0.5 s wait ended after %.3f s"):format(took))
   end)
 
   it("waits in coroutines only: the main program runs uv.run()", function()

@@ -112,10 +112,14 @@ function Luv:suspender()
   return self:resuming_suspender(co)
 end
 
--- A luv timer: `fn()` runs in protected mode after `seconds`.
+-- A luv timer: `fn()` runs in protected mode after `seconds`, never before.
+-- libuv counts from the time it cached at the loop's last turn (stale when
+-- callbacks or the program were slow since), in whole milliseconds: so the
+-- time is refreshed first, and the delay rounded up with a millisecond more.
 function Luv:timer(seconds, fn)
   local timer = uv.new_timer()
-  timer:start(math.floor(seconds * 1000 + 0.5), 0, function()
+  uv.update_time()
+  timer:start(math.ceil(seconds * 1000) + 1, 0, function()
     timer:close()
     self:call_reporting(fn)
   end)

@@ -663,6 +663,13 @@ static int tu_bury(lua_State *L)
     return 0;
 }
 
+/* The library is unloaded when its Lua state closes, and the graveyard's head
+ * with it: free the items it still holds, which nothing else references. */
+__attribute__((destructor)) static void bury_at_unload(void)
+{
+    tu_bury(NULL);
+}
+
 static int tu_reset(lua_State *L)
 {
     atomic_store(&counters.allocated, 0);
