@@ -130,14 +130,9 @@ end
 -- ------------------------------------------------------------------------
 -- Pools
 
--- The message for `method` called on something other than a pool.
-local function not_a_pool(self, method)
-  return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
-end
-
 local function check_pool(self, method)
   if getmetatable(self) ~= Pool then
-    return not_a_pool(self, method)
+    return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
   end
 end
 
@@ -356,13 +351,8 @@ function pool.new(opts)
 end
 
 -- What the workers receive for job function fn (`code, named`, as for
--- the native submit), or nil and why no job can be queued now. Once per
--- job: a function submitted before, to an open pool, takes the short way.
+-- the native queue), or nil and why no job can be queued now.
 local function prepare(self, fname, fn)
-  local code = dumps[fn]
-  if code and not self.closed and running() then
-    return code, false
-  end
   if self.closed then
     return nil, fname .. ": the pool is closed"
   end
@@ -370,21 +360,21 @@ local function prepare(self, fname, fn)
     return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
       " bgworker.new() first"
   end
-  local named
-  code, named = job_function(fn)
+  local code, named = job_function(fn)
   if not code then
     return nil, args.bad(fname, 1, named)
   end
   return code, named
 end
 
--- The job the native `queue` queued (`id, callback`), listed; or nil and
--- why (the `nil, position, message` of an argument that cannot be copied).
-local function add_job(self, fname, id, callback, message)
+-- The job the native `queue` queued, listed: it returns `id, callback`
+-- (the callback, or false), or `nil, position, message` for an argument
+-- that cannot be copied, which is then why there is no job.
+local function add_job(self, fname, id, callback_or_position, message)
   if not id then
-    return nil, args.bad(fname, callback + 1, message)
+    return nil, args.bad(fname, callback_or_position + 1, message)
   end
-  local job = setmetatable({ self, id, "queued", callback, false, false, false }, Job)
+  local job = setmetatable({ self, id, "queued", callback_or_position, false, false, false }, Job)
   self.jobs[id] = job
   return job
 end
@@ -397,7 +387,8 @@ end
 --   (`true, results...`, `false, err, traceback`, or `false, "cancelled"`)
 -- @return the job
 function Pool:submit(fn, ...)
-  if getmetatable(self) ~= Pool then error(not_a_pool(self, "submit"), 2) end
+  local msg = check_pool(self, "submit")
+  if msg then error(msg, 2) end
   local code, named = prepare(self, "submit", fn)
   if not code then error(named, 2) end
   -- A last argument that is a function is the callback (`true`).
