@@ -96,8 +96,13 @@ local DONE = pack(true)
 local dumps = setmetatable({}, { __mode = "k" })
 
 -- What the workers receive for fn: code and whether it is a name; or nil
--- and why fn cannot be a job's function.
+-- and why fn cannot be a job's function. The cached dump of a function
+-- submitted before is looked up first: the way of all jobs but its first.
 local function job_function(fn)
+  local code = dumps[fn]
+  if code then
+    return code, false
+  end
   if type(fn) == "string" then
     if not fn:match("^[^.].*%.[^.]+$") then
       return nil, ("'module.function' expected, got '%s'"):format(fn)
@@ -106,10 +111,6 @@ local function job_function(fn)
   end
   if type(fn) ~= "function" then
     return nil, "function or 'module.function' string expected, got " .. type(fn)
-  end
-  local code = dumps[fn]
-  if code then
-    return code, false
   end
   local info = debug.getinfo(fn, "Su")
   if info.what == "C" then
@@ -387,8 +388,8 @@ end
 --   (`true, results...`, `false, err, traceback`, or `false, "cancelled"`)
 -- @return the job
 function Pool:submit(fn, ...)
-  local msg = check_pool(self, "submit")
-  if msg then error(msg, 2) end
+  -- The test inline, the message from check_pool: a call less on every job.
+  if getmetatable(self) ~= Pool then error(check_pool(self, "submit"), 2) end
   local code, named = prepare(self, "submit", fn)
   if not code then error(named, 2) end
   -- A last argument that is a function is the callback (`true`).
