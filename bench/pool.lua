@@ -84,20 +84,32 @@ end
 
 local dispatcher = bgworker.new()
 
--- Events of the pools, by job id: handlers[id](event, ...).
+-- Outcomes of the pools' jobs, by job id: handlers[id]("done", results...)
+-- or handlers[id]("failed", err), called from the pools' `on_events(list,
+-- n)`, whose pairs `id, value` are bgworker.pool_native's (its lib.rs).
 local handlers = {}
-local function on_event(id, event, ...)
-  local handler = handlers[id]
-  if handler then
-    handlers[id] = nil
-    handler(event, ...)
+local unpack = table.unpack or unpack
+local function on_events(list, n)
+  for i = 1, n, 2 do
+    local id, value = list[i], list[i + 1]
+    local handler = handlers[id]
+    if handler then
+      handlers[id] = nil
+      if value == true then
+        handler("done")
+      elseif value[1] then
+        handler("done", unpack(value, 2, value.n))
+      else
+        handler("failed", value[2])
+      end
+    end
   end
 end
 
 -- A pool of `threads` workers (JIT on unless `jit` is false).
 local function new_pool(threads, jit_on)
   local p = assert(native.new {
-    threads = threads, path = package.path, cpath = package.cpath, on_event = on_event, jit = jit_on ~= false,
+    threads = threads, path = package.path, cpath = package.cpath, on_events = on_events, jit = jit_on ~= false,
   })
   return p
 end
@@ -114,7 +126,7 @@ local function on_pool(p)
       done = done + 1
     end
     for _ = 1, JOBS do
-      handlers[p:submit(WORK, false, 1, N)] = handler
+      handlers[p:queue(WORK, false, false, N)] = handler
     end
     while done < JOBS do
       dispatcher:wait()
@@ -191,7 +203,7 @@ local function empty_on_pool()
     done = done + 1
   end
   for _ = 1, EMPTY_JOBS do
-    handlers[pool:submit(EMPTY, false, 0)] = handler
+    handlers[pool:queue(EMPTY, false, false)] = handler
   end
   while done < EMPTY_JOBS do
     dispatcher:wait()
@@ -245,7 +257,7 @@ end
 local function cancel_latencies(p)
   local latencies = {}
   for i = 1, CANCELS do
-    local loop = p:submit(LOOP, false, 0)
+    local loop = p:queue(LOOP, false, false)
     while p:status(loop) ~= "running" do
       socket.sleep(0.001)
     end
@@ -253,7 +265,7 @@ local function cancel_latencies(p)
     local cancelled = gettime()
     assert(p:cancel(loop) == "running")
     local started
-    handlers[p:submit(STAMP, false, 0)] = function(event, stamp)
+    handlers[p:queue(STAMP, false, false)] = function(event, stamp)
       assert(event == "done", stamp)
       started = stamp
     end
@@ -279,7 +291,7 @@ assert(latency_pool:close(5))
 local function close_time(jit_on)
   local p = new_pool(THREADS, jit_on)
   for _ = 1, THREADS do
-    p:submit(LOOP, false, 0)
+    p:queue(LOOP, false, false)
   end
   while p:stats().running < THREADS do
     socket.sleep(0.001)

@@ -15,13 +15,32 @@ local support = require "support"
 local pack = table.pack or function(...)
   return { n = select("#", ...), ... }
 end
+local unpack = table.unpack or unpack
 
+-- events[id]: job id's events in order, each packed as `"progress",
+-- values...`, `"done", results...` or `"failed", err, traceback`.
 local d, p, events
 
-local function on_event(id, event, ...)
+local function record(id, event, ...)
   local list = events[id] or {}
   events[id] = list
   list[#list + 1] = pack(event, ...)
+end
+
+-- The pool's `on_events(list, n)`: pairs `id, value` (the crate's lib.rs).
+local function on_events(list, n)
+  for i = 1, n, 2 do
+    local id, value = list[i], list[i + 1]
+    if id < 0 then
+      record(-id, "progress", unpack(value, 1, value.n))
+    elseif value == true then
+      record(id, "done")
+    elseif value[1] then
+      record(id, "done", unpack(value, 2, value.n))
+    else
+      record(id, "failed", value[2], value[3])
+    end
+  end
 end
 
 -- A pool of one thread (so that a job that did not stop keeps the next
@@ -30,7 +49,7 @@ end
 local function new_pool(opts)
   opts = opts or {}
   opts.threads = opts.threads or 1
-  opts.path, opts.cpath, opts.on_event = package.path, package.cpath, on_event
+  opts.path, opts.cpath, opts.on_events = package.path, package.cpath, on_events
   if opts.jit == nil then
     opts.jit = false
   end
@@ -38,7 +57,7 @@ local function new_pool(opts)
 end
 
 local function submit(f, ...)
-  return p:submit(string.dump(f), false, select("#", ...), ...)
+  return (p:queue(string.dump(f), false, false, ...))
 end
 
 local function outcome(id)
@@ -76,8 +95,8 @@ local RUNAWAY = [[
   local bgworker = require "bgworker"
   local native = require "bgworker.pool_native"
   local d = bgworker.new()
-  local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_event = print }
-  local id = p:submit(string.dump(function() while true do end end), false, 0)
+  local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_events = print }
+  local id = p:queue(string.dump(function() while true do end end), false, false)
   while p:status(id) ~= "running" do end
 ]]
 
@@ -191,7 +210,7 @@ describe("bgworker.pool_native", function()
         local socket = require "socket"
         socket.sleep(0.1)
         io.write(p:cancel(id), "\n")
-        p:submit(string.dump(function() io.write("the next job ran\n") end), false, 0)
+        p:queue(string.dump(function() io.write("the next job ran\n") end), false, false)
         socket.sleep(0.5)
         io.write(tostring((p:close(0.2))), "\n")
       ]])

@@ -2,13 +2,8 @@
 //! posted by the workers to the pool's [`Outbox`] and carried through
 //! bgworker by core items (outbox.rs says when one is delivered). A
 //! carrier's decode (Lua's C API, [`RawItem`]) pushes its share of events
-//! as one call of the pool's handler:
-//!
-//! - `on_event(id, "progress", values...)`, `on_event(id, "done",
-//!   results...)` or `on_event(id, "failed", error, traceback)`: one event
-//!   per carrier;
-//! - `on_events(list, n)`: up to [`BATCH`] events per carrier, as `n`
-//!   values of `list`: pairs `id, value` (lib.rs).
+//! as one call `on_events(list, n)`: up to [`BATCH`] events, as `n` values
+//! of `list`, pairs `id, value` (lib.rs).
 //!
 //! Decode asks the board first: a progress event of a job that ended
 //! (cancelled) in the meantime is left out, so after a successful `cancel`
@@ -18,14 +13,14 @@
 //! closed state, a pool that closed while it waited for room, or a decode
 //! that raised) ends it as cancelled.
 
-use std::ffi::{c_int, CStr};
+use std::ffi::c_int;
 use std::ptr;
 use std::sync::Arc;
 
 use bgworker_util::{RawItem, Sender};
 use mlua::ffi::{
     luaL_checkstack, lua_Integer, lua_State, lua_createtable, lua_pushboolean, lua_pushcfunction, lua_pushinteger,
-    lua_pushstring, lua_rawgeti, lua_rawseti, lua_setfield, LUA_REGISTRYINDEX,
+    lua_rawgeti, lua_rawseti, lua_setfield, LUA_REGISTRYINDEX,
 };
 use mlua::{Function, Lua, RegistryKey};
 
@@ -39,14 +34,6 @@ use crate::value::Values;
 /// Most events one carrier takes to an `on_events` handler. A carrier is
 /// one item of the dispatcher's budget, whatever it carries.
 pub const BATCH: usize = 32;
-
-/// How the Lua side wants its events.
-pub enum Handler {
-    /// `on_event(id, event, values...)`, one event per call.
-    Each(Function),
-    /// `on_events(list, n)`, up to [`BATCH`] events per call.
-    Batch(Function),
-}
 
 enum Event {
     Progress { id: Id, values: Values, _in_flight: InFlight },
@@ -74,9 +61,8 @@ impl Event {
 struct Shared {
     outbox: Outbox<Event>,
     board: Arc<Board<Job>>,
-    /// The handler function, in the Lua thread's registry.
-    handler: RegistryKey,
-    batched: bool,
+    /// `on_events`, in the Lua thread's registry.
+    on_events: RegistryKey,
 }
 
 #[derive(Clone)]
@@ -134,50 +120,14 @@ unsafe fn push_list(state: *mut lua_State, head: Option<bool>, values: &Values) 
 }
 
 impl Carrier {
-    /// `on_event, id, event`: the arguments every single event starts with.
-    ///
-    /// # Safety
-    /// On the Lua thread, in a decode.
-    unsafe fn push_head(&self, state: *mut lua_State, id: Id, event: &CStr) -> c_int {
-        unsafe {
-            luaL_checkstack(state, 4, ptr::null());
-            lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.handler.id()));
-            lua_pushinteger(state, id as lua_Integer);
-            lua_pushstring(state, event.as_ptr());
-        }
-        3
-    }
-
-    /// `on_event` and the event's values.
-    ///
-    /// # Safety
-    /// As for `push_head`.
-    unsafe fn push_each(&self, state: *mut lua_State, event: &Event) -> c_int {
-        unsafe {
-            match event {
-                Event::Progress { id, values, .. } => self.push_head(state, *id, c"progress") + values.push(state),
-                Event::Outcome { id, outcome: Outcome::Done(values) } => {
-                    self.push_head(state, *id, c"done") + values.push(state)
-                }
-                Event::Outcome { id, outcome: Outcome::Failed { error, traceback } } => {
-                    let head = self.push_head(state, *id, c"failed");
-                    luaL_checkstack(state, 2, ptr::null());
-                    error.push(state);
-                    push_str(state, traceback.as_bytes());
-                    head + 2
-                }
-            }
-        }
-    }
-
     /// `on_events, list, n`.
     ///
     /// # Safety
-    /// As for `push_head`.
+    /// On the Lua thread, in a decode.
     unsafe fn push_batch(&self, state: *mut lua_State, share: &[Event]) -> c_int {
         unsafe {
             luaL_checkstack(state, 5, ptr::null());
-            lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.handler.id()));
+            lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.on_events.id()));
             let n = 2 * share.len() as lua_Integer;
             lua_createtable(state, n as c_int, 0);
             let list = mlua::ffi::lua_gettop(state);
@@ -232,7 +182,6 @@ unsafe impl RawItem for Carrier {
                     lua_pushcfunction(state, ignore);
                     1
                 }
-                [event] if !self.shared.batched => self.push_each(state, event),
                 _ => self.push_batch(state, share),
             }
         };
@@ -244,14 +193,10 @@ unsafe impl RawItem for Carrier {
 
 impl Events {
     /// On the Lua thread, where bgworker.core must be loaded.
-    pub fn new(lua: &Lua, handler: Handler, board: Arc<Board<Job>>) -> mlua::Result<Events> {
+    pub fn new(lua: &Lua, on_events: Function, board: Arc<Board<Job>>) -> mlua::Result<Events> {
         let sender = Sender::new(lua)?;
-        let (function, batched, batch) = match handler {
-            Handler::Each(function) => (function, false, 1),
-            Handler::Batch(function) => (function, true, BATCH),
-        };
-        let handler = lua.create_registry_value(function)?;
-        Ok(Events { sender, shared: Arc::new(Shared { outbox: Outbox::new(batch), board, handler, batched }) })
+        let on_events = lua.create_registry_value(on_events)?;
+        Ok(Events { sender, shared: Arc::new(Shared { outbox: Outbox::new(BATCH), board, on_events }) })
     }
 
     /// Post `event`, and deliver a carrier if the outbox asks for one. The

@@ -5,7 +5,7 @@
 //! The Lua thread queues jobs; a worker copies a job's arguments into its
 //! state, runs the function, copies the results out, and delivers them
 //! through bgworker as events, which the dispatcher hands to the pool's
-//! `on_event` on the Lua thread. The Lua layer (`lua/bgworker/pool.lua`)
+//! `on_events` on the Lua thread. The Lua layer (`lua/bgworker/pool.lua`)
 //! checks and dumps functions, keeps job handles and documents the API.
 //!
 //! # The contract with the Lua layer
@@ -17,8 +17,8 @@
 //! ```
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
 //! `package.path` and `package.cpath`), `init` (a function's dump, or
-//! "module.function" with `init_named = true`; optional), `on_event`
-//! (function), `init_timeout` (seconds, default 30, `math.huge`: none),
+//! "module.function" with `init_named = true`; optional), `on_events`
+//! (function, below), `init_timeout` (seconds, default 30, `math.huge`: none),
 //! `jit` (LuaJIT only: false turns the JIT off in the workers, see
 //! "Cancelling"). Unknown options are refused.
 //!
@@ -29,16 +29,20 @@
 //! and the traceback. After `init_timeout`, the workers are cancelled and
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
-//! - `pool:submit(code, named, n, args...)` -> `id` | `nil, position,
-//!   message`: queue a job; the first `n` args are its arguments, and
-//!   `position` (from 1) names one that cannot be copied. Ids are integers,
-//!   from 1, unique within the pool. Raises on a closed pool.
+//! - `pool:queue(code, named, callback, args...)` -> `id, callback` |
+//!   `nil, position, message`: queue a job running `code` (a dump, or
+//!   "module.function" when `named`) with `args` as its arguments, except
+//!   that when `callback` is true and the last of them is a function, that
+//!   one is returned as `callback` instead (else `callback` is false).
+//!   `position` (from 1, counted from the first of `args`) names an
+//!   argument that cannot be copied. Ids are integers, from 1, unique
+//!   within the pool. Raises on a closed pool.
 //! - `pool:cancel(id)` -> `"queued"` (taken out of the queue: it will never
 //!   run) | `"running"` (its worker is interrupted, and its outcome will
 //!   never be delivered) | `false` (its outcome is on its way, or it ended,
-//!   or the id is unknown). After `"queued"` or `"running"`, `on_event` is
-//!   *never* called again for that job: its progress events already in the
-//!   core decode to a function that does nothing.
+//!   or the id is unknown). After `"queued"` or `"running"`, no event of
+//!   that job ever reaches `on_events`: its progress events already in the
+//!   core are left out when they are decoded.
 //! - `pool:status(id)` -> `"queued"` | `"running"` (from the moment a
 //!   worker takes it until the Lua thread decodes its outcome) |
 //!   `"finished"` (done, failed or cancelled) | `nil` (unknown id).
@@ -57,13 +61,16 @@
 //!   that is collected, or whose state closes, closes with
 //!   [`GRACE`](pool::GRACE) (1 s).
 //!
-//! Events, on the Lua thread, in order per job, progress first:
-//! `on_event(id, "progress", values...)`, `on_event(id, "done", results...)`,
-//! `on_event(id, "failed", err, traceback)`, where `err` is the error value
-//! itself when it can be copied (nil, booleans, numbers, strings, tables of
-//! those: value.rs) and its `tostring` otherwise, and `traceback` a string
-//! (empty when results could not be copied back, which fails the job with a
-//! message as `err`).
+//! Events reach the Lua thread in the order the workers posted them (so in
+//! order per job, progress first) as calls `on_events(list, n)`: `list`
+//! holds `n` values (up to 64: 32 events), pairs `id, value`: `-id, {n =
+//! count, values...}` for a progress of job `id`; `id, true` for a job done
+//! without results; `id, {n = count, true, results...}` for one done with
+//! results; and `id, {n = 3, false, err, traceback}` for one that failed,
+//! where `err` is the error value itself when it can be copied (nil,
+//! booleans, numbers, strings, tables of those: value.rs) and its
+//! `tostring` otherwise, and `traceback` a string (empty when results
+//! could not be copied back, which fails the job with a message as `err`).
 //!
 //! In a worker, `require "bgworker.worker"` gives `progress(...)` (values
 //! cross as results do; raises at the caller for one that cannot, outside

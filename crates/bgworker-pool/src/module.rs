@@ -15,7 +15,6 @@ use mlua::ffi::*;
 use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 
 use crate::board::{Cancelled, Id, Status};
-use crate::events::Handler;
 use crate::job::{Func, Job, Recent};
 use crate::pool::{Options, Pool, Refused};
 use crate::raw::{bytes_at, push_str, type_name};
@@ -63,8 +62,7 @@ fn required<T: mlua::FromLua>(opts: &Table, name: &str, expected: &str) -> mlua:
         .ok_or_else(|| mlua::Error::runtime(bad_argument(1, "new", format!("opts.{name} must be {expected}"))))
 }
 
-const KNOWN_OPTIONS: [&str; 9] =
-    ["threads", "path", "cpath", "init", "init_named", "on_event", "on_events", "init_timeout", "jit"];
+const KNOWN_OPTIONS: [&str; 8] = ["threads", "path", "cpath", "init", "init_named", "on_events", "init_timeout", "jit"];
 
 fn options(opts: Table) -> mlua::Result<Options> {
     let refuse = |message: String| mlua::Error::runtime(bad_argument(1, "new", message));
@@ -90,13 +88,8 @@ fn options(opts: Table) -> mlua::Result<Options> {
         jit: option(&opts, "jit", "a boolean")?.unwrap_or(true),
         init: init.map(|code| Arc::new(Func::new(&code.as_bytes(), named))),
     };
-    let handler = match (option(&opts, "on_event", "a function")?, option(&opts, "on_events", "a function")?) {
-        (Some(on_event), None) => Handler::Each(on_event),
-        (None, Some(on_events)) => Handler::Batch(on_events),
-        (None, None) => return Err(refuse("opts.on_event must be a function (or opts.on_events)".into())),
-        (Some(_), Some(_)) => return Err(refuse("opts.on_event and opts.on_events exclude each other".into())),
-    };
-    Ok(Options { threads: threads as usize, setup, handler, init_timeout })
+    let on_events = required(&opts, "on_events", "a function")?;
+    Ok(Options { threads: threads as usize, setup, on_events, init_timeout })
 }
 
 /// `new(opts)`: a pool, or `nil, error, traceback`.
@@ -148,8 +141,7 @@ struct PoolCell {
 unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     unsafe {
         if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
-            let methods: [(&CStr, lua_CFunction); 6] = [
-                (c"submit", pool_submit),
+            let methods: [(&CStr, lua_CFunction); 5] = [
                 (c"queue", pool_queue),
                 (c"cancel", pool_cancel),
                 (c"status", pool_status),
@@ -244,21 +236,6 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool
     }
 }
 
-/// A non-negative integer argument.
-///
-/// # Safety
-/// In a C function called by Lua.
-unsafe fn count_at(state: *mut lua_State, index: c_int) -> Result<usize, Raise> {
-    unsafe {
-        let number = lua_tonumber(state, index);
-        if lua_type(state, index) != LUA_TNUMBER || number < 0.0 || number.fract() != 0.0 || number > 1e6 {
-            let got = type_name(state, index);
-            return Err(Raise::Arg(index, format!("argument count expected, got {got}")));
-        }
-        Ok(number as usize)
-    }
-}
-
 /// A job id argument (2): ids are integers from 1, so any other number
 /// names no job (`None`); a non-number is refused.
 ///
@@ -278,82 +255,40 @@ unsafe fn id_at(state: *mut lua_State) -> Result<Option<Id>, Raise> {
     }
 }
 
-unsafe extern "C-unwind" fn pool_submit(state: *mut lua_State) -> c_int {
-    unsafe { call(state, "submit", submit) }
+unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "queue", queue) }
 }
 
-/// `submit(code, named, n, args...)`: the first n args are the job's.
-unsafe fn submit(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
+/// `queue(code, named, callback, args...)`: queue a job running `code` (a
+/// dump, or "module.function" when `named`) with the arguments after
+/// `callback`, except that when `callback` is true and the last of them is
+/// a function, that function is no argument of the job but its callback:
+/// `id, callback` (the function, or false) | `nil, position, message`.
+unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
-        let count = count_at(state, 4)?;
-        // Missing arguments are nils.
-        if lua_checkstack(state, count as c_int + 3) == 0 {
-            return Err(Raise::Message("submit: too many arguments".into()));
-        }
-        lua_settop(state, 4 + count as c_int);
-        match queue_job(state, pool, recent, count as c_int)? {
-            Ok(id) => lua_pushinteger(state, id as lua_Integer),
-            Err(refused) => return Ok(refused),
-        }
-        Ok(1)
-    }
-}
-
-/// Queue the job whose code and `named` are arguments 2 and 3, and whose
-/// arguments are the `count` values from stack index 5 up: its id, or
-/// (`Err`) the count of the `nil, position, message` it pushed when an
-/// argument cannot be copied.
-///
-/// # Safety
-/// In a method called by Lua, with those values on the stack.
-unsafe fn queue_job(
-    state: *mut lua_State,
-    pool: &mut Pool,
-    recent: &mut Recent,
-    count: c_int,
-) -> Result<Result<Id, c_int>, Raise> {
-    unsafe {
+        let mut top = lua_gettop(state).max(4);
+        lua_settop(state, top);
         let Some(code) = bytes_at(state, 2) else {
             let got = type_name(state, 2);
             return Err(Raise::Arg(2, format!("string expected, got {got}")));
         };
         let named = lua_toboolean(state, 3) != 0;
-        let args = match Values::copy(state, 5, count) {
+        let callback = lua_toboolean(state, 4) != 0 && top > 4 && lua_type(state, top) == LUA_TFUNCTION;
+        if callback {
+            top -= 1;
+        }
+        let args = match Values::copy(state, 5, top - 4) {
             Ok(args) => args,
             Err((position, e)) => {
                 let message = format!("{e} cannot be copied to a worker");
                 lua_pushnil(state);
                 lua_pushinteger(state, position as lua_Integer + 1);
                 push_str(state, message.as_bytes());
-                return Ok(Err(3));
+                return Ok(3);
             }
         };
         let job = Job { func: recent.get(code, named), args };
         let id = pool.submit(job).ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
-        Ok(Ok(id))
-    }
-}
-
-unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
-    unsafe { call(state, "queue", queue) }
-}
-
-/// `queue(code, named, callback, args...)`: as `submit` with every
-/// argument after `callback`, except that when `callback` is true and the
-/// last of them is a function, that function is no argument of the job:
-/// `id, callback` (the function, or false) | `nil, position, message`.
-unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
-    unsafe {
-        let mut top = lua_gettop(state).max(4);
-        lua_settop(state, top);
-        let callback = lua_toboolean(state, 4) != 0 && top > 4 && lua_type(state, top) == LUA_TFUNCTION;
-        if callback {
-            top -= 1;
-        }
-        let id = match queue_job(state, pool, recent, top - 4)? {
-            Ok(id) => id,
-            Err(refused) => return Ok(refused),
-        };
         lua_pushinteger(state, id as lua_Integer);
         if callback {
             lua_pushvalue(state, top + 1);

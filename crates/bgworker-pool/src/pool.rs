@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mlua::Lua;
+use mlua::{Function, Lua};
 
 use crate::board::{Board, Cancelled, Id, Snapshot, Status};
 use crate::crew::{Crew, Startup};
-use crate::events::{Events, Handler};
+use crate::events::Events;
 use crate::fork;
 use crate::interrupt::{self, Interrupt};
 use crate::job::Job;
@@ -40,7 +40,8 @@ const WORKER_STACK: usize = 8 << 20;
 pub struct Options {
     pub threads: usize,
     pub setup: Setup,
-    pub handler: Handler,
+    /// The Lua side's `on_events` (lib.rs).
+    pub on_events: Function,
     /// `None`: wait for the workers' init for ever.
     pub init_timeout: Option<Duration>,
 }
@@ -80,7 +81,7 @@ impl Pool {
         interrupt::install_handler();
         let board = Arc::new(Board::default());
         let crew = Arc::new(Crew::new(options.threads));
-        let events = Events::new(lua, options.handler, Arc::clone(&board))?;
+        let events = Events::new(lua, options.on_events, Arc::clone(&board))?;
         let until = options.init_timeout.and_then(deadline);
         let setup = Arc::new(options.setup);
         let generation = fork::generation();

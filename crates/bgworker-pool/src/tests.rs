@@ -25,26 +25,45 @@ extern "C-unwind" {
 }
 
 /// Globals of the test state: `native` (the module), `events[id]` (the
-/// events of each job, packed, in order), `log` (every event as `{id,
-/// event}`, in order), `new_pool(opts)`, `submit(p, f, ...)` and
-/// `outcome(id)` (the job's "done" or "failed" event, or nil).
+/// events of each job, packed as `"progress", values...`, `"done",
+/// results...` or `"failed", err, traceback`, in order), `log` (every
+/// event as `{id, event}`, in order), `new_pool(opts)`, `submit(p, f, ...)`
+/// (the job's id, or `nil, position, message`) and `outcome(id)` (the job's "done" or "failed" event,
+/// or nil).
 const SETUP: &str = r##"
 native = ...
 events, log = {}, {}
-function on_event(id, event, ...)
+local function record(id, event, ...)
   local list = events[id] or {}
   events[id] = list
   list[#list + 1] = table.pack(event, ...)
   log[#log + 1] = { id = id, event = event }
 end
+-- The pool's `on_events(list, n)`: pairs `id, value` (lib.rs).
+function on_events(list, n)
+  for i = 1, n, 2 do
+    local id, value = list[i], list[i + 1]
+    if id < 0 then
+      record(-id, "progress", table.unpack(value, 1, value.n))
+    elseif value == true then
+      record(id, "done")
+    elseif value[1] then
+      record(id, "done", table.unpack(value, 2, value.n))
+    else
+      record(id, "failed", value[2], value[3])
+    end
+  end
+end
 function new_pool(opts)
   opts = opts or {}
   opts.threads = opts.threads or 1
-  opts.path, opts.cpath, opts.on_event = package.path, package.cpath, on_event
+  opts.path, opts.cpath, opts.on_events = package.path, package.cpath, on_events
   return native.new(opts)
 end
 function submit(p, f, ...)
-  return p:submit(string.dump(f), false, select("#", ...), ...)
+  local id, position, message = p:queue(string.dump(f), false, false, ...)
+  if id then return id end
+  return nil, position, message
 end
 function outcome(id)
   for _, e in ipairs(events[id] or {}) do

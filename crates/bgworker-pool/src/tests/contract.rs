@@ -38,8 +38,10 @@ fn ids_are_unique_integers_and_status_follows_each_job() {
         f.eval::<(Option<String>, Option<String>, Option<String>)>("return p:status(0), p:status(3), p:status(1.5)"),
         (None, None, None)
     );
-    // Both done on the worker, but not yet decoded here: still running.
-    f.wait_until("require('bgworker.core').pending() == 2");
+    // Its function ended on the worker (the one worker runs the next job),
+    // but its outcome was not decoded here yet: still running.
+    f.exec("marker = submit(p, function() os.execute('sleep 0.2') end)");
+    f.wait_until("p:status(marker) == 'running'");
     assert_eq!(f.eval::<String>("return p:status(quick)"), "running");
     f.serve_until("outcome(quick)");
     assert_eq!(
@@ -101,9 +103,9 @@ fn named_functions_are_required_in_the_worker() {
     f.exec(
         r#"
         p = new_pool()
-        rep = p:submit("string.rep", true, 2, "ab", 3)
-        missing = p:submit("nosuchmodule.f", true, 0)
-        notfn = p:submit("string.nothing", true, 0)
+        rep = p:queue("string.rep", true, false, "ab", 3)
+        missing = p:queue("nosuchmodule.f", true, false)
+        notfn = p:queue("string.nothing", true, false)
         "#,
     );
     f.serve_until("outcome(notfn)");
@@ -183,10 +185,10 @@ fn bad_options_and_arguments_are_refused_by_name() {
     let error = |code: &str| -> String {
         f.eval(&format!("local ok, err = pcall(function() {code} end) assert(not ok) return tostring(err)"))
     };
-    let opts = "path = '', cpath = '', on_event = print";
+    let opts = "path = '', cpath = '', on_events = print";
     assert!(error("native.new()").contains("bad argument #1 to 'new' (table expected, got nil)"));
     assert!(error(&format!("native.new {{ threads = 0, {opts} }}")).contains("opts.threads must be in 1..1024, got 0"));
-    assert!(error("native.new { threads = 1, path = '', cpath = '' }").contains("opts.on_event must be a function"));
+    assert!(error("native.new { threads = 1, path = '', cpath = '' }").contains("opts.on_events must be a function"));
     assert!(error(&format!("native.new {{ threads = 1, {opts}, colour = 1 }}")).contains("unknown option colour"));
     assert!(error(&format!("native.new {{ threads = 1, {opts}, init_timeout = -1 }}"))
         .contains("opts.init_timeout must be >= 0"));
@@ -196,7 +198,29 @@ fn bad_options_and_arguments_are_refused_by_name() {
     assert!(error("p:close('soon')").contains("bad argument #1 to 'close' (number expected, got string)"));
     assert!(error("p:cancel({})").contains("bad argument #1 to 'cancel' (job id expected, got table)"));
     assert!(error("p.status(1, 2)").contains("bad argument #1 to 'status' (pool expected, got number"));
-    assert!(error("p:submit(1, false, 0)").contains("bad argument #1 to 'submit' (string expected, got number)"));
-    assert!(error("p:submit('', false, -1)").contains("bad argument #3 to 'submit' (argument count expected"));
+    assert!(error("p:queue(1, false, false)").contains("bad argument #1 to 'queue' (string expected, got number)"));
     assert!(f.eval::<bool>("return p:cancel(-1) == false and p:cancel(2^70) == false"));
+}
+
+#[test]
+fn queue_takes_a_last_function_as_the_callback_only_when_asked() {
+    let f = Fixture::new(None);
+    f.exec(
+        r##"
+        p = new_pool()
+        local count = string.dump(function(...) return select("#", ...) end)
+        with, callback = p:queue(count, false, true, 1, 2, print)
+        without, no_callback = p:queue(count, false, true, 1, 2)
+        not_asked = p:queue("type", true, false, print)
+        refused = table.pack(p:queue(count, false, true, coroutine.create(print), print))
+        "##,
+    );
+    f.serve_until("outcome(with) and outcome(without)");
+    assert!(f.eval::<bool>("return callback == print and no_callback == false"));
+    assert!(f.eval::<bool>("return outcome(with)[2] == 2 and outcome(without)[2] == 2"));
+    // Not asked for: the function is the job's argument, which cannot cross.
+    assert!(f.eval::<bool>("return not_asked == nil"));
+    assert!(f.eval::<bool>(
+        "return refused.n == 3 and refused[1] == nil and refused[2] == 1 and refused[3]:find('cannot be copied') ~= nil"
+    ));
 }
