@@ -298,12 +298,12 @@ local function close_time(jit_on)
   end
   socket.sleep(0.05)
   local start = gettime()
-  local joined = p:close(native.GRACE)
+  local joined = p:close(native.CLOSE_TIMEOUT)
   return (gettime() - start) * 1000, joined
 end
 
 print()
-print(("Closing a pool of %d threads, each running `while true do end` (close(%g))"):format(THREADS, native.GRACE))
+print(("Closing a pool of %d threads, each running `while true do end` (close(%g))"):format(THREADS, native.CLOSE_TIMEOUT))
 local took, joined = close_time(false)
 print(("%-36s %8.3f ms, %s"):format(jit and "jit = false" or "", took, joined and "all joined" or "abandoned"))
 

@@ -459,6 +459,84 @@ describe("bgworker.pool", function()
     end)
   end)
 
+  describe("whose dispatcher stops", function()
+    -- The job's callback, get, status and cancel, once it ended as cancelled
+    -- and the next dispatcher delivered that.
+    local function ends_cancelled(job, callback_got)
+      pump_until(function() return callback_got() ~= nil end)
+      assert.same(pack(false, "cancelled"), callback_got())
+      assert.equals("cancelled", job:status())
+      assert.same(pack(false, "cancelled"), pack(job:get(1)))
+      assert.is_false(job:cancel())
+      assert.is_nil(next(p.jobs), "the pool forgot the job")
+    end
+
+    it("end as cancelled when they finish while none runs, once the next one starts", function()
+      local got
+      local job = p:submit(function()
+        require("socket").sleep(0.2)
+        return "late"
+      end, function(...) got = pack(...) end)
+      assert.is_true(support.eventually(function() return p:stats().running == 1 end))
+      d:stop()
+      -- The job ends in its worker while no dispatcher runs: its outcome
+      -- cannot be delivered.
+      assert.is_true(support.eventually(function() return p:stats().cancelled == 1 end))
+      d = bgworker.new()
+      ends_cancelled(job, function() return got end)
+      assert.same(pack(true, "next"), run(identity, "next"))
+    end)
+
+    it("end as cancelled when stop drops their outcomes from the queue", function()
+      local got
+      local job = p:submit(identity, "dropped", function(...) got = pack(...) end)
+      -- Its outcome waits in the core, undispatched, when stop frees it.
+      assert.is_true(support.eventually(function() return core.pending() == 1 end))
+      d:stop()
+      assert.is_nil(got)
+      d = bgworker.new()
+      ends_cancelled(job, function() return got end)
+    end)
+
+    it("end exactly once under a race of stops, starts and completions", function()
+      local calls, outcomes, jobs = {}, {}, {}
+      for i = 1, 200 do
+        jobs[i] = p:submit(function(n)
+          require("socket").sleep(n % 7 * 0.001)
+          return n
+        end, i, function(...)
+          calls[i] = (calls[i] or 0) + 1
+          outcomes[i] = pack(...)
+        end)
+        if i % 25 == 0 then
+          d:stop()
+          socket.sleep(0.003)
+          d = bgworker.new()
+        end
+        d:dispatch()
+      end
+      pump_until(function()
+        for i = 1, #jobs do
+          if not calls[i] then return false end
+        end
+        return true
+      end)
+      d:dispatch()
+      for i = 1, #jobs do
+        assert.equals(1, calls[i], "callback of job " .. i)
+        local o = outcomes[i]
+        if o[1] then
+          assert.same(pack(true, i), o)
+          assert.equals("done", jobs[i]:status())
+        else
+          assert.same(pack(false, "cancelled"), o)
+          assert.equals("cancelled", jobs[i]:status())
+        end
+      end
+      assert.is_nil(next(p.jobs))
+    end)
+  end)
+
   describe("jobs", function()
     it("go from queued to running to done, and cancel returns false once done", function()
       p:close()
@@ -699,6 +777,27 @@ describe("bgworker.pool", function()
       assert.same({ false, "timeout" }, { p:close(0.1) })
       assert.is_true(core.now() - t0 < 0.9, "close waited " .. core.now() - t0 .. " s")
       assert.same(pack(false, "cancelled"), pack(job:get()))
+    end)
+
+    it("when the pool is collected, cancels its jobs without waiting for them", function()
+      local got = {}
+      local q = pool.new { threads = 2 }
+      q:submit(function() require("socket").sleep(1) end, function(...) got.running = pack(...) end)
+      q:submit(identity, "done", function(...) got.done = pack(...) end)
+      -- One job sleeps in C; the other's outcome waits in the core.
+      assert.is_true(support.eventually(function()
+        local s = q:stats()
+        return s.queued == 0 and core.pending() == 1
+      end))
+      q = nil -- luacheck: ignore 311
+      local t0 = core.now()
+      collectgarbage()
+      collectgarbage()
+      local took = core.now() - t0
+      assert.is_true(took < 0.5, "the collection waited " .. took .. " s for the sleeping job")
+      pump_until(function() return got.running and got.done end)
+      assert.same(pack(false, "cancelled"), got.running)
+      assert.same(pack(false, "cancelled"), got.done)
     end)
 
     it("happens when the pool is collected", function()

@@ -165,6 +165,17 @@ function M.constructor(class, fname)
   end
 end
 
+-- What to call, by name, each time a dispatcher takes a run of the core.
+local start_hooks = {}
+
+--- Call `fn(dispatcher)` each time a dispatcher takes a run of the core
+-- (in protected mode: an error goes to its error handler), for the
+-- utility modules that must redeliver what was dropped while none ran.
+-- `name` (the module's) replaces the hook of that name.
+function M.on_start(name, fn)
+  start_hooks[name] = fn
+end
+
 --- Take the core's current run as this dispatcher's (after `open`'s start,
 -- or a loop's restart of the core).
 function Dispatcher:adopt_run()
@@ -177,6 +188,9 @@ function Dispatcher:adopt_run()
   self.guard = core.guard()
   self.baseline = core.stats()
   current[1] = self
+  for _, hook in pairs(start_hooks) do
+    self:call_reporting(hook, self)
+  end
 end
 
 -- The core's capacity option, from the checked options.
@@ -474,10 +488,10 @@ function Dispatcher:dispatch(limit)
   return (self:drain_and_rewake(limit or self.budget))
 end
 
---- Call `fn()` in protected mode; an error goes to the error handler. For
--- the loops' timers.
-function Dispatcher:call_reporting(fn)
-  local ok, err, tb = self.call(fn)
+--- Call `fn(...)` in protected mode; an error goes to the error handler.
+-- For the loops' timers and the start hooks.
+function Dispatcher:call_reporting(fn, ...)
+  local ok, err, tb = self.call(fn, ...)
   if not ok then
     self:report(err, tb)
   end

@@ -71,9 +71,9 @@ pool.MAX_THREADS = 1024
 --- Progress items of one job that may wait to be dispatched at a time.
 pool.PROGRESS_IN_FLIGHT = native.PROGRESS_IN_FLIGHT
 
---- Seconds `close()` waits by default for running jobs to stop (the same
--- grace as a pool that is collected, or whose Lua state closes).
-pool.CLOSE_TIMEOUT = native.GRACE
+--- Seconds `close()` waits by default for running jobs to stop. (A pool
+-- that is collected, or whose Lua state closes, does not wait.)
+pool.CLOSE_TIMEOUT = native.CLOSE_TIMEOUT
 
 local Pool = {}
 Pool.__index = Pool
@@ -87,6 +87,9 @@ end
 
 -- The outcome of every job done without results.
 local DONE = pack(true)
+
+-- The outcome of every job cancelled.
+local CANCELLED = pack(false, "cancelled")
 
 -- ------------------------------------------------------------------------
 -- Functions
@@ -238,10 +241,12 @@ end
 -- Handle the pool's events in its backlog, in order, until there are none
 -- (also those that callbacks add meanwhile, by dispatching). An event is
 -- a pair `id, value` of the native pool's `on_events`: the outcome of job
--- `id`, `true` (done, no results) or packed; or a progress of job `-id`,
--- its packed values. Jobs cancelled meanwhile are no longer in `jobs`:
--- their events go nowhere. An event leaves the backlog before its
--- callback runs, so a callback that raises takes only itself.
+-- `id`, `true` (done, no results) or packed, or `false` (its outcome was
+-- dropped unread, while no dispatcher ran: it ended as cancelled); or a
+-- progress of job `-id`, its packed values. Jobs that ended meanwhile are
+-- no longer in `jobs`: their events go nowhere. An event leaves the
+-- backlog before its callback runs, so a callback that raises takes only
+-- itself.
 local function run_backlog(self)
   local backlog, jobs = self.backlog, self.jobs
   local i = backlog.head
@@ -253,6 +258,8 @@ local function run_backlog(self)
       local job = jobs[id]
       if job and value == true then
         finish(job, "done", DONE, true)
+      elseif job and value == false then
+        finish(job, "cancelled", CANCELLED, true)
       elseif job then
         finish(job, value[1] and "done" or "failed", value, true)
       end
@@ -286,6 +293,41 @@ local function handle_events(self, events, n)
       report(err, tb)
     end
   until ok
+end
+
+-- Pools of this state that may have lost outcomes while no dispatcher ran:
+-- each new dispatcher asks them for those, which then reach it as events.
+local live = setmetatable({}, { __mode = "k" })
+
+dispatcher.on_start("bgworker.pool", function()
+  for p in pairs(live) do
+    if not p.closed then
+      p.native:notify_lost()
+    end
+  end
+end)
+
+-- An object whose collection calls `fn()`: a userdata on Lua 5.1 and
+-- LuaJIT, whose tables have no finalisers.
+local function on_collect(fn)
+  if newproxy then
+    local sentinel = newproxy(true)
+    getmetatable(sentinel).__gc = fn
+    return sentinel
+  end
+  return setmetatable({}, { __gc = fn })
+end
+
+-- A pool's finaliser: every job not yet ended is cancelled, as by close
+-- (whose callbacks run at the next drain). It holds the jobs, and through
+-- them the pool, only from the sentinel: the pool is collected together
+-- with it.
+local function cancel_on_collect(jobs)
+  return on_collect(function()
+    for _, job in pairs(jobs) do
+      finish(job, "cancelled", CANCELLED)
+    end
+  end)
 end
 
 --- Make a pool.
@@ -348,6 +390,8 @@ function pool.new(opts)
     error("bgworker.pool.new: init failed in a worker: " .. tostring(err), 2)
   end
   self.native = handle
+  self.finaliser = cancel_on_collect(self.jobs)
+  live[self] = true
   return self
 end
 
@@ -422,8 +466,8 @@ end
 -- then are left to finish on their own (their outcomes are dropped).
 -- Every job not yet ended is cancelled: its callback gets `false,
 -- "cancelled"`. Closing a closed pool does nothing. A pool that is garbage
--- collected, or whose Lua state closes, is closed the same way with the
--- default timeout.
+-- collected, or whose Lua state closes, is closed the same way without
+-- waiting.
 -- @tparam[opt] number timeout seconds; `CLOSE_TIMEOUT` by default
 -- @return true when every worker ended; false, "timeout" otherwise
 function Pool:close(timeout)
@@ -435,7 +479,7 @@ function Pool:close(timeout)
   self.closed = true
   local ok, err = self.native:close(timeout or pool.CLOSE_TIMEOUT)
   for _, job in pairs(self.jobs) do
-    finish(job, "cancelled", pack(false, "cancelled"))
+    finish(job, "cancelled", CANCELLED)
   end
   return ok, err
 end
@@ -493,7 +537,7 @@ function Job:cancel()
     -- Ended here, or its outcome is on its way: it comes as it is.
     return false
   end
-  finish(self, "cancelled", pack(false, "cancelled"))
+  finish(self, "cancelled", CANCELLED)
   return true
 end
 

@@ -4,7 +4,8 @@
 //! A job is *live* from `submit` until it ends, and it ends exactly once,
 //! by one of: `settle` (its outcome reached the Lua thread), `cancel`,
 //! `close`, or `lose` (its outcome was dropped unread: no dispatcher, or
-//! the pool closed while it waited for room). Each of them ends it under
+//! the pool closed while it waited for room; the Lua side is told later,
+//! see `take_lost`). Each of them ends it under
 //! the lock (removes its entry, or marks it dropped while queued) and the
 //! others then find it ended, which is what makes "exactly once" hold
 //! when they race.
@@ -105,6 +106,9 @@ struct State<J> {
     /// Ids in the queues whose jobs were cancelled.
     dropped: HashSet<Id, BuildHasherDefault<IdHasher>>,
     running: IdMap<Running>,
+    /// Jobs that `lose` ended and that the Lua side has not been told of
+    /// yet (`take_lost`).
+    lost: Vec<Id>,
     closed: bool,
     /// `running`, `done`, `failed`, `cancelled` (the others are derived).
     counts: Counts,
@@ -243,6 +247,7 @@ impl<J> Default for Board<J> {
             queue: VecDeque::new(),
             dropped: HashSet::default(),
             running: HashMap::default(),
+            lost: Vec::new(),
             closed: false,
             counts: Counts::default(),
             waits: Times::default(),
@@ -396,16 +401,38 @@ impl<J> Board<J> {
     }
 
     /// These jobs' outcomes were dropped unread: each ends, counted
-    /// cancelled, unless it had already ended.
-    pub fn lose(&self, ids: impl IntoIterator<Item = Id>) {
+    /// cancelled, unless it had already ended, and is kept for
+    /// `take_lost`. True when one of them ended here.
+    pub fn lose(&self, ids: impl IntoIterator<Item = Id>) -> bool {
         let mut state = self.lock();
-        let State { running, counts, .. } = &mut *state;
+        let State { running, counts, lost, .. } = &mut *state;
+        let before = lost.len();
         for id in ids {
             if running.remove(&id).is_some() {
                 counts.running -= 1;
                 counts.cancelled += 1;
+                lost.push(id);
             }
         }
+        lost.len() > before
+    }
+
+    /// The jobs `lose` ended since the last call, in the order lost.
+    pub fn take_lost(&self) -> Vec<Id> {
+        std::mem::take(&mut self.lock().lost)
+    }
+
+    /// Put back jobs that `take_lost` took but could not pass on.
+    pub fn give_back_lost(&self, ids: Vec<Id>) {
+        let mut state = self.lock();
+        let mut ids = ids;
+        ids.append(&mut state.lost);
+        state.lost = ids;
+    }
+
+    /// Whether `lose` ended jobs that `take_lost` has not taken yet.
+    pub fn has_lost(&self) -> bool {
+        !self.lock().lost.is_empty()
     }
 
     /// Keep in `events` those whose `progress_id` is `None` or names a job

@@ -12,6 +12,15 @@
 //! was refused or cancelled by the core: no dispatcher, a stopped one, a
 //! closed state, a pool that closed while it waited for room, or a decode
 //! that raised) ends it as cancelled.
+//!
+//! The Lua side hears of every job that ended so: the board keeps it as
+//! lost, and a [`Notice`] takes the lost jobs to `on_events` as pairs `id,
+//! false`. One is delivered when a carrier is dropped unread, and again by
+//! [`Events::notify_lost`], which the Lua side calls when a dispatcher
+//! starts. A notice refused for want of a dispatcher leaves the jobs on
+//! the board; the lost jobs are recorded before that delivery is tried, so
+//! a dispatcher that starts after the refusal finds them there, and one
+//! that started before it receives the notice: no lost job goes unheard.
 
 use std::ffi::c_int;
 use std::ptr;
@@ -59,6 +68,7 @@ impl Event {
 
 /// What the workers and the carriers of one pool share.
 struct Shared {
+    sender: Sender,
     outbox: Outbox<Event>,
     board: Arc<Board<Job>>,
     /// `on_events`, in the Lua thread's registry.
@@ -67,7 +77,6 @@ struct Shared {
 
 #[derive(Clone)]
 pub struct Events {
-    sender: Sender,
     shared: Arc<Shared>,
 }
 
@@ -90,9 +99,59 @@ struct Carrier {
 impl Drop for Carrier {
     fn drop(&mut self) {
         let share = self.share.take().unwrap_or_else(|| self.shared.outbox.take_share());
-        if !self.delivered {
-            self.shared.board.lose(share.iter().filter_map(Event::outcome).map(|(id, _)| id));
+        if !self.delivered && self.shared.board.lose(share.iter().filter_map(Event::outcome).map(|(id, _)| id)) {
+            Notice::deliver(&self.shared);
         }
+    }
+}
+
+/// A core item that tells the Lua thread of the jobs the board lost: it
+/// takes them when decoded (none, when an earlier notice took them).
+struct Notice {
+    shared: Arc<Shared>,
+    /// The jobs taken from the board by a decode that has not finished:
+    /// a decode that raises (out of memory) gives them back on drop.
+    taken: Vec<Id>,
+}
+
+impl Notice {
+    /// Deliver one, without waiting for room (it may be on the Lua
+    /// thread): a notice that is refused (no dispatcher, a full queue)
+    /// leaves the lost jobs on the board for the next one.
+    fn deliver(shared: &Arc<Shared>) {
+        let _ = shared.sender.deliver_raw(Notice { shared: Arc::clone(shared), taken: Vec::new() });
+    }
+}
+
+impl Drop for Notice {
+    fn drop(&mut self) {
+        if !self.taken.is_empty() {
+            self.shared.board.give_back_lost(std::mem::take(&mut self.taken));
+        }
+    }
+}
+
+// SAFETY: decode pushes a function and its arguments; the jobs it takes
+// are given back by `Drop` unless it returns.
+unsafe impl RawItem for Notice {
+    unsafe fn decode(&mut self, state: *mut lua_State) -> c_int {
+        self.taken = self.shared.board.take_lost();
+        unsafe {
+            luaL_checkstack(state, 5, ptr::null());
+            lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.on_events.id()));
+            let n = 2 * self.taken.len() as lua_Integer;
+            lua_createtable(state, n as c_int, 0);
+            let list = mlua::ffi::lua_gettop(state);
+            for (index, id) in (1..).step_by(2).zip(&self.taken) {
+                lua_pushinteger(state, *id as lua_Integer);
+                lua_rawseti(state, list, index);
+                lua_pushboolean(state, 0);
+                lua_rawseti(state, list, index + 1);
+            }
+            lua_pushinteger(state, n);
+        }
+        self.taken.clear();
+        3
     }
 }
 
@@ -196,7 +255,7 @@ impl Events {
     pub fn new(lua: &Lua, on_events: Function, board: Arc<Board<Job>>) -> mlua::Result<Events> {
         let sender = Sender::new(lua)?;
         let on_events = lua.create_registry_value(on_events)?;
-        Ok(Events { sender, shared: Arc::new(Shared { outbox: Outbox::new(BATCH), board, on_events }) })
+        Ok(Events { shared: Arc::new(Shared { sender, outbox: Outbox::new(BATCH), board, on_events }) })
     }
 
     /// Post `event`, and deliver a carrier if the outbox asks for one. The
@@ -207,7 +266,7 @@ impl Events {
         if self.shared.outbox.post(event) {
             let carrier = Carrier { shared: Arc::clone(&self.shared), share: None, delivered: false };
             // Not delivered: the carrier was dropped, with its share.
-            let _ = self.sender.deliver_raw_while(carrier, || !self.shared.board.is_closed());
+            let _ = self.shared.sender.deliver_raw_while(carrier, || !self.shared.board.is_closed());
         }
     }
 
@@ -224,5 +283,13 @@ impl Events {
     /// outcome.
     pub fn outcome(&self, id: Id, outcome: Outcome) {
         self.post(Event::Outcome { id, outcome });
+    }
+
+    /// On the Lua thread, when a dispatcher starts: deliver a notice of
+    /// the jobs lost while none ran, if there are any.
+    pub fn notify_lost(&self) {
+        if self.shared.board.has_lost() {
+            Notice::deliver(&self.shared);
+        }
     }
 }

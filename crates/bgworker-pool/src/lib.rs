@@ -12,7 +12,7 @@
 //!
 //! ```lua
 //! local native = require "bgworker.pool_native"
-//! native.cpus, native.MAX_THREADS, native.GRACE, native.PROGRESS_IN_FLIGHT
+//! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.PROGRESS_IN_FLIGHT
 //! native.new(opts) -> pool | nil, err_value, traceback
 //! ```
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
@@ -53,13 +53,18 @@
 //!   submit to start (jobs started), run = start to the end of the function
 //!   (jobs that produced an outcome). An outcome that is dropped unread
 //!   (no dispatcher, or the pool closed while it waited for room in a
-//!   bounded queue) counts its job as cancelled.
+//!   bounded queue) counts its job as cancelled, and reaches `on_events`
+//!   later as `id, false` (see `notify_lost`).
+//! - `pool:notify_lost()`: call it when a dispatcher starts: the jobs whose
+//!   outcomes were dropped unread while none ran reach `on_events` through
+//!   it, as pairs `id, false` (they also do, without this call, when a
+//!   dispatcher was running by the time they were dropped).
 //! - `pool:close(timeout)` -> `true` | `false, "timeout"`: cancel the queued
 //!   jobs, interrupt the running ones, wait at most `timeout` seconds (>= 0,
 //!   `math.huge`: no limit) for the workers to end, join those that ended
 //!   and abandon the others. Closing a closed pool returns true. A pool
-//!   that is collected, or whose state closes, closes with
-//!   [`GRACE`](pool::GRACE) (1 s).
+//!   that is collected, or whose state closes, closes without waiting
+//!   (`close(0)`); `CLOSE_TIMEOUT` (1 s) is the Lua layer's default.
 //!
 //! Events reach the Lua thread in the order the workers posted them (so in
 //! order per job, progress first) as calls `on_events(list, n)`: `list`
@@ -70,7 +75,10 @@
 //! where `err` is the error value itself when it can be copied (nil,
 //! booleans, numbers, strings, tables of those: value.rs) and its
 //! `tostring` otherwise, and `traceback` a string (empty when results
-//! could not be copied back, which fails the job with a message as `err`).
+//! could not be copied back, which fails the job with a message as `err`);
+//! `id, false` for a job whose outcome was dropped unread (it ended as
+//! cancelled; a notice, not an outcome, so it may follow the job's
+//! progress events by any distance, and it comes once).
 //!
 //! In a worker, `require "bgworker.worker"` gives `progress(...)` (values
 //! cross as results do; raises at the caller for one that cannot, outside

@@ -141,12 +141,13 @@ struct PoolCell {
 unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     unsafe {
         if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
-            let methods: [(&CStr, lua_CFunction); 5] = [
+            let methods: [(&CStr, lua_CFunction); 6] = [
                 (c"queue", pool_queue),
                 (c"cancel", pool_cancel),
                 (c"status", pool_status),
                 (c"stats", pool_stats),
                 (c"close", pool_close),
+                (c"notify_lost", pool_notify_lost),
             ];
             lua_createtable(state, 0, methods.len() as c_int);
             for (name, method) in methods {
@@ -214,6 +215,23 @@ unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
 /// In a method made by `push_pool`, called by Lua.
 unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool, &'a mut Recent), Raise> {
     unsafe {
+        let PoolCell { pool, recent } = cell_at(state, name)?;
+        let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
+        if pool.is_inherited() {
+            return Err(Raise::Message(format!(
+                "{name}: this pool belongs to the process that made it, and this one is a fork of it"
+            )));
+        }
+        Ok((pool, recent))
+    }
+}
+
+/// The cell of the pool that is argument 1 of method `name`.
+///
+/// # Safety
+/// In a method made by `push_pool`, called by Lua.
+unsafe fn cell_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut PoolCell, Raise> {
+    unsafe {
         let cell = lua_touserdata(state, 1) as *mut PoolCell;
         let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
             let same = lua_rawequal(state, -1, lua_upvalueindex(1)) != 0;
@@ -225,14 +243,7 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool
             return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
         }
         // SAFETY: a userdata with our metatable holds a PoolCell.
-        let PoolCell { pool, recent } = &mut *cell;
-        let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
-        if pool.is_inherited() {
-            return Err(Raise::Message(format!(
-                "{name}: this pool belongs to the process that made it, and this one is a fork of it"
-            )));
-        }
-        Ok((pool, recent))
+        Ok(&mut *cell)
     }
 }
 
@@ -373,6 +384,19 @@ unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Resul
     Ok(1)
 }
 
+/// `notify_lost()`: when a dispatcher starts (events.rs). Unlike the other
+/// methods it does nothing, rather than raise, for a pool inherited
+/// through fork(): a dispatcher may start in a child that has no use for
+/// the parent's pools.
+unsafe extern "C-unwind" fn pool_notify_lost(state: *mut lua_State) -> c_int {
+    match unsafe { cell_at(state, "notify_lost") } {
+        Ok(PoolCell { pool: Some(pool), .. }) if !pool.is_inherited() => pool.notify_lost(),
+        Ok(_) => {}
+        Err(e) => unsafe { raise(state, e) },
+    }
+    0
+}
+
 unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
     unsafe { call(state, "close", close) }
 }
@@ -397,7 +421,7 @@ unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Resul
     Ok(2)
 }
 
-/// `__gc`: close within the grace period (pool.rs), whatever the state.
+/// `__gc`: close without waiting (pool.rs), whatever the state.
 unsafe extern "C-unwind" fn pool_gc(state: *mut lua_State) -> c_int {
     // SAFETY: only set as __gc of our userdata, which holds a PoolCell.
     let cell = unsafe { lua_touserdata(state, 1) } as *mut PoolCell;
@@ -417,7 +441,7 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     exports.set("new", lua.create_function(new)?)?;
     exports.set("cpus", thread::available_parallelism().map_or(1, |n| n.get()))?;
     exports.set("MAX_THREADS", MAX_THREADS)?;
-    exports.set("GRACE", crate::pool::GRACE.as_secs_f64())?;
+    exports.set("CLOSE_TIMEOUT", crate::pool::CLOSE_TIMEOUT.as_secs_f64())?;
     exports.set("PROGRESS_IN_FLIGHT", crate::control::PROGRESS_IN_FLIGHT)?;
     Ok(exports)
 }

@@ -8,7 +8,7 @@
 //!   thread: the workers' handles are forgotten, and the board is left to
 //!   its other owners, the parent's threads, which the child does not have.
 //! - Every wait is bounded by the caller's timeout: `new` by
-//!   `init_timeout`, `close` by its argument, `Drop` by [`GRACE`]. An
+//!   `init_timeout`, `close` by its argument; `Drop` does not wait. An
 //!   abandoned worker owns (through `Arc`s) everything it still touches,
 //!   and this library stays loaded (`Sender::new` pins it), so it may end
 //!   whenever it does, or never.
@@ -29,9 +29,9 @@ use crate::job::Job;
 use crate::worker::{self, InitFailure, Worker};
 use crate::worker_state::Setup;
 
-/// How long a pool that is collected, or whose Lua state closes, waits for
-/// its workers before it abandons them.
-pub const GRACE: Duration = Duration::from_secs(1);
+/// How long `close` waits for the workers by default (the Lua layer's
+/// default; this module's `close` takes it as an argument).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Stack of a worker thread: that of a usual main thread, since jobs are
 /// ordinary Lua code that may recurse through C functions and modules.
@@ -62,6 +62,7 @@ struct WorkerThread {
 
 pub struct Pool {
     board: Arc<Board<Job>>,
+    events: Events,
     crew: Arc<Crew<InitFailure>>,
     /// Empty once closed.
     workers: Vec<WorkerThread>,
@@ -85,7 +86,8 @@ impl Pool {
         let until = options.init_timeout.and_then(deadline);
         let setup = Arc::new(options.setup);
         let generation = fork::generation();
-        let mut pool = Pool { board, crew, workers: Vec::with_capacity(options.threads), generation };
+        let mut pool =
+            Pool { board, crew, events: events.clone(), workers: Vec::with_capacity(options.threads), generation };
         for index in 0..options.threads {
             let interrupt = Arc::new(Interrupt::default());
             let worker = Worker {
@@ -144,6 +146,11 @@ impl Pool {
         self.board.snapshot()
     }
 
+    /// Tell the Lua side of the jobs whose outcomes were lost (events.rs).
+    pub fn notify_lost(&self) {
+        self.events.notify_lost();
+    }
+
     /// True in a process forked after the pool was made: its threads
     /// and locks are not this process's to use.
     pub fn is_inherited(&self) -> bool {
@@ -197,9 +204,12 @@ impl Pool {
     }
 }
 
-/// Collected, or its Lua state closed: close within [`GRACE`].
+/// Collected, or its Lua state closed: close without waiting. A finaliser
+/// that waited would stall the Lua thread at some allocation (a job in
+/// `socket.sleep` held it up to the grace it was given); the workers that
+/// are still running are abandoned, interrupted, and end on their own.
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.close(GRACE);
+        self.close(Duration::ZERO);
     }
 }

@@ -222,21 +222,33 @@ impl Sender {
     /// Errors: [`Error::Timeout`] (it gave up), [`Error::Closed`].
     pub fn deliver_raw_while<I: RawItem>(&self, item: I, keep_waiting: impl FnMut() -> bool) -> Result<(), Error> {
         let slot = Arc::new(Mutex::new(Some(item)));
+        self.patiently(keep_waiting, |timeout_ms| self.deliver_raw_attempt(&slot, timeout_ms))
+    }
+
+    /// As [`deliver_raw_while`](Self::deliver_raw_while), but never waits:
+    /// a full bounded queue refuses the item at once (it is dropped unrun
+    /// on this thread before this returns). So it may be called on the Lua
+    /// thread.
+    ///
+    /// Errors: [`Error::Full`], [`Error::Closed`].
+    pub fn deliver_raw<I: RawItem>(&self, item: I) -> Result<(), Error> {
+        self.deliver_raw_attempt(&Arc::new(Mutex::new(Some(item))), abi::NOWAIT)
+    }
+
+    fn deliver_raw_attempt<I: RawItem>(&self, slot: &Arc<Mutex<Option<I>>>, timeout_ms: c_int) -> Result<(), Error> {
         let handle = &self.handle;
-        self.patiently(keep_waiting, |timeout_ms| {
-            // SAFETY: the handle is live while `self` is; the attempt goes
-            // to the core, which frees it with `raw::free`, once.
-            let code = unsafe {
-                (handle.api.deliver)(
-                    handle.raw.as_ptr(),
-                    Some(raw::decode::<I>),
-                    raw::attempt(&slot),
-                    Some(raw::free::<I>),
-                    timeout_ms,
-                )
-            };
-            Error::check(code)
-        })
+        // SAFETY: the handle is live while `self` is; the attempt goes to
+        // the core, which frees it with `raw::free`, once.
+        let code = unsafe {
+            (handle.api.deliver)(
+                handle.raw.as_ptr(),
+                Some(raw::decode::<I>),
+                raw::attempt(slot),
+                Some(raw::free::<I>),
+                timeout_ms,
+            )
+        };
+        Error::check(code)
     }
 
     /// Make `attempt`s with a timeout of one [`PATIENCE_SLICE`] until one

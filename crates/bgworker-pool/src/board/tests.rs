@@ -67,9 +67,29 @@ fn a_lost_outcome_ends_its_job_as_cancelled() {
     let id = board.submit(1).unwrap();
     let taken = take(&board, 0).unwrap();
     assert_eq!(finish(&board, &taken), (true, None));
-    board.lose([id]);
+    assert!(board.lose([id]));
     board.settle([(id, false)]);
     assert_eq!(counts(&board), Counts { submitted: 1, cancelled: 1, ..Counts::default() });
+}
+
+#[test]
+fn lost_jobs_are_kept_until_taken_once_in_order() {
+    let board = Board::default();
+    let mut ids = Vec::new();
+    for job in 0..3 {
+        ids.push(board.submit(job).unwrap());
+        let taken = take(&board, 0).unwrap();
+        assert_eq!(finish(&board, &taken), (true, None));
+    }
+    board.settle([(ids[1], false)]);
+    assert!(board.lose([ids[2], ids[1], ids[0]]), "two of them ended here");
+    assert!(!board.lose([ids[0]]), "a job ends once");
+    assert!(board.has_lost());
+    let lost = board.take_lost();
+    assert_eq!(lost, [ids[2], ids[0]]);
+    assert!(!board.has_lost() && board.take_lost().is_empty(), "taken once");
+    board.give_back_lost(lost);
+    assert_eq!(board.take_lost(), [ids[2], ids[0]], "given back, still in order");
 }
 
 #[test]
