@@ -51,8 +51,9 @@ local running = coroutine.running
 local M = {}
 
 --- Seconds the reader waits for a wake-up before it checks whether the worker
--- is exiting (nginx's own default socket read timeout). The exit watcher
--- wakes it at once, so this is only a fallback.
+-- is exiting (nginx's own default socket read timeout). Only a fallback: the
+-- exit watcher wakes it when the worker starts to exit, and the last waiting
+-- request to leave an exiting worker wakes it too.
 M.DEFAULT_TIMEOUT = 60
 
 -- Wake-up datagrams carry no information; read at most this much of each.
@@ -96,7 +97,8 @@ local reader
 -- The reader
 
 -- Requests waiting (bgworker.await, job:get) keep an exiting worker's reader
--- running, since nginx lets in-flight requests finish.
+-- running, since nginx lets in-flight requests finish; the last to leave
+-- wakes it (see the suspender).
 local function should_stop(self)
   return exiting() and next(self.waiters) == nil
 end
@@ -316,6 +318,14 @@ function Ngx:suspender()
     end,
     resume = function()
       sema:post(1)
+    end,
+    -- The reader of an exiting worker goes on while requests wait; the
+    -- last one to leave wakes it to stop, or it would hold the worker
+    -- until its read timeout.
+    done = function()
+      if should_stop(self) and self:owns_run() then
+        core.wake()
+      end
     end,
   }
 end

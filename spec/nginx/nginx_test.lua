@@ -1,7 +1,8 @@
 -- Integration test of bgworker.ngx in a real nginx with lua-nginx-module:
 -- two workers whose answers come from background threads, 200 concurrent
--- requests, requests in flight across a reload, a clean quit, and an error
--- log with no crash and no lost item.
+-- requests, requests in flight across reloads (after which the old workers
+-- leave within seconds), a clean quit, and an error log with no crash and
+-- no lost item.
 --
 --   make nginx-test
 --
@@ -18,13 +19,16 @@ local socket = require "socket"
 
 local ROOT = os.getenv("BGWORKER_ROOT") or os.getenv("PWD")
 local BUILD = os.getenv("BGWORKER_BUILD") or ROOT .. "/build/jit"
-local START_TIMEOUT, EXIT_TIMEOUT, REQUEST_TIMEOUT = harness.START_TIMEOUT, harness.EXIT_TIMEOUT,
-  harness.REQUEST_TIMEOUT
+local START_TIMEOUT, REQUEST_TIMEOUT = harness.START_TIMEOUT, harness.REQUEST_TIMEOUT
 local exists, quote, execute, read_file, write_file = harness.exists, harness.quote, harness.execute,
   harness.read_file, harness.write_file
 local alive, wait_until = harness.alive, harness.wait_until
 
 local CONCURRENT = 200
+-- Reloads under load, and the seconds within which an old worker must be
+-- gone after its last answer (a reader that waits for its read timeout
+-- holds it 60 s).
+local RELOADS, PROMPT_EXIT = 4, 5
 local FIVE = "1,2,3,4,5"
 
 --------------------------------------------------------------------------
@@ -32,6 +36,10 @@ local FIVE = "1,2,3,4,5"
 
 local server -- harness.new(): its temporary directory, port, master
 local generation = 0 -- bumped by each (re)configuration, served at /gen
+-- The readers' timeout: at first 0.2 s, to show that a timeout is harmless;
+-- from the first reload on, the default (60 s), so that an old worker whose
+-- reader does not stop as soon as it may lingers long enough to be seen.
+local reader_timeout = 0.2
 
 local function write_config()
   generation = generation + 1
@@ -56,8 +64,7 @@ TEMPPATHS
     lua_package_path "ROOT/lua/?.lua;ROOT/lua/?/init.lua;ROOT/spec/nginx/?.lua;;";
     lua_package_cpath "BUILD/?.so;;";
     lua_shared_dict counters 1m;
-    # The readers time out often (timeout = 0.2), to show that a timeout is
-    # harmless; such timeouts are not logged at the http level, where
+    # The readers' timeouts are not logged at the http level, where
     # init_worker_by_lua's timers take their settings from. A small budget
     # makes the concurrent requests take the reader's budget path.
     lua_socket_log_errors off;
@@ -65,7 +72,7 @@ TEMPPATHS
     # No init_by_lua: the README's minimal configuration loads bgworker in
     # init_worker_by_lua alone, where coroutines are disabled.
     init_worker_by_lua_block {
-        require("bgworker").new { loop = "ngx", timeout = 0.2, budget = 3 }
+        require("bgworker").new { loop = "ngx", timeout = TIMEOUT, budget = 3 }
     }
 
     server {
@@ -90,7 +97,7 @@ TEMPPATHS
 ]]):gsub("%u+", {
     MODULES = harness.MODULES, USER = harness.user_directive(), DIR = server.dir, ROOT = ROOT,
     BUILD = BUILD, PORT = tostring(server.port), GENERATION = tostring(generation),
-    TEMPPATHS = server:temp_paths(),
+    TEMPPATHS = server:temp_paths(), TIMEOUT = tostring(reader_timeout),
   }))
 end
 
@@ -274,28 +281,41 @@ describe("bgworker.ngx in nginx", function()
     end
   end)
 
-  it("finishes requests in flight across a reload, and old workers exit", function()
-    local old = workers()
-    -- Each takes a second: they are waiting in the old workers when the
-    -- reload comes.
-    local finish = parallel(ticker_paths(20, 200))
-    socket.sleep(0.3)
-    write_config()
-    assert(server:nginx("-s reload"), "nginx -s reload failed" .. log_tail())
-    assert_all_five(finish(), "requests across the reload")
-    assert(wait_until(START_TIMEOUT, function()
-      local _, body = get("/gen")
-      return body == tostring(generation)
-    end), "the new configuration is not served" .. log_tail())
-    -- Without the exit watcher, an idle reader would hold its worker until
-    -- its read timeout (60 s).
-    assert(wait_until(EXIT_TIMEOUT, function()
-      for _, pid in ipairs(old) do
-        if alive(pid) then return false end
+  it("finishes requests in flight across reloads, and old workers leave soon after", function()
+    -- From here on, a reader that stops only at its read timeout holds its
+    -- old worker 60 s. The first reload leaves the 0.2 s readers; the others
+    -- test the 60 s ones.
+    reader_timeout = 60
+    for reload = 1, RELOADS do
+      local old = workers()
+      -- Each waits a second, on the ticker's callbacks or on a pool job:
+      -- they are waiting in the old workers when the reload comes.
+      local tickers = parallel(ticker_paths(20, 200))
+      local jobs = parallel({ "/job_sleep?ms=1000&i=1", "/job_sleep?ms=1000&i=2" })
+      socket.sleep(0.3)
+      write_config()
+      assert(server:nginx("-s reload"), "nginx -s reload failed" .. log_tail())
+      assert_all_five(tickers(), "requests across reload " .. reload)
+      for _, r in ipairs(jobs()) do
+        assert(r.code == 200 and r.body == "1000", ("/job_sleep across reload %d: %s %s%s"):format(reload,
+          tostring(r.code), tostring(r.body), log_tail()))
       end
-      return true
-    end), "old workers still running " .. EXIT_TIMEOUT .. " s after the reload" .. log_tail())
-    assert.equals(2, #workers())
+      local last = socket.gettime()
+      assert(wait_until(START_TIMEOUT, function()
+        local _, body = get("/gen")
+        return body == tostring(generation)
+      end), "the new configuration is not served" .. log_tail())
+      -- Nothing waits in the old workers any more: their readers stop
+      -- (woken by the last waiter to leave), and they exit.
+      assert(wait_until(last + PROMPT_EXIT - socket.gettime(), function()
+        for _, pid in ipairs(old) do
+          if alive(pid) then return false end
+        end
+        return true
+      end), ("old workers still running %d s after their last answer (reload %d)%s"):format(PROMPT_EXIT,
+        reload, log_tail()))
+      assert.equals(2, #workers())
+    end
   end)
 
   it("answers again after the reload", function()

@@ -105,6 +105,18 @@ function app.pool()
   return reply(waited and ok and 200 or 504, tostring(sum))
 end
 
+-- GET /job_sleep?ms=500: a pool job that sleeps, waited for with job:get:
+-- "500".
+function app.job_sleep()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local job = pool:submit(function(ms)
+    require("socket").sleep(ms / 1000)
+    return ms
+  end, int_arg("ms", 500))
+  local ok, ms = job:get(10)
+  return reply(ok and 200 or 504, tostring(ms))
+end
+
 -- GET /job_timeout: a job slower than the request's patience: get times
 -- out, and the request cancels it: "timeout cancelled".
 function app.job_timeout()
