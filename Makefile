@@ -62,6 +62,10 @@ C_MODULES := bgworker_ticker:examples/c/ticker.c answer:examples/c/answer.c \
              bgworker_testutil:spec/native/testutil.c bgworker_tokentest:spec/native/tokentest.c \
              bgworker_bench:bench/native/bench.c
 
+# Test libraries that are no Lua module: a child interpreter preloads them
+# (LD_PRELOAD), as <library>:<source>. Built the same way, beside the others.
+PRELOADS := bgworker_stalldns:spec/native/stalldns.c
+
 define lua_version
 $(BUILD)/$(1)/.cargo: FORCE
 	$(CARGO) build --release --quiet --workspace --features $(call cargo_feature,$(1)),module --target-dir target/lua-$(1)
@@ -104,7 +108,7 @@ pair = $(word $(1),$(subst :, ,$(2)))
 $(foreach v,$(LUA_VERSIONS),\
   $(eval $(call lua_version,$(v)))\
   $(foreach m,$(RUST_MODULES),$(eval $(call rust_module,$(v),$(call pair,1,$(m)),$(call pair,2,$(m)))))\
-  $(foreach m,$(C_MODULES),$(eval $(call c_module,$(v),$(call pair,1,$(m)),$(call pair,2,$(m))))))
+  $(foreach m,$(C_MODULES) $(PRELOADS),$(eval $(call c_module,$(v),$(call pair,1,$(m)),$(call pair,2,$(m))))))
 $(foreach v,$(COPAS1_LUA),$(eval $(call copas1_version,$(v))))
 
 FORCE:

@@ -5,7 +5,8 @@
 -- That one is malformed (an empty label), so the C library refuses it
 -- before asking any server: a well-formed unknown name such as
 -- "nonexistent.invalid" would go to DNS, and be slow or fail otherwise
--- without a network.
+-- without a network. A resolver that never answers is
+-- spec/native/stalldns.c, preloaded into a child interpreter.
 --
 -- toip waits wherever bgworker.await can: here outside any coroutine with a
 -- select dispatcher, and in Copas threads. The Copas specs follow
@@ -204,6 +205,98 @@ describe("bgworker.dns", function()
       ]]
       assert.equals("alive", text)
     end)
+  end)
+end)
+
+describe("bgworker.dns against a resolver that never answers", function()
+  -- In a child interpreter with bgworker_stalldns preloaded: there a name
+  -- ending in ".stall.test" blocks getaddrinfo for `stall` seconds, then
+  -- fails (spec/native/stalldns.c), as a resolver whose server never
+  -- replies does. The lookups go through everything real: dns.lua, the
+  -- tokens, the module's threads and their bounds, the getaddrinfo call.
+  -- The child prints "ok" or what went wrong.
+  local function with_stalled_resolver(stall, script)
+    local build = assert(os.getenv("BGWORKER_BUILD"), "BGWORKER_BUILD names the build (set by make specs-*)")
+    local preload = build .. "/bgworker_stalldns.so"
+    assert(io.open(preload), preload .. " missing: make build-<version> builds it"):close()
+    local _, text = support.run_lua([[
+      local bgworker = require "bgworker"
+      local dns = require "bgworker.dns"
+      local socket = require "socket"
+      local d = bgworker.new()
+      -- Run the dispatcher until cond() holds; false after `seconds`.
+      local function wait_until(cond, seconds)
+        local deadline = socket.gettime() + seconds
+        while not cond() do
+          local left = deadline - socket.gettime()
+          if left <= 0 then return false end
+          d:wait(left)
+        end
+        return true
+      end
+    ]] .. script .. [[
+      io.write("ok")
+    ]], 60, ("env LD_PRELOAD=\"%s%s\" BGWORKER_STALL_SECONDS=%s"):format(
+      preload:sub(1, 1) == "/" and "" or "$PWD/", preload, stall))
+    return text
+  end
+
+  it("lets a lookup through after 20 that were given up on", function()
+    -- The issue's case, with shorter timeouts: the 20 lookups given up on
+    -- are all still in getaddrinfo when localhost is looked up.
+    assert.equals("ok", with_stalled_resolver(10, [[
+      for i = 1, 20 do
+        local ip, err = dns.toip(i .. ".stall.test", 0.05)
+        assert(ip == nil and err == "timeout", "lookup " .. i .. ": " .. tostring(ip) .. ", " .. tostring(err))
+      end
+      local ip, err = dns.toip("localhost", 2)
+      assert(ip == "127.0.0.1", "localhost after 20 lookups given up on: " .. tostring(ip) .. ", " .. tostring(err))
+    ]]))
+  end)
+
+  it("starts a waiting lookup once those ahead of it are given up on", function()
+    -- 20 lookups, more than may run at once: the localhost lookup waits
+    -- behind them, until they time out (resolve's timer, then toip's own
+    -- wait in coroutines). Each stalled lookup calls back once, with
+    -- "timeout", and nothing comes after their getaddrinfo returned.
+    assert.equals("ok", with_stalled_resolver(3, [[
+      local function threads()
+        for line in io.lines("/proc/self/status") do
+          local n = line:match("^Threads:%s*(%d+)")
+          if n then return tonumber(n) end
+        end
+      end
+      -- Counted once a timer rang: the core's alarm thread then runs.
+      local rang
+      d:timer(0.01, function() rang = true end)
+      assert(wait_until(function() return rang end, 5), "the timer did not ring")
+      local base = threads()
+      local calls = {}
+      for i = 1, 20 do
+        calls[i] = {}
+        dns.resolve(i .. ".stall.test", function(_, err) table.insert(calls[i], err) end, 0.2)
+      end
+      local got
+      dns.resolve("localhost", function(addresses, err) got = { addresses, err } end, 1.5)
+      assert(wait_until(function() return got end, 5), "no answer for localhost")
+      assert(got[1], "localhost behind 20 resolve lookups given up on: " .. tostring(got[2]))
+
+      got = nil
+      for i = 1, 20 do
+        coroutine.wrap(function() dns.toip(i .. ".stall.test", 0.2) end)()
+      end
+      coroutine.wrap(function() got = { dns.toip("localhost", 1.5) } end)()
+      assert(wait_until(function() return got end, 5), "no answer for localhost")
+      assert(got[1] == "127.0.0.1", "localhost behind 20 toip lookups given up on: " .. tostring(got[2]))
+
+      -- The stalled lookups end by themselves, and none calls back again.
+      assert(wait_until(function() return threads() <= base end, 10), "lookup threads left: " .. threads() - base)
+      wait_until(function() return false end, 0.2)
+      for i = 1, 20 do
+        assert(#calls[i] == 1 and calls[i][1] == "timeout", "lookup " .. i .. " called back: " ..
+          table.concat(calls[i], ", "))
+      end
+    ]]))
   end)
 end)
 

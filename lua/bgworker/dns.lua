@@ -12,7 +12,12 @@
 --     local ip, resolved = dns.toip("example.org", 2)
 --
 -- A lookup that timed out is cancelled: its thread never calls back, and
--- one that has not started yet never runs.
+-- one that has not started yet never runs. At most 16 lookups run at once,
+-- the others wait for a thread; a lookup given up on (timed out) no longer
+-- counts, also while its thread is still waiting for a resolver that does
+-- not answer, so it never holds up later lookups. Each Lua state has at
+-- most 64 lookup threads, those still finishing lookups given up on
+-- included: past that, lookups wait until one of them ends.
 --
 -- @module bgworker.dns
 
@@ -39,8 +44,8 @@ end
 -- Look `host` up and call `callback(addresses, name)` or
 -- `callback(nil, message)` once; after `timeout` seconds (if given),
 -- `callback(nil, "timeout")` and the lookup is cancelled. Returns the
--- lookup's token (cancel it to give up), or nil and the message of an error
--- for `fname` to raise.
+-- lookup's token (give it to native.cancel to give up), or nil and the
+-- message of an error for `fname` to raise.
 local function lookup(fname, host, callback, timeout)
   local d = dispatcher.current()
   if not d then
@@ -50,8 +55,12 @@ local function lookup(fname, host, callback, timeout)
   end
   local token = core.token()
   local timer
-  local function answer(...)
-    if token:cancel() then
+  -- The first of the answer and the timeout calls back: each cancels the
+  -- token to win. The answer with token:cancel(), its lookup being over;
+  -- the timeout with native.cancel, which gives its place to the lookups
+  -- waiting for a thread, while its own may stay in getaddrinfo for long.
+  local function finish(cancel, ...)
+    if cancel(token) then
       if timer then
         timer:cancel()
       end
@@ -60,10 +69,12 @@ local function lookup(fname, host, callback, timeout)
   end
   if timeout then
     timer = d:timer(timeout, function()
-      answer(nil, "timeout")
+      finish(native.cancel, nil, "timeout")
     end)
   end
-  native.resolve(host, answer, token)
+  native.resolve(host, function(...)
+    finish(token.cancel, ...)
+  end, token)
   return token
 end
 
@@ -109,7 +120,7 @@ function dns.toip(host, timeout)
   if not token then error(err, 2) end
   local ok, reason = waiter:wait(timeout)
   if not ok then
-    token:cancel()
+    native.cancel(token)
     return nil, reason
   end
   if not addresses then

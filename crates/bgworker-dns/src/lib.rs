@@ -8,6 +8,14 @@
 //! (from `bgworker.core.token()`) is cancelled. It is the native half of
 //! `bgworker.dns` (lua/bgworker/dns.lua), which checks the arguments and
 //! offers LuaSocket's `toip`.
+//!
+//! `cancel(token)` gives a lookup up: `token:cancel()` (and its value),
+//! then the lookups waiting for a thread start at once if they may now
+//! (workers.rs: a lookup given up on no longer counts, also while its
+//! thread is still in `getaddrinfo`). A token cancelled some other way
+//! (`token:cancel()`, `bgworker.await`'s timeout) stops counting too, but
+//! the lookups waiting behind it start only at the next `resolve` or when
+//! a lookup thread finishes.
 
 mod resolve;
 mod workers;
@@ -17,7 +25,7 @@ use std::sync::Arc;
 
 use bgworker_util::mlua;
 use bgworker_util::{Sender, Token};
-use mlua::{Function, Lua, LuaString, Table, Value};
+use mlua::{Function, Lua, LuaString, ObjectLike, Table, Value};
 use workers::Workers;
 
 /// `resolve(host, callback[, token])`, answered through `sender` by one of
@@ -34,15 +42,13 @@ fn resolve(
     let host = CString::new(host.as_bytes().to_vec()).map_err(|_| mlua::Error::runtime("host contains a NUL byte"))?;
     let token = match token {
         Value::Nil => None,
-        value => Some(Arc::new(Token::from_lua(lua, &value)?.ok_or_else(|| {
-            mlua::Error::runtime(format!("bad argument #3 to 'resolve' (token expected, got {})", value.type_name()))
-        })?)),
+        value => Some(Arc::new(Token::from_lua(lua, &value)?.ok_or_else(|| not_a_token("resolve", 3, &value))?)),
     };
     let wanted = move || !token.as_ref().is_some_and(|token| token.is_cancelled());
     let callback = lua.create_registry_value(callback)?;
     let sender = sender.clone();
     workers
-        .spawn(move || {
+        .spawn(wanted.clone(), move || {
             if !wanted() {
                 return;
             }
@@ -76,6 +82,22 @@ fn resolve(
         .map_err(|e| mlua::Error::runtime(format!("cannot start a resolver thread: {e}")))
 }
 
+/// `cancel(token)`: `token:cancel()`'s value, once the lookups waiting for
+/// a thread started if this one's giving up lets them (workers.rs).
+fn cancel(lua: &Lua, workers: &Arc<Workers>, value: Value) -> mlua::Result<bool> {
+    let first = match (&value, Token::from_lua(lua, &value)?) {
+        (Value::UserData(token), Some(_)) => token.call_method("cancel", ())?,
+        _ => return Err(not_a_token("cancel", 1, &value)),
+    };
+    workers.start_waiting();
+    Ok(first)
+}
+
+/// The error for argument `position` of `fname`, which must be a token.
+fn not_a_token(fname: &str, position: u32, value: &Value) -> mlua::Error {
+    mlua::Error::runtime(format!("bad argument #{position} to '{fname}' (token expected, got {})", value.type_name()))
+}
+
 /// The module table. Requires bgworker.core, whose instance the answers go to.
 // Without `module` (the resolver's unit tests) only Lua would call it.
 #[cfg_attr(not(feature = "module"), allow(dead_code))]
@@ -86,7 +108,9 @@ fn open(lua: &Lua) -> mlua::Result<Table> {
     // This state's own threads: see workers.rs.
     let workers = Arc::new(Workers::default());
     let module = lua.create_table()?;
+    let for_cancel = Arc::clone(&workers);
     module.set("resolve", lua.create_function(move |lua, args| resolve(lua, &sender, &workers, args))?)?;
+    module.set("cancel", lua.create_function(move |lua, token| cancel(lua, &for_cancel, token))?)?;
     Ok(module)
 }
 

@@ -77,3 +77,16 @@ fn a_token_argument_must_be_a_token() {
         h.lua.load("local ok, err = pcall(dns.resolve, 'localhost', record, {}) return tostring(err)").eval().unwrap();
     assert!(message.contains("bad argument #3 to 'resolve' (token expected, got table)"), "{message}");
 }
+
+#[test]
+fn cancel_cancels_the_token_and_takes_only_a_token() {
+    let h = state(None);
+    let got: (bool, bool, bool) = h
+        .lua
+        .load("local token = require('bgworker.core').token() return dns.cancel(token), dns.cancel(token), token:cancelled()")
+        .eval()
+        .unwrap();
+    assert_eq!(got, (true, false, true));
+    let message: String = h.lua.load("local ok, err = pcall(dns.cancel, {}) return tostring(err)").eval().unwrap();
+    assert!(message.contains("bad argument #1 to 'cancel' (token expected, got table)"), "{message}");
+}
