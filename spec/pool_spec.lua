@@ -278,6 +278,60 @@ describe("bgworker.pool", function()
       assert.equals("result #1: a userdata at .file cannot be copied back from the worker", r[2])
     end)
 
+    it("fail only their job when it returns or reports too many, not the jobs crossing with it", function()
+      p:close()
+      p = pool.new { threads = 1 }
+      local max = pool.MAX_VALUES
+      -- Nearly as many values as a worker can return (its unpack's 7997 on
+      -- Lua 5.1 and LuaJIT, its stack's 10^6 slots later): they used to
+      -- overflow this state's stack, and lose every outcome crossing with
+      -- them.
+      local many = _VERSION == "Lua 5.1" and 7980 or 999950
+      assert.is_true(many > max)
+      local function values(n, report)
+        local spread = table.unpack or _G.unpack
+        local t = {}
+        for i = 1, n do t[i] = i end
+        if report then require("bgworker.worker").progress(spread(t, 1, n)) end
+        return spread(t, 1, n)
+      end
+      -- One worker, no dispatch until the 33rd outcome asked for a second
+      -- carrier (pending goes up by 2): the first carries the first 32
+      -- outcomes, so the big ones cross with quick ones on both sides.
+      local before = core.pending()
+      local jobs, called = {}, nil
+      for i = 1, 33 do
+        if i == 5 then
+          jobs[i] = p:submit(values, many)
+        elseif i == 6 then
+          jobs[i] = p:submit(values, max, function(...) called = select("#", ...) end)
+        elseif i == 7 then
+          jobs[i] = p:submit(values, max + 1, true)
+        else
+          jobs[i] = p:submit(identity, i)
+        end
+      end
+      assert.is_true(support.eventually(function() return core.pending() == before + 2 end))
+      for i = 1, 33 do
+        if i < 5 or i > 7 then
+          assert.same(pack(true, i), pack(jobs[i]:get(10)))
+        end
+      end
+      assert.same(pack(false, ("%d results cannot be copied back from the worker: at most %d can" ..
+        " (return them in a table)"):format(many, max), ""), pack(jobs[5]:get(10)))
+      local all = pack(jobs[6]:get(10))
+      assert.equals(max + 1, all.n)
+      assert.is_true(all[1] and all[2] == 1 and all[max + 1] == max)
+      assert.equals(max + 1, called)
+      local ok, err = jobs[7]:get(10)
+      assert.is_false(ok)
+      assert.matches(("'progress' got %d values: at most %d can cross to the Lua thread"):format(max + 1, max),
+        err, 1, true)
+      assert.same({ "done", "failed", "failed" }, { jobs[6]:status(), jobs[5]:status(), jobs[7]:status() })
+      local s = p:stats()
+      assert.same({ 31, 2, 0 }, { s.done, s.failed, s.cancelled })
+    end)
+
     it("leave the worker usable", function()
       for _ = 1, 4 do assert.is_false(run(function() error("x") end)[1]) end
       assert.same(pack(true, 3), run(function(a, b) return a + b end, 1, 2))

@@ -71,6 +71,12 @@ pool.MAX_THREADS = 1024
 --- Progress items of one job that may wait to be dispatched at a time.
 pool.PROGRESS_IN_FLIGHT = native.PROGRESS_IN_FLIGHT
 
+--- Most values a job may return, or `progress` send at once: as many as
+-- this state can spread on its stack for a callback or `get` (7900 on Lua
+-- 5.1 and LuaJIT, 100000 on later versions). A job that returns more fails
+-- with a message; `progress` raises.
+pool.MAX_VALUES = native.MAX_VALUES
+
 --- Seconds `close()` waits by default for running jobs to stop (the same
 -- grace as a pool that is collected, or whose Lua state closes).
 pool.CLOSE_TIMEOUT = native.GRACE

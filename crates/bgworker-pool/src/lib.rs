@@ -12,7 +12,8 @@
 //!
 //! ```lua
 //! local native = require "bgworker.pool_native"
-//! native.cpus, native.MAX_THREADS, native.GRACE, native.PROGRESS_IN_FLIGHT
+//! native.cpus, native.MAX_THREADS, native.GRACE, native.PROGRESS_IN_FLIGHT,
+//! native.MAX_VALUES
 //! native.new(opts) -> pool | nil, err_value, traceback
 //! ```
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
@@ -71,10 +72,15 @@
 //! booleans, numbers, strings, tables of those: value.rs) and its
 //! `tostring` otherwise, and `traceback` a string (empty when results
 //! could not be copied back, which fails the job with a message as `err`).
+//! A job's results, and a progress event's values, are at most
+//! [`MAX_VALUES`](value::MAX_VALUES) (7900 on Lua 5.1 and LuaJIT, 100,000
+//! on later versions): as many as the Lua thread can unpack. A job that
+//! returns more fails with a message.
 //!
 //! In a worker, `require "bgworker.worker"` gives `progress(...)` (values
-//! cross as results do; raises at the caller for one that cannot, outside
-//! a job, and once the job is cancelled; waits while
+//! cross as results do; raises at the caller for one that cannot, for more
+//! than `MAX_VALUES` of them, outside a job, and once the job is cancelled;
+//! waits while
 //! [`PROGRESS_IN_FLIGHT`](control::PROGRESS_IN_FLIGHT) (64) of the job's
 //! events are delivered but not yet decoded, so a job that emits faster than
 //! the loop drains is slowed, not buffered) and `cancelled()` (true once

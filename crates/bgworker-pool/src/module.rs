@@ -419,5 +419,6 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     exports.set("MAX_THREADS", MAX_THREADS)?;
     exports.set("GRACE", crate::pool::GRACE.as_secs_f64())?;
     exports.set("PROGRESS_IN_FLIGHT", crate::control::PROGRESS_IN_FLIGHT)?;
+    exports.set("MAX_VALUES", crate::value::MAX_VALUES)?;
     Ok(exports)
 }
