@@ -565,6 +565,48 @@ describe("bgworker.pool", function()
       assert.same(pack(false, "cancelled"), pack(job:get()))
     end)
 
+    it("cancelled while running stop after the application took SIGURG, whose handler still gets its own", function()
+      -- In a process of its own: signal dispositions are the process's.
+      local status, out = support.run_lua([[
+        local bgworker = require "bgworker"
+        local pool = require "bgworker.pool"
+        local socket = require "socket"
+        local testutil = require "bgworker_testutil"
+        local d = bgworker.new()
+        local p = pool.new { threads = 1 }
+        -- Take SIGURG as `action` says, then cancel a job that never ends
+        -- by itself: the next job runs only if it stopped.
+        local function cancel_after(action)
+          testutil.sigurg(action)
+          local started = false
+          local job = p:submit(function()
+            require("bgworker.worker").progress("started")
+            while true do end
+          end)
+          job:on_progress(function() started = true end)
+          local deadline = socket.gettime() + 10
+          while not started and socket.gettime() < deadline do d:wait(0.05) end
+          local cancelled = job:cancel()
+          local ok, next_result = p:submit(function() return "next" end):get(10)
+          io.write(action, ": ", tostring(cancelled), " ", tostring(ok), " ", tostring(next_result), "\n")
+        end
+        cancel_after("ignore")
+        cancel_after("count")
+        -- A SIGURG that is not a pool's reaches the application's handler.
+        io.write("counted: ", testutil.sigurg("raise"), "\n")
+        -- A handler that passes SIGURG on to the one it replaced, the
+        -- pool's: it gets it once, and the pool's lets it go.
+        cancel_after("chain")
+        io.write("counted: ", testutil.sigurg("raise"), "\n")
+        p:close(1)
+      ]], 60)
+      assert.equals(0, status, out)
+      local warning = ("bgworker.pool: SIGURG's handler was replaced"):gsub("%p", "%%%0")
+      assert.equals(1, select(2, out:gsub(warning, "")), out)
+      assert.equals("ignore: true true next\ncount: true true next\ncounted: 1\nchain: true true next\ncounted: 2\n",
+        out:gsub("[^\n]*" .. warning .. "[^\n]*\n", ""), out)
+    end)
+
     it("call each callback exactly once under a race of cancels and completions", function()
       local n = support.size(3000, 300)
       local calls, jobs = {}, {}

@@ -93,7 +93,11 @@
 //! hook on itself), why (an always-on count hook costs 1.5x to 2.5x on
 //! CPU-bound Lua 5.3 and 5.4 code; this costs nothing until a cancel), and
 //! how the error gets past the job's own `pcall`s. A job blocked in C
-//! (`socket.sleep`, `os.execute`) stops when that call returns.
+//! (`socket.sleep`, `os.execute`) stops when that call returns. The signal
+//! is SIGURG: if the application installs a handler of its own for it (or
+//! ignores it) after a pool started, the next cancel puts ours back, which
+//! passes the other SIGURGs on to the application's, and warns once on
+//! stderr.
 //!
 //! LuaJIT: compiled code never runs hooks, set by any means (interrupt.rs
 //! lists what was tried), so a JIT-compiled loop cannot be stopped until it
