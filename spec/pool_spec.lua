@@ -423,6 +423,22 @@ describe("bgworker.pool", function()
       assert.same({}, started_since(before))
       p = nil
     end)
+
+    it("that raises another value makes pool.new raise that value; a table's tostring has the traceback", function()
+      p:close()
+      local ok, err = pcall(pool.new, { threads = 2, init = function()
+        local function setup() error({ code = 42, where = { "config" } }) end
+        setup()
+      end })
+      assert.is_false(ok)
+      assert.same({ code = 42, where = { "config" } }, err)
+      assert.matches("^bgworker.pool.new: init failed in a worker: table: [^\n]*\nstack traceback:.*in .*setup",
+        tostring(err))
+      -- Level 0: Lua 5.1 and 5.2 make error(42) a string with a position.
+      assert.same(pack(false, 42), pack(pcall(pool.new, { threads = 1, init = function() error(42, 0) end })))
+      assert.same(pack(false, false), pack(pcall(pool.new, { threads = 1, init = function() error(false) end })))
+      p = nil
+    end)
   end)
 
   describe("bad arguments", function()
@@ -468,6 +484,31 @@ describe("bgworker.pool", function()
       local upvalue = 1
       assert.matches("bad argument #1 to 'submit' %(the function has upvalue 'upvalue'",
         submit_error(function() return upvalue end))
+    end)
+
+    it("name the method called in a forked child, where a pool refuses", function()
+      local status, out = support.run_lua([[
+        local bgworker = require "bgworker"
+        local pool = require "bgworker.pool"
+        local testutil = require "bgworker_testutil"
+        bgworker.new()
+        local p = pool.new { threads = 1 }
+        io.stdout:flush()
+        local pid = testutil.fork()
+        if pid == 0 then
+          bgworker.new() -- the child's own: the parent's dispatcher is not
+          local function refusal(f) return select(2, pcall(f)) .. "\n" end
+          io.write(refusal(function() p:submit(function() end) end), refusal(function() p:run(function() end) end),
+            refusal(function() p:stats() end))
+          io.stdout:flush()
+          testutil._exit(0)
+        end
+        io.write("child: ", tostring(testutil.waitpid(pid, 10)), "\n")
+      ]], 60)
+      assert.equals(0, status, out)
+      local refused = "this pool belongs to the process that made it, and this one is a fork of it\n"
+      assert.matches("^[^\n]*:11: submit: " .. refused .. "[^\n]*:11: run: " .. refused .. "[^\n]*stats: " ..
+        refused .. "child: 0\n$", out)
     end)
 
     it("are raised at the caller's line, and leave the pool usable", function()

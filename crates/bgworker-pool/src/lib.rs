@@ -31,13 +31,15 @@
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
 //! - `pool:queue(code, named, callback, args...)` -> `id, callback` |
-//!   `nil, position, message`: queue a job running `code` (a dump, or
-//!   "module.function" when `named`) with `args` as its arguments, except
-//!   that when `callback` is true and the last of them is a function, that
-//!   one is returned as `callback` instead (else `callback` is false).
-//!   `position` (from 1, counted from the first of `args`) names an
-//!   argument that cannot be copied. Ids are integers, from 1, unique
-//!   within the pool. Raises on a closed pool.
+//!   `nil, position, message` | `nil, false, message`: queue a job running
+//!   `code` (a dump, or "module.function" when `named`) with `args` as its
+//!   arguments, except that when `callback` is true and the last of them is
+//!   a function, that one is returned as `callback` instead (else
+//!   `callback` is false). `position` (from 1, counted from the first of
+//!   `args`) names an argument that cannot be copied; `false`, a pool that
+//!   this process may not use (below), so that the Lua layer raises under
+//!   its own method's name. Ids are integers, from 1, unique within the
+//!   pool. Raises on a closed pool.
 //! - `pool:cancel(id)` -> `"queued"` (taken out of the queue: it will never
 //!   run) | `"running"` (its worker is interrupted, and its outcome will
 //!   never be delivered) | `false` (its outcome is on its way, or it ended,
@@ -120,9 +122,9 @@
 //! pool closes (the Lua thread, then busy closing, makes no room).
 //!
 //! A pool belongs to the process that made it: in a child forked after
-//! that, its methods raise, and closing or collecting it does nothing (its
-//! threads are the parent's, and a lock one of them held at the fork
-//! stays held in the child).
+//! that, its methods raise (`queue` returns `nil, false, message`), and
+//! closing or collecting it does nothing (its threads are the parent's,
+//! and a lock one of them held at the fork stays held in the child).
 
 mod board;
 mod control;
