@@ -278,6 +278,60 @@ describe("bgworker.pool", function()
       assert.equals("result #1: a userdata at .file cannot be copied back from the worker", r[2])
     end)
 
+    it("fail only their job when it returns or reports too many, not the jobs crossing with it", function()
+      p:close()
+      p = pool.new { threads = 1 }
+      local max = pool.MAX_VALUES
+      -- Nearly as many values as a worker can return (its unpack's 7997 on
+      -- Lua 5.1 and LuaJIT, its stack's 10^6 slots later): they used to
+      -- overflow this state's stack, and lose every outcome crossing with
+      -- them.
+      local many = _VERSION == "Lua 5.1" and 7980 or 999950
+      assert.is_true(many > max)
+      local function values(n, report)
+        local spread = table.unpack or _G.unpack
+        local t = {}
+        for i = 1, n do t[i] = i end
+        if report then require("bgworker.worker").progress(spread(t, 1, n)) end
+        return spread(t, 1, n)
+      end
+      -- One worker, no dispatch until the 33rd outcome asked for a second
+      -- carrier (pending goes up by 2): the first carries the first 32
+      -- outcomes, so the big ones cross with quick ones on both sides.
+      local before = core.pending()
+      local jobs, called = {}, nil
+      for i = 1, 33 do
+        if i == 5 then
+          jobs[i] = p:submit(values, many)
+        elseif i == 6 then
+          jobs[i] = p:submit(values, max, function(...) called = select("#", ...) end)
+        elseif i == 7 then
+          jobs[i] = p:submit(values, max + 1, true)
+        else
+          jobs[i] = p:submit(identity, i)
+        end
+      end
+      assert.is_true(support.eventually(function() return core.pending() == before + 2 end))
+      for i = 1, 33 do
+        if i < 5 or i > 7 then
+          assert.same(pack(true, i), pack(jobs[i]:get(10)))
+        end
+      end
+      assert.same(pack(false, ("%d results cannot be copied back from the worker: at most %d can" ..
+        " (return them in a table)"):format(many, max), ""), pack(jobs[5]:get(10)))
+      local all = pack(jobs[6]:get(10))
+      assert.equals(max + 1, all.n)
+      assert.is_true(all[1] and all[2] == 1 and all[max + 1] == max)
+      assert.equals(max + 1, called)
+      local ok, err = jobs[7]:get(10)
+      assert.is_false(ok)
+      assert.matches(("'progress' got %d values: at most %d can cross to the Lua thread"):format(max + 1, max),
+        err, 1, true)
+      assert.same({ "done", "failed", "failed" }, { jobs[6]:status(), jobs[5]:status(), jobs[7]:status() })
+      local s = p:stats()
+      assert.same({ 31, 2, 0 }, { s.done, s.failed, s.cancelled })
+    end)
+
     it("leave the worker usable", function()
       for _ = 1, 4 do assert.is_false(run(function() error("x") end)[1]) end
       assert.same(pack(true, 3), run(function(a, b) return a + b end, 1, 2))
@@ -369,6 +423,22 @@ describe("bgworker.pool", function()
       assert.same({}, started_since(before))
       p = nil
     end)
+
+    it("that raises another value makes pool.new raise that value; a table's tostring has the traceback", function()
+      p:close()
+      local ok, err = pcall(pool.new, { threads = 2, init = function()
+        local function setup() error({ code = 42, where = { "config" } }) end
+        setup()
+      end })
+      assert.is_false(ok)
+      assert.same({ code = 42, where = { "config" } }, err)
+      assert.matches("^bgworker.pool.new: init failed in a worker: table: [^\n]*\nstack traceback:.*in .*setup",
+        tostring(err))
+      -- Level 0: Lua 5.1 and 5.2 make error(42) a string with a position.
+      assert.same(pack(false, 42), pack(pcall(pool.new, { threads = 1, init = function() error(42, 0) end })))
+      assert.same(pack(false, false), pack(pcall(pool.new, { threads = 1, init = function() error(false) end })))
+      p = nil
+    end)
   end)
 
   describe("bad arguments", function()
@@ -414,6 +484,31 @@ describe("bgworker.pool", function()
       local upvalue = 1
       assert.matches("bad argument #1 to 'submit' %(the function has upvalue 'upvalue'",
         submit_error(function() return upvalue end))
+    end)
+
+    it("name the method called in a forked child, where a pool refuses", function()
+      local status, out = support.run_lua([[
+        local bgworker = require "bgworker"
+        local pool = require "bgworker.pool"
+        local testutil = require "bgworker_testutil"
+        bgworker.new()
+        local p = pool.new { threads = 1 }
+        io.stdout:flush()
+        local pid = testutil.fork()
+        if pid == 0 then
+          bgworker.new() -- the child's own: the parent's dispatcher is not
+          local function refusal(f) return select(2, pcall(f)) .. "\n" end
+          io.write(refusal(function() p:submit(function() end) end), refusal(function() p:run(function() end) end),
+            refusal(function() p:stats() end))
+          io.stdout:flush()
+          testutil._exit(0)
+        end
+        io.write("child: ", tostring(testutil.waitpid(pid, 10)), "\n")
+      ]], 60)
+      assert.equals(0, status, out)
+      local refused = "this pool belongs to the process that made it, and this one is a fork of it\n"
+      assert.matches("^[^\n]*:11: submit: " .. refused .. "[^\n]*:11: run: " .. refused .. "[^\n]*stats: " ..
+        refused .. "child: 0\n$", out)
     end)
 
     it("are raised at the caller's line, and leave the pool usable", function()
@@ -587,6 +682,48 @@ describe("bgworker.pool", function()
       assert.same(pack(true, "next"), pack(p:submit(identity, "next"):get(10)))
       assert.is_true(core.now() - t0 < 5, "the loop ran on for " .. core.now() - t0 .. " s")
       assert.same(pack(false, "cancelled"), pack(job:get()))
+    end)
+
+    it("cancelled while running stop after the application took SIGURG, whose handler still gets its own", function()
+      -- In a process of its own: signal dispositions are the process's.
+      local status, out = support.run_lua([[
+        local bgworker = require "bgworker"
+        local pool = require "bgworker.pool"
+        local socket = require "socket"
+        local testutil = require "bgworker_testutil"
+        local d = bgworker.new()
+        local p = pool.new { threads = 1 }
+        -- Take SIGURG as `action` says, then cancel a job that never ends
+        -- by itself: the next job runs only if it stopped.
+        local function cancel_after(action)
+          testutil.sigurg(action)
+          local started = false
+          local job = p:submit(function()
+            require("bgworker.worker").progress("started")
+            while true do end
+          end)
+          job:on_progress(function() started = true end)
+          local deadline = socket.gettime() + 10
+          while not started and socket.gettime() < deadline do d:wait(0.05) end
+          local cancelled = job:cancel()
+          local ok, next_result = p:submit(function() return "next" end):get(10)
+          io.write(action, ": ", tostring(cancelled), " ", tostring(ok), " ", tostring(next_result), "\n")
+        end
+        cancel_after("ignore")
+        cancel_after("count")
+        -- A SIGURG that is not a pool's reaches the application's handler.
+        io.write("counted: ", testutil.sigurg("raise"), "\n")
+        -- A handler that passes SIGURG on to the one it replaced, the
+        -- pool's: it gets it once, and the pool's lets it go.
+        cancel_after("chain")
+        io.write("counted: ", testutil.sigurg("raise"), "\n")
+        p:close(1)
+      ]], 60)
+      assert.equals(0, status, out)
+      local warning = ("bgworker.pool: SIGURG's handler was replaced"):gsub("%p", "%%%0")
+      assert.equals(1, select(2, out:gsub(warning, "")), out)
+      assert.equals("ignore: true true next\ncount: true true next\ncounted: 1\nchain: true true next\ncounted: 2\n",
+        out:gsub("[^\n]*" .. warning .. "[^\n]*\n", ""), out)
     end)
 
     it("call each callback exactly once under a race of cancels and completions", function()

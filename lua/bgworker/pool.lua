@@ -71,6 +71,12 @@ pool.MAX_THREADS = 1024
 --- Progress items of one job that may wait to be dispatched at a time.
 pool.PROGRESS_IN_FLIGHT = native.PROGRESS_IN_FLIGHT
 
+--- Most values a job may return, or `progress` send at once: as many as
+-- this state can spread on its stack for a callback or `get` (7900 on Lua
+-- 5.1 and LuaJIT, 100000 on later versions). A job that returns more fails
+-- with a message; `progress` raises.
+pool.MAX_VALUES = native.MAX_VALUES
+
 --- Seconds `close()` waits by default for running jobs to stop. (A pool
 -- that is collected, or whose Lua state closes, does not wait.)
 pool.CLOSE_TIMEOUT = native.CLOSE_TIMEOUT
@@ -330,14 +336,33 @@ local function cancel_on_collect(jobs)
   end)
 end
 
+-- What `new` raises for `err`, a worker's init's error (copied, as a job's
+-- is), with `tb`, the worker's traceback, if any, and at what level: a
+-- string becomes a message with the traceback, blamed on `new`'s caller;
+-- another value stays itself (level 0: Lua 5.1 and 5.2 would make a number
+-- a string), and a table (which had no metatable: none crosses) gets a
+-- `__tostring` that tells that message, for whoever prints it.
+local function init_error(err, tb)
+  local message = "bgworker.pool.new: init failed in a worker: " .. tostring(err) ..
+    (tb and "\n" .. tostring(tb) or "")
+  if type(err) == "string" then
+    return message, 2
+  elseif type(err) == "table" then
+    setmetatable(err, { __tostring = function() return message end })
+  end
+  return err, 0
+end
+
 --- Make a pool.
 -- @tparam[opt] table opts
 --   `threads` (integer in 1..MAX_THREADS): how many worker threads; by
 --   default as many as the system runs at once.
 --   `init` (a function or "module.function", as a job's): runs once in each
 --   worker before any job, to load modules or set globals. If it raises in
---   a worker, `new` raises that error (with the worker's traceback) and no
---   thread is left behind.
+--   a worker, `new` raises that error and no thread is left behind: a
+--   string error as a message with the worker's traceback; any other value
+--   as itself (copied as a job's error value is), a table with a
+--   `__tostring` that gives that message and traceback.
 --   `init_timeout` (seconds, 30 by default): how long `new` waits for the
 --   workers' `init`.
 --   `jit` (boolean, LuaJIT only; false by default): keep LuaJIT's JIT
@@ -384,10 +409,7 @@ function pool.new(opts)
     end,
   }
   if not handle then
-    if tb then
-      err = tostring(err) .. "\n" .. tostring(tb)
-    end
-    error("bgworker.pool.new: init failed in a worker: " .. tostring(err), 2)
+    error(init_error(err, tb))
   end
   self.native = handle
   self.finaliser = cancel_on_collect(self.jobs)
@@ -414,9 +436,13 @@ end
 
 -- The job the native `queue` queued, listed: it returns `id, callback`
 -- (the callback, or false), or `nil, position, message` for an argument
--- that cannot be copied, which is then why there is no job.
+-- that cannot be copied, or `nil, false, message` for a pool this process
+-- may not use (a fork's child), which is then why there is no job.
 local function add_job(self, fname, id, callback_or_position, message)
   if not id then
+    if not callback_or_position then
+      return nil, fname .. ": " .. message
+    end
     return nil, args.bad(fname, callback_or_position + 1, message)
   end
   local job = setmetatable({ self, id, "queued", callback_or_position, false, false, false }, Job)

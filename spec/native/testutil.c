@@ -82,6 +82,12 @@
  *   testutil._exit(status): end this process at once, running no atexit
  *     handler and closing no Lua state.
  *   testutil.fd_open(fd) -> whether descriptor fd is open in this process.
+ *   testutil.sigurg(action) -> count: set SIGURG's disposition as an
+ *     application would: "ignore" (SIG_IGN), "default" (SIG_DFL), "count"
+ *     (a handler that counts the signals it gets) or "chain" (one that
+ *     counts them and passes them on to the handler it replaced); "raise"
+ *     sends SIGURG to the calling thread. Returns how many the counting
+ *     handlers got so far.
  *   testutil.api() -> {version, size, client_size}: the published table's
  *     version and size, and sizeof(bgw_api) in this build.
  *   testutil.NOWAIT, testutil.FOREVER: BGW_NOWAIT, BGW_FOREVER.
@@ -851,6 +857,51 @@ static int tu_fd_open(lua_State *L)
     return 1;
 }
 
+/* ------------------------------------------------------------------ */
+/* SIGURG, which bgworker.pool uses to interrupt its workers           */
+
+static atomic_long sigurg_count;
+/* What "chain" replaced. */
+static struct sigaction sigurg_replaced;
+
+static void count_sigurg(int signal)
+{
+    (void)signal;
+    atomic_fetch_add(&sigurg_count, 1);
+}
+
+static void chain_sigurg(int signal, siginfo_t *info, void *context)
+{
+    atomic_fetch_add(&sigurg_count, 1);
+    if (sigurg_replaced.sa_flags & SA_SIGINFO)
+        sigurg_replaced.sa_sigaction(signal, info, context);
+    else if (sigurg_replaced.sa_handler != SIG_DFL && sigurg_replaced.sa_handler != SIG_IGN)
+        sigurg_replaced.sa_handler(signal);
+}
+
+static int tu_sigurg(lua_State *L)
+{
+    static const char *const actions[] = {"ignore", "default", "count", "chain", "raise", NULL};
+    int action = luaL_checkoption(L, 1, NULL, actions);
+    if (action == 4) {
+        raise(SIGURG);
+    } else {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sigemptyset(&sa.sa_mask);
+        if (action == 3) {
+            sa.sa_sigaction = chain_sigurg;
+            sa.sa_flags = SA_SIGINFO;
+        } else {
+            sa.sa_handler = action == 0 ? SIG_IGN : action == 1 ? SIG_DFL : count_sigurg;
+        }
+        if (sigaction(SIGURG, &sa, action == 3 ? &sigurg_replaced : NULL) != 0)
+            return luaL_error(L, "testutil: sigaction(SIGURG) failed");
+    }
+    lua_pushinteger(L, (lua_Integer)atomic_load(&sigurg_count));
+    return 1;
+}
+
 /* A child forked while one of our locks was held would find it held for
  * good: take them around fork(), as a utility library should. */
 static void lock_all(void)
@@ -900,6 +951,7 @@ int luaopen_bgworker_testutil(lua_State *L)
         {"kill", tu_kill},
         {"_exit", tu_exit},
         {"fd_open", tu_fd_open},
+        {"sigurg", tu_sigurg},
         {NULL, NULL},
     };
     static atomic_flag fork_handlers = ATOMIC_FLAG_INIT;

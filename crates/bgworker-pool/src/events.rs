@@ -13,14 +13,24 @@
 //! closed state, a pool that closed while it waited for room, or a decode
 //! that raised) ends it as cancelled.
 //!
-//! The Lua side hears of every job that ended so: the board keeps it as
-//! lost, and a [`Notice`] takes the lost jobs to `on_events` as pairs `id,
-//! false`. One is delivered when a carrier is dropped unread, and again by
+//! So a decode must not raise because of what one event holds, which would
+//! take the others of its share with it: the workers send no more values
+//! per event than the Lua thread can take ([`MAX_VALUES`]: a job with more
+//! results fails, a `progress` with more values raises), and each value is
+//! set into its list as soon as it is made, so an event takes a few stack
+//! slots whatever its size. What is left to raise is running out of
+//! memory.
+//!
+//! The Lua side hears of every job that ended as cancelled for want of a
+//! dispatcher: the board keeps it as lost, and a [`Notice`] takes the lost
+//! jobs to `on_events` as pairs `id, false`. One is delivered when a carrier is dropped unread, and again by
 //! [`Events::notify_lost`], which the Lua side calls when a dispatcher
 //! starts. A notice refused for want of a dispatcher leaves the jobs on
 //! the board; the lost jobs are recorded before that delivery is tried, so
 //! a dispatcher that starts after the refusal finds them there, and one
 //! that started before it receives the notice: no lost job goes unheard.
+//!
+//! [`MAX_VALUES`]: crate::value::MAX_VALUES
 
 use std::ffi::c_int;
 use std::ptr;
@@ -155,25 +165,26 @@ unsafe impl RawItem for Notice {
     }
 }
 
-/// Push `values` as a list `{n = count, [head,] values...}`.
+/// Push `values` as a list `{n = count, [head,] values...}`, in a few
+/// stack slots whatever their count (the workers send at most
+/// [`MAX_VALUES`](crate::value::MAX_VALUES), which the Lua thread can
+/// then unpack).
 ///
 /// # Safety
 /// On the Lua thread, in a decode (it may raise).
 unsafe fn push_list(state: *mut lua_State, head: Option<bool>, values: &Values) {
     unsafe {
         let offset = c_int::from(head.is_some());
+        let count = values.len() as c_int + offset;
         luaL_checkstack(state, 2, ptr::null());
-        lua_createtable(state, values.len() as c_int + offset, 1);
+        lua_createtable(state, count, 1);
         let list = mlua::ffi::lua_gettop(state);
         if let Some(head) = head {
             lua_pushboolean(state, c_int::from(head));
             lua_rawseti(state, list, 1);
         }
-        let count = values.push(state);
-        for index in (1..=count).rev() {
-            lua_rawseti(state, list, lua_Integer::from(index + offset));
-        }
-        lua_pushinteger(state, lua_Integer::from(count + offset));
+        values.set_into(state, list, offset);
+        lua_pushinteger(state, lua_Integer::from(count));
         lua_setfield(state, list, c"n".as_ptr());
     }
 }

@@ -29,6 +29,20 @@
 //! coroutine resumed from C, bypassing the wrapper, is not reached; its
 //! resumer is, when control comes back to it.
 //!
+//! # When the application takes the signal
+//!
+//! SIGURG is also the kernel's "out-of-band data on a socket" signal, and
+//! an application (or a library: the Go runtime uses SIGURG too) may
+//! install a handler of its own, or `SIG_IGN`, after a pool installed ours:
+//! the pools' signals would then be lost, and a cancelled job would run on.
+//! So before each signal it sends, a pool checks that ours is still
+//! installed ([`ensure_handler`]) and puts it back if not, warning once on
+//! stderr. Ours passes every signal no pool sent on to the handler it
+//! replaced, as it did from the start, so the application still gets its
+//! own. That handler may pass them back to ours (if it kept ours as its
+//! previous one): ours then knows the signal it is passing on, and lets it
+//! go.
+//!
 //! # Why not an always-on count hook
 //!
 //! It is what effil does, and it needs neither signals nor bookkeeping. But
@@ -63,11 +77,15 @@
 //! - The hook is the only place the worker itself sets or clears hooks,
 //!   and it checks the task again after clearing: an arming that raced
 //!   with the clearing is not lost.
+//! - `PREVIOUS` is null or points into `REPLACED`, which never frees: the
+//!   handler may read it at any moment. Ours is installed only under
+//!   `REPLACED`'s lock, and only when it is not the installed one, so it
+//!   never replaces (and passes signals on to) itself.
 
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use mlua::ffi::{
     luaL_argerror, lua_Debug, lua_State, lua_createtable, lua_error, lua_gettop, lua_pop, lua_pushboolean,
@@ -81,7 +99,7 @@ use crate::raw::registry_pointer;
 /// The signal that interrupts a worker: SIGURG, as the Go runtime uses for
 /// the same purpose, since its default action is to ignore it and almost
 /// no program handles it. Signals of this kind not sent by a pool go to
-/// the handler that was installed before ours, if any.
+/// the handler that ours replaced, if any (module docs).
 pub const SIGNAL: c_int = libc::SIGURG;
 
 /// The hook's period when the signal arms it: the next instruction.
@@ -135,32 +153,72 @@ impl Default for Interrupt {
     }
 }
 
-/// Install the signal handler, once per process. Called on the Lua thread
-/// before a pool starts its workers.
-pub fn install_handler() {
-    static INSTALLED: Once = Once::new();
-    INSTALLED.call_once(|| unsafe {
+/// Make our handler [`SIGNAL`]'s: install it the first time, and put it
+/// back if the application (or a library) installed another since, which
+/// ours then passes the signals not meant for a worker on to; warn once on
+/// stderr when it had to. Called on the Lua thread before a pool starts
+/// its workers, and before each signal it sends: a cancel then always
+/// reaches its worker (one system call, on cancels only).
+pub fn ensure_handler() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let mut replaced_so_far = REPLACED.lock().unwrap_or_else(PoisonError::into_inner);
+    // SAFETY: plain libc calls on local structs.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        let ours = on_signal as *const () as usize;
+        if libc::sigaction(SIGNAL, ptr::null(), &mut current) != 0 || current.sa_sigaction == ours {
+            return;
+        }
         let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_signal as *const () as usize;
+        action.sa_sigaction = ours;
         action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
-        let mut previous: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(SIGNAL, &action, &mut previous) == 0 {
-            let _ = PREVIOUS.set(previous);
+        let mut replaced: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(SIGNAL, &action, &mut replaced) != 0 {
+            return;
         }
-    });
+        // A signal not meant for a worker that comes in between goes to
+        // the handler before (or nowhere, the first time).
+        let replaced: &'static libc::sigaction = Box::leak(Box::new(replaced));
+        PREVIOUS.store(ptr::from_ref(replaced).cast_mut(), Ordering::Release);
+        replaced_so_far.push(replaced);
+    }
+    if replaced_so_far.len() > 1 && !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "bgworker.pool: SIGURG's handler was replaced; bgworker.pool put its own back (it cancels jobs with \
+             SIGURG), which passes the other SIGURGs on to the replacing one"
+        );
+    }
 }
 
-/// The handler that was installed before ours.
-static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// The handlers ours replaced, the last one last: one per time ours was
+/// installed, never freed (a signal handler may still be reading one).
+/// Its lock makes one install at a time (pools of several Lua states), so
+/// that ours never replaces itself, which would make it pass signals on to
+/// itself.
+static REPLACED: Mutex<Vec<&'static libc::sigaction>> = Mutex::new(Vec::new());
+
+/// The last of [`REPLACED`], which gets the signals not meant for a
+/// worker; null before the first install.
+static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+
+/// The signals (by their siginfo, unique to each delivery) that handlers
+/// are passing on to the handler ours replaced. That one may pass them
+/// back to ours (it kept ours as its own previous handler, and ours was
+/// put back since): passing them on again would recurse without end.
+static PASSING_ON: [AtomicPtr<libc::siginfo_t>; 64] = [const { AtomicPtr::new(ptr::null_mut()) }; 64];
 
 /// Async-signal-safe: atomics, `getpid`, and `lua_sethook` on the states
 /// of the thread it interrupts (module docs).
 extern "C" fn on_signal(signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    // SAFETY: the kernel passes a valid siginfo (SA_SIGINFO). A SI_QUEUE
+    // SAFETY: the kernel passes a valid siginfo (SA_SIGINFO); a handler
+    // that passes a signal on to ours passes the one it got. A SI_QUEUE
     // signal from this process was sent by `send`, whose value is the
     // address of an Interrupt whose worker is this thread, alive while it is.
     unsafe {
+        if info.is_null() {
+            return;
+        }
         if (*info).si_code == libc::SI_QUEUE && (*info).si_pid() == libc::getpid() {
             let target = (*info).si_value().sival_ptr as *const Interrupt;
             if let Some(target) = target.as_ref() {
@@ -168,19 +226,44 @@ extern "C" fn on_signal(signal: c_int, info: *mut libc::siginfo_t, context: *mut
                 return;
             }
         }
-        let Some(previous) = PREVIOUS.get() else { return };
-        match previous.sa_sigaction {
-            libc::SIG_DFL | libc::SIG_IGN => {}
-            handler if previous.sa_flags & libc::SA_SIGINFO != 0 => {
-                let handler: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) = std::mem::transmute(handler);
-                handler(signal, info, context);
-            }
-            handler => {
-                let handler: extern "C" fn(c_int) = std::mem::transmute(handler);
-                handler(signal);
-            }
+        if let Some(previous) = PREVIOUS.load(Ordering::Acquire).as_ref() {
+            pass_on(previous, signal, info, context);
         }
     }
+}
+
+/// Call `previous`, the handler ours replaced, with a signal that is not
+/// ours, unless this is that signal coming back from it ([`PASSING_ON`]).
+///
+/// # Safety
+/// In the signal handler, with its arguments; `info` is not null.
+unsafe fn pass_on(previous: &libc::sigaction, signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+    let handler = previous.sa_sigaction;
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        return;
+    }
+    if PASSING_ON.iter().any(|slot| slot.load(Ordering::Acquire) == info) {
+        return;
+    }
+    // No free slot (64 signals passed on at once): dropped, rather than
+    // risk the recursion.
+    let null = ptr::null_mut();
+    let free = |slot: &&AtomicPtr<libc::siginfo_t>| {
+        slot.compare_exchange(null, info, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    };
+    let Some(slot) = PASSING_ON.iter().find(free) else { return };
+    // SAFETY: the address of a handler the kernel accepted, of the kind
+    // its flags say.
+    unsafe {
+        if previous.sa_flags & libc::SA_SIGINFO != 0 {
+            let handler: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) = std::mem::transmute(handler);
+            handler(signal, info, context);
+        } else {
+            let handler: extern "C" fn(c_int) = std::mem::transmute(handler);
+            handler(signal);
+        }
+    }
+    slot.store(null, Ordering::Release);
 }
 
 /// Block or unblock [`SIGNAL`] for the calling thread.

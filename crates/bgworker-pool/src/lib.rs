@@ -12,7 +12,8 @@
 //!
 //! ```lua
 //! local native = require "bgworker.pool_native"
-//! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.PROGRESS_IN_FLIGHT
+//! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.PROGRESS_IN_FLIGHT,
+//! native.MAX_VALUES
 //! native.new(opts) -> pool | nil, err_value, traceback
 //! ```
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
@@ -30,13 +31,15 @@
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
 //! - `pool:queue(code, named, callback, args...)` -> `id, callback` |
-//!   `nil, position, message`: queue a job running `code` (a dump, or
-//!   "module.function" when `named`) with `args` as its arguments, except
-//!   that when `callback` is true and the last of them is a function, that
-//!   one is returned as `callback` instead (else `callback` is false).
-//!   `position` (from 1, counted from the first of `args`) names an
-//!   argument that cannot be copied. Ids are integers, from 1, unique
-//!   within the pool. Raises on a closed pool.
+//!   `nil, position, message` | `nil, false, message`: queue a job running
+//!   `code` (a dump, or "module.function" when `named`) with `args` as its
+//!   arguments, except that when `callback` is true and the last of them is
+//!   a function, that one is returned as `callback` instead (else
+//!   `callback` is false). `position` (from 1, counted from the first of
+//!   `args`) names an argument that cannot be copied; `false`, a pool that
+//!   this process may not use (below), so that the Lua layer raises under
+//!   its own method's name. Ids are integers, from 1, unique within the
+//!   pool. Raises on a closed pool.
 //! - `pool:cancel(id)` -> `"queued"` (taken out of the queue: it will never
 //!   run) | `"running"` (its worker is interrupted, and its outcome will
 //!   never be delivered) | `false` (its outcome is on its way, or it ended,
@@ -79,10 +82,15 @@
 //! `id, false` for a job whose outcome was dropped unread (it ended as
 //! cancelled; a notice, not an outcome, so it may follow the job's
 //! progress events by any distance, and it comes once).
+//! A job's results, and a progress event's values, are at most
+//! [`MAX_VALUES`](value::MAX_VALUES) (7900 on Lua 5.1 and LuaJIT, 100,000
+//! on later versions): as many as the Lua thread can unpack. A job that
+//! returns more fails with a message.
 //!
 //! In a worker, `require "bgworker.worker"` gives `progress(...)` (values
-//! cross as results do; raises at the caller for one that cannot, outside
-//! a job, and once the job is cancelled; waits while
+//! cross as results do; raises at the caller for one that cannot, for more
+//! than `MAX_VALUES` of them, outside a job, and once the job is cancelled;
+//! waits while
 //! [`PROGRESS_IN_FLIGHT`](control::PROGRESS_IN_FLIGHT) (64) of the job's
 //! events are delivered but not yet decoded, so a job that emits faster than
 //! the loop drains is slowed, not buffered) and `cancelled()` (true once
@@ -95,7 +103,11 @@
 //! hook on itself), why (an always-on count hook costs 1.5x to 2.5x on
 //! CPU-bound Lua 5.3 and 5.4 code; this costs nothing until a cancel), and
 //! how the error gets past the job's own `pcall`s. A job blocked in C
-//! (`socket.sleep`, `os.execute`) stops when that call returns.
+//! (`socket.sleep`, `os.execute`) stops when that call returns. The signal
+//! is SIGURG: if the application installs a handler of its own for it (or
+//! ignores it) after a pool started, the next cancel puts ours back, which
+//! passes the other SIGURGs on to the application's, and warns once on
+//! stderr.
 //!
 //! LuaJIT: compiled code never runs hooks, set by any means (interrupt.rs
 //! lists what was tried), so a JIT-compiled loop cannot be stopped until it
@@ -118,9 +130,9 @@
 //! pool closes (the Lua thread, then busy closing, makes no room).
 //!
 //! A pool belongs to the process that made it: in a child forked after
-//! that, its methods raise, and closing or collecting it does nothing (its
-//! threads are the parent's, and a lock one of them held at the fork
-//! stays held in the child).
+//! that, its methods raise (`queue` returns `nil, false, message`), and
+//! closing or collecting it does nothing (its threads are the parent's,
+//! and a lock one of them held at the fork stays held in the child).
 
 mod board;
 mod control;

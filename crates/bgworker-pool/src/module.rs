@@ -196,41 +196,43 @@ unsafe fn raise(state: *mut lua_State, raise: Raise) -> ! {
 /// A method: the state, the pool, and the functions it was given last.
 type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> Result<c_int, Raise>;
 
-/// Call `method` on the pool that is argument 1, raising its error.
+/// Call `method` on the pool that is argument 1, raising its error, and
+/// refusing a pool made by the process this one was forked from.
 ///
 /// # Safety
 /// In a C function called by Lua.
 unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
-    let result = unsafe { pool_at(state, name).and_then(|(pool, recent)| method(state, pool, recent)) };
+    let result = unsafe {
+        pool_at(state, name).and_then(|(pool, recent)| {
+            if pool.is_inherited() {
+                return Err(Raise::Message(format!("{name}: {INHERITED}")));
+            }
+            method(state, pool, recent)
+        })
+    };
+    unsafe { returned(state, result) }
+}
+
+/// The count of values a method returned, or raise its error.
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn returned(state: *mut lua_State, result: Result<c_int, Raise>) -> c_int {
     match result {
         Ok(count) => count,
         Err(e) => unsafe { raise(state, e) },
     }
 }
 
-/// The pool that is argument 1 of method `name` (not collected, and made
-/// by this process), and the functions it was given last.
+/// Why a pool made before a fork refuses in the child.
+const INHERITED: &str = "this pool belongs to the process that made it, and this one is a fork of it";
+
+/// The pool that is argument 1 of method `name` (not collected), and the
+/// functions it was given last.
 ///
 /// # Safety
 /// In a method made by `push_pool`, called by Lua.
 unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool, &'a mut Recent), Raise> {
-    unsafe {
-        let PoolCell { pool, recent } = cell_at(state, name)?;
-        let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
-        if pool.is_inherited() {
-            return Err(Raise::Message(format!(
-                "{name}: this pool belongs to the process that made it, and this one is a fork of it"
-            )));
-        }
-        Ok((pool, recent))
-    }
-}
-
-/// The cell of the pool that is argument 1 of method `name`.
-///
-/// # Safety
-/// In a method made by `push_pool`, called by Lua.
-unsafe fn cell_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut PoolCell, Raise> {
     unsafe {
         let cell = lua_touserdata(state, 1) as *mut PoolCell;
         let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
@@ -243,7 +245,9 @@ unsafe fn cell_at<'a>(state: *mut lua_State, name: &str) -> Result<&'a mut PoolC
             return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
         }
         // SAFETY: a userdata with our metatable holds a PoolCell.
-        Ok(&mut *cell)
+        let PoolCell { pool, recent } = &mut *cell;
+        let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
+        Ok((pool, recent))
     }
 }
 
@@ -266,17 +270,27 @@ unsafe fn id_at(state: *mut lua_State) -> Result<Option<Id>, Raise> {
     }
 }
 
+/// Not through `call`: a pool made before a fork is refused with return
+/// values, so that the Lua layer raises that under the name of its own
+/// method (`submit`, `run`), at its caller's line.
 unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
-    unsafe { call(state, "queue", queue) }
+    unsafe { returned(state, pool_at(state, "queue").and_then(|(pool, recent)| queue(state, pool, recent))) }
 }
 
 /// `queue(code, named, callback, args...)`: queue a job running `code` (a
 /// dump, or "module.function" when `named`) with the arguments after
 /// `callback`, except that when `callback` is true and the last of them is
 /// a function, that function is no argument of the job but its callback:
-/// `id, callback` (the function, or false) | `nil, position, message`.
+/// `id, callback` (the function, or false) | `nil, position, message` |
+/// `nil, false, message` (made before a fork: this process may not use it).
 unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
+        if pool.is_inherited() {
+            lua_pushnil(state);
+            lua_pushboolean(state, 0);
+            push_str(state, INHERITED.as_bytes());
+            return Ok(3);
+        }
         let mut top = lua_gettop(state).max(4);
         lua_settop(state, top);
         let Some(code) = bytes_at(state, 2) else {
@@ -389,8 +403,8 @@ unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Resul
 /// through fork(): a dispatcher may start in a child that has no use for
 /// the parent's pools.
 unsafe extern "C-unwind" fn pool_notify_lost(state: *mut lua_State) -> c_int {
-    match unsafe { cell_at(state, "notify_lost") } {
-        Ok(PoolCell { pool: Some(pool), .. }) if !pool.is_inherited() => pool.notify_lost(),
+    match unsafe { pool_at(state, "notify_lost") } {
+        Ok((pool, _)) if !pool.is_inherited() => pool.notify_lost(),
         Ok(_) => {}
         Err(e) => unsafe { raise(state, e) },
     }
@@ -443,5 +457,6 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     exports.set("MAX_THREADS", MAX_THREADS)?;
     exports.set("CLOSE_TIMEOUT", crate::pool::CLOSE_TIMEOUT.as_secs_f64())?;
     exports.set("PROGRESS_IN_FLIGHT", crate::control::PROGRESS_IN_FLIGHT)?;
+    exports.set("MAX_VALUES", crate::value::MAX_VALUES)?;
     Ok(exports)
 }

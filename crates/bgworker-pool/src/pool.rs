@@ -79,7 +79,7 @@ impl Pool {
     /// Start the workers and wait until each finished its init. Raises
     /// only when bgworker.core is not loaded (or Lua fails).
     pub fn new(lua: &Lua, options: Options) -> mlua::Result<Result<Pool, Refused>> {
-        interrupt::install_handler();
+        interrupt::ensure_handler();
         let board = Arc::new(Board::default());
         let crew = Arc::new(Crew::new(options.threads));
         let events = Events::new(lua, options.on_events, Arc::clone(&board))?;
@@ -164,6 +164,7 @@ impl Pool {
 
     fn interrupt(&self, worker: usize) {
         if let Some(worker) = self.workers.get(worker) {
+            interrupt::ensure_handler();
             worker.interrupt.send(worker.thread.as_pthread_t());
         }
     }

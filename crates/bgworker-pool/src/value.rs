@@ -24,6 +24,20 @@ use crate::raw::{bytes_at, describe, push_str, type_name};
 /// push, on threads whose stacks are of ordinary size.
 pub const MAX_DEPTH: usize = 200;
 
+/// Most values of one job's results, or of one progress event, that cross
+/// to the Lua thread: as many as its Lua code can then spread on a stack,
+/// which the Lua layer does (`unpack(outcome, 1, outcome.n)`) to call a
+/// callback or return from `get`, with room to spare for the C functions
+/// that pass them on (a `coroutine.resume`, say). Lua 5.1 and LuaJIT let a
+/// C function, `unpack` among them, use at most 8000 stack slots
+/// (LUAI_MAXCSTACK): 100 are left. Later versions limit a coroutine's
+/// whole stack to 1,000,000 slots (LUAI_MAXSTACK): nine tenths are left to
+/// whatever that stack already holds when the values arrive.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+pub const MAX_VALUES: usize = 7_900;
+#[cfg(not(any(feature = "lua51", feature = "luajit")))]
+pub const MAX_VALUES: usize = 100_000;
+
 enum Value {
     Nil,
     Boolean(bool),
@@ -242,8 +256,42 @@ impl Values {
     pub unsafe fn push(&self, state: *mut lua_State) -> c_int {
         unsafe {
             luaL_checkstack(state, self.list.len() as c_int + 2, ptr::null());
-            // The tables made so far, by index + 1, so that a shared one is
-            // made once. On the stack: nothing Rust owns while Lua may raise.
+            self.with_made(state, |made| {
+                for value in &self.list {
+                    self.push_value(state, made, value);
+                }
+            });
+            self.list.len() as c_int
+        }
+    }
+
+    /// Set the values as `list[offset + 1]`, `list[offset + 2]`..., each
+    /// as soon as it is made: however many they are, they take a few
+    /// stack slots only (per table level). It may raise, as `push` does.
+    ///
+    /// # Safety
+    /// As for `push`; `list` is the absolute index of a table.
+    pub unsafe fn set_into(&self, state: *mut lua_State, list: c_int, offset: c_int) {
+        unsafe {
+            luaL_checkstack(state, 2, ptr::null());
+            self.with_made(state, |made| {
+                for (index, value) in (offset + 1..).zip(&self.list) {
+                    self.push_value(state, made, value);
+                    lua_rawseti(state, list, lua_Integer::from(index));
+                }
+            });
+        }
+    }
+
+    /// Run `body` with the table of the tables made so far (by index + 1,
+    /// so that a shared one is made once) at stack index `made` (0 when
+    /// the values hold no table), then remove it. On the stack: nothing
+    /// Rust owns while Lua may raise.
+    ///
+    /// # Safety
+    /// As for `push`, with a free stack slot.
+    unsafe fn with_made(&self, state: *mut lua_State, body: impl FnOnce(c_int)) {
+        unsafe {
             let made = match self.tables.len() {
                 0 => 0,
                 n => {
@@ -251,13 +299,10 @@ impl Values {
                     lua_gettop(state)
                 }
             };
-            for value in &self.list {
-                self.push_value(state, made, value);
-            }
+            body(made);
             if made != 0 {
                 lua_remove(state, made);
             }
-            self.list.len() as c_int
         }
     }
 

@@ -73,7 +73,8 @@ local progress, job_cancelled = native.progress, native.cancelled
 package.loaded["bgworker.worker"] = {
   -- Values cross as a job's results do. Waits while too many of this
   -- job's progress items are on their way; raises for a value that
-  -- cannot cross, outside a job, and once the job is cancelled.
+  -- cannot cross, for too many values, outside a job, and once the job is
+  -- cancelled.
   progress = function(...)
     local problem, message = progress(...)
     if problem == "cancelled" then

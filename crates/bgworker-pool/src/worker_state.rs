@@ -20,7 +20,7 @@ use crate::events::Events;
 use crate::interrupt::{self, Interrupt};
 use crate::job::{Func, Outcome};
 use crate::raw::{bytes_at, protect, push_str, registry_pointer};
-use crate::value::{ErrorValue, Values};
+use crate::value::{ErrorValue, Values, MAX_VALUES};
 
 /// What every worker's state starts from.
 pub struct Setup {
@@ -203,6 +203,13 @@ impl WorkerState {
                 // The error, as the handler returned it: raised by the
                 // function, by its loading, or by the cancellation.
                 Err(()) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: self.take_traceback() },
+                Ok(count) if count as usize > MAX_VALUES => Outcome::Failed {
+                    error: ErrorValue::Described(format!(
+                        "{count} results cannot be copied back from the worker: at most {MAX_VALUES} can \
+                         (return them in a table)"
+                    )),
+                    traceback: String::new(),
+                },
                 Ok(count) => match Values::copy(state, base + 2, count) {
                     Ok(values) => Outcome::Done(values),
                     Err((position, e)) => Outcome::Failed {
@@ -322,6 +329,10 @@ unsafe extern "C-unwind" fn progress(state: *mut lua_State) -> c_int {
         let problem = match current {
             None => Err("bgworker.worker.progress: not in a job (a pool's init cannot report progress)".to_string()),
             Some((_, task)) if task.is_cancelled() => Ok(false),
+            Some(_) if lua_gettop(state) as usize > MAX_VALUES => Err(format!(
+                "'progress' got {} values: at most {MAX_VALUES} can cross to the Lua thread (send them in a table)",
+                lua_gettop(state)
+            )),
             Some((id, task)) => match Values::copy(state, 1, lua_gettop(state)) {
                 Ok(values) => Ok(context.events.progress(id, &task, values)),
                 Err((position, e)) => {

@@ -97,6 +97,50 @@ fn values_that_cannot_cross_say_which_and_where() {
     assert_eq!(message, "result #2: a coroutine cannot be copied back from the worker");
 }
 
+/// MAX_VALUES results cross; one more fails the job, and as many values
+/// in a progress raise in the job; the other jobs are not touched
+/// (pool_spec.lua shows it for jobs whose outcomes cross in one carrier,
+/// on every Lua version).
+#[test]
+fn too_many_values_fail_their_job_only() {
+    let f = Fixture::new(None);
+    f.exec(&format!(
+        r#"
+        max = {}
+        p = new_pool()
+        local function values(n, report)
+          local t = {{}}
+          for i = 1, n do t[i] = i end
+          if report then require("bgworker.worker").progress(table.unpack(t, 1, n)) end
+          return table.unpack(t, 1, n)
+        end
+        before = submit(p, function() return "before" end)
+        fit = submit(p, values, max)
+        results = submit(p, values, max + 1)
+        progress = submit(p, values, max + 1, true)
+        after = submit(p, function() return "after" end)
+        "#,
+        crate::value::MAX_VALUES
+    ));
+    f.serve_until("outcome(after)");
+    f.exec(
+        r#"
+        assert(outcome(before)[2] == "before" and outcome(after)[2] == "after")
+        local e = outcome(fit)
+        assert(e[1] == "done" and e.n == max + 1 and e[max + 1] == max)
+        e = outcome(results)
+        assert(e[1] == "failed" and e[3] == "", e[2])
+        assert(e[2] == ("%d results cannot be copied back from the worker: at most %d can (return them in a table)")
+          :format(max + 1, max), e[2])
+        e = outcome(progress)
+        assert(e[1] == "failed" and #events[progress] == 1, "no progress event")
+        assert(e[2]:find(("'progress' got %d values: at most %d can cross"):format(max + 1, max), 1, true), e[2])
+        local s = p:stats()
+        assert(s.done == 3 and s.failed == 2 and s.cancelled == 0)
+        "#,
+    );
+}
+
 #[test]
 fn named_functions_are_required_in_the_worker() {
     let f = Fixture::new(None);
