@@ -303,7 +303,8 @@ local function close_time(jit_on)
 end
 
 print()
-print(("Closing a pool of %d threads, each running `while true do end` (close(%g))"):format(THREADS, native.CLOSE_TIMEOUT))
+print(("Closing a pool of %d threads, each running `while true do end` (close(%g))"):format(THREADS,
+  native.CLOSE_TIMEOUT))
 local took, joined = close_time(false)
 print(("%-36s %8.3f ms, %s"):format(jit and "jit = false" or "", took, joined and "all joined" or "abandoned"))
 
