@@ -159,15 +159,21 @@ local function find_run(t, loop, producers, alloc)
   end
 end
 
--- The ceiling each loop is compared to: the one that drains the same way.
+-- The ceiling each loop is compared to: the one that drains the same way,
+-- for dispatch() the same kind of items too.
 local CEILING_OF = { select_tight = "tight", select_dispatcher = "dispatcher", copas = "dispatcher" }
+local function ceiling_of(t, r)
+  local same_items = r.loop == "select_dispatcher" and t.ceiling["dispatcher_" .. r.alloc]
+  return same_items or t.ceiling[CEILING_OF[r.loop]]
+end
 local LATENCY_LOOPS = { "select", "eventfd", "luv", "copas" }
 
 local function derive(res)
   local t = res.throughput
   if type(t) == "table" then
     for _, r in ipairs(t.runs) do
-      r.of_ceiling = r.per_second / t.ceiling[CEILING_OF[r.loop]].per_second
+      r.of_ceiling = r.per_second / ceiling_of(t, r).per_second
+      r.of_pure_lua = r.per_second / t.pure_lua.per_second
       r.wakeups_per_item = r.wakeups / r.delivered
     end
     for _, c in pairs(t.ceiling) do
@@ -226,6 +232,17 @@ local function targets(v, res)
     if v == "5.4" then
       check("Copas 4 reader, 1 producer, >= 0.70 of the dispatch() ceiling (Lua 5.4)",
         copas and copas.of_ceiling >= 0.7, copas and copas.of_ceiling or 0)
+    end
+    if v == "5.4" then
+      -- Issue 22's: small records delivered by copy, and the malloc path kept.
+      local copy1, copy2 = find_run(t, "select_dispatcher", 1, "copy"), find_run(t, "select_dispatcher", 2, "copy")
+      check("deliver_copy, 1 producer >= 0.55 of its drain ceiling (Lua 5.4)", copy1.of_ceiling >= 0.55,
+        copy1.of_ceiling)
+      check("deliver_copy, 2 producers >= 0.50 of its drain ceiling (Lua 5.4)", copy2.of_ceiling >= 0.5,
+        copy2.of_ceiling)
+      local malloc1 = find_run(t, "select_dispatcher", 1, "malloc")
+      check("deliver (malloc), 1 producer >= 0.075 of the pure-Lua loop (Lua 5.4)", malloc1.of_pure_lua >= 0.075,
+        malloc1.of_pure_lua)
     end
     local worst_wake = 0
     for _, r in ipairs(t.runs) do worst_wake = math.max(worst_wake, r.wakeups_per_item) end
@@ -339,13 +356,16 @@ local function field(path, fmt)
   end
 end
 
-local function run_cell(loop, producers, alloc)
+-- `of_pure_lua`: say also how it compares to the pure-Lua loop.
+local function run_cell(loop, producers, alloc, of_pure_lua)
   return function(res)
     local t = res.throughput
     if type(t) ~= "table" then return "n/a" end
     local r = find_run(t, loop, producers, alloc)
     if not r then return loop == "copas" and "not available" or "n/a" end
-    return ("%s/s (%s of ceiling, wake/item %.4f)"):format(si(r.per_second), pct(r.of_ceiling), r.wakeups_per_item)
+    local pure = of_pure_lua and (", %.3f of pure Lua"):format(r.of_pure_lua) or ""
+    return ("%s/s (%s of ceiling%s, wake/item %.4f)"):format(si(r.per_second), pct(r.of_ceiling), pure,
+      r.wakeups_per_item)
   end
 end
 
@@ -374,8 +394,8 @@ end
 local function rows(items)
   local list = {
     { "**Throughput**, callbacks/s (" .. si(items) .. " items, median)" },
-    { "select + dispatch(), 1 producer, malloc'd items freed by the core", run_cell("select_dispatcher", 1, "malloc"),
-      short = true },
+    { "select + dispatch(), 1 producer, malloc'd items freed by the core",
+      run_cell("select_dispatcher", 1, "malloc", true), short = true },
     { "pure-Lua loop, same callback called directly", field("throughput.pure_lua.per_second",
       function(x) return si(x) .. "/s" end), short = true },
     { "pure-Lua loop through a table of 64 callbacks (not inlined)", field("throughput.pure_lua_table.per_second",
@@ -403,8 +423,21 @@ local function rows(items)
         short = loop ~= "select_tight" and p ~= 2 }
     end
     if loop == "select_dispatcher" then
-      list[#list + 1] = { "select + dispatch(), 4 producers, malloc'd items", run_cell(loop, 4, "malloc"),
-        short = true }
+      for _, alloc in ipairs { "malloc", "copy" } do
+        local what = alloc == "copy" and "records by `deliver_copy`" or "malloc'd items"
+        -- The malloc'd 1-producer run heads the table.
+        for _, p in ipairs(alloc == "copy" and { 1, 2, 4 } or { 2, 4 }) do
+          list[#list + 1] = { ("select + dispatch(), %d producer%s, %s"):format(p, p > 1 and "s" or "", what),
+            run_cell(loop, p, alloc, true), short = p ~= 2 }
+        end
+      end
+      list[#list + 1] = { "drain ceiling, `dispatch()`, records by `deliver_copy`",
+        field("throughput.ceiling.dispatcher_copy", ceiling_cell), short = true }
+      for _, alloc in ipairs { "malloc", "copy" } do
+        list[#list + 1] = { ("breakdown: 1 producer alone (no drain), %s"):format(alloc == "copy" and
+          "`deliver_copy`" or "malloc'd items"), field("throughput.producer_alone." .. alloc,
+          function(x) return si(x.per_second) .. "/s" end) }
+      end
     elseif loop == "select_tight" then
       list[#list + 1] = { "select + tight `poll()` loop, 1 producer, malloc'd items", run_cell(loop, 1, "malloc") }
     end

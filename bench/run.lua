@@ -216,6 +216,20 @@ local function dispatch_ceiling(alloc)
 end
 CEILINGS[#CEILINGS + 1] = { "dispatcher", dispatch_ceiling("static") }
 CEILINGS[#CEILINGS + 1] = { "dispatcher_malloc", dispatch_ceiling("malloc") }
+CEILINGS[#CEILINGS + 1] = { "dispatcher_copy", dispatch_ceiling("copy") }
+
+-- The breakdown's other half: producers alone, delivering `total` items
+-- into an unbounded queue that nobody drains (stop cancels them after).
+local function producers_alone(producers, alloc)
+  return function(total)
+    local reader = start_core()
+    local job = produce(total, producers, { alloc = alloc })
+    job:join()
+    local t = seconds() - job:started() / 1e6
+    stop_core(reader)
+    return t
+  end
+end
 
 -- The same callback with the same arguments, from a Lua loop: called
 -- directly, and through the table of callbacks (not inlined).
@@ -265,8 +279,12 @@ local function throughput()
   for _, producers in ipairs(PRODUCERS) do run("select_tight", producers, "static") end
   run("select_tight", 1, "malloc")
   for _, producers in ipairs(PRODUCERS) do run("select_dispatcher", producers, "static") end
-  run("select_dispatcher", 1, "malloc")
-  run("select_dispatcher", 4, "malloc")
+  for _, producers in ipairs(PRODUCERS) do run("select_dispatcher", producers, "malloc") end
+  for _, producers in ipairs(PRODUCERS) do run("select_dispatcher", producers, "copy") end
+  for _, alloc in ipairs { "malloc", "copy" } do
+    measures[#measures + 1] = { name = "producer alone, " .. alloc, f = producers_alone(1, alloc),
+      put = function(r) out.producer_alone = out.producer_alone or {}; out.producer_alone[alloc] = r end }
+  end
   if has_copas then
     out.copas_version = copas._VERSION
     for _, producers in ipairs(PRODUCERS) do run("copas", producers, "static") end

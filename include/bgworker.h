@@ -14,7 +14,8 @@
  *   closed, as long as the caller holds a handle it has not released.
  *
  * Ownership of `data`: the one rule
- *   Every deliver call takes ownership of `data`, whatever it returns. The
+ *   Every deliver call takes ownership of `data`, whatever it returns
+ *   (deliver_copy takes none: it copies the caller's bytes, see there). The
  *   helper frees it exactly once with `free_data(data)` (with `free(data)`
  *   when `free_data` is NULL):
  *     - after `decode` ran on the Lua thread (and, for bgw_api.call, after
@@ -97,6 +98,9 @@ enum bgw_status {
  * and opts.capacity do: far beyond any queue that fits in memory, and what
  * every Lua version holds as an exact integer. */
 #define BGW_MAX_CAPACITY 2147483647
+
+/* The largest record deliver_copy takes, in bytes. */
+#define BGW_COPY_MAX 256
 
 /* A counted reference to one Lua state's helper instance. Opaque. */
 typedef struct bgw_handle bgw_handle;
@@ -201,6 +205,47 @@ typedef struct bgw_api {
     /* (any thread) Give a reference back. NULL is ignored. Each reference
      * from token_get is released exactly once and not used afterwards. */
     void (*token_release)(bgw_token *token);
+
+    /* Delivery by copy (an appended member: bgw_api_get checks `size`).
+     *
+     * (any thread) Queue one item whose data is a copy of the `len` bytes at
+     * `bytes`, for a small fixed record (a result code and a handle, a
+     * timestamp, a few numbers): no malloc for the caller, and none per item
+     * in the helper, which keeps the copy in its queue's own storage.
+     *   Ownership: none changes hands. The helper reads `bytes` during the
+     *     call only, whatever it returns; they stay the caller's (the stack
+     *     is fine). There is nothing to free, so there is no free_data.
+     *   decode(L, data): `data` points to the helper's copy of the `len`
+     *     bytes, aligned for any type (max_align_t), valid only during that
+     *     decode call: copy out what the callback needs, and do not keep
+     *     the pointer. decode must not free it. A copy is decoded at most
+     *     once; a cancelled one (stop(), lua_close) is dropped undecoded.
+     *   Records hold plain bytes: a pointer in one is copied, not owned,
+     *     and nothing frees what it points to when the item is cancelled.
+     * `len` may be 0 (`bytes` may then be NULL). timeout_ms as for deliver.
+     * Returns what deliver returns, on the same conditions: BGW_OK (queued),
+     * BGW_FULL, BGW_TIMEOUT, BGW_CLOSED; BGW_INVALID also for `len` above
+     * BGW_COPY_MAX, or NULL `bytes` with a nonzero `len`.
+     *
+     * Example: a worker thread reports a status and a count.
+     *
+     *   struct done { int status; long count; };
+     *
+     *   static int decode_done(lua_State *L, void *data)
+     *   {
+     *       const struct done *d = data;   // the helper's copy, aligned
+     *       lua_getfield(L, LUA_REGISTRYINDEX, "mylib.on_done");
+     *       lua_pushinteger(L, d->status);
+     *       lua_pushinteger(L, d->count);
+     *       return 3;                     // the callback and 2 arguments
+     *   }
+     *
+     *   // on the worker thread:
+     *   struct done d = { status, count };
+     *   int rc = api->deliver_copy(handle, decode_done, &d, sizeof d, BGW_FOREVER);
+     */
+    int (*deliver_copy)(bgw_handle *handle, bgw_decode_fn decode, const void *bytes, size_t len,
+                        int timeout_ms);
 } bgw_api;
 
 /* (Lua thread) The helper's API published in L, or NULL when bgworker.core

@@ -363,6 +363,98 @@ describe("bgworker.core", function()
     end)
   end)
 
+  describe("delivery by copy (deliver_copy)", function()
+    -- testutil's items are built on the producer's stack and copied: nothing
+    -- is allocated or freed, so `allocated` and `freed` stay 0.
+    local function in_order(P)
+      local state = { next_seq = {}, received = 0 }
+      for p = 1, P do state.next_seq[p] = 1 end
+      function state.callback(p, seq, ok)
+        if seq ~= state.next_seq[p] or not ok then
+          state.bad = state.bad or ("producer %d: got seq %d (checksum %s), expected %d"):format(
+            p, seq, tostring(ok), state.next_seq[p])
+        end
+        state.next_seq[p] = seq + 1
+        state.received = state.received + 1
+      end
+      return state
+    end
+
+    it("delivers 4 x 100000 records exactly once, in order per producer, byte for byte", function()
+      local P, N = 4, support.size(100000, 5000)
+      start()
+      local before = core.stats()
+      local got = in_order(P)
+      local job = produce { producers = P, items = N, payload = 150, free = "copy", callback = got.callback }
+      assert.is_true(pump_until(function() return got.received >= P * N end), "records stranded")
+      assert.same(codes { BGW_OK = P * N }, join(job))
+      assert.is_nil(got.bad)
+      assert.equal(P * N, got.received)
+      local d = stats_delta(before)
+      assert.equal(P * N, d.delivered)
+      assert.equal(P * N, d.polled)
+      local c = counters()
+      assert.equal(P * N, c.decodes)
+      assert.equal(0, c.allocated + c.freed + c.stale_decodes)
+    end)
+
+    it("drains copies with core.drain, mixed with items that own their data", function()
+      start()
+      local got = in_order(2)
+      local N = support.size(20000, 2000)
+      local copies = produce { producers = 2, items = N, payload = 64, free = "copy", callback = got.callback }
+      local owned = 0
+      local frees = produce { items = N, payload = 8, callback = function() owned = owned + 1 end }
+      assert.is_true(eventually(function()
+        core.drain(1000)
+        return got.received == 2 * N and owned == N
+      end))
+      assert.same(codes { BGW_OK = 2 * N }, join(copies))
+      assert.same(codes { BGW_OK = N }, join(frees))
+      assert.is_nil(got.bad)
+      assert_all_freed()
+    end)
+
+    it("returns BGW_INVALID for a NULL handle, a NULL decode, or a record above BGW_COPY_MAX", function()
+      start()
+      local before = core.stats()
+      assert.same(codes { BGW_INVALID = 1 }, join(produce { free = "copy", null_handle = true, callback = print }))
+      assert.same(codes { BGW_INVALID = 1 }, join(produce { free = "copy", decode = "null" }))
+      assert.same(codes { BGW_INVALID = 1 }, join(produce { free = "copy", copy_len = 257, callback = print }))
+      assert.equal(2, stats_delta(before).rejected, "the NULL handle has no instance to count it")
+      local received = 0
+      assert.same(codes { BGW_OK = 1 },
+        join(produce { free = "copy", copy_len = 256, callback = function() received = received + 1 end }))
+      assert.is_true(pump_until(function() return received == 1 end))
+    end)
+
+    it("returns BGW_FULL with NOWAIT, BGW_TIMEOUT, and BGW_CLOSED after stop, which cancels copies", function()
+      start { capacity = 3 }
+      assert.same(codes { BGW_OK = 3, BGW_FULL = 2 },
+        join(produce { items = 5, free = "copy", timeout = testutil.NOWAIT, callback = print }))
+      assert.same(codes { BGW_TIMEOUT = 1 }, join(produce { items = 1, free = "copy", timeout = 20, callback = print }))
+      assert.equal(3, core.pending())
+      assert.equal(3, core.stop())
+      assert.same(codes { BGW_CLOSED = 2 }, join(produce { items = 2, free = "copy", callback = print }))
+      assert.equal(0, counters().decodes, "cancelled copies are not decoded")
+    end)
+
+    it("reports a decode that raises and goes on", function()
+      start()
+      join(produce { items = 2, free = "copy", decode = "raise" })
+      local received = 0
+      join(produce { items = 1, free = "copy", callback = function() received = received + 1 end })
+      assert.is_true(wait_wake(5))
+      local ok, err = pcall(drain)
+      assert.is_false(ok)
+      assert.matches("testutil decode raised", tostring(err))
+      pcall(drain)
+      drain()
+      assert.equal(1, received)
+      assert.equal(3, counters().decodes)
+    end)
+  end)
+
   describe("decode errors", function()
     for _, case in ipairs {
       { decode = "raise", message = "testutil decode raised" },

@@ -10,15 +10,18 @@
 //! reported once on stderr and refused (`BGW_INVALID`, data freed).
 //!
 //! Every entry point wraps `data` in a [`Payload`] before anything else, so
-//! it is freed on every path that does not queue it.
+//! it is freed on every path that does not queue it. `deliver_copy` takes
+//! nothing: it reads the caller's bytes during the call, and copies them
+//! into the queue's storage (`copy.rs`) if it queues them.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::copy::MAX_COPY;
 use crate::handle::HandleBox;
 use crate::instance::Shared;
-use crate::item::{DecodeFn, FreeFn, Item, Payload, ResultFn};
+use crate::item::{DecodeFn, Delivery, FreeFn, Item, Payload, ResultFn};
 use crate::status::Status;
 use crate::token::Token;
 use crate::wait::Wait;
@@ -56,6 +59,13 @@ pub struct Api {
     pub token_get: unsafe extern "C-unwind" fn(state: *mut c_void, index: c_int) -> *mut TokenRef,
     pub token_cancelled: unsafe extern "C" fn(token: *const TokenRef) -> c_int,
     pub token_release: unsafe extern "C" fn(token: *mut TokenRef),
+    pub deliver_copy: unsafe extern "C" fn(
+        handle: *mut Handle,
+        decode: Option<DecodeFn>,
+        bytes: *const c_void,
+        len: usize,
+        timeout_ms: c_int,
+    ) -> c_int,
 }
 
 /// `bgw_token`: opaque to C. A reference is an `Arc<Token>` turned into a
@@ -149,42 +159,52 @@ pub unsafe extern "C" fn release(handle: *mut Handle) {
 }
 
 /// What a C entry point asks for.
-#[derive(Clone, Copy)]
 enum Kind {
-    Deliver,
+    Deliver(Payload),
     /// A round trip, with its `result` (NULL is invalid).
-    Call(Option<ResultFn>),
+    Call(Payload, Option<ResultFn>),
+    /// The caller's `len` bytes at `bytes`, copied into the queue if queued
+    /// (NULL with a nonzero `len`, or `len` above [`MAX_COPY`], is invalid).
+    Copy(*const c_void, usize),
 }
 
-/// Both entry points: check the arguments, make the item, queue it (and
+impl Kind {
+    fn function(&self) -> &'static str {
+        match self {
+            Kind::Deliver(_) => "deliver",
+            Kind::Call(..) => "call",
+            Kind::Copy(..) => "deliver_copy",
+        }
+    }
+}
+
+/// Every entry point: check the arguments, make the delivery, queue it (and
 /// for a round trip wait for the reply). An invalid call frees the data and
 /// is counted as rejected where there is an instance.
 ///
 /// # Safety
-/// As for `handle_box`.
-unsafe fn submit(
-    handle: *mut Handle,
-    kind: Kind,
-    decode: Option<DecodeFn>,
-    payload: Payload,
-    timeout_ms: c_int,
-) -> c_int {
-    let function = match kind {
-        Kind::Deliver => "deliver",
-        Kind::Call(_) => "call",
-    };
-    let shared = unsafe { resolve(handle, function) };
+/// As for `handle_box`; for `Kind::Copy`, `bytes` is readable for `len`
+/// bytes during the call (when not NULL).
+unsafe fn submit(handle: *mut Handle, kind: Kind, decode: Option<DecodeFn>, timeout_ms: c_int) -> c_int {
+    let shared = unsafe { resolve(handle, kind.function()) };
     let wait = Wait::from_timeout_ms(timeout_ms);
-    let result = match kind {
-        Kind::Deliver => Ok(None),
+    let delivery = match (decode, kind) {
+        (Some(decode), Kind::Deliver(payload)) => Some(Delivery::Item(Item::new(decode, payload, None))),
         // A round trip always waits for its reply: "do not wait" means nothing there.
-        Kind::Call(Some(result)) if wait != Wait::No => Ok(Some(result)),
-        Kind::Call(_) => Err(()),
+        (Some(decode), Kind::Call(payload, Some(result))) if wait != Wait::No => {
+            Some(Delivery::Item(Item::new(decode, payload, Some(result))))
+        }
+        (Some(decode), Kind::Copy(bytes, len)) if len <= MAX_COPY && (len == 0 || !bytes.is_null()) => {
+            // SAFETY: the caller's bytes, readable for `len` during the call.
+            let bytes = if len == 0 { &[] } else { unsafe { std::slice::from_raw_parts(bytes.cast(), len) } };
+            Some(Delivery::Copy { decode, bytes })
+        }
+        // Anything else is invalid: its data, if any, is freed here.
+        _ => None,
     };
-    match (shared, decode, result) {
-        (Some(shared), Some(decode), Ok(result)) => shared.submit(Item::new(decode, payload, result), wait).code(),
-        (shared, ..) => {
-            drop(payload);
+    match (shared, delivery) {
+        (Some(shared), Some(delivery)) => shared.submit(delivery, wait).code(),
+        (shared, _) => {
             if let Some(shared) = shared {
                 shared.note_rejected();
             }
@@ -202,7 +222,7 @@ pub unsafe extern "C" fn deliver(
     free_data: Option<FreeFn>,
     timeout_ms: c_int,
 ) -> c_int {
-    unsafe { submit(handle, Kind::Deliver, decode, Payload::new(data, free_data), timeout_ms) }
+    unsafe { submit(handle, Kind::Deliver(Payload::new(data, free_data)), decode, timeout_ms) }
 }
 
 /// # Safety
@@ -215,7 +235,20 @@ pub unsafe extern "C" fn call(
     free_data: Option<FreeFn>,
     timeout_ms: c_int,
 ) -> c_int {
-    unsafe { submit(handle, Kind::Call(result), decode, Payload::new(data, free_data), timeout_ms) }
+    unsafe { submit(handle, Kind::Call(Payload::new(data, free_data), result), decode, timeout_ms) }
+}
+
+/// # Safety
+/// `handle` is NULL or came from `new_handle`; `bytes` is NULL or readable
+/// for `len` bytes during the call.
+pub unsafe extern "C" fn deliver_copy(
+    handle: *mut Handle,
+    decode: Option<DecodeFn>,
+    bytes: *const c_void,
+    len: usize,
+    timeout_ms: c_int,
+) -> c_int {
+    unsafe { submit(handle, Kind::Copy(bytes, len), decode, timeout_ms) }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -255,6 +288,27 @@ mod tests {
             release(handle);
             release(null.cast());
         }
+    }
+
+    #[test]
+    fn an_invalid_copy_is_refused_and_counted() {
+        let instance = Instance::default();
+        let handle = new_handle(instance.shared());
+        let bytes = [0u8; MAX_COPY + 1];
+        let at = bytes.as_ptr().cast();
+        let invalid = Status::Invalid.code();
+        // SAFETY: `handle` is live until released at the end; NULL is allowed.
+        unsafe {
+            assert_eq!(deliver_copy(std::ptr::null_mut(), Some(decode), at, 1, 0), invalid);
+            assert_eq!(deliver_copy(handle, None, at, 1, 0), invalid);
+            assert_eq!(deliver_copy(handle, Some(decode), at, MAX_COPY + 1, 0), invalid);
+            assert_eq!(deliver_copy(handle, Some(decode), std::ptr::null(), 1, 0), invalid);
+            // Valid, up to the maximum and with nothing at all, but not started.
+            assert_eq!(deliver_copy(handle, Some(decode), at, MAX_COPY, 0), Status::Closed.code());
+            assert_eq!(deliver_copy(handle, Some(decode), std::ptr::null(), 0, 0), Status::Closed.code());
+            release(handle);
+        }
+        assert_eq!(instance.stats().rejected, 5);
     }
 
     #[test]

@@ -35,7 +35,7 @@
 //! The loom models at the bottom check the route against stop, start and a
 //! bound that changes while producers wait.
 
-use std::collections::VecDeque;
+use std::ffi::c_void;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -43,10 +43,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::alarm;
+use crate::copy::Scratch;
 use crate::fork;
-use crate::item::Item;
+use crate::item::{Delivery, Item};
 use crate::lag::{Lag, Stamp};
-use crate::queue::Queue;
+use crate::queue::{Batch, Queue};
 use crate::room::{Room, MAX_CAPACITY};
 use crate::signal::Signal;
 use crate::status::Status;
@@ -114,13 +115,13 @@ impl Shared {
         std::mem::replace(&mut *self.route.write().unwrap_or_else(|e| e.into_inner()), route)
     }
 
-    /// Queue `item` in this process's run; for a round trip, wait for its
-    /// reply too. The item is consumed whatever the outcome: a rejected
-    /// item is dropped (so freed) before this returns.
-    pub fn submit(&self, item: Item, wait: Wait) -> Status {
+    /// Queue `delivery` in this process's run; for a round trip, wait for
+    /// its reply too. It is consumed whatever the outcome: a rejected item
+    /// is dropped (so freed) before this returns.
+    pub fn submit(&self, delivery: Delivery, wait: Wait) -> Status {
         let shared = self.current();
-        let reply = item.round_trip().map(|round_trip| round_trip.reply.clone());
-        match shared.enqueue(item, wait) {
+        let reply = delivery.reply();
+        match shared.enqueue(delivery, wait) {
             Ok(()) => reply.map_or(Status::Ok, |reply| reply.wait(wait)),
             Err((status, item)) => {
                 shared.note_rejected();
@@ -134,7 +135,7 @@ impl Shared {
         self.current().rejected.fetch_add(1, Relaxed);
     }
 
-    fn enqueue(&self, item: Item, wait: Wait) -> Result<(), (Status, Item)> {
+    fn enqueue<'a>(&self, item: Delivery<'a>, wait: Wait) -> Result<(), (Status, Delivery<'a>)> {
         loop {
             let room = {
                 let route = self.route();
@@ -168,7 +169,7 @@ impl Shared {
         }
     }
 
-    fn push(&self, route: &Route, item: Item) -> Result<(), (Status, Item)> {
+    fn push<'a>(&self, route: &Route, item: Delivery<'a>) -> Result<(), (Status, Delivery<'a>)> {
         route.queue.push(item);
         if self.wake.arm() {
             self.raised.mark();
@@ -237,7 +238,7 @@ struct Run {
     /// once per item, so it contends far less with the producers. Still
     /// pending: they count in `pending()`, hold their room, and are
     /// cancelled by `stop`.
-    batch: VecDeque<Item>,
+    batch: Batch,
     room: Option<Arc<Room>>,
     signal: Arc<Signal>,
 }
@@ -424,7 +425,7 @@ impl Instance {
             generation: fork::generation(),
             pid: std::process::id(),
             queue,
-            batch: VecDeque::new(),
+            batch: Batch::default(),
             room,
             signal,
         });
@@ -482,8 +483,9 @@ impl Instance {
         &mut self.drain
     }
 
-    /// The next item, following the wake protocol (see `wake.rs`).
-    pub fn take_next(&mut self) -> Option<Item> {
+    /// The next item and decode's data, following the wake protocol (see
+    /// `wake.rs`). A copied record's data is copied into `scratch`.
+    pub fn take_next(&mut self, scratch: &mut Scratch) -> Option<(Item, *mut c_void)> {
         let shared = self.shared.current();
         // As `own_run`, but mutable beside `shared`.
         let Run { queue, batch, room, signal, .. } =
@@ -492,16 +494,16 @@ impl Instance {
             if batch.is_empty() {
                 queue.take_all(batch);
             }
-            batch.pop_front()
+            batch.pop(scratch)
         };
         match shared.wake.take(pop, || signal.clear()) {
-            Some(item) => {
+            Some(taken) => {
                 if let Some(room) = room {
                     room.release();
                 }
                 self.counters.polled += 1;
                 self.counters.lag.took();
-                Some(item)
+                Some(taken)
             }
             None => {
                 // A burst grew the batch buffer; idle, it need not stay big.

@@ -10,12 +10,14 @@
 //! (except after a timeout).
 //!
 //! Size: a pending item is 32 bytes (decode, data, free_data, and one
-//! pointer for the rarer round trip, boxed), so a queue of a million items
-//! costs 32 MB beyond the payloads.
+//! pointer for the rarer round trip, boxed; a copied record's place fits
+//! where data and free_data go), so a queue of a million items costs 32 MB
+//! beyond the payloads.
 
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
+use crate::copy::Place;
 use crate::reply::Reply;
 use crate::status::Status;
 
@@ -26,10 +28,12 @@ pub type FreeFn = unsafe extern "C" fn(data: *mut c_void);
 /// `void result(lua_State *L, void *data, int nresults)`.
 pub type ResultFn = unsafe extern "C-unwind" fn(state: *mut c_void, data: *mut c_void, nresults: c_int);
 
-/// A delivered `data` pointer and the function that frees it.
-pub struct Payload {
-    data: *mut c_void,
-    free_data: Option<FreeFn>,
+/// What an item carries for decode: the caller's `data` and the function
+/// that frees it, or a record copied into the queue's storage (`copy.rs`),
+/// which needs no freeing.
+pub enum Payload {
+    Owned { data: *mut c_void, free_data: FreeFn },
+    Copied(Place),
 }
 
 impl Payload {
@@ -37,22 +41,15 @@ impl Payload {
     /// The caller owns `data` and gives it up: it is freed exactly once,
     /// with `free_data` or, when that is `None`, C `free()`.
     pub unsafe fn new(data: *mut c_void, free_data: Option<FreeFn>) -> Self {
-        Payload { data, free_data }
-    }
-
-    pub fn data(&self) -> *mut c_void {
-        self.data
+        Payload::Owned { data, free_data: free_data.unwrap_or(libc::free) }
     }
 }
 
 impl Drop for Payload {
     fn drop(&mut self) {
-        // SAFETY: the payload owns its data (`new`), and this is its only drop.
-        unsafe {
-            match self.free_data {
-                Some(free_data) => free_data(self.data),
-                None => libc::free(self.data),
-            }
+        if let Payload::Owned { data, free_data } = *self {
+            // SAFETY: the payload owns its data (`new`), and this is its only drop.
+            unsafe { free_data(data) }
         }
     }
 }
@@ -93,8 +90,33 @@ impl Item {
         Item { decode, payload, round_trip }
     }
 
-    pub fn data(&self) -> *mut c_void {
-        self.payload.data()
+    /// The caller's data; `None` for a copied record, which the queue's
+    /// buffer holds (`Queue`'s `Batch::pop` copies it out for decode).
+    /// A plain item for a record copied to `place` of the queue's storage.
+    pub fn copied(decode: DecodeFn, place: Place) -> Self {
+        Item { decode, payload: Payload::Copied(place), round_trip: None }
+    }
+
+    pub fn data(&self) -> Option<*mut c_void> {
+        match self.payload {
+            Payload::Owned { data, .. } => Some(data),
+            Payload::Copied(_) => None,
+        }
+    }
+
+    /// The place of a copied record in its buffer's arena.
+    pub fn place(&self) -> Option<Place> {
+        match self.payload {
+            Payload::Owned { .. } => None,
+            Payload::Copied(place) => Some(place),
+        }
+    }
+
+    /// Its record's place once its arena was appended to another, `by` slots long.
+    pub fn move_copy_by(&mut self, by: usize) {
+        if let Payload::Copied(place) = &mut self.payload {
+            *place = place.moved_by(by);
+        }
     }
 
     pub fn round_trip(&self) -> Option<&RoundTrip> {
@@ -110,6 +132,22 @@ impl Item {
     pub fn finish(mut self, status: Status) {
         if let Some(round_trip) = &mut self.round_trip {
             round_trip.outcome = status;
+        }
+    }
+}
+
+/// What a producer hands to the queue: a whole item, or a record for the
+/// queue to copy into its own storage (`copy.rs`).
+pub enum Delivery<'a> {
+    Item(Item),
+    Copy { decode: DecodeFn, bytes: &'a [u8] },
+}
+
+impl Delivery<'_> {
+    pub fn reply(&self) -> Option<Arc<Reply>> {
+        match self {
+            Delivery::Item(item) => item.round_trip().map(|round_trip| round_trip.reply.clone()),
+            Delivery::Copy { .. } => None,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod alarm;
 pub mod capi;
+pub mod copy;
 pub mod fork;
 pub mod handle;
 pub mod instance;

@@ -11,6 +11,8 @@
  *                     before the threads start; free_data does nothing.
  *   alloc = "malloc"  every item is malloc'd by its producer and freed by the
  *                     helper with free() (free_data NULL).
+ *   alloc = "copy"    every item is made on the producer's stack and delivered
+ *                     with deliver_copy: the helper copies it into its queue.
  *
  *   bench.produce(opts) -> job
  *     Start opts.producers threads (default 1), each delivering opts.items
@@ -80,6 +82,7 @@ typedef struct job {
     long interval_us;
     int udp_port; /* 0: deliver through the helper */
     int stamp;
+    int copy; /* alloc = "copy" */
     int nproducers;
     int joined;
     double started;
@@ -121,16 +124,26 @@ static void pace(const job *j, struct timespec *next)
     clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, next, NULL);
 }
 
+static void fill(const producer *p, long seq, bitem *it)
+{
+    it->callback = p->job->callback;
+    it->producer = p->id;
+    it->seq = seq;
+    it->x = p->job->stamp ? monotonic_us() : 0;
+}
+
 static int deliver_one(producer *p, long seq)
 {
     const job *j = p->job;
-    bitem *it = p->items ? &p->items[seq - 1] : malloc(sizeof *it);
+    bitem copy, *it;
+    if (j->copy) {
+        fill(p, seq, &copy);
+        return j->api.deliver_copy(p->handle, decode, &copy, sizeof copy, BGW_FOREVER);
+    }
+    it = p->items ? &p->items[seq - 1] : malloc(sizeof *it);
     if (it == NULL)
         return BGW_INVALID;
-    it->callback = j->callback;
-    it->producer = p->id;
-    it->seq = seq;
-    it->x = j->stamp ? monotonic_us() : 0;
+    fill(p, seq, it);
     return j->api.deliver(p->handle, decode, it, p->items ? free_nothing : NULL, BGW_FOREVER);
 }
 
@@ -214,7 +227,7 @@ static int b_produce(lua_State *L)
     job *j;
     long producers, items, interval_us;
     int udp_port;
-    int is_static, stamp, i, created;
+    int is_static, is_copy, stamp, i, created;
     luaL_checktype(L, 1, LUA_TTABLE);
     if (api == NULL)
         return luaL_error(L, "bench.produce: bgworker.core is not loaded");
@@ -224,8 +237,9 @@ static int b_produce(lua_State *L)
     udp_port = (int)opt_int(L, "udp_port", 0, 0, 65535);
     lua_getfield(L, 1, "alloc");
     is_static = lua_isnil(L, -1) || is_string(L, -1, "static");
-    if (!is_static && !is_string(L, -1, "malloc"))
-        return luaL_error(L, "bench.produce: opts.alloc must be \"static\" or \"malloc\"");
+    is_copy = is_string(L, -1, "copy");
+    if (!is_static && !is_copy && !is_string(L, -1, "malloc"))
+        return luaL_error(L, "bench.produce: opts.alloc must be \"static\", \"malloc\" or \"copy\"");
     lua_getfield(L, 1, "callback");
     if (udp_port == 0)
         luaL_checktype(L, -1, LUA_TFUNCTION);
@@ -244,6 +258,7 @@ static int b_produce(lua_State *L)
     j->interval_us = interval_us;
     j->udp_port = udp_port;
     j->stamp = stamp;
+    j->copy = is_copy;
     for (i = 0; i < producers; i++) {
         producer *p = &j->producers[i];
         p->job = j;

@@ -17,7 +17,7 @@
  * list in crates/bgworker-util/src/abi.rs. */
 #define BGW_API_MEMBERS(X)                                                                         \
     X(version) X(size) X(acquire) X(release) X(deliver) X(call) X(strerror) X(set_capacity)           \
-        X(token_get) X(token_cancelled) X(token_release)
+        X(token_get) X(token_cancelled) X(token_release) X(deliver_copy)
 
 #define PRINT_MEMBER(member)                                                                       \
     printf("%s %zu %zu\n", #member, offsetof(bgw_api, member), sizeof(((bgw_api *)0)->member));    \
@@ -31,5 +31,6 @@ int main(void)
     printf("end %zu\n", end);
     printf("BGW_API_VERSION %d\n", BGW_API_VERSION);
     printf("BGW_MAX_CAPACITY %ld\n", (long)BGW_MAX_CAPACITY);
+    printf("BGW_COPY_MAX %d\n", BGW_COPY_MAX);
     return 0;
 }

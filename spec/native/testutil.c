@@ -31,6 +31,11 @@
  *                         "libc": free_data NULL, so the core calls free().
  *                         Such items are not in allocated/freed (free() cannot
  *                         be observed): count decodes, and use valgrind.
+ *                         "copy": the item is built on the producer's stack
+ *                         and delivered with bgw_api.deliver_copy (nothing to
+ *                         free; not in allocated/freed either).
+ *       opts.copy_len     for "copy": the len passed (default: the item's
+ *                         size); the bytes past the item are zeros.
  *       opts.timeout      timeout_ms of each deliver (default FOREVER).
  *       opts.payload      items carry 0..payload random bytes (default 0).
  *       opts.null_handle  true: deliver with a NULL handle.
@@ -317,6 +322,8 @@ struct job {
     int until_closed;
     int timeout_ms;
     size_t payload;
+    int copy; /* deliver with deliver_copy */
+    long copy_len; /* its len, or -1: the item's size */
     int held; /* the workers use a handle from testutil.acquire(): not theirs to release */
 
     /* Threads wait here until all of them exist: either all run or none. */
@@ -337,15 +344,18 @@ static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static job *jobs;
 static int last_job_id;
 
-static item *new_item(worker *w, long seq)
+/* The size of the next item's payload. */
+static size_t payload_size(worker *w)
 {
     const job *j = w->job;
-    size_t size = j->payload ? xorshift(&w->rng) % (j->payload + 1) : 0, i;
-    item *it = malloc(sizeof *it + size);
-    if (it == NULL) {
-        fputs("bgworker_testutil: out of memory\n", stderr);
-        abort();
-    }
+    return j->payload ? xorshift(&w->rng) % (j->payload + 1) : 0;
+}
+
+/* Fill `it`, which has room for `size` payload bytes. */
+static void fill_item(worker *w, long seq, item *it, size_t size)
+{
+    const job *j = w->job;
+    size_t i;
     memset(it, 0, sizeof *it);
     atomic_init(&it->magic, ITEM_LIVE);
     it->producer = w->id;
@@ -355,15 +365,46 @@ static item *new_item(worker *w, long seq)
     for (i = 0; i < size; i++)
         it->payload[i] = (unsigned char)xorshift(&w->rng);
     it->checksum = fnv1a(it->payload, size);
+}
+
+static item *new_item(worker *w, long seq)
+{
+    const job *j = w->job;
+    size_t size = payload_size(w);
+    item *it = malloc(sizeof *it + size);
+    if (it == NULL) {
+        fputs("bgworker_testutil: out of memory\n", stderr);
+        abort();
+    }
+    fill_item(w, seq, it, size);
     if (j->free_data != NULL)
         atomic_fetch_add(&counters.allocated, 1);
     return it;
 }
 
+/* Deliver item `seq` by copy, from this stack frame. */
+static int deliver_copied(worker *w, long seq)
+{
+    const job *j = w->job;
+    union {
+        item it;
+        max_align_t align;
+        unsigned char bytes[2 * BGW_COPY_MAX];
+    } record;
+    size_t size = payload_size(w);
+    memset(&record, 0, sizeof record);
+    fill_item(w, seq, &record.it, size);
+    return j->api.deliver_copy(w->handle, j->decode, &record,
+                               j->copy_len >= 0 ? (size_t)j->copy_len : sizeof record.it + size,
+                               j->timeout_ms);
+}
+
 static int deliver_one(worker *w, long seq)
 {
     const job *j = w->job;
-    int code = j->api.deliver(w->handle, j->decode, new_item(w, seq), j->free_data, j->timeout_ms);
+    int code = j->copy ? deliver_copied(w, seq)
+                       : j->api.deliver(w->handle, j->decode, new_item(w, seq), j->free_data,
+                                        j->timeout_ms);
     w->counts[code_index(code)]++;
     return code;
 }
@@ -470,12 +511,12 @@ static int start_job(lua_State *L, int is_call)
     static const char *const decodes[] = {"normal", "raise", "nofunc", "nothing", "null", NULL};
     static const bgw_decode_fn decode_fns[] = {decode_normal, decode_raise, decode_nofunc,
                                                decode_nothing, NULL};
-    static const char *const frees[] = {"counting", "libc", NULL};
+    static const char *const frees[] = {"counting", "libc", "copy", NULL};
     static const char *const results[] = {"copy", "raise", "null", NULL};
     static const bgw_result_fn result_fns[] = {result_copy, result_raise, NULL};
     const bgw_api *api = bgw_api_get(L);
     job opts, *j;
-    int decode, null_handle, i, created;
+    int decode, free_kind, null_handle, i, created;
     bgw_handle *held;
 
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -492,7 +533,12 @@ static int start_job(lua_State *L, int is_call)
     opts.payload = (size_t)opt_int(L, "payload", 0, 0, 1 << 20);
     decode = opt_choice(L, "decode", decodes);
     opts.decode = decode_fns[decode];
-    opts.free_data = opt_choice(L, "free", frees) == 0 ? free_counting : NULL;
+    free_kind = opt_choice(L, "free", frees);
+    opts.free_data = free_kind == 0 ? free_counting : NULL;
+    opts.copy = free_kind == 2;
+    opts.copy_len = opt_int(L, "copy_len", -1, -1, 2 * BGW_COPY_MAX);
+    if (opts.copy && (is_call || sizeof(item) + opts.payload > 2 * BGW_COPY_MAX))
+        return luaL_error(L, "testutil: opts.free \"copy\" is for produce, with a smaller payload");
     opts.result = result_fns[opt_choice(L, "result", results)];
     lua_getfield(L, 1, "null_handle");
     null_handle = lua_toboolean(L, -1);

@@ -2,6 +2,7 @@
 //! that changes while they wait (see the invariants in `instance.rs`).
 
 use super::*;
+use crate::copy::Scratch;
 use crate::item::Payload;
 use crate::signal::FdKind;
 use loom::thread;
@@ -17,10 +18,10 @@ unsafe extern "C" fn count_free(data: *mut c_void) {
     unsafe { Arc::from_raw(data as *const AtomicUsize) }.fetch_add(1, Relaxed);
 }
 
-fn item(freed: &Arc<AtomicUsize>) -> Item {
+fn item(freed: &Arc<AtomicUsize>) -> Delivery<'static> {
     let data = Arc::into_raw(freed.clone()) as *mut c_void;
     // SAFETY: `data` is a strong count that count_free takes back once.
-    Item::new(never_decoded, unsafe { Payload::new(data, Some(count_free)) }, None)
+    Delivery::Item(Item::new(never_decoded, unsafe { Payload::new(data, Some(count_free)) }, None))
 }
 
 fn started(capacity: Option<usize>) -> Instance {
@@ -47,7 +48,7 @@ fn an_item_delivered_across_stop_and_start_is_cancelled_taken_or_refused() {
         let cancelled = instance.stop();
         instance.start(Signal::fd(FdKind::native()).unwrap()).unwrap();
         let status = producer.join().unwrap();
-        let taken = std::iter::from_fn(|| instance.take_next()).count();
+        let taken = std::iter::from_fn(|| instance.take_next(&mut Scratch::default())).count();
         match status {
             Status::Ok => assert_eq!(cancelled + taken, 1, "an accepted item was lost or doubled"),
             Status::Closed => assert_eq!(cancelled + taken, 0, "a refused item was queued"),

@@ -3,6 +3,7 @@
 //! whose free counts itself, so every test also checks "freed exactly once".
 
 use super::*;
+use crate::copy::Scratch;
 use crate::signal::FdKind;
 use crate::wait::Wait;
 use std::ffi::{c_int, c_void};
@@ -38,13 +39,18 @@ fn owned_payload(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> crate
     unsafe { crate::item::Payload::new(payload(producer, seq, freed), Some(free_payload)) }
 }
 
-fn item(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> Item {
-    Item::new(never_decoded, owned_payload(producer, seq, freed), None)
+fn item(producer: usize, seq: usize, freed: &Arc<AtomicUsize>) -> Delivery<'static> {
+    Delivery::Item(Item::new(never_decoded, owned_payload(producer, seq, freed), None))
 }
 
 fn peek(item: &Item) -> (usize, usize) {
-    let payload = unsafe { &*(item.data() as *const Payload) };
+    let payload = unsafe { &*(item.data().unwrap() as *const Payload) };
     (payload.producer, payload.seq)
+}
+
+/// The next item, without its decode's data.
+fn take(instance: &mut Instance) -> Option<Item> {
+    instance.take_next(&mut Scratch::default()).map(|(item, _)| item)
 }
 
 /// A started instance and the reader socket its datagrams go to.
@@ -92,7 +98,7 @@ fn many_producers_exactly_once_in_order_with_coalesced_wakeups() {
     while seen < PRODUCERS * ITEMS {
         // Wait for a datagram, then drain to empty: the reader's contract.
         reader.recv(&mut buf).expect("an item was stranded: no wake-up came");
-        while let Some(item) = instance.take_next() {
+        while let Some(item) = take(&mut instance) {
             let (p, seq) = peek(&item);
             assert_eq!(seq, next_seq[p], "producer {p} out of order");
             next_seq[p] += 1;
@@ -123,6 +129,35 @@ fn stop_cancels_pending_items_and_later_delivers_are_closed() {
     assert_eq!(freed.load(SeqCst), 11, "a refused item is freed before deliver returns");
     let stats = instance.stats();
     assert_eq!((stats.cancelled, stats.rejected, stats.delivered), (10, 1, 10));
+}
+
+#[test]
+fn copied_records_keep_their_bytes_and_order_beside_owned_items_and_the_bound() {
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (mut instance, _reader) = started(Some(3));
+    let shared = instance.shared().clone();
+    let submit = |delivery: Delivery| shared.submit(delivery, Wait::No);
+    let copy = |seq: u64| submit(Delivery::Copy { decode: never_decoded, bytes: &[seq.to_ne_bytes(); 3].concat() });
+    assert_eq!(copy(0), Status::Ok);
+    assert_eq!(submit(item(0, 1, &freed)), Status::Ok);
+    assert_eq!(copy(2), Status::Ok);
+    assert_eq!(copy(3), Status::Full);
+    let mut scratch = Scratch::default();
+    let mut next = |instance: &mut Instance| {
+        let (item, data) = instance.take_next(&mut scratch).unwrap();
+        match item.data() {
+            Some(_) => peek(&item).1 as u64,
+            // SAFETY: a copied record of three words, aligned, in `scratch`.
+            None => (unsafe { *(data as *const [u64; 3]) })[2],
+        }
+    };
+    assert_eq!([next(&mut instance), next(&mut instance)], [0, 1]);
+    assert_eq!(freed.load(SeqCst), 1);
+    assert_eq!(copy(3), Status::Ok);
+    assert_eq!(copy(4), Status::Ok);
+    assert_eq!(next(&mut instance), 2);
+    assert_eq!(instance.stop(), 2, "stop cancels copied records too");
+    assert_eq!(copy(5), Status::Closed);
 }
 
 #[test]
@@ -174,11 +209,11 @@ fn bounded_queue_full_timeout_and_blocking() {
     };
     thread::sleep(Duration::from_millis(20));
     assert!(!blocked.is_finished(), "a blocking deliver into a full queue must wait");
-    assert_eq!(peek(&instance.take_next().unwrap()), (0, 0));
+    assert_eq!(peek(&take(&mut instance).unwrap()), (0, 0));
     assert_eq!(blocked.join().unwrap(), Status::Ok);
-    assert_eq!(peek(&instance.take_next().unwrap()), (0, 1));
-    assert_eq!(peek(&instance.take_next().unwrap()), (0, 4));
-    assert!(instance.take_next().is_none());
+    assert_eq!(peek(&take(&mut instance).unwrap()), (0, 1));
+    assert_eq!(peek(&take(&mut instance).unwrap()), (0, 4));
+    assert!(take(&mut instance).is_none());
     assert_eq!(freed.load(SeqCst), 5);
 }
 
@@ -218,14 +253,14 @@ mod round_trip {
         let (shared, freed) = (shared.clone(), freed.clone());
         thread::spawn(move || {
             let wait = Wait::Until(Instant::now() + Duration::from_millis(timeout_ms));
-            shared.submit(Item::new(never_decoded, owned_payload(9, 0, &freed), Some(no_result)), wait)
+            shared.submit(Delivery::Item(Item::new(never_decoded, owned_payload(9, 0, &freed), Some(no_result))), wait)
         })
     }
 
     fn wait_for_item(instance: &mut Instance) -> Item {
         let give_up = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(item) = instance.take_next() {
+            if let Some(item) = take(instance) {
                 return item;
             }
             assert!(Instant::now() < give_up, "the round trip never arrived");
@@ -267,7 +302,7 @@ mod round_trip {
         let (mut instance, _reader) = started(None);
         assert_eq!(call(instance.shared(), &freed, 10).join().unwrap(), Status::Timeout);
         assert_eq!(freed.load(SeqCst), 0, "the item is still queued");
-        let item = instance.take_next().unwrap();
+        let item = take(&mut instance).unwrap();
         assert!(!item.reply().unwrap().begin_decode());
         drop(item);
         assert_eq!(freed.load(SeqCst), 1);
@@ -300,7 +335,7 @@ fn stats_are_consistent_under_concurrent_delivery() {
     };
     let mut taken = 0u64;
     while !*done.lock().unwrap() || instance.pending() > 0 {
-        if instance.take_next().is_some() {
+        if take(&mut instance).is_some() {
             taken += 1;
         }
         let stats = instance.stats();
@@ -326,9 +361,9 @@ fn a_descriptor_signal_is_readable_until_the_empty_poll_clears_it() {
         shared.submit(item(0, 0, &freed), Wait::No);
         shared.submit(item(0, 1, &freed), Wait::No);
         assert!(readable(), "{kind:?}: the first deliver signals");
-        assert!(instance.take_next().is_some() && instance.take_next().is_some());
+        assert!(take(&mut instance).is_some() && take(&mut instance).is_some());
         assert!(readable(), "{kind:?}: still readable until the drain ends");
-        assert!(instance.take_next().is_none());
+        assert!(take(&mut instance).is_none());
         assert!(!readable(), "{kind:?}: the empty poll clears the descriptor");
         assert_eq!(instance.stats().wakeups, 1);
         assert!(instance.wake());
@@ -356,7 +391,7 @@ fn the_capacity_changes_while_running_and_a_stop_clears_it() {
     // Unbounded again: the waiting producer goes through.
     instance.set_capacity(None).unwrap();
     assert_eq!(blocked.join().unwrap(), Status::Ok);
-    let seqs: Vec<_> = std::iter::from_fn(|| instance.take_next()).map(|item| peek(&item).1).collect();
+    let seqs: Vec<_> = std::iter::from_fn(|| take(&mut instance)).map(|item| peek(&item).1).collect();
     assert_eq!(seqs, vec![0, 1, 2, 4]);
 
     // Set while stopped: it bounds the next start, and its stop clears it.

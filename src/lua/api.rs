@@ -43,6 +43,7 @@ static API: Api = Api {
     token_get: super::token::token_get,
     token_cancelled: capi::token_cancelled,
     token_release: capi::token_release,
+    deliver_copy: capi::deliver_copy,
 };
 
 pub unsafe fn publish(state: *mut lua_State) {

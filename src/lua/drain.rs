@@ -61,6 +61,7 @@ use super::args::{describe, type_name};
 use super::poll::push_round_trip;
 use super::raise::{error_text, push_str, LuaResult, Raise};
 use super::{owned, InstanceCell};
+use crate::copy::Scratch;
 use crate::item::DecodeFn;
 use crate::status::Status;
 
@@ -293,12 +294,14 @@ unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
         let cell = cell(state);
         // Decode gets at least the room a C function starts with.
         luaL_checkstack(state, LUA_MINSTACK + 2, ptr::null());
+        // Decode's copy of a copied record: in this frame (see `copy.rs`).
+        let mut scratch = Scratch::default();
         loop {
             lua_settop(state, LOOP_RUN);
             if count >= limit {
                 return finished(state, count, false);
             }
-            let Some((decode, data, round_trip)) = take_and_hold(cell, run) else {
+            let Some((decode, data, round_trip)) = take_and_hold(cell, run, &mut scratch) else {
                 return finished(state, count, true);
             };
             count += 1;
@@ -347,22 +350,26 @@ unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
 }
 
 /// Take the next item of `run` and hold it in the instance: its decode,
-/// data, and whether it is a round trip. `None` when the queue is empty,
-/// or the run stopped or changed.
-unsafe fn take_and_hold(cell: *mut InstanceCell, run: u64) -> Option<(DecodeFn, *mut c_void, bool)> {
+/// data (in `scratch` for a copied record), and whether it is a round trip.
+/// `None` when the queue is empty, or the run stopped or changed.
+unsafe fn take_and_hold(
+    cell: *mut InstanceCell,
+    run: u64,
+    scratch: &mut Scratch,
+) -> Option<(DecodeFn, *mut c_void, bool)> {
     let instance = unsafe { (*cell).instance.as_mut() }?;
     if instance.run_id() != Some(run) {
         return None;
     }
     loop {
-        let item = instance.take_next()?;
+        let (item, data) = instance.take_next(scratch)?;
         if let Some(reply) = item.reply() {
             if !reply.begin_decode() {
                 // The caller timed out while the item was queued.
                 continue;
             }
         }
-        let taken = (item.decode, item.data(), item.round_trip().is_some());
+        let taken = (item.decode, data, item.round_trip().is_some());
         instance.drain_state().held = Some(item);
         return Some(taken);
     }

@@ -14,6 +14,7 @@ use mlua::ffi::*;
 use super::args::type_name;
 use super::raise::{error_text, LuaResult, Raise};
 use super::{instance, owned};
+use crate::copy::Scratch;
 use crate::fork;
 use crate::item::{DecodeFn, Item, ResultFn};
 use crate::status::Status;
@@ -55,8 +56,10 @@ impl RoundTripCell {
 /// the instance is looked up again after it, never held across it.
 pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
+        // Decode's copy of a copied record: in this frame (see `copy.rs`).
+        let mut scratch = Scratch::default();
         loop {
-            let Some(item) = owned(state, "poll")?.take_next() else {
+            let Some((item, data)) = owned(state, "poll")?.take_next(&mut scratch) else {
                 return Ok(0);
             };
             if let Some(reply) = item.reply() {
@@ -68,7 +71,7 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
             let base = lua_gettop(state);
             lua_pushcfunction(state, decode_trampoline);
             lua_pushlightuserdata(state, item.decode as *mut c_void);
-            lua_pushlightuserdata(state, item.data());
+            lua_pushlightuserdata(state, data);
             if lua_pcall(state, 2, LUA_MULTRET, 0) != LUA_OK {
                 let message = format!("bgworker: decode raised an error: {}", error_text(state, -1));
                 lua_settop(state, base);
@@ -186,7 +189,7 @@ pub unsafe fn complete(state: *mut lua_State) -> LuaResult<c_int> {
         luaL_checkstack(state, values + 3, ptr::null());
         lua_pushcfunction(state, result_trampoline);
         lua_pushlightuserdata(state, round_trip.result as *mut c_void);
-        lua_pushlightuserdata(state, item.data());
+        lua_pushlightuserdata(state, item.data().expect("a round trip carries the caller's data"));
         for index in 3..3 + values {
             lua_pushvalue(state, index);
         }

@@ -66,6 +66,13 @@ pub struct Api {
     pub token_get: unsafe extern "C-unwind" fn(state: *mut lua_State, index: c_int) -> *mut TokenRef,
     pub token_cancelled: unsafe extern "C" fn(token: *const TokenRef) -> c_int,
     pub token_release: unsafe extern "C" fn(token: *mut TokenRef),
+    pub deliver_copy: unsafe extern "C" fn(
+        handle: *mut Handle,
+        decode: Option<DecodeFn>,
+        bytes: *const c_void,
+        len: usize,
+        timeout_ms: c_int,
+    ) -> c_int,
 }
 
 /// `bgw_api_get`: the API published in `state`, or `None` when bgworker.core
@@ -125,7 +132,7 @@ mod layout {
     macro_rules! api_members {
         ($layout:ident!($api:ty)) => {
             $layout!($api; version, size, acquire, release, deliver, call, strerror, set_capacity, token_get,
-                token_cancelled, token_release)
+                token_cancelled, token_release, deliver_copy)
         };
     }
 
@@ -189,5 +196,7 @@ mod layout {
         assert_eq!(bgworker::capi::API_VERSION as usize, value("BGW_API_VERSION"));
         assert_eq!(super::API_VERSION as usize, value("BGW_API_VERSION"));
         assert_eq!(bgworker::room::MAX_CAPACITY, value("BGW_MAX_CAPACITY"));
+        assert_eq!(bgworker::copy::MAX_COPY, value("BGW_COPY_MAX"));
+        assert_eq!(crate::COPY_MAX, value("BGW_COPY_MAX"));
     }
 }

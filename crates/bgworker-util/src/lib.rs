@@ -49,7 +49,10 @@
 //!
 //! Libraries whose items are many and small can implement [`RawItem`] and
 //! push their values with Lua's C API ([`Sender::deliver_raw_while`]),
-//! saving the mlua call that a closure costs per item.
+//! saving the mlua call that a closure costs per item. Small plain records
+//! (a status, a few numbers) can implement [`CopyItem`] instead
+//! ([`Sender::deliver_copy`]): bgworker copies them into its own queue, so
+//! a delivery allocates nothing at all.
 //!
 //! A closure is dropped exactly once: after it ran, or unrun when its item is
 //! rejected (inside the delivering call), cancelled (`stop()`), or freed
@@ -57,6 +60,7 @@
 //! its destructor aborts the process, as any panic that reaches C does.
 
 mod abi;
+mod copy;
 mod error;
 #[cfg(feature = "vendored")]
 pub mod harness;
@@ -73,6 +77,7 @@ use std::time::Duration;
 pub use mlua;
 use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua};
 
+pub use copy::{CopyItem, COPY_MAX};
 pub use error::Error;
 use payload::Payload;
 pub use raw::RawItem;
@@ -233,6 +238,42 @@ impl Sender {
     /// Errors: [`Error::Full`], [`Error::Closed`].
     pub fn deliver_raw<I: RawItem>(&self, item: I) -> Result<(), Error> {
         self.deliver_raw_attempt(&Arc::new(Mutex::new(Some(item))), abi::NOWAIT)
+    }
+
+    /// Deliver a small plain record by copy ([`CopyItem`]): bgworker copies
+    /// its bytes into its own queue, so nothing is allocated or freed per
+    /// item. Never waits: a full bounded queue refuses it at once, so it
+    /// may be called on the Lua thread.
+    ///
+    /// Errors: [`Error::Full`], [`Error::Closed`].
+    pub fn deliver_copy<I: CopyItem>(&self, item: I) -> Result<(), Error> {
+        self.deliver_copy_attempt(&item, abi::NOWAIT)
+    }
+
+    /// As [`deliver_copy`](Self::deliver_copy), but waits for room while
+    /// `keep_waiting()` says so, as [`deliver_while`](Self::deliver_while)
+    /// does.
+    ///
+    /// Errors: [`Error::Timeout`] (it gave up), [`Error::Closed`].
+    pub fn deliver_copy_while<I: CopyItem>(&self, item: I, keep_waiting: impl FnMut() -> bool) -> Result<(), Error> {
+        self.patiently(keep_waiting, |timeout_ms| self.deliver_copy_attempt(&item, timeout_ms))
+    }
+
+    fn deliver_copy_attempt<I: CopyItem>(&self, item: &I, timeout_ms: c_int) -> Result<(), Error> {
+        let len = const { copy::checked_size::<I>() };
+        let handle = &self.handle;
+        // SAFETY: the handle is live while `self` is; the core reads `len`
+        // bytes of `item` during the call and keeps nothing of ours.
+        let code = unsafe {
+            (handle.api.deliver_copy)(
+                handle.raw.as_ptr(),
+                Some(copy::decode::<I>),
+                (item as *const I).cast(),
+                len,
+                timeout_ms,
+            )
+        };
+        Error::check(code)
     }
 
     fn deliver_raw_attempt<I: RawItem>(&self, slot: &Arc<Mutex<Option<I>>>, timeout_ms: c_int) -> Result<(), Error> {
