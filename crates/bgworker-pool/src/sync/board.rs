@@ -53,7 +53,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::control::Control;
+use crate::sync::control::Control;
 
 /// A job's id: unique within its pool, from 1.
 pub type Id = u64;

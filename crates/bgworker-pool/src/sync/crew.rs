@@ -12,7 +12,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use crate::control::Control;
+use crate::sync::control::Control;
 
 pub struct Crew<F> {
     state: Mutex<State<F>>,

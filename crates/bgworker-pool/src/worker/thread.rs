@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::board::Board;
-use crate::crew::Crew;
-use crate::events::Events;
-use crate::interrupt::Interrupt;
-use crate::job::{Job, Outcome};
-use crate::value::{ErrorValue, Values};
-use crate::worker_state::{Setup, WorkerState};
+use crate::lua::events::Events;
+use crate::sync::board::Board;
+use crate::sync::crew::Crew;
+use crate::worker::interrupt::Interrupt;
+use crate::worker::job::{Job, Outcome};
+use crate::worker::state::{Setup, WorkerState};
+use crate::worker::value::{ErrorValue, Values};
 
 /// Why a worker did not start: its init raised `error` (with its
 /// traceback), or its state could not be made.
