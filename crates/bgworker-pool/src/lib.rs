@@ -14,11 +14,12 @@
 //! workers also post their events through `lua::events`.
 //!
 //! - `sync/`: the concurrency the workers and the Lua thread share, free
-//!   of Lua and of `unsafe`.
+//!   of Lua and of `unsafe`, checked by loom models.
 //!   - `board`: the queue and every live job's state; `stats`' counts.
 //!   - `outbox`: events on their way out, and when a carrier is needed.
 //!   - `control`: one task's cancel flag and its progress items in flight.
 //!   - `crew`: the workers as a group: which started, failed, ended.
+//!   - `locks`: std's locks, or loom's under `--cfg loom`.
 //! - `worker/`: a worker thread and its Lua state.
 //!   - `thread`: a worker's body: state, init, then jobs until closed.
 //!   - `state`: its Lua state, made and used on its thread only.
@@ -159,17 +160,25 @@
 //! closing or collecting it does nothing (its threads are the parent's,
 //! and a lock one of them held at the fork stays held in the child).
 
-mod lua;
+// Under `--cfg loom`, only the Lua-free layer is built: its models need no
+// Lua, and Cargo.toml leaves mlua out. Most of its functions then lack
+// their callers.
+#[cfg_attr(loom, allow(dead_code))]
 mod sync;
+
+#[cfg(not(loom))]
+mod lua;
+#[cfg(not(loom))]
 mod worker;
 
 // They embed a Lua: `vendored` builds only.
-#[cfg(all(test, feature = "vendored"))]
+#[cfg(all(test, feature = "vendored", not(loom)))]
 mod tests;
 
+#[cfg(not(loom))]
 pub use lua::module::exports;
 
-#[cfg(feature = "module")]
+#[cfg(all(feature = "module", not(loom)))]
 #[mlua::lua_module(name = "bgworker_pool_native")]
 fn open(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
     exports(lua)

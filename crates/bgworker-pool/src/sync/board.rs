@@ -50,10 +50,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::sync::control::Control;
+use crate::sync::locks::{Condvar, Mutex, MutexGuard};
 
 /// A job's id: unique within its pool, from 1.
 pub type Id = u64;
@@ -527,5 +528,5 @@ impl<J> Board<J> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;

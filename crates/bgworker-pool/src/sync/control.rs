@@ -12,8 +12,9 @@
 //!   `release`, by the drop of the [`InFlight`] it returns: after its
 //!   item was decoded, or when the item was dropped unread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
+
+use crate::sync::locks::{AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Most progress items of one job in flight at once; a job that emits
 /// faster than the Lua thread drains waits in `progress()` for the
@@ -80,7 +81,7 @@ impl Control {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::thread;

@@ -9,10 +9,11 @@
 //! - Every wait takes a deadline: `None` only when the caller was given an
 //!   unbounded timeout.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use crate::sync::control::Control;
+use crate::sync::locks::{Condvar, Mutex, MutexGuard};
 
 pub struct Crew<F> {
     state: Mutex<State<F>>,
@@ -133,7 +134,7 @@ impl<F> Crew<F> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::thread;

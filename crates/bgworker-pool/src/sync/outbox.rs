@@ -19,7 +19,9 @@
 //!   no dispatcher can receive them.)
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::PoisonError;
+
+use crate::sync::locks::{Mutex, MutexGuard};
 
 pub struct Outbox<E> {
     state: Mutex<State<E>>,
@@ -69,7 +71,7 @@ impl<E> Outbox<E> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
