@@ -326,11 +326,29 @@ impl<J> Board<J> {
         }
     }
 
+    /// Worker `worker`'s loop, until the board closes: take a job
+    /// (waiting for one), `run` it, and hand its outcome to `deliver` when
+    /// `finish` says it is to be delivered. Each job's control is made
+    /// before the lock that starts it is taken.
+    pub fn serve<O>(&self, worker: usize, mut run: impl FnMut(&Taken<J>) -> O, mut deliver: impl FnMut(Id, O)) {
+        let mut spare = Some(Arc::default());
+        let mut next = self.take(worker, &mut spare);
+        while let Some(taken) = next {
+            let outcome = run(&taken);
+            spare.get_or_insert_with(Arc::default);
+            let (delivered, following) = self.finish(taken.id, taken.started, worker, &mut spare);
+            if delivered {
+                deliver(taken.id, outcome);
+            }
+            next = following.or_else(|| self.take(worker, &mut spare));
+        }
+    }
+
     /// For `worker`: the next queued job, now running, waiting for one;
     /// `None` once the board is closed (its queues are then empty). The
     /// job's control is taken from `spare` when there is one there (made
     /// out of the locks by the caller).
-    pub fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
+    fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
         let mut now = Instant::now();
         loop {
             let mut state = self.lock();
@@ -363,7 +381,7 @@ impl<J> Board<J> {
     /// or `lose` ends the job), false when it was cancelled meanwhile. In
     /// the same lock, the worker's next job if one is queued (as `take`
     /// gives it, without waiting): a busy worker locks once per job.
-    pub fn finish(
+    fn finish(
         &self,
         id: Id,
         started: Instant,
@@ -530,3 +548,4 @@ impl<J> Board<J> {
 
 #[cfg(all(test, not(loom)))]
 mod tests;
+

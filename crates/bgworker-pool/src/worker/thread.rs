@@ -47,16 +47,9 @@ pub fn work(worker: Worker) {
         }
     }
     worker.crew.ready();
-    // The control of the next job, made before the board's lock is taken.
-    let mut spare = Some(Arc::default());
-    let mut next = worker.board.take(worker.index, &mut spare);
-    while let Some(taken) = next {
-        let outcome = state.run(&taken.control, Some(taken.id), &taken.job.func, &taken.job.args);
-        spare.get_or_insert_with(Arc::default);
-        let (deliver, following) = worker.board.finish(taken.id, taken.started, worker.index, &mut spare);
-        if deliver {
-            worker.events.outcome(taken.id, outcome);
-        }
-        next = following.or_else(|| worker.board.take(worker.index, &mut spare));
-    }
+    worker.board.serve(
+        worker.index,
+        |taken| state.run(&taken.control, Some(taken.id), &taken.job.func, &taken.job.args),
+        |id, outcome| worker.events.outcome(id, outcome),
+    );
 }
