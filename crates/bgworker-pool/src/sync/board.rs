@@ -549,3 +549,5 @@ impl<J> Board<J> {
 #[cfg(all(test, not(loom)))]
 mod tests;
 
+#[cfg(all(test, loom))]
+mod loom_model;
