@@ -175,3 +175,39 @@ mod tests {
         late.join().unwrap();
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use crate::sync::locks::bounded_model;
+    use loom::thread;
+
+    /// Two workers: the first finishes its init, the second's fails; each
+    /// then ends. `new` (the main thread) waits for the startup, then, as
+    /// `close` does, for the ends: it sees the failure and both ends,
+    /// whatever the order (loom reports a deadlock if a wait sleeps
+    /// through the report it waits for).
+    #[test]
+    fn startup_and_close_never_miss_a_workers_report() {
+        bounded_model(|| {
+            let crew = Arc::new(Crew::new(2));
+            let workers: Vec<_> = [Ok(()), Err("init raised")]
+                .into_iter()
+                .enumerate()
+                .map(|(worker, init)| {
+                    let crew = Arc::clone(&crew);
+                    thread::spawn(move || {
+                        let _ending = crew.ending(worker);
+                        match init {
+                            Ok(()) => crew.ready(),
+                            Err(failure) => crew.failed(failure),
+                        }
+                    })
+                })
+                .collect();
+            assert!(matches!(crew.wait_startup(None), Startup::Failed("init raised")));
+            assert_eq!(crew.wait_ended(None), [true, true]);
+            workers.into_iter().for_each(|worker| worker.join().unwrap());
+        });
+    }
+}

@@ -15,3 +15,14 @@ pub use std::sync::{
     atomic::{AtomicBool, Ordering},
     Condvar, Mutex, MutexGuard,
 };
+
+/// Run a loom model with at most 3 preemptions per execution, unless
+/// `LOOM_MAX_PREEMPTIONS` asks for another bound: bugs need few, and a
+/// model of three threads that notify out of their locks otherwise
+/// takes half a minute or more.
+#[cfg(all(test, loom))]
+pub fn bounded_model(model: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound.get_or_insert(3);
+    builder.check(model);
+}
