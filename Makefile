@@ -165,7 +165,7 @@ lint:
 cargo-test:
 	$(CARGO) test --quiet -p bgworker
 	BGWORKER_LUA_INCDIR=$(call lua_incdir,5.4) $(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
-	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom --lib loom
+	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom -p bgworker -p bgworker-pool --lib loom
 
 specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 

@@ -8,6 +8,32 @@
 //! `on_events` on the Lua thread. The Lua layer (`lua/bgworker/pool.lua`)
 //! checks and dumps functions, keeps job handles and documents the API.
 //!
+//! # Map
+//!
+//! Three layers, a folder each; a layer uses the ones above it, and the
+//! workers also post their events through `lua::events`.
+//!
+//! - `sync/`: the concurrency the workers and the Lua thread share, free
+//!   of Lua and of `unsafe`, checked by loom models.
+//!   - `board`: the queue and every live job's state; `stats`' counts.
+//!   - `outbox`: events on their way out, and when a carrier is needed.
+//!   - `control`: one task's cancel flag and its progress items in flight.
+//!   - `crew`: the workers as a group: which started, failed, ended.
+//!   - `locks`: std's locks, or loom's under `--cfg loom`.
+//! - `worker/`: a worker thread and its Lua state.
+//!   - `thread`: a worker's body: state, init, then jobs until closed.
+//!   - `state`: its Lua state, made and used on its thread only.
+//!   - `worker.lua`: the state's setup: error handler, `pcall` and resume wrappers.
+//!   - `interrupt`: how a cancel stops running Lua code (SIGURG, a hook).
+//!   - `job`: what a worker runs (a function, its arguments) and its outcome.
+//!   - `value`: values copied between Lua states.
+//!   - `raw`: C API tools of the hot paths, on both threads.
+//! - `lua/`: the binding, on the Lua thread.
+//!   - `module`: the module table and the pool's methods (the contract below).
+//!   - `pool`: a pool: starts, cancels, closes and joins its workers.
+//!   - `events`: progress and outcomes carried to `on_events` through the core.
+//!   - `fork`: a pool refuses to work in a forked child.
+//!
 //! # The contract with the Lua layer
 //!
 //! ```lua
@@ -83,7 +109,7 @@
 //! cancelled; a notice, not an outcome, so it may follow the job's
 //! progress events by any distance, and it comes once).
 //! A job's results, and a progress event's values, are at most
-//! [`MAX_VALUES`](value::MAX_VALUES) (7900 on Lua 5.1 and LuaJIT, 100,000
+//! [`MAX_VALUES`](worker::value::MAX_VALUES) (7900 on Lua 5.1 and LuaJIT, 100,000
 //! on later versions): as many as the Lua thread can unpack. A job that
 //! returns more fails with a message.
 //!
@@ -91,7 +117,7 @@
 //! cross as results do; raises at the caller for one that cannot, for more
 //! than `MAX_VALUES` of them, outside a job, and once the job is cancelled;
 //! waits while
-//! [`PROGRESS_IN_FLIGHT`](control::PROGRESS_IN_FLIGHT) (64) of the job's
+//! [`PROGRESS_IN_FLIGHT`](sync::control::PROGRESS_IN_FLIGHT) (64) of the job's
 //! events are delivered but not yet decoded, so a job that emits faster than
 //! the loop drains is slowed, not buffered) and `cancelled()` (true once
 //! the running job is cancelled; false in init).
@@ -134,28 +160,25 @@
 //! closing or collecting it does nothing (its threads are the parent's,
 //! and a lock one of them held at the fork stays held in the child).
 
-mod board;
-mod control;
-mod crew;
-mod events;
-mod fork;
-mod interrupt;
-mod job;
-mod module;
-mod outbox;
-mod pool;
-mod raw;
-mod value;
+// Under `--cfg loom`, only the Lua-free layer is built: its models need no
+// Lua, and Cargo.toml leaves mlua out. Most of its functions then lack
+// their callers.
+#[cfg_attr(loom, allow(dead_code))]
+mod sync;
+
+#[cfg(not(loom))]
+mod lua;
+#[cfg(not(loom))]
 mod worker;
-mod worker_state;
 
 // They embed a Lua: `vendored` builds only.
-#[cfg(all(test, feature = "vendored"))]
+#[cfg(all(test, feature = "vendored", not(loom)))]
 mod tests;
 
-pub use module::exports;
+#[cfg(not(loom))]
+pub use lua::module::exports;
 
-#[cfg(feature = "module")]
+#[cfg(all(feature = "module", not(loom)))]
 #[mlua::lua_module(name = "bgworker_pool_native")]
 fn open(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
     exports(lua)

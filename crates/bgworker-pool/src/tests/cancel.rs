@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::Fixture;
-use crate::events::BATCH;
+use crate::lua::events::BATCH;
 
 /// Submit `body` (a Lua function expression) to `p` as `victim`, wait
 /// until it runs, cancel it, and check its worker then runs the next job.

@@ -120,7 +120,7 @@ fn too_many_values_fail_their_job_only() {
         progress = submit(p, values, max + 1, true)
         after = submit(p, function() return "after" end)
         "#,
-        crate::value::MAX_VALUES
+        crate::worker::value::MAX_VALUES
     ));
     f.serve_until("outcome(after)");
     f.exec(

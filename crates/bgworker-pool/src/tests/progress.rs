@@ -1,7 +1,7 @@
 //! Progress: order, the bound on events in flight, bad values.
 
 use super::Fixture;
-use crate::events::BATCH;
+use crate::lua::events::BATCH;
 
 #[test]
 fn progress_arrives_in_order_before_the_outcome() {

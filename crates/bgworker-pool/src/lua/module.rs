@@ -14,12 +14,12 @@ use std::time::Duration;
 use mlua::ffi::*;
 use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 
-use crate::board::{Cancelled, Id, Status};
-use crate::job::{Func, Job, Recent};
-use crate::pool::{Options, Pool, Refused};
-use crate::raw::{bytes_at, push_str, type_name};
-use crate::value::Values;
-use crate::worker_state::Setup;
+use crate::lua::pool::{Options, Pool, Refused};
+use crate::sync::board::{Cancelled, Id, Status};
+use crate::worker::job::{Func, Job, Recent};
+use crate::worker::raw::{bytes_at, push_str, type_name};
+use crate::worker::state::Setup;
+use crate::worker::value::Values;
 
 /// Most threads a pool may have.
 pub const MAX_THREADS: usize = 1024;
@@ -455,8 +455,8 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     exports.set("new", lua.create_function(new)?)?;
     exports.set("cpus", thread::available_parallelism().map_or(1, |n| n.get()))?;
     exports.set("MAX_THREADS", MAX_THREADS)?;
-    exports.set("CLOSE_TIMEOUT", crate::pool::CLOSE_TIMEOUT.as_secs_f64())?;
-    exports.set("PROGRESS_IN_FLIGHT", crate::control::PROGRESS_IN_FLIGHT)?;
-    exports.set("MAX_VALUES", crate::value::MAX_VALUES)?;
+    exports.set("CLOSE_TIMEOUT", crate::lua::pool::CLOSE_TIMEOUT.as_secs_f64())?;
+    exports.set("PROGRESS_IN_FLIGHT", crate::sync::control::PROGRESS_IN_FLIGHT)?;
+    exports.set("MAX_VALUES", crate::worker::value::MAX_VALUES)?;
     Ok(exports)
 }

@@ -50,10 +50,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::control::Control;
+use crate::sync::control::Control;
+use crate::sync::locks::{Condvar, Mutex, MutexGuard};
 
 /// A job's id: unique within its pool, from 1.
 pub type Id = u64;
@@ -325,11 +326,29 @@ impl<J> Board<J> {
         }
     }
 
+    /// Worker `worker`'s loop, until the board closes: take a job
+    /// (waiting for one), `run` it, and hand its outcome to `deliver` when
+    /// `finish` says it is to be delivered. Each job's control is made
+    /// before the lock that starts it is taken.
+    pub fn serve<O>(&self, worker: usize, mut run: impl FnMut(&Taken<J>) -> O, mut deliver: impl FnMut(Id, O)) {
+        let mut spare = Some(Arc::default());
+        let mut next = self.take(worker, &mut spare);
+        while let Some(taken) = next {
+            let outcome = run(&taken);
+            spare.get_or_insert_with(Arc::default);
+            let (delivered, following) = self.finish(taken.id, taken.started, worker, &mut spare);
+            if delivered {
+                deliver(taken.id, outcome);
+            }
+            next = following.or_else(|| self.take(worker, &mut spare));
+        }
+    }
+
     /// For `worker`: the next queued job, now running, waiting for one;
     /// `None` once the board is closed (its queues are then empty). The
     /// job's control is taken from `spare` when there is one there (made
     /// out of the locks by the caller).
-    pub fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
+    fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
         let mut now = Instant::now();
         loop {
             let mut state = self.lock();
@@ -362,7 +381,7 @@ impl<J> Board<J> {
     /// or `lose` ends the job), false when it was cancelled meanwhile. In
     /// the same lock, the worker's next job if one is queued (as `take`
     /// gives it, without waiting): a busy worker locks once per job.
-    pub fn finish(
+    fn finish(
         &self,
         id: Id,
         started: Instant,
@@ -527,5 +546,8 @@ impl<J> Board<J> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_model;

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use mlua::ffi::*;
 use mlua::{Lua, RegistryKey, Table};
 
-use crate::board::Id;
-use crate::control::Control;
-use crate::events::Events;
-use crate::interrupt::{self, Interrupt};
-use crate::job::{Func, Outcome};
-use crate::raw::{bytes_at, protect, push_str, registry_pointer};
-use crate::value::{ErrorValue, Values, MAX_VALUES};
+use crate::lua::events::Events;
+use crate::sync::board::Id;
+use crate::sync::control::Control;
+use crate::worker::interrupt::{self, Interrupt};
+use crate::worker::job::{Func, Outcome};
+use crate::worker::raw::{bytes_at, protect, push_str, registry_pointer};
+use crate::worker::value::{ErrorValue, Values, MAX_VALUES};
 
 /// What every worker's state starts from.
 pub struct Setup {

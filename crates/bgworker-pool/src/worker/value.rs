@@ -18,7 +18,7 @@ use std::ptr;
 
 use mlua::ffi::*;
 
-use crate::raw::{bytes_at, describe, push_str, type_name};
+use crate::worker::raw::{bytes_at, describe, push_str, type_name};
 
 /// Deepest table nesting that crosses: bounds the recursion of both copy and
 /// push, on threads whose stacks are of ordinary size.
@@ -249,7 +249,7 @@ impl Values {
 
     /// Push the values onto `state`'s stack; returns how many. It may raise
     /// (out of memory, or no stack space), and borrows only: call it where
-    /// raising is allowed ([`crate::raw::protect`], or a decode).
+    /// raising is allowed ([`crate::worker::raw::protect`], or a decode).
     ///
     /// # Safety
     /// `state` is valid, on its thread.

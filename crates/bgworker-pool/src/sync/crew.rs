@@ -9,10 +9,11 @@
 //! - Every wait takes a deadline: `None` only when the caller was given an
 //!   unbounded timeout.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use crate::control::Control;
+use crate::sync::control::Control;
+use crate::sync::locks::{Condvar, Mutex, MutexGuard};
 
 pub struct Crew<F> {
     state: Mutex<State<F>>,
@@ -133,7 +134,7 @@ impl<F> Crew<F> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::thread;
@@ -172,5 +173,41 @@ mod tests {
         });
         assert_eq!(crew.wait_ended(None), [true, true]);
         late.join().unwrap();
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use crate::sync::locks::bounded_model;
+    use loom::thread;
+
+    /// Two workers: the first finishes its init, the second's fails; each
+    /// then ends. `new` (the main thread) waits for the startup, then, as
+    /// `close` does, for the ends: it sees the failure and both ends,
+    /// whatever the order (loom reports a deadlock if a wait sleeps
+    /// through the report it waits for).
+    #[test]
+    fn startup_and_close_never_miss_a_workers_report() {
+        bounded_model(|| {
+            let crew = Arc::new(Crew::new(2));
+            let workers: Vec<_> = [Ok(()), Err("init raised")]
+                .into_iter()
+                .enumerate()
+                .map(|(worker, init)| {
+                    let crew = Arc::clone(&crew);
+                    thread::spawn(move || {
+                        let _ending = crew.ending(worker);
+                        match init {
+                            Ok(()) => crew.ready(),
+                            Err(failure) => crew.failed(failure),
+                        }
+                    })
+                })
+                .collect();
+            assert!(matches!(crew.wait_startup(None), Startup::Failed("init raised")));
+            assert_eq!(crew.wait_ended(None), [true, true]);
+            workers.into_iter().for_each(|worker| worker.join().unwrap());
+        });
     }
 }

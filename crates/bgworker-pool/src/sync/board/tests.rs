@@ -144,20 +144,18 @@ fn under_contention_each_job_ends_exactly_once_and_the_counts_add_up() {
         .map(|worker| {
             let (board, endings) = (Arc::clone(&board), Arc::clone(&endings));
             thread::spawn(move || {
-                let mut spare = None;
-                let mut next = board.take(worker, &mut spare);
-                while let Some(taken) = next {
-                    let (deliver, following) = board.finish(taken.id, taken.started, worker, &mut spare);
-                    if deliver {
-                        if taken.job % 5 == 0 {
-                            board.lose([taken.id]);
+                board.serve(
+                    worker,
+                    |taken| taken.job,
+                    |id, job| {
+                        if job % 5 == 0 {
+                            board.lose([id]);
                         } else {
-                            board.settle([(taken.id, taken.job % 2 == 0)]);
+                            board.settle([(id, job % 2 == 0)]);
                         }
-                        end(&endings, taken.id);
-                    }
-                    next = following.or_else(|| board.take(worker, &mut spare));
-                }
+                        end(&endings, id);
+                    },
+                )
             })
         })
         .collect();

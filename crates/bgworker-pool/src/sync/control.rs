@@ -12,8 +12,9 @@
 //!   `release`, by the drop of the [`InFlight`] it returns: after its
 //!   item was decoded, or when the item was dropped unread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
+
+use crate::sync::locks::{AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Most progress items of one job in flight at once; a job that emits
 /// faster than the Lua thread drains waits in `progress()` for the
@@ -80,7 +81,7 @@ impl Control {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::thread;
@@ -111,5 +112,46 @@ mod tests {
         control.cancel();
         assert!(!waiter.join().unwrap(), "a cancel ends the wait empty-handed");
         assert!(control.reserve(5).is_none(), "nothing is reserved once cancelled");
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::thread;
+
+    /// A worker's `progress` waits for room while the one item in flight
+    /// stays there (bound 1).
+    fn waiting_for_room(control: &Arc<Control>) -> thread::JoinHandle<bool> {
+        let control = Arc::clone(control);
+        thread::spawn(move || control.reserve(1).is_some())
+    }
+
+    /// The Lua thread cancels the task while a worker waits for room, or
+    /// is about to: the waiter comes back empty-handed (loom reports a
+    /// deadlock if it sleeps through the cancel).
+    #[test]
+    fn a_waiter_never_misses_a_cancellation() {
+        loom::model(|| {
+            let control = Arc::new(Control::default());
+            let _in_flight = control.reserve(1).unwrap();
+            let waiter = waiting_for_room(&control);
+            control.cancel();
+            assert!(!waiter.join().unwrap(), "room was made after a cancel");
+        });
+    }
+
+    /// The Lua thread decodes the item in flight while a worker waits for
+    /// room: the waiter gets its item, and releases it.
+    #[test]
+    fn a_waiter_never_misses_a_release() {
+        loom::model(|| {
+            let control = Arc::new(Control::default());
+            let in_flight = control.reserve(1).unwrap();
+            let waiter = waiting_for_room(&control);
+            drop(in_flight);
+            assert!(waiter.join().unwrap());
+            assert_eq!(control.in_flight(), 0, "every reserve released once");
+        });
     }
 }

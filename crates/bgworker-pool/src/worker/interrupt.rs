@@ -93,8 +93,8 @@ use mlua::ffi::{
     lua_tothread, LUA_MASKCOUNT, LUA_REGISTRYINDEX,
 };
 
-use crate::control::Control;
-use crate::raw::registry_pointer;
+use crate::sync::control::Control;
+use crate::worker::raw::registry_pointer;
 
 /// The signal that interrupts a worker: SIGURG, as the Go runtime uses for
 /// the same purpose, since its default action is to ignore it and almost

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::value::{ErrorValue, Values};
+use crate::worker::value::{ErrorValue, Values};
 
 /// The function of a task: a job's, or a pool's init.
 #[derive(PartialEq, Eq)]

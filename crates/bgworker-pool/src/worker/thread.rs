@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::board::Board;
-use crate::crew::Crew;
-use crate::events::Events;
-use crate::interrupt::Interrupt;
-use crate::job::{Job, Outcome};
-use crate::value::{ErrorValue, Values};
-use crate::worker_state::{Setup, WorkerState};
+use crate::lua::events::Events;
+use crate::sync::board::Board;
+use crate::sync::crew::Crew;
+use crate::worker::interrupt::Interrupt;
+use crate::worker::job::{Job, Outcome};
+use crate::worker::state::{Setup, WorkerState};
+use crate::worker::value::{ErrorValue, Values};
 
 /// Why a worker did not start: its init raised `error` (with its
 /// traceback), or its state could not be made.
@@ -47,16 +47,9 @@ pub fn work(worker: Worker) {
         }
     }
     worker.crew.ready();
-    // The control of the next job, made before the board's lock is taken.
-    let mut spare = Some(Arc::default());
-    let mut next = worker.board.take(worker.index, &mut spare);
-    while let Some(taken) = next {
-        let outcome = state.run(&taken.control, Some(taken.id), &taken.job.func, &taken.job.args);
-        spare.get_or_insert_with(Arc::default);
-        let (deliver, following) = worker.board.finish(taken.id, taken.started, worker.index, &mut spare);
-        if deliver {
-            worker.events.outcome(taken.id, outcome);
-        }
-        next = following.or_else(|| worker.board.take(worker.index, &mut spare));
-    }
+    worker.board.serve(
+        worker.index,
+        |taken| state.run(&taken.control, Some(taken.id), &taken.job.func, &taken.job.args),
+        |id, outcome| worker.events.outcome(id, outcome),
+    );
 }

@@ -30,7 +30,7 @@
 //! a dispatcher that starts after the refusal finds them there, and one
 //! that started before it receives the notice: no lost job goes unheard.
 //!
-//! [`MAX_VALUES`]: crate::value::MAX_VALUES
+//! [`MAX_VALUES`]: crate::worker::value::MAX_VALUES
 
 use std::ffi::c_int;
 use std::ptr;
@@ -43,12 +43,12 @@ use mlua::ffi::{
 };
 use mlua::{Function, Lua, RegistryKey};
 
-use crate::board::{Board, Id};
-use crate::control::{Control, InFlight, PROGRESS_IN_FLIGHT};
-use crate::job::{Job, Outcome};
-use crate::outbox::Outbox;
-use crate::raw::push_str;
-use crate::value::Values;
+use crate::sync::board::{Board, Id};
+use crate::sync::control::{Control, InFlight, PROGRESS_IN_FLIGHT};
+use crate::sync::outbox::Outbox;
+use crate::worker::job::{Job, Outcome};
+use crate::worker::raw::push_str;
+use crate::worker::value::Values;
 
 /// Most events one carrier takes to an `on_events` handler. A carrier is
 /// one item of the dispatcher's budget, whatever it carries.
@@ -167,7 +167,7 @@ unsafe impl RawItem for Notice {
 
 /// Push `values` as a list `{n = count, [head,] values...}`, in a few
 /// stack slots whatever their count (the workers send at most
-/// [`MAX_VALUES`](crate::value::MAX_VALUES), which the Lua thread can
+/// [`MAX_VALUES`](crate::worker::value::MAX_VALUES), which the Lua thread can
 /// then unpack).
 ///
 /// # Safety

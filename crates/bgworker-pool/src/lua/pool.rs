@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua};
 
-use crate::board::{Board, Cancelled, Id, Snapshot, Status};
-use crate::crew::{Crew, Startup};
-use crate::events::Events;
-use crate::fork;
-use crate::interrupt::{self, Interrupt};
-use crate::job::Job;
-use crate::worker::{self, InitFailure, Worker};
-use crate::worker_state::Setup;
+use crate::lua::events::Events;
+use crate::lua::fork;
+use crate::sync::board::{Board, Cancelled, Id, Snapshot, Status};
+use crate::sync::crew::{Crew, Startup};
+use crate::worker::interrupt::{self, Interrupt};
+use crate::worker::job::Job;
+use crate::worker::state::Setup;
+use crate::worker::thread::{self as worker, InitFailure, Worker};
 
 /// How long `close` waits for the workers by default (the Lua layer's
 /// default; this module's `close` takes it as an argument).
