@@ -168,7 +168,7 @@ end
 -- What to call, by name, each time a dispatcher takes a run of the core.
 local start_hooks = {}
 
---- Call `fn(dispatcher)` each time a dispatcher takes a run of the core
+--- Call `fn()` each time a dispatcher takes a run of the core
 -- (in protected mode: an error goes to its error handler), for the
 -- utility modules that must redeliver what was dropped while none ran.
 -- `name` (the module's) replaces the hook of that name.
@@ -189,7 +189,7 @@ function Dispatcher:adopt_run()
   self.baseline = core.stats()
   current[1] = self
   for _, hook in pairs(start_hooks) do
-    self:call_reporting(hook, self)
+    self:call_reporting(hook)
   end
 end
 
@@ -488,10 +488,10 @@ function Dispatcher:dispatch(limit)
   return (self:drain_and_rewake(limit or self.budget))
 end
 
---- Call `fn(...)` in protected mode; an error goes to the error handler.
--- For the loops' timers and the start hooks.
-function Dispatcher:call_reporting(fn, ...)
-  local ok, err, tb = self.call(fn, ...)
+--- Call `fn()` in protected mode; an error goes to the error handler. For
+-- the loops' timers and the start hooks.
+function Dispatcher:call_reporting(fn)
+  local ok, err, tb = self.call(fn)
   if not ok then
     self:report(err, tb)
   end

@@ -103,8 +103,17 @@ end
 local DONE = {}
 local pool, npool = {}, 0
 
+-- `worker` hands the values to `idle` by a tail call, so that a worker
+-- waiting in the pool holds neither the function it ran nor its arguments
+-- (a dispatcher passed as one stayed reachable, and was never collected).
+local idle
+
 local function worker(f, ...)
-  return worker(yield(DONE, f(...)))
+  return idle(f(...))
+end
+
+function idle(...)
+  return worker(yield(DONE, ...))
 end
 
 local OUTSIDE = "attempt to yield from outside a coroutine"
