@@ -4,7 +4,8 @@
 -- comes back with a traceback and the next call goes on after it; decode
 -- errors read as poll()'s; every item is freed exactly once (testutil's
 -- counters); round trips work; a callback that stops the run ends the
--- drain; callbacks may yield through it on Lua 5.2+.
+-- drain; a callback that cuts it ends it; callbacks may yield through it
+-- on Lua 5.2+.
 
 local core = require "bgworker.core"
 local support = require "support"
@@ -199,6 +200,30 @@ describe("core.drain", function()
     assert.same({ 2, false, n = 2 }, inner)
     assert.equal(1, core.pending())
     assert.same({ 1, true, n = 2 }, drained(10))
+    assert_all_freed()
+  end)
+
+  it("ends after a callback that cuts it, leaving the rest queued; a cut reaches one drain only", function()
+    start()
+    local got = {}
+    join(produce { items = 8, callback = function(_, seq)
+      got[#got + 1] = seq
+      if seq == 2 or seq == 5 then core.drain_cut() end
+      if seq == 4 then
+        -- The inner drain's cut ends the inner drain only.
+        assert.same({ 1, false, n = 2 }, pack(core.drain(10)))
+      end
+    end })
+    woken()
+    assert.same({ 2, false, n = 2 }, drained(10))
+    -- Items 3, 4 and 6 to 8: 4's inner drain took 5, whose cut ended it.
+    assert.same({ 5, true, n = 2 }, drained(10))
+    assert.same({ 1, 2, 3, 4, 5, 6, 7, 8 }, got)
+    -- A cut outside any drain reaches none.
+    core.drain_cut()
+    join(produce { items = 2, callback = function() end })
+    woken()
+    assert.same({ 2, true, n = 2 }, drained(10))
     assert_all_freed()
   end)
 

@@ -16,6 +16,23 @@ local ticker = require "bgworker_ticker"
 
 local produce, join, collector = support.produce, support.join, support.collector
 
+-- A pool job that sends progress 1..n as fast as its worker can, and
+-- returns n.
+local function flood(n)
+  local progress = require("bgworker.worker").progress
+  for i = 1, n do progress(i) end
+  return n
+end
+
+-- The longest time between two of `stamps` (ascending).
+local function longest_gap(stamps)
+  local worst = 0
+  for i = 2, #stamps do
+    worst = math.max(worst, stamps[i] - stamps[i - 1])
+  end
+  return worst
+end
+
 describe("every loop's dispatcher", function()
   setup(support.stop_core)
 
@@ -373,6 +390,84 @@ describe("every loop's dispatcher", function()
         loop.after(0.02, function() d:stop() end)
         assert.is_false(loop.run(5))
         assert.same({ nil, "stopped" }, got)
+      end)
+    end)
+
+    describe("with callbacks that take time", function()
+      -- A pool's carrier item holds up to 32 events: counting items alone,
+      -- one drain ran thousands of handlers. Every progress handler counts
+      -- in the budget, and a drain ends after a slice of a few milliseconds.
+      local pool = require "bgworker.pool"
+      local socket = require "socket"
+
+      it("keeps get's timeout and the loop's other work on time while a job floods a slow" ..
+        " progress handler, and loses nothing", function()
+        new()
+        local p = pool.new { threads = 1 }
+        local n = support.size(1500, 300)
+        local seen, outcome = {}, nil
+        local ticks, flooding = {}, true
+        local function tick()
+          ticks[#ticks + 1] = core.now()
+          if flooding then loop.after(0.01, tick) end
+        end
+        tick()
+        local first, waited, last
+        loop.go(function()
+          local job = p:submit(flood, n, function(...) outcome = { #seen, ... } end)
+          job:on_progress(function(i)
+            seen[#seen + 1] = i
+            socket.sleep(0.001)
+          end)
+          local t0 = core.now()
+          first = { job:get(0.2) }
+          waited = core.now() - t0
+          last = { job:get() }
+          flooding = false
+          d:stop()
+        end)
+        assert.is_false(loop.run(60))
+        p:close(0)
+        -- About 1.5 s of handlers, which one drain used to run at once.
+        assert.is_true(waited >= 0.195 and waited < 0.3, ("get(0.2) returned after %.3f s"):format(waited))
+        local gap = longest_gap(ticks)
+        assert.is_true(gap < 0.15, ("the loop's timer waited %.3f s for a turn"):format(gap))
+        assert.same({ nil, "timeout" }, first)
+        -- Every event once, in order, and the outcome after them.
+        assert.same({ true, n }, last)
+        assert.same({ n, true, n }, outcome)
+        assert.equals(n, #seen)
+        for i = 1, n do
+          if seen[i] ~= i then assert.equals(i, seen[i], "progress out of order") end
+        end
+      end)
+
+      it("counts every event of a job as a callback of the budget", function()
+        new { budget = 10 }
+        -- Drains counted where every loop calls them.
+        local drains, drain = 0, d.drain
+        function d.drain(...)
+          drains = drains + 1
+          return drain(...)
+        end
+        local p = pool.new { threads = 1 }
+        local seen = {}
+        loop.go(function()
+          local job = p:submit(flood, 200)
+          job:on_progress(function(i) seen[i] = drains end)
+          job:get()
+          d:stop()
+        end)
+        assert.is_false(loop.run(10))
+        p:close(0)
+        assert.equals(200, #seen)
+        local handlers = {}
+        for i = 1, 200 do
+          handlers[seen[i]] = (handlers[seen[i]] or 0) + 1
+        end
+        for at, count in pairs(handlers) do
+          assert.is_true(count <= 10, count .. " handlers in drain " .. at)
+        end
       end)
     end)
 

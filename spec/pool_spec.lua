@@ -103,6 +103,13 @@ local function spin(seconds)
   return "spun"
 end
 
+-- A job that sends progress 1..count as fast as it can, and returns "end".
+local function flood(count)
+  local progress = require("bgworker.worker").progress
+  for i = 1, count do progress(i) end
+  return "end"
+end
+
 local function started(job)
   local yes = false
   job:on_progress(function(what) yes = yes or what == "started" end)
@@ -832,6 +839,67 @@ describe("bgworker.pool", function()
       assert.equals("running", job:status())
       assert.same(pack(true, "end"), pack(job:get(60)))
       assert.equals(support.size(100000, 5000), last)
+    end)
+
+    it("keeps get's timeout outside a coroutine while a job floods a slow handler", function()
+      -- Every loop's coroutines: loop_contract_spec.lua. Here the caller
+      -- blocks, running the dispatcher.
+      local n = support.size(1500, 300)
+      local job = p:submit(flood, n)
+      local last = 0
+      job:on_progress(function(i)
+        assert(i == last + 1, "out of order")
+        last = i
+        socket.sleep(0.001)
+      end)
+      local t0 = core.now()
+      local first = pack(job:get(0.2))
+      local waited = core.now() - t0
+      -- About 1.5 s of handlers, which one drain used to run at once.
+      assert.is_true(waited >= 0.195 and waited < 0.3, ("get(0.2) returned after %.3f s"):format(waited))
+      assert.same(pack(nil, "timeout"), first)
+      assert.same(pack(true, "end"), pack(job:get(30)))
+      assert.equals(n, last)
+    end)
+
+    it("leaves the events a slice did not reach to the next slice, of the next dispatcher if it stops", function()
+      d:stop()
+      d = bgworker.new { budget = 5 }
+      local seen = {}
+      local job = p:submit(flood, 20)
+      job:on_progress(function(i) seen[#seen + 1] = i end)
+      -- The job ends before anything is dispatched: one carrier takes all.
+      socket.sleep(0.2)
+      d:dispatch()
+      assert.is_true(#seen >= 1 and #seen <= 5, #seen .. " handlers in a drain of budget 5")
+      d:stop()
+      d = bgworker.new()
+      assert.same(pack(true, "end"), pack(job:get(5)))
+      local all = {}
+      for i = 1, 20 do all[i] = i end
+      assert.same(all, seen)
+    end)
+
+    it("reports each error of a slow handler that raises, in order, and keeps get's timeout", function()
+      local errors, handler = support.collector()
+      d:stop()
+      d = bgworker.new { errorhandler = handler }
+      local n = support.size(500, 100)
+      local job = p:submit(flood, n)
+      job:on_progress(function(i)
+        socket.sleep(0.001)
+        error("progress " .. i, 0)
+      end)
+      local t0 = core.now()
+      local first = pack(job:get(0.1))
+      local waited = core.now() - t0
+      assert.is_true(waited >= 0.095 and waited < 0.2, ("get(0.1) returned after %.3f s"):format(waited))
+      assert.same(pack(nil, "timeout"), first)
+      assert.same(pack(true, "end"), pack(job:get(30)))
+      assert.equals(n, #errors)
+      for i = 1, n do
+        if errors[i].err ~= "progress " .. i then assert.equals("progress " .. i, errors[i].err) end
+      end
     end)
 
     it("ends with a cancelled job, whose handler gets nothing more", function()

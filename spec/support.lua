@@ -346,7 +346,10 @@ function support.copas_until(cond, timeout)
     if socket.gettime() > deadline then return false end
     copas.step(0.01)
     support.copas_steps = support.copas_steps + 1
-    for hook in pairs(support.copas_step_hooks) do hook() end
+    -- A hook may add hooks and remove itself: call those of before the step.
+    local hooks = {}
+    for hook in pairs(support.copas_step_hooks) do hooks[#hooks + 1] = hook end
+    for _, hook in ipairs(hooks) do hook() end
   end
   return true
 end

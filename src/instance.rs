@@ -319,6 +319,9 @@ pub struct DrainState {
     /// Items taken so far by the innermost drain in progress (its budget
     /// counts them, the failed one included).
     pub taken: usize,
+    /// The innermost drain in progress ends after the running callback
+    /// (`drain_cut()`).
+    pub cut: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -13,8 +13,8 @@
 -- Callbacks may yield (do Copas I/O, sleep) on every Lua version. Without
 -- `spawn` they run one after the other in the reader thread, so a callback
 -- that waits delays the ones after it; with `spawn` each runs in a Copas
--- thread of its own. After `budget` items the reader lets the other Copas
--- threads run, then goes on. With Copas 4, `d:stop()` lets `copas.loop()`
+-- thread of its own. After `budget` callbacks, or 5 ms of them, the reader
+-- lets the other Copas threads run, then goes on. With Copas 4, `d:stop()` lets `copas.loop()`
 -- return, and (4.8 or later) `copas.exit()` stops the dispatcher.
 --
 -- Waiting (`bgworker.await`, `job:get`) suspends only the calling Copas

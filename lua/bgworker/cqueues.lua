@@ -17,8 +17,8 @@
 -- Callbacks run one after the other in the coroutine that dispatches, each
 -- in protected mode: an error goes to the error handler, and the others
 -- still run. They may yield to the controller (`cqueues.sleep`, cqueues
--- sockets) on every Lua version. After `budget` items `loop` lets the
--- controller run its other coroutines before it goes on. `d:stop()` wakes
+-- sockets) on every Lua version. After `budget` callbacks, or 5 ms of them,
+-- `loop` lets the controller run its other coroutines before it goes on. `d:stop()` wakes
 -- the coroutine that waits in `loop`, which then returns, so `cq:loop()`
 -- can end.
 --
@@ -105,7 +105,7 @@ function Cqueues:loop()
   self.controller = cqueues.running()
   local total, budget = 0, self.budget
   while not self.stopped do
-    -- After a batch that spent the budget the descriptor is still readable:
+    -- After a drain that spent its slice the descriptor is still readable:
     -- this poll lets the controller run the others, then returns.
     cpoll(self)
     if self.stopped then

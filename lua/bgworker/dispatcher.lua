@@ -2,10 +2,11 @@
 --
 -- A dispatcher starts the core with a wake-up signal its loop can wait on,
 -- and when woken takes items with `core.poll()` until the queue is empty or
--- its budget is spent, calling each callback in protected mode and handing
--- each error to its error handler. Each loop (bgworker.select, .copas, .luv,
--- .cqueues, .ngx) is a class made by `class`; it adds how its loop waits and
--- how a coroutine is suspended there. The base owns the rest: options,
+-- its slice is spent (its budget of callbacks, or `SLICE` seconds), calling
+-- each callback in protected mode and handing each error to its error
+-- handler. Each loop (bgworker.select, .copas, .luv, .cqueues, .ngx) is a
+-- class made by `class`; it adds how its loop waits and how a coroutine is
+-- suspended there. The base owns the rest: options,
 -- start, stop, the drain, stats, calls deferred to the next drain, and
 -- waiters (how `bgworker.await` and `job:get` suspend their caller).
 --
@@ -18,24 +19,33 @@
 --     it holds `core.guard()`, and this module refers to it weakly only.
 --   * Every waiter of a dispatcher ends: woken, timed out, or, when the
 --     dispatcher stops, with "stopped".
+--   * A drain returns to its loop after one slice: `budget` callbacks or
+--     `SLICE` seconds, whichever ends first (the time overrun by about one
+--     callback when they cost alike: see "Slices"). A wait's deadline is
+--     looked at between drains, so it holds within about that much.
 
 local core = require "bgworker.core"
 local args = require "bgworker.args"
 local protect = require "bgworker.protect"
 
 local poll, wake, drain = core.poll, core.wake, core.drain
-local drain_yieldable = core.drain_yieldable
+local drain_cut, drain_yieldable = core.drain_cut, core.drain_yieldable
 local error, getmetatable, next, pairs, pcall, select, setmetatable = error, getmetatable, next,
   pairs, pcall, select, setmetatable
 local tostring, type = tostring, type
 local floor = math.floor
+local clock = core.now
 local unpack = table.unpack or unpack
 local running = coroutine.running
 
 local M = {}
 
---- Items a dispatcher handles before it lets others run, by default.
+--- Callbacks a drain runs before it lets the loop run, by default.
 M.DEFAULT_BUDGET = 1000
+
+--- Seconds a drain runs callbacks before it lets the loop run (checked
+-- between callbacks: see "Slices").
+M.SLICE = 0.005
 
 --- The default error handler: writes the traceback (which starts with the
 -- message) to stderr.
@@ -46,6 +56,14 @@ end
 -- The dispatcher that started the core's current run, if any. Weak, so that
 -- a dispatcher nobody references can be collected (and so stopped).
 local current = setmetatable({}, { __mode = "v" })
+
+-- Calls carried over to the next slice, `f(x)` as `carried[x] = f` (see
+-- "Slices"), and whether there may be any (a flag: cheaper than `next` on
+-- every drain). `x` is held weakly, so that a pool nobody references is
+-- still collected. Not a dispatcher's own: what a dispatcher that stops
+-- leaves, the next one runs.
+local WEAK_KEYS = { __mode = "k" }
+local carried, any_carried = setmetatable({}, WEAK_KEYS), false
 
 local Dispatcher = {}
 M.Dispatcher = Dispatcher
@@ -133,12 +151,17 @@ function M.open(class, fname, opts)
     return nil, msg
   end
   local self = setmetatable({
+    -- Callbacks per drain (see "Slices").
     budget = opts.budget or M.DEFAULT_BUDGET,
     errorhandler = opts.errorhandler or M.default_errorhandler,
     call = protect.call,
     stopped = false,
     -- The drain's item count (see `handle_items`).
     count = 0,
+    -- Seconds per callback in the last slice, if any, and a slice to
+    -- reuse (see "Slices").
+    pace = nil,
+    spare_slice = nil,
     -- Callbacks run and errors reported by this dispatcher.
     dispatched = 0,
     errors = 0,
@@ -190,6 +213,10 @@ function Dispatcher:adopt_run()
   current[1] = self
   for _, hook in pairs(start_hooks) do
     self:call_reporting(hook)
+  end
+  if any_carried then
+    -- Left by a dispatcher that stopped: this one's first drain runs it.
+    wake()
   end
 end
 
@@ -343,12 +370,13 @@ local function call_item(_, f, ...)
   return true
 end
 
--- Handle items until the queue is empty or self.count reaches limit. Counts
--- each item in self.count before handling it, so an item that raised counts
--- too. True when the queue was found empty (or the dispatcher stopped).
-local function batch(self, limit, handle)
+-- Handle items until the queue is empty, self.count reaches limit or the
+-- slice is over. Counts each item in self.count before handling it, so an
+-- item that raised counts too. True when the queue was found empty (or the
+-- dispatcher stopped).
+local function batch(self, limit, handle, slice)
   local n = self.count
-  while n < limit do
+  while n < limit and not slice.over do
     n = n + 1
     self.count = n
     if not handle(self, poll()) then
@@ -364,20 +392,20 @@ end
 
 -- Up to `limit` items through `handle`, in batches under self.call; report
 -- errors. Returns the items handled and whether the queue was found empty.
-local function handle_items(self, limit, handle)
+local function handle_items(self, limit, handle, slice)
   -- Saved and restored, for a callback that dispatches.
   local saved = self.count
   self.count = 0
   local empty
   repeat
-    local ok, res, tb = self.call(batch, self, limit, handle)
+    local ok, res, tb = self.call(batch, self, limit, handle, slice)
     if ok then
       empty = res
     else
       self:report(res, tb)
       if self.stopped then
         empty = true
-      elseif self.count >= limit then
+      elseif self.count >= limit or slice.over then
         empty = false
       end
     end
@@ -388,8 +416,9 @@ local function handle_items(self, limit, handle)
 end
 
 -- The same through the core's drain, which counts the item that raised in
--- its `n` (a failure that took no item is not tried again).
-local function drain_items(self, limit)
+-- its `n` (a failure that took no item is not tried again), and ends after
+-- a callback that cut it (`Slice:carry_over`).
+local function drain_items(self, limit, slice)
   local total = 0
   while true do
     local n, empty, err, tb = drain(limit - total)
@@ -400,31 +429,169 @@ local function drain_items(self, limit)
     self:report(err, tb)
     if self.stopped or n == 0 then
       return total, true
-    elseif total >= limit then
+    elseif total >= limit or slice.over then
       return total, false
     end
   end
 end
 
--- Handle up to `limit` items; `handle` nil: call each callback.
-local function run_items(self, limit, handle)
-  local n, empty
+-- Handle up to `limit` items in `slice`; `handle` nil: call each callback.
+local function take_items(self, limit, handle, slice)
   if handle == nil and (drain_yieldable or not M.in_coroutine()) then
-    n, empty = drain_items(self, limit)
-  else
-    n, empty = handle_items(self, limit, handle or call_item)
+    return drain_items(self, limit, slice)
   end
-  self.dispatched = self.dispatched + n
-  return n, empty
+  return handle_items(self, limit, handle or call_item, slice)
+end
+
+--------------------------------------------------------------------------
+-- Slices
+--
+-- A drain runs callbacks for one slice: until the queue is empty, `limit`
+-- callbacks ran (the budget) or `SLICE` seconds passed. A callback's cost
+-- is unknown, so counting items bounds nothing: one item of a pool carries
+-- up to 32 events, each a handler of the job's. So whoever calls a
+-- callback counts it in `slice.calls`: the drain one per item when its
+-- batch returns, and a callback that calls several of its own (a pool's
+-- carrier) each of them at once (so a batch of carriers may end a slice
+-- as many callbacks past the budget).
+--
+-- The clock is read between callbacks, not after each: a reading costs as
+-- much as a fast callback, and the core's drain takes its items in one C
+-- call that cannot look at it. `Slice:room()` reads it and says how many
+-- callbacks may run before the next reading: those of the budget left that
+-- fit in the time left at the pace so far (of this slice; at first, of the
+-- dispatcher's last one). The drain takes that many items in one go; a
+-- caller of several callbacks per item looks again at `slice.checkpoint`,
+-- at most CHECK_EVERY callbacks later. So with callbacks that cost alike a
+-- slice overruns by about one of them; a run of callbacks much slower than
+-- those before can overrun it by one batch of items (at most the budget),
+-- or by CHECK_EVERY events of a pool.
+--
+-- A caller of several callbacks that finds the slice over keeps the ones
+-- it did not run, and has itself called again at the start of the next
+-- slice (`Slice:carry_over`), which also ends the core's drain after it: no
+-- item is taken once the slice is over. The drain then reports that the
+-- queue was not found empty, so the loop comes back, as for the rest of a
+-- spent budget.
+
+-- Most callbacks between two readings of the clock by a caller of several
+-- callbacks per item.
+local CHECK_EVERY = 32
+
+local Slice = {}
+Slice.__index = Slice
+
+-- The running drain's slice, if any.
+local running_slice = nil
+
+--- The slice of the running drain, or nil outside a drain.
+function M.slice()
+  return running_slice
+end
+
+--- Callbacks that may run now (see above), at least one in a new slice;
+-- 0 once the slice is over, which it then stays. Sets the next checkpoint.
+-- (Comparisons rather than math.min and max: this runs once per carrier.)
+function Slice:room()
+  local calls = self.calls
+  local room = self.limit - calls
+  if self.over then
+    room = 0
+  elseif room > 0 then
+    -- Before the first callback, the slice's start will do.
+    local now = calls > 0 and clock() or self.started
+    local left = self.ends - now
+    local pace = calls > 0 and (now - self.started) / calls or self.pace
+    if left <= 0 then
+      room = 0
+    elseif not pace then
+      room = 1
+    elseif left < room * pace then
+      room = floor(left / pace)
+    end
+    if room == 0 and calls == 0 then
+      room = 1
+    end
+  end
+  if room <= 0 then
+    self.over = true
+    return 0
+  end
+  self.checkpoint = calls + (room < CHECK_EVERY and room or CHECK_EVERY)
+  return room
+end
+
+--- For a caller of several callbacks that found the slice over (`room()`
+-- returned 0): call `f(x)` at the start of the next slice (of this
+-- dispatcher, or of the next one if it stops first), in protected mode,
+-- unless `x` (a table) was collected first; and end the core's drain after
+-- the callback that is running.
+function Slice.carry_over(_, f, x)
+  carried[x], any_carried = f, true
+  drain_cut()
+end
+
+-- Run the calls carried over to this slice (not those they carry over in
+-- turn).
+local function run_carried(self)
+  local calls = carried
+  carried, any_carried = setmetatable({}, WEAK_KEYS), false
+  for x, f in pairs(calls) do
+    local ok, err, tb = self.call(f, x)
+    if not ok then
+      self:report(err, tb)
+    end
+  end
+end
+
+-- Run one slice of at most `limit` callbacks: what was carried over, then
+-- items, in batches that fit the room left. Returns the callbacks run, and
+-- whether no wake-up is owed: the queue was found empty with nothing
+-- carried over, or the dispatcher stopped (what it carried over waits for
+-- the next one).
+local function run_slice(self, limit, handle)
+  -- The dispatcher's spare slice, unless a drain of it is running (a
+  -- callback's nested drain, or one suspended in a callback that yielded).
+  local slice = self.spare_slice or setmetatable({}, Slice)
+  self.spare_slice = nil
+  local started = clock()
+  slice.calls, slice.checkpoint, slice.limit, slice.over = 0, 0, limit, false
+  slice.started, slice.ends, slice.pace = started, started + M.SLICE, self.pace
+  local outer = running_slice
+  running_slice = slice
+  if any_carried then
+    run_carried(self)
+  end
+  local empty = false
+  while not (empty or self.stopped) do
+    local room = slice:room()
+    if room == 0 then
+      break
+    end
+    local n
+    n, empty = take_items(self, room, handle, slice)
+    slice.calls = slice.calls + n
+    self.dispatched = self.dispatched + n
+  end
+  running_slice = outer
+  self.spare_slice = slice
+  local calls = slice.calls
+  if calls > 0 then
+    -- Seconds per callback, for the first batch of the next slice.
+    self.pace = (clock() - started) / calls
+  end
+  return calls, self.stopped or (empty and not any_carried)
 end
 
 --- Run what is due: deferred calls first (in order), then the timers that
--- are due (loops with `self.timers`, see bgworker.timers), then up to
--- `limit` items, each with `handle(self, f, ...)` (by default `f(...)`, see
--- `call_item`), then what those deferred.
--- @return the number handled (calls and items, errors included)
+-- are due (loops with `self.timers`, see bgworker.timers), then one slice
+-- of at most `limit` callbacks: those carried over from the last slice,
+-- then items, each with `handle(self, f, ...)` (by default `f(...)`, see
+-- `call_item`); then what those deferred.
+-- @return the number handled (deferred calls, timers and callbacks, errors
+-- included)
 -- @return true when the queue was found empty (or the dispatcher stopped),
--- so no wake-up is owed; false when `limit` ran out first
+-- so no wake-up is owed; false when the slice ended first
 function Dispatcher:drain(limit, handle)
   -- Calls deferred meanwhile run at the end of this drain: a wake-up sent
   -- for them now could be consumed by this drain's own empty poll.
@@ -442,9 +609,9 @@ function Dispatcher:drain(limit, handle)
   end
   local empty = true
   if not self.stopped then
-    local items
-    items, empty = run_items(self, limit, handle)
-    n = n + items
+    local calls
+    calls, empty = run_slice(self, limit, handle)
+    n = n + calls
     if next(self.due) ~= nil then
       n = n + self:run_due()
     end
@@ -457,7 +624,7 @@ function Dispatcher:drain(limit, handle)
   return n, empty
 end
 
---- `drain`, then, if `limit` ran out first, `core.wake()`: the instance
+--- `drain`, then, if the slice ended first, `core.wake()`: the instance
 -- stays armed, so no deliver would signal again; the wake keeps the signal
 -- up so that the loop comes back for the rest after the others had a turn.
 function Dispatcher:drain_and_rewake(limit, handle)
@@ -472,9 +639,11 @@ end
 -- datagrams there); the base does nothing.
 function Dispatcher.before_dispatch() end
 
---- Run the callbacks of waiting items now, without waiting. If `max` runs
--- out first, the loop is woken again, so the rest is not forgotten.
--- @tparam[opt] int max handle at most this many items (default: the budget)
+--- Run the callbacks of waiting items now, without waiting: one slice. If
+-- it ends first (after `max` callbacks, or `SLICE` seconds), the loop is
+-- woken again, so the rest is not forgotten.
+-- @tparam[opt] int max run at most this many callbacks (default: the
+-- budget)
 -- @treturn int the number handled: callbacks run (including those that
 -- raised), items whose decode failed, timers and resumed waits
 function Dispatcher:dispatch(limit)

@@ -36,8 +36,10 @@ local bgworker = {
   --- The native core this layer is built on: the topic @{core.md} lists its
   -- functions, `core.stats()` (the core's counters) among them.
   core = core,
-  --- Items a dispatcher handles before it lets others run, by default.
+  --- Callbacks a drain runs before it lets others run, by default.
   DEFAULT_BUDGET = dispatcher.DEFAULT_BUDGET,
+  --- Seconds of callbacks after which a drain lets others run.
+  SLICE = dispatcher.SLICE,
 }
 bgworker._VERSION = "bgworker " .. bgworker.version
 
@@ -75,8 +77,12 @@ end
 --   "luv" (bgworker.luv), "cqueues" (bgworker.cqueues) or "ngx" (OpenResty,
 --   bgworker.ngx).
 --   `capacity` (positive integer): bound the queue; by default unbounded.
---   `budget` (positive integer): items handled before the loop's other work
---   gets a turn; 1000 by default.
+--   `budget` (positive integer): callbacks run before the loop's other work
+--   gets a turn; 1000 by default. Each item's callback counts, and so does
+--   each event of a pool's job (a progress, an outcome), many of which
+--   come in one item. A turn also ends once `SLICE` (5 ms) passed, so the
+--   loop's other work, and the timeout of a wait, are late by about that
+--   much (plus one callback) whatever the callbacks cost.
 --   `errorhandler` (function): called as `errorhandler(err, traceback)` for
 --   each callback that raised an error and each item whose decode failed
 --   (`traceback` is a string or nil); by default writes the traceback to

@@ -11,9 +11,9 @@
 --     -- start utility libraries; their callbacks run inside uv.run()
 --     uv.run()
 --
--- After `budget` items the dispatcher leaves the descriptor readable and
--- returns to the loop, so timers and other handles get their turn; the loop
--- comes back for the rest at its next iteration. `d:stop()` closes the poll
+-- After `budget` callbacks, or 5 ms of them, the dispatcher leaves the
+-- descriptor readable and returns to the loop, so timers and other handles
+-- get their turn; the loop comes back for the rest at its next iteration. `d:stop()` closes the poll
 -- handle and stops the core, so `uv.run()` returns once nothing else is
 -- active.
 --

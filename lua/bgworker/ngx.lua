@@ -104,7 +104,8 @@ local function should_stop(self)
 end
 
 -- Handle items until the queue is empty, letting the rest of the worker run
--- after each `budget` of them. False when told to stop before the end.
+-- after each slice (`budget` callbacks, or 5 ms of them). False when told
+-- to stop before the end.
 local function drain_all(self)
   while true do
     local _, empty = self:drain(self.budget)

@@ -244,61 +244,111 @@ local function wait_outcome(job, waiter, timeout)
   return unpack(outcome, 1, outcome.n)
 end
 
--- Handle the pool's events in its backlog, in order, until there are none
--- (also those that callbacks add meanwhile, by dispatching). An event is
--- a pair `id, value` of the native pool's `on_events`: the outcome of job
--- `id`, `true` (done, no results) or packed, or `false` (its outcome was
--- dropped unread, while no dispatcher ran: it ended as cancelled); or a
--- progress of job `-id`, its packed values. Jobs that ended meanwhile are
--- no longer in `jobs`: their events go nowhere. An event leaves the
--- backlog before its callback runs, so a callback that raises takes only
--- itself.
-local function run_backlog(self)
+-- The backlog: the pool's events not yet handled, from `head` to `tail`
+-- (excluded), each a pair of the native pool's `on_events`, `id` in the
+-- backlog itself and `value` in `backlog.values`: the outcome of job `id`,
+-- `true` (done, no results) or packed, or `false` (its outcome was dropped
+-- unread, while no dispatcher ran: it ended as cancelled); or a progress of
+-- job `-id`, its packed values. `depth` counts the runs in progress: a callback that
+-- dispatches runs the backlog too (the events it needs may be there), and
+-- only the outermost run puts an empty backlog's indices back to 1, so
+-- that they only grow while any run is in progress.
+--
+-- Handle the events in order until there are none (also those that
+-- callbacks add meanwhile) or the running drain's slice is over: each
+-- event counts as a callback of the slice (a carrier brings up to 32), and
+-- what is left waits for `run_events` at the start of the next slice
+-- (`Slice:carry_over`). Jobs that ended meanwhile are no longer in `jobs`:
+-- their events go nowhere. An event leaves the backlog before its callback
+-- runs, so a callback that raises takes only itself.
+local run_events
+
+local function run_backlog(self, slice)
   local backlog, jobs = self.backlog, self.jobs
+  local values = backlog.values
+  backlog.depth = backlog.depth + 1
   local i = backlog.head
   while i < backlog.tail do
-    local id, value = backlog[i], backlog[i + 1]
-    backlog[i], backlog[i + 1] = nil, nil
-    backlog.head = i + 2
-    if id > 0 then
-      local job = jobs[id]
-      if job and value == true then
-        finish(job, "done", DONE, true)
-      elseif job and value == false then
-        finish(job, "cancelled", CANCELLED, true)
-      elseif job then
-        finish(job, value[1] and "done" or "failed", value, true)
+    -- Run up to `stop` (outside a drain: all), then count what ran in the
+    -- slice (and what nested runs took meanwhile): no count on the way,
+    -- this is the hot path.
+    local stop = backlog.tail
+    if slice then
+      if slice.calls >= slice.checkpoint and slice:room() == 0 then
+        backlog.depth = backlog.depth - 1
+        slice:carry_over(run_events, self)
+        return
       end
-    else
-      local job = jobs[-id]
-      local handler = job and job[PROGRESS]
-      if handler then
-        handler(unpack(value, 1, value.n))
+      local checkpoint = i + slice.checkpoint - slice.calls
+      if checkpoint < stop then
+        stop = checkpoint
       end
     end
-    i = backlog.head
+    local from = i
+    while i < stop do
+      local id, value = backlog[i], values[i]
+      backlog[i], values[i] = nil, nil
+      backlog.head = i + 1
+      if id > 0 then
+        local job = jobs[id]
+        if job and value == true then
+          finish(job, "done", DONE, true)
+        elseif job and value == false then
+          finish(job, "cancelled", CANCELLED, true)
+        elseif job then
+          finish(job, value[1] and "done" or "failed", value, true)
+        end
+      else
+        local job = jobs[-id]
+        local handler = job and job[PROGRESS]
+        if handler then
+          handler(unpack(value, 1, value.n))
+        end
+      end
+      i = backlog.head
+    end
+    if slice then
+      slice.calls = slice.calls + (i - from)
+    end
   end
-  -- Empty: the next events start at the front again.
-  backlog.head, backlog.tail = 1, 1
+  backlog.depth = backlog.depth - 1
+  if backlog.depth == 0 then
+    backlog.head, backlog.tail = 1, 1
+  end
 end
 
--- The native pool's `on_events`: add the `n` values of `events` to the
--- backlog and handle it, in one protected call per batch rather than one
--- per callback; after an error (reported as the dispatcher reports the
--- errors of the callbacks it calls) the rest goes on.
-local function handle_events(self, events, n)
-  local backlog = self.backlog
-  local tail = backlog.tail
-  for i = 1, n do
-    backlog[tail + i - 1] = events[i]
-  end
-  backlog.tail = tail + n
+-- Run the backlog in the running drain's slice (none outside a drain: then
+-- all of it), in one protected call per batch rather than one per
+-- callback; after an error (reported as the dispatcher reports the errors
+-- of the callbacks it calls) the rest goes on.
+function run_events(self)
+  local slice = dispatcher.slice()
   repeat
-    local ok, err, tb = protect.call(run_backlog, self)
+    local ok, err, tb = protect.call(run_backlog, self, slice)
     if not ok then
       report(err, tb)
+      -- The run that raised is over (a nested one ended in its own call).
+      self.backlog.depth = self.backlog.depth - 1
+      if slice then
+        -- The events it ran since it last counted them are lost to the
+        -- slice's count: it looks at the clock before the next one.
+        slice.checkpoint = slice.calls
+      end
     end
   until ok
+end
+
+-- The native pool's `on_events`: add the events, the `n` values of
+-- `events` as pairs, to the backlog and handle it.
+local function handle_events(self, events, n)
+  local backlog = self.backlog
+  local values, tail = backlog.values, backlog.tail
+  for i = 1, n, 2 do
+    backlog[tail], values[tail] = events[i], events[i + 1]
+    tail = tail + 1
+  end
+  backlog.tail = tail
+  run_events(self)
 end
 
 -- Pools of this state that may have lost outcomes while no dispatcher ran:
@@ -388,7 +438,7 @@ function pool.new(opts)
   local self = setmetatable({
     threads = floor(threads), closed = false,
     -- Live jobs by id, and events to handle (see run_backlog).
-    jobs = {}, backlog = { head = 1, tail = 1 },
+    jobs = {}, backlog = { head = 1, tail = 1, depth = 0, values = {} },
   }, Pool)
   -- The native pool calls back through a weak reference, so that a pool
   -- nobody references is collected (and closed).

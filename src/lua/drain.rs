@@ -3,7 +3,8 @@
 //! returns
 //!
 //! - `n, true` when it found the queue empty (or the run stopped),
-//! - `n, false` when `limit` ran out first,
+//! - `n, false` when `limit` ran out first, or a callback called
+//!   `drain_cut()`,
 //! - `n, nil, err, traceback` when item `n` raised (its decode, its
 //!   callback, or a round trip's result); the items before it ran.
 //!
@@ -51,6 +52,14 @@
 //! - **Stops.** The loop works for the run that was current when it
 //!   started: a callback that stops the run (or stops and starts another)
 //!   ends the drain as "empty".
+//! - **Cuts.** `drain_cut()` sets `DrainState::cut`, which the loop reads
+//!   before it takes each item: the innermost drain in progress ends after
+//!   the callback that called it, as if its limit ran out. For a callback
+//!   that runs callbacks of its own (a pool's carrier of events) and found
+//!   the caller's time up: the items after it stay queued. Each entry
+//!   starts with the flag down and puts back the outer drain's at the end,
+//!   as for the count, so a cut reaches one drain only (and one made
+//!   outside any drain, none).
 
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
@@ -70,9 +79,10 @@ const DRAIN_ERROR_METATABLE: &CStr = c"bgworker.core.DrainError";
 const DECODE_FAILED: &str = "bgworker: decode raised an error: ";
 
 // The entry's stack: the limit, the message handler, the outer drain's
-// count (restored at the end), then the loop's results.
+// count and cut (restored at the end), then the loop's results.
 const ENTRY_HANDLER: c_int = 2;
 const ENTRY_SAVED: c_int = 3;
+const ENTRY_SAVED_CUT: c_int = 4;
 // The loop's stack: the limit and the run it drains, then one item's values.
 const LOOP_LIMIT: c_int = 1;
 const LOOP_RUN: c_int = 2;
@@ -167,7 +177,7 @@ pub const YIELDABLE: bool = cfg!(not(any(feature = "lua51", feature = "luajit"))
 
 /// `drain(limit)`; upvalues: the instance, the round-trip wrapper, the loop.
 pub unsafe extern "C-unwind" fn drain(state: *mut lua_State) -> c_int {
-    let (limit, run, saved) = match unsafe { arguments(state) } {
+    let (limit, run, (saved, saved_cut)) = match unsafe { arguments(state) } {
         Ok(arguments) => arguments,
         Err(raise) => unsafe { raise.raise(state) },
     };
@@ -176,6 +186,7 @@ pub unsafe extern "C-unwind" fn drain(state: *mut lua_State) -> c_int {
         lua_pushinteger(state, limit as lua_Integer);
         lua_pushcfunction(state, message_handler);
         lua_pushinteger(state, saved as lua_Integer);
+        lua_pushboolean(state, saved_cut as c_int);
         lua_pushvalue(state, lua_upvalueindex(3));
         lua_pushinteger(state, limit as lua_Integer);
         lua_pushinteger(state, run as lua_Integer);
@@ -183,8 +194,9 @@ pub unsafe extern "C-unwind" fn drain(state: *mut lua_State) -> c_int {
     }
 }
 
-/// The limit, the run to drain (0: none) and the outer drain's count.
-unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, usize)> {
+/// The limit, the run to drain (0: none) and the outer drain's count and
+/// cut.
+unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, (usize, bool))> {
     unsafe {
         let instance = owned(state, "drain")?;
         // Beyond c_int::MAX (the count's type on Lua 5.2), the drain stops
@@ -197,7 +209,7 @@ unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, usize)> {
             }
         };
         let drain = instance.drain_state();
-        let saved = std::mem::take(&mut drain.taken);
+        let saved = (std::mem::take(&mut drain.taken), std::mem::take(&mut drain.cut));
         Ok((limit, instance.run_id().unwrap_or(0), saved))
     }
 }
@@ -211,6 +223,7 @@ unsafe fn finish(state: *mut lua_State, status: c_int) -> c_int {
         let taken = match (*cell).instance.as_mut() {
             Some(instance) => {
                 let drain = instance.drain_state();
+                drain.cut = lua_toboolean(state, ENTRY_SAVED_CUT) != 0;
                 std::mem::replace(&mut drain.taken, lua_tointeger(state, ENTRY_SAVED) as usize)
             }
             None => 0,
@@ -298,7 +311,7 @@ unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
         let mut scratch = Scratch::default();
         loop {
             lua_settop(state, LOOP_RUN);
-            if count >= limit {
+            if count >= limit || cut(cell) {
                 return finished(state, count, false);
             }
             let Some((decode, data, round_trip)) = take_and_hold(cell, run, &mut scratch) else {
@@ -349,6 +362,11 @@ unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
     }
 }
 
+/// A callback asked the drain to end (`drain_cut`).
+unsafe fn cut(cell: *mut InstanceCell) -> bool {
+    unsafe { (*cell).instance.as_mut() }.is_some_and(|instance| instance.drain_state().cut)
+}
+
 /// Take the next item of `run` and hold it in the instance: its decode,
 /// data (in `scratch` for a copied record), and whether it is a round trip.
 /// `None` when the queue is empty, or the run stopped or changed.
@@ -389,6 +407,17 @@ unsafe fn settle_failed(cell: *mut InstanceCell) -> bool {
     true
 }
 
+/// `drain_cut()`; upvalue: the instance. Raises nothing: with no drain in
+/// progress it does nothing.
+unsafe extern "C-unwind" fn drain_cut(state: *mut lua_State) -> c_int {
+    unsafe {
+        if let Some(instance) = (*cell(state)).instance.as_mut() {
+            instance.drain_state().cut = true;
+        }
+    }
+    0
+}
+
 unsafe fn finished(state: *mut lua_State, count: c_int, empty: bool) -> c_int {
     unsafe {
         lua_pushinteger(state, count as lua_Integer);
@@ -397,8 +426,8 @@ unsafe fn finished(state: *mut lua_State, count: c_int, empty: bool) -> c_int {
     2
 }
 
-/// Register the error metatable and set `drain` and `drain_yieldable` in
-/// the module table at `module`. The instance userdata is at `instance`,
+/// Register the error metatable and set `drain`, `drain_cut` and
+/// `drain_yieldable` in the module table at `module`. The instance userdata is at `instance`,
 /// the round-trip wrapper at `wrapper`.
 pub unsafe fn open(state: *mut lua_State, module: c_int, instance: c_int, wrapper: c_int) {
     unsafe {
@@ -411,6 +440,9 @@ pub unsafe fn open(state: *mut lua_State, module: c_int, instance: c_int, wrappe
         lua_pushcclosure(state, drain_loop, 2);
         lua_pushcclosure(state, drain, 3);
         lua_setfield(state, module, c"drain".as_ptr());
+        lua_pushvalue(state, instance);
+        lua_pushcclosure(state, drain_cut, 1);
+        lua_setfield(state, module, c"drain_cut".as_ptr());
         lua_pushboolean(state, YIELDABLE as c_int);
         lua_setfield(state, module, c"drain_yieldable".as_ptr());
     }
