@@ -503,18 +503,21 @@ describe("bgworker.pool", function()
         io.stdout:flush()
         local pid = testutil.fork()
         if pid == 0 then
-          bgworker.new() -- the child's own: the parent's dispatcher is not
+          -- The child's own (the parent's dispatcher is not), kept referenced:
+          -- a dispatcher that is collected stops.
+          local d = bgworker.new()
           local function refusal(f) return select(2, pcall(f)) .. "\n" end
           io.write(refusal(function() p:submit(function() end) end), refusal(function() p:run(function() end) end),
             refusal(function() p:stats() end))
           io.stdout:flush()
+          d:stop()
           testutil._exit(0)
         end
         io.write("child: ", tostring(testutil.waitpid(pid, 10)), "\n")
       ]], 60)
       assert.equals(0, status, out)
       local refused = "this pool belongs to the process that made it, and this one is a fork of it\n"
-      assert.matches("^[^\n]*:11: submit: " .. refused .. "[^\n]*:11: run: " .. refused .. "[^\n]*stats: " ..
+      assert.matches("^[^\n]*:13: submit: " .. refused .. "[^\n]*:13: run: " .. refused .. "[^\n]*stats: " ..
         refused .. "child: 0\n$", out)
     end)
 
@@ -1036,7 +1039,7 @@ describe("bgworker.pool", function()
       local status, out = support.run_lua([[
         local bgworker = require "bgworker"
         local pool = require "bgworker.pool"
-        bgworker.new()
+        local d = bgworker.new() -- referenced: a collected dispatcher stops
         local p = pool.new { threads = 2 }
         p:submit(function() while true do end end)
         p:submit(function() require("socket").sleep(30) end)
