@@ -429,9 +429,10 @@ describe("every loop's dispatcher", function()
         assert.is_false(loop.run(60))
         p:close(0)
         -- About 1.5 s of handlers, which one drain used to run at once.
-        assert.is_true(waited >= 0.195 and waited < 0.3, ("get(0.2) returned after %.3f s"):format(waited))
+        assert.is_true(waited >= 0.195 and waited < 0.2 + support.LATE,
+          ("get(0.2) returned after %.3f s"):format(waited))
         local gap = longest_gap(ticks)
-        assert.is_true(gap < 0.15, ("the loop's timer waited %.3f s for a turn"):format(gap))
+        assert.is_true(gap < 0.01 + support.LATE, ("the loop's timer waited %.3f s for a turn"):format(gap))
         assert.same({ nil, "timeout" }, first)
         -- Every event once, in order, and the outcome after them.
         assert.same({ true, n }, last)

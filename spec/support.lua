@@ -26,6 +26,12 @@ function support.size(full, small)
   return support.small and small or full
 end
 
+--- Seconds a wait may end after its timeout, or a loop's timer after its
+-- time, in specs that check both stay on time: the machine may be loaded
+-- (CI runs beside busy loops), and valgrind slows every callback. Such a
+-- spec's old failure was late by far more (seconds of callbacks).
+support.LATE = support.size(0.25, 3)
+
 --------------------------------------------------------------------------
 -- testutil jobs
 
