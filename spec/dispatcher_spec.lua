@@ -92,6 +92,7 @@ describe("bgworker", function()
     end)
 
     it("stops a dispatch at max and brings the rest with a new wake-up", function()
+      finally(support.untimed_drains())
       d = bgworker.new()
       local got = {}
       join(produce { items = 10, callback = function(_, seq) got[#got + 1] = seq end })
@@ -112,6 +113,7 @@ describe("bgworker", function()
     end)
 
     it("dispatches at most the budget by default", function()
+      finally(support.untimed_drains())
       d = bgworker.new { budget = 4 }
       local count = 0
       join(produce { items = 10, callback = function() count = count + 1 end })
@@ -222,6 +224,7 @@ describe("bgworker", function()
 
   describe("yielding callbacks", function()
     it("pass their yields to the coroutine that called dispatch", function()
+      finally(support.untimed_drains())
       d = bgworker.new()
       local log = {}
       local t = ticker.start(2, 1, function(v)
@@ -241,6 +244,7 @@ describe("bgworker", function()
     end)
 
     it("can raise after they yielded", function()
+      finally(support.untimed_drains())
       local errors, handler = collector()
       d = bgworker.new { errorhandler = handler }
       local t = ticker.start(2, 1, function(v)

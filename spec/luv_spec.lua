@@ -45,6 +45,7 @@ describe("bgworker.luv", function()
   end)
 
   it("dispatches without the loop", function()
+    finally(support.untimed_drains())
     d = bgworker.new { loop = "luv" }
     local got = {}
     join(produce { items = 5, callback = function(_, seq) got[#got + 1] = seq end })

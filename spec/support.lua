@@ -32,6 +32,24 @@ end
 -- spec's old failure was late by far more (seconds of callbacks).
 support.LATE = support.size(0.25, 3)
 
+-- Under valgrind, which runs code tens of times slower and one thread at a
+-- time, a drain's time slice (bgworker.SLICE, 5 ms) is scaled as the sizes
+-- are, so that the run checks memory, not how a slow machine cuts drains.
+local dispatcher = require "bgworker.dispatcher"
+dispatcher.SLICE = support.size(dispatcher.SLICE, 0.25)
+
+--- For a spec of what a drain does by count (`max`, the budget, yields
+-- across one drain): no time bound on drains for the rest of the test, so
+-- that a process the machine stalls for a few ms (a loaded CI, valgrind)
+-- cannot end one early. Slices by time have specs of their own. Returns
+-- what puts the bound back, for the test's `finally`:
+--     finally(support.untimed_drains())
+function support.untimed_drains()
+  local slice = dispatcher.SLICE
+  dispatcher.SLICE = math.huge
+  return function() dispatcher.SLICE = slice end
+end
+
 --------------------------------------------------------------------------
 -- testutil jobs
 
