@@ -32,11 +32,7 @@ end
 -- spec's old failure was late by far more (seconds of callbacks).
 support.LATE = support.size(0.25, 3)
 
--- Under valgrind, which runs code tens of times slower and one thread at a
--- time, a drain's time slice (bgworker.SLICE, 5 ms) is scaled as the sizes
--- are, so that the run checks memory, not how a slow machine cuts drains.
 local dispatcher = require "bgworker.dispatcher"
-dispatcher.SLICE = support.size(dispatcher.SLICE, 0.25)
 
 --- For a spec of what a drain does by count (`max`, the budget, yields
 -- across one drain): no time bound on drains for the rest of the test, so
