@@ -462,10 +462,13 @@ end
 -- fit in the time left at the pace so far (of this slice; at first, of the
 -- dispatcher's last one). The drain takes that many items in one go; a
 -- caller of several callbacks per item looks again at `slice.checkpoint`,
--- at most CHECK_EVERY callbacks later. So with callbacks that cost alike a
--- slice overruns by about one of them; a run of callbacks much slower than
--- those before can overrun it by one batch of items (at most the budget),
--- or by CHECK_EVERY events of a pool.
+-- at most CHECK_EVERY callbacks later. Once callbacks take READ_EACH or
+-- more, the clock is read after each of them, since a reading then costs
+-- them little: a slice of slow callbacks overruns by at most one, however
+-- much slower it is than those before (a busy machine makes a 1 ms
+-- callback take 50). Only a run of fast callbacks is batched, and can
+-- overrun by one batch of items (at most the budget), or by CHECK_EVERY
+-- events of a pool, when the callbacks after it turn slow.
 --
 -- A caller of several callbacks that finds the slice over keeps the ones
 -- it did not run, and has itself called again at the start of the next
@@ -477,6 +480,10 @@ end
 -- Most callbacks between two readings of the clock by a caller of several
 -- callbacks per item.
 local CHECK_EVERY = 32
+
+-- Seconds per callback from which the clock is read after each one: a
+-- reading costs well under a microsecond, under 1% of such a callback.
+local READ_EACH = 1e-4
 
 local Slice = {}
 Slice.__index = Slice
@@ -504,7 +511,7 @@ function Slice:room()
     local pace = calls > 0 and (now - self.started) / calls or self.pace
     if left <= 0 then
       room = 0
-    elseif not pace then
+    elseif not pace or pace >= READ_EACH then
       room = 1
     elseif left < room * pace then
       room = floor(left / pace)
