@@ -264,13 +264,12 @@ function Copas.start(self, opts)
   return true
 end
 
---- Dispatch inside a running Copas loop: `bgworker.new { loop = "copas" }`
--- (or `bgworker.copas(opts)`).
+--- Dispatch inside a running Copas loop: `bgworker.new { loop = "copas" }`.
 -- @tparam[opt] table opts the common options (see `bgworker.new`), and
 --   `spawn` (boolean): run each callback in a Copas thread of its own
 -- @return a dispatcher; its field `reader` is the reader's Copas thread
 -- @function new
-M.new = dispatcher.constructor(Copas, "bgworker.copas")
+M.new = dispatcher.constructor(Copas, "bgworker.copas.new")
 
 function Copas.before_stop(self, owned)
   -- A datagram resumes the reader wherever it waits for the socket; the

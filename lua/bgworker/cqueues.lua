@@ -62,10 +62,7 @@ end
 --   Linux
 -- @return a dispatcher; `fd` is the descriptor
 -- @function new
-M.new = dispatcher.constructor(Cqueues, "bgworker.cqueues.start")
-
---- The name of earlier versions.
-M.start = M.new
+M.new = dispatcher.constructor(Cqueues, "bgworker.cqueues.new")
 
 -- The controllers must forget the descriptor before core.stop() closes it;
 -- cancel also puts the coroutines polling it back to work.

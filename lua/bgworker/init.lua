@@ -18,9 +18,9 @@
 -- `opts.loop` naming the loop; one runs in a Lua state at a time. What
 -- every dispatcher has is on the page @{Dispatcher}.
 --
--- The fields `pool`, `dns`, `await`, `select`, `luv`, `cqueues` and `ngx`
--- are the modules @{bgworker.pool}, @{bgworker.dns}, ..., loaded on first
--- use.
+-- The fields `pool`, `dns`, `await`, `select`, `copas`, `luv`, `cqueues`
+-- and `ngx` are the modules @{bgworker.pool}, @{bgworker.dns}, ..., loaded
+-- on first use.
 --
 -- @module bgworker
 
@@ -98,17 +98,6 @@ function bgworker.new(opts)
   return d
 end
 
---- `bgworker.new(opts)` with `opts.loop = "copas"`: the name of earlier
--- versions.
--- @tparam[opt] table opts as for `new`
--- @return the dispatcher (see @{bgworker.copas})
-function bgworker.copas(opts)
-  local loop = type(opts) == "table" and opts.loop or "copas"
-  local d, err = open("bgworker.copas", loop, opts)
-  if not d then error(err, 2) end
-  return d
-end
-
 --- The dispatcher running in this Lua state, or nil.
 function bgworker.current()
   return dispatcher.current()
@@ -118,7 +107,7 @@ end
 -- are `require "bgworker.pool"`, ... (each needs its native library, which
 -- a program that only dispatches should not have to load).
 local SUBMODULES = {
-  pool = true, dns = true, await = true, ngx = true, luv = true, cqueues = true, select = true,
+  pool = true, dns = true, await = true, select = true, copas = true, luv = true, cqueues = true, ngx = true,
 }
 
 return setmetatable(bgworker, {

@@ -89,10 +89,7 @@ end
 --   Linux
 -- @return a dispatcher: `fd` is the descriptor, `handle` the `uv_poll_t`
 -- @function new
-M.new = dispatcher.constructor(Luv, "bgworker.luv.start")
-
---- The name of earlier versions.
-M.start = M.new
+M.new = dispatcher.constructor(Luv, "bgworker.luv.new")
 
 -- libuv must forget the descriptor before core.stop() closes it; a closed
 -- poll handle also lets `uv.run()` return once nothing else is active.

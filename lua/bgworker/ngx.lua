@@ -37,7 +37,6 @@
 -- luacheck: read globals ngx
 
 local args = require "bgworker.args"
-local await = require "bgworker.await"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 local semaphore = require "ngx.semaphore"
@@ -278,10 +277,7 @@ end
 --   timed out" unless `lua_socket_log_errors off`.
 -- @return the dispatcher
 -- @function new
-M.new = dispatcher.constructor(Ngx, "bgworker.ngx.start")
-
---- The name of earlier versions.
-M.start = M.new
+M.new = dispatcher.constructor(Ngx, "bgworker.ngx.new")
 
 function Ngx.before_stop(self)
   if self.socket then
@@ -296,10 +292,6 @@ function Ngx:dispatch()
     "dispatch: this dispatcher is driven by its reader, in a timer"
   error(msg, 2)
 end
-
---- Wait for a callback without blocking the worker: `bgworker.await`
--- (kept here under the name of earlier versions).
-M.await = await
 
 -- ------------------------------------------------------------------------
 -- Waiting
