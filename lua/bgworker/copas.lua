@@ -31,7 +31,7 @@ local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 local protect = require "bgworker.protect"
-local timers = require "bgworker.timers"
+local signal = require "bgworker.signal"
 
 local assert, error, pcall, require, setmetatable = assert, error, pcall, require, setmetatable
 local tonumber, tostring, type = tonumber, tostring, type
@@ -44,9 +44,8 @@ local M = {}
 local DATAGRAM = 16
 
 local Copas = dispatcher.class("copas", { spawn = args.option.boolean })
--- The class of these dispatchers, for bgworker.new.
+-- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Copas
-Copas.gettime = core.now
 
 -- ------------------------------------------------------------------------
 -- Copas versions
@@ -178,7 +177,7 @@ local function spawn_item(self, f, ...)
   return true
 end
 
-local discard = dispatcher.discard_datagrams
+local discard = signal.discard_datagrams
 
 local function reader(self)
   local copas, sock, wakeups = self.copas, self.socket, self.wakeups
@@ -241,7 +240,7 @@ function Copas.start(self, opts)
     self.call = protect.coxpcall(require "coxpcall")
   end
   local err
-  self.socket, err = dispatcher.start_udp(opts)
+  self.socket, err = signal.start_udp(opts)
   if not self.socket then
     return nil, err
   end
@@ -255,7 +254,6 @@ function Copas.start(self, opts)
       self:report(e, type(co) == "thread" and traceback(co, tostring(e)) or nil)
     end
   end
-  self.timers = timers.new()
   self.reader = addthread(copas, reader, self)
   if copas.waitforexit and not watching then
     watching = true
@@ -269,7 +267,7 @@ end
 --   `spawn` (boolean): run each callback in a Copas thread of its own
 -- @return a dispatcher; its field `reader` is the reader's Copas thread
 -- @function new
-M.new = dispatcher.constructor(Copas, "bgworker.copas.new")
+M.new = dispatcher.constructor(Copas)
 
 function Copas.before_stop(self, owned)
   -- A datagram resumes the reader wherever it waits for the socket; the
@@ -405,10 +403,6 @@ function Copas:suspender()
     return sleeping_suspender(copas, copas_thread())
   end
   return socket_suspender(copas)
-end
-
-function Copas:timer(seconds, fn)
-  return self.timers:add(seconds, fn)
 end
 
 return M
