@@ -54,7 +54,7 @@ local running = coroutine.running
 
 local M = {}
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Lua versions: what differs between 5.1, LuaJIT and 5.2+, settled here
 -- once for every module of bgworker's Lua layer. (Protected calls that may
 -- yield are bgworker.protect's.)
@@ -69,7 +69,7 @@ function M.in_coroutine()
   return co ~= nil and not main, co
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Defaults
 
 -- Callbacks a drain runs before it lets the loop run, by default.
@@ -95,7 +95,7 @@ M.Dispatcher = Dispatcher
 -- Every class made by `class`, to tell dispatchers apart from other tables.
 local classes = setmetatable({}, { __mode = "k" })
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Loops
 --
 -- A loop is a module `bgworker.<name>` whose field `class` is its adapter:
@@ -237,7 +237,7 @@ function M.check_self(self, method)
   end
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Starting
 
 -- Nothing, or why no dispatcher can start now (for `fname`'s message).
@@ -343,7 +343,7 @@ function Dispatcher:adopt_run()
   end
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Stopping
 
 -- Does this dispatcher still own the core's current run?
@@ -398,7 +398,7 @@ function Dispatcher:stop()
   return cancelled
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Dispatching and errors
 
 --- Run the callbacks of waiting items now, without waiting: one slice. If
@@ -440,7 +440,7 @@ function Dispatcher:call_reporting(fn)
   end
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Stats
 
 --- Counters of this dispatcher's run, to see a stalled loop or a queue

@@ -49,7 +49,7 @@ dispatcher.on_start("bgworker.drain", function()
   end
 end)
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Draining
 --
 -- Hot path. Items go through the core's drain (`core.drain`: decode and
@@ -143,7 +143,7 @@ local function take_items(self, limit, handle, slice)
   return handle_items(self, limit, handle or call_item, slice)
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Slices
 --
 -- A drain runs callbacks for one slice: until the queue is empty, `limit`
@@ -335,7 +335,7 @@ function Dispatcher:drain_and_rewake(limit, handle)
   return n, empty
 end
 
---------------------------------------------------------------------------
+-- ------------------------------------------------------------------------
 -- Deferred calls
 
 local function pack(...)
