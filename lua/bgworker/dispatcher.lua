@@ -7,9 +7,10 @@
 -- whose `class`, made by `class` below, is the loop's adapter: what the
 -- base needs of that loop (see "Loops"). The base owns the rest: options,
 -- start, stop, errors, stats, and the compatibility between Lua versions.
--- Two modules of their own extend it: bgworker.drain (the drain engine:
--- slices, budgets, deferred calls) and bgworker.waiter (how `await` and
--- `job:get` suspend their caller).
+-- The drain engine (bgworker.drain: slices, budgets, deferred calls) adds
+-- its methods to the base; waiters (bgworker.waiter: how `await` and
+-- `job:get` suspend their caller) and wake-up signals (bgworker.signal)
+-- are modules of their own.
 --
 -- Invariants:
 --   * At most one dispatcher runs in a Lua state, and "running" is the
@@ -242,7 +243,7 @@ end
 
 -- Nothing, or why no dispatcher can start now (for `fname`'s message).
 -- This is the one "already running" check of every loop.
-function M.refuse_second(fname)
+local function refuse_second(fname)
   local d = M.current()
   if d then
     return ("%s: a dispatcher is already running in this Lua state (loop %q); stop it first"):format(
@@ -262,7 +263,7 @@ function M.open(class, fname, opts)
   if not opts then
     return nil, msg
   end
-  msg = M.refuse_second(fname)
+  msg = refuse_second(fname)
   if msg then
     return nil, msg
   end

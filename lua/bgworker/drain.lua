@@ -1,7 +1,8 @@
 -- The drain engine: how a dispatcher runs the callbacks of queued items
 -- (internal). It gives every dispatcher (the base class of
 -- bgworker.dispatcher, which loads this module with the first loop's
--- class) `drain`, `drain_and_rewake`, `defer` and `run_due`.
+-- class) `drain`, `drain_and_rewake`, `defer` and `run_due`; `slice()` is
+-- the running drain's slice, for callers of several callbacks per item.
 --
 -- A loop drains when its wake-up signal is up: the calls deferred to this
 -- drain first, then the timers that are due, then one slice of callbacks,
@@ -16,8 +17,9 @@
 --   * A drain that ends before the queue was found empty says so (`drain`
 --     returns false as its second value): its loop keeps the signal up and
 --     comes back for the rest.
---   * A call carried over to the next slice runs once, at the start of the
---     next slice: of this dispatcher, or of the next one if it stops first.
+--   * A call carried over to the next slice runs once (unless what it is
+--     for was collected), at the start of the next slice: of this
+--     dispatcher, or of the next one if it stops first.
 --     Deferred calls run in the order deferred, at the end of the running
 --     drain or else at the next one, which a wake-up asks for.
 
