@@ -1,10 +1,10 @@
 -- Copas versions: Copas 4 (4.8+ for `copas.exit()`) and Copas 1.x. What
 -- differs is in `COPAS4` below and its Copas 1.x counterpart,
--- bgworker.copas1, chosen once per dispatcher at its start; the other spots
--- that exist for Copas 1.x carry the tag `-- compat: Copas 1.x` (the way
--- Copas tags its own Lua 5.1 branches), so that
+-- bgworker.copas1, chosen once per dispatcher at its start. The other
+-- spots that exist for Copas 1.x end with a comment tag, the way Copas tags
+-- its own Lua 5.1 branches, and so does the first line of bgworker.copas1:
 --     grep -n "compat: Copas 1.x" lua/
--- lists all the Copas 1.x code.
+-- lists all the Copas 1.x code (and this line).
 --
 -- Invariant: the reader reads wake-ups only while its dispatcher owns the
 -- core's run (`Wakeups`), so a forked child's copy never takes the

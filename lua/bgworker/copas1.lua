@@ -5,8 +5,8 @@
 -- these functions in place of its own Copas 4 ones (`COPAS4` there) when a
 -- dispatcher starts in a Copas without `pauseforever`; what else Copas 1.x
 -- needs is at the spots of bgworker.copas tagged like the first line of
--- this file: `grep -n "compat: Copas 1.x" lua/` lists them all. Dropping
--- Copas 1.x is deleting this module and those spots.
+-- this file (see the header of bgworker.copas for the grep that lists
+-- them). Dropping Copas 1.x is deleting this module and those spots.
 --
 -- What Copas 1.x does that the code below works with:
 --   * It only yields when a socket is not ready: no pause, no sleep.
