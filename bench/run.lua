@@ -148,7 +148,7 @@ local function stop_copas(d)
 end
 
 function loops.copas(total, producers, extra)
-  local d = bgworker.copas()
+  local d = bgworker.new { loop = "copas" }
   local t, delta = timed(total, producers, extra, function() copas.step(1) end)
   stop_copas(d)
   return t, delta
@@ -363,7 +363,7 @@ latency_loops.select = select_loop(nil)
 latency_loops.eventfd = select_loop("eventfd")
 
 function latency_loops.copas(n, record)
-  local d = bgworker.copas()
+  local d = bgworker.new { loop = "copas" }
   local job = bench.produce { items = n, interval_us = 1000, callback = record }
   run_until(n, function() copas.step(1) end)
   job:join()

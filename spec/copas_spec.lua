@@ -1,9 +1,9 @@
--- What only the Copas dispatcher does (bgworker.copas(), or bgworker.new
--- with loop = "copas"): Copas I/O in callbacks, spawn, stop while a callback
--- waits, copas.loop and copas.exit. What every loop promises is in
--- loop_contract_spec.lua. `make specs-<ver>` runs these against Copas 4 on
--- every Lua version, `make specs-copas1-<ver>` against Debian's Copas 1.x on
--- 5.1, 5.2 and LuaJIT; a missing Copas fails (support.needs_copas). The tests
+-- What only the Copas dispatcher does (bgworker.new with loop = "copas"):
+-- Copas I/O in callbacks, spawn, stop while a callback waits, copas.loop
+-- and copas.exit. What every loop promises is in loop_contract_spec.lua.
+-- `make specs-<ver>` runs these against Copas 4 on every Lua version,
+-- `make specs-copas1-<ver>` against Debian's Copas 1.x on 5.1, 5.2 and
+-- LuaJIT; a missing Copas fails (support.needs_copas). The tests
 -- drive Copas with copas.step, which every version has; what Copas 1.x lacks
 -- (a copas.loop that returns, copas.exit, socket timeouts) is pending there
 -- only.
@@ -86,7 +86,7 @@ describe("bgworker.copas", function()
   end)
 
   it("drains a batch within one step when the budget allows", function()
-    d = bgworker.copas()
+    d = bgworker.new { loop = "copas" }
     local count, first_step = 0, nil
     join(produce { items = 100, callback = function()
       count = count + 1
@@ -98,7 +98,7 @@ describe("bgworker.copas", function()
 
   it("lets callbacks do Copas I/O", function()
     local port = echo_server()
-    d = bgworker.copas()
+    d = bgworker.new { loop = "copas" }
     local replies = {}
     local t = ticker.start(3, 1, function(v)
       replies[#replies + 1] = echo(port, "ping " .. v)
@@ -111,7 +111,7 @@ describe("bgworker.copas", function()
   it("sends errors of yielding callbacks to the errorhandler and goes on", function()
     local port = echo_server()
     local errors, handler = collector()
-    d = bgworker.copas { errorhandler = handler }
+    d = bgworker.new { loop = "copas", errorhandler = handler }
     local done = 0
     local t = ticker.start(4, 1, function(v)
       local reply = echo(port, "v" .. v)
@@ -131,7 +131,7 @@ describe("bgworker.copas", function()
       pending(copas._VERSION .. " has no socket timeouts")
       return
     end
-    d = bgworker.copas()
+    d = bgworker.new { loop = "copas" }
     local results = {}
     local t = ticker.start(2, 1, function(v)
       local s = support.udp_socket()
@@ -152,7 +152,7 @@ describe("bgworker.copas", function()
 
   describe("without spawn", function()
     it("runs callbacks one after the other", function()
-      d = bgworker.copas()
+      d = bgworker.new { loop = "copas" }
       local g = gate()
       local log = {}
       join(produce { items = 3, callback = function(_, seq)
@@ -171,7 +171,7 @@ describe("bgworker.copas", function()
 
   describe("with spawn", function()
     it("does not let a slow callback delay the others", function()
-      d = bgworker.copas { spawn = true }
+      d = bgworker.new { loop = "copas", spawn = true }
       local g = gate()
       local log = {}
       join(produce { items = 3, callback = function(_, seq)
@@ -188,7 +188,7 @@ describe("bgworker.copas", function()
 
     it("lets callbacks do Copas I/O", function()
       local port = echo_server()
-      d = bgworker.copas { spawn = true }
+      d = bgworker.new { loop = "copas", spawn = true }
       local replies = {}
       local t = ticker.start(3, 1, function(v)
         replies[v] = echo(port, "ping " .. v)
@@ -200,7 +200,7 @@ describe("bgworker.copas", function()
 
     it("sends callback and decode errors to the errorhandler", function()
       local errors, handler = collector()
-      d = bgworker.copas { spawn = true, errorhandler = handler }
+      d = bgworker.new { loop = "copas", spawn = true, errorhandler = handler }
       local count = 0
       join(produce { items = 1, decode = "raise" })
       join(produce { items = 4, callback = function(_, seq)
@@ -216,7 +216,7 @@ describe("bgworker.copas", function()
 
   describe("stop", function()
     it("ends the reader, closes the socket and stops the core", function()
-      d = bgworker.copas()
+      d = bgworker.new { loop = "copas" }
       run_until(function() return false end, 0.05)
       assert.equals("suspended", coroutine.status(d.reader))
       local sock = d.socket
@@ -227,7 +227,7 @@ describe("bgworker.copas", function()
     end)
 
     it("can be called while a callback waits on I/O", function()
-      d = bgworker.copas()
+      d = bgworker.new { loop = "copas" }
       local g = gate()
       local log = {}
       join(produce { items = 2, callback = function(_, seq)
@@ -248,7 +248,7 @@ describe("bgworker.copas", function()
       end
       local got = {}
       copas.addthread(function()
-        d = bgworker.copas()
+        d = bgworker.new { loop = "copas" }
         local t
         t = ticker.start(3, 5, function(v)
           got[#got + 1] = v
@@ -269,7 +269,7 @@ describe("bgworker.copas", function()
         return
       end
       copas.addthread(function()
-        d = bgworker.copas()
+        d = bgworker.new { loop = "copas" }
         copas.pause(0.05)
         copas.exit()
       end)
@@ -313,7 +313,7 @@ describe("bgworker.copas", function()
   end)
 
   it("refuses dispatch and wait, which Copas does", function()
-    d = bgworker.copas()
+    d = bgworker.new { loop = "copas" }
     assert.has_error(function() d:dispatch() end,
       "dispatch: this dispatcher is driven by Copas; a select loop needs bgworker.new()")
     assert.has_error(function() d:wait(0) end,

@@ -50,7 +50,7 @@ describe("bgworker.cqueues", function()
 
   it("follows the polling protocol, and d:loop() returns the items it handled", function()
     local cq = cqueues.new()
-    d = bgcq.start() -- the name of earlier versions
+    d = bgworker.new { loop = "cqueues" }
     assert.equals(core.fd(), d.fd)
     assert.equals(d.fd, d:pollfd())
     assert.equals("r", d:events())
@@ -110,11 +110,11 @@ describe("bgworker.cqueues", function()
   end)
 
   it("checks its own options and methods at the caller's line", function()
-    local ok, err = pcall(function() local _ = bgcq.start { kind = 3 } end)
+    local ok, err = pcall(function() local _ = bgworker.new { loop = "cqueues", kind = 3 } end)
     assert.is_false(ok)
-    assert.matches("cqueues_spec.lua:%d+: bad argument #1 to 'bgworker.cqueues.start' %(opts.kind" ..
+    assert.matches("cqueues_spec.lua:%d+: bad argument #1 to 'bgworker.new' %(opts.kind" ..
       ' must be one of "eventfd", "pipe", got 3%)', err)
-    d = bgcq.start()
+    d = bgworker.new { loop = "cqueues" }
     ok, err = pcall(function() local _ = d.loop(nil) end)
     assert.is_false(ok)
     assert.matches("bad argument #1 to 'loop' (dispatcher expected, got nil", err, 1, true)

@@ -549,3 +549,61 @@ describe("every loop's dispatcher", function()
     end
   end)
 end)
+
+-- The loop adapter interface (bgworker.dispatcher, "Loops"): each loop of
+-- LOOPS supplies the fields of ADAPTER, or keeps the base's defaults.
+describe("every loop's adapter", function()
+  local dispatcher = require "bgworker.dispatcher"
+
+  -- The class of loop `name` from its module, loaded here, or nil and why
+  -- not (luv and cqueues under LuaJIT). bgworker.ngx loads against a
+  -- stand-in for the few ngx functions it looks up at load.
+  local function loop_class(name)
+    if name ~= "ngx" then
+      local ok, module = pcall(require, "bgworker." .. name)
+      if not ok then
+        return nil, module
+      end
+      return module.class
+    end
+    local saved_ngx, saved = rawget(_G, "ngx"), {}
+    for _, m in ipairs { "bgworker.ngx", "ngx.semaphore" } do saved[m] = package.loaded[m] end
+    rawset(_G, "ngx", { worker = {}, timer = {} })
+    package.loaded["ngx.semaphore"] = {}
+    package.loaded["bgworker.ngx"] = nil
+    local ok, module = pcall(require, "bgworker.ngx")
+    rawset(_G, "ngx", saved_ngx)
+    for m, v in pairs(saved) do package.loaded[m] = v end
+    assert(ok, module)
+    return module.class
+  end
+
+  for _, name in ipairs(dispatcher.LOOPS) do
+    it(name .. " supplies every field of the interface", function()
+      local class, why = loop_class(name)
+      if not class then
+        assert(rawget(_G, "jit"), why)
+        return pending(name .. " cannot be loaded under LuaJIT here: " .. tostring(why))
+      end
+      assert.is_nil(dispatcher.check_adapter(class, name))
+      for field, required in pairs(dispatcher.ADAPTER) do
+        assert.is_function(class[field], field)
+        if required then
+          assert.is_function(rawget(class, field), name .. " must supply " .. field)
+        end
+      end
+    end)
+  end
+
+  it("is refused without a required field, or when not made by class()", function()
+    local class = dispatcher.class("test", {})
+    class.suspender = function() end
+    assert.equals('loop "test": its adapter has no function start', dispatcher.check_adapter(class, "test"))
+    class.start = function() return true end
+    assert.is_nil(dispatcher.check_adapter(class, "test"))
+    class.timer = 1
+    assert.equals('loop "test": its adapter has no function timer', dispatcher.check_adapter(class, "test"))
+    assert.matches("not a class made by class", dispatcher.check_adapter({}, "test"))
+    assert.matches("not a class made by class", dispatcher.check_adapter(class, "other"))
+  end)
+end)

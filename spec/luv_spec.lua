@@ -36,7 +36,7 @@ describe("bgworker.luv", function()
   end)
 
   it("watches the core's descriptor with a poll handle, closed by stop", function()
-    d = bgluv.start() -- the name of earlier versions
+    d = bgworker.new { loop = "luv" }
     assert.equals("luv", d:stats().loop)
     assert.equals(core.fd(), d.fd)
     assert.is_true(d.handle:is_active())
@@ -100,11 +100,11 @@ describe("bgworker.luv", function()
   end)
 
   it("checks its own options at the caller's line", function()
-    local ok, err = pcall(function() local _ = bgluv.start { kind = "socket" } end)
+    local ok, err = pcall(function() local _ = bgworker.new { loop = "luv", kind = "socket" } end)
     assert.is_false(ok)
-    assert.matches("luv_spec.lua:%d+: bad argument #1 to 'bgworker.luv.start' %(opts.kind must be" ..
+    assert.matches("luv_spec.lua:%d+: bad argument #1 to 'bgworker.new' %(opts.kind must be" ..
       ' one of "eventfd", "pipe", got "socket"%)', err)
-    d = bgluv.start()
+    d = bgworker.new { loop = "luv" }
     ok, err = pcall(function() local _ = d:dispatch(0) end)
     assert.is_false(ok)
     assert.matches("luv_spec.lua:%d+: bad argument #2 to 'dispatch' %(max must be a positive integer", err)

@@ -374,19 +374,19 @@ function support.copas_until(cond, timeout)
   return true
 end
 
---- Stop a bgworker.copas dispatcher and step Copas until its reader thread
+--- Stop a Copas dispatcher and step Copas until its reader thread
 -- ended; false if that takes over 2 s.
 function support.stop_copas(d)
   d:stop()
   return support.copas_until(function() return coroutine.status(d.reader) == "dead" end, 2)
 end
 
---- For the describe block that calls this: a bgworker.copas() dispatcher
--- before each test, stopped after it (stop_copas), and the jobs joined.
+--- For the describe block that calls this: a Copas dispatcher
+-- (`bgworker.new { loop = "copas" }`) before each test, stopped after it (stop_copas), and the jobs joined.
 function support.copas_dispatcher_each()
   local d
   busted.before_each(function()
-    d = require("bgworker").copas()
+    d = require("bgworker").new { loop = "copas" }
   end)
   busted.after_each(function()
     support.stop_copas(d)

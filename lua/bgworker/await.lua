@@ -30,9 +30,10 @@
 local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
+local waiting = require "bgworker.waiter"
 
 local error, select = error, select
-local unpack = table.unpack or unpack
+local unpack = dispatcher.unpack
 
 --- Call `start(callback, token)` and wait for the callback.
 -- @function await
@@ -45,7 +46,7 @@ local function await(start, timeout)
   local msg = args.typed("await", 1, "start", start, "function") or
     args.seconds("await", 2, "timeout", timeout, true)
   if msg then error(msg, 2) end
-  local waiter, why = dispatcher.waiter_for("await")
+  local waiter, why = waiting.for_caller("await")
   if not waiter then error(why, 2) end
   local n, values
   local token = core.token()

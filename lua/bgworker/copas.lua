@@ -1,3 +1,15 @@
+-- Copas versions: Copas 4 (4.8+ for `copas.exit()`) and Copas 1.x. What
+-- differs is in `COPAS4` below and its Copas 1.x counterpart,
+-- bgworker.copas1, chosen once per dispatcher at its start. The other
+-- spots that exist for Copas 1.x end with a comment tag, the way Copas tags
+-- its own Lua 5.1 branches, and so does the first line of bgworker.copas1:
+--     grep -n "compat: Copas 1.x" lua/
+-- lists all the Copas 1.x code (and this line).
+--
+-- Invariant: the reader reads wake-ups only while its dispatcher owns the
+-- core's run (`Wakeups`), so a forked child's copy never takes the
+-- parent's.
+
 --- Dispatch inside a Copas loop (Copas 1.2 from Debian, Copas 4.x from
 -- LuaRocks): a Copas thread waits on the wake-up socket and runs the
 -- callbacks.
@@ -31,9 +43,9 @@ local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 local protect = require "bgworker.protect"
-local timers = require "bgworker.timers"
+local signal = require "bgworker.signal"
 
-local assert, error, pcall, require, setmetatable = assert, error, pcall, require, setmetatable
+local error, pcall, require, setmetatable = error, pcall, require, setmetatable
 local tonumber, tostring, type = tonumber, tostring, type
 local traceback = debug.traceback
 local check_self = dispatcher.check_self
@@ -44,9 +56,8 @@ local M = {}
 local DATAGRAM = 16
 
 local Copas = dispatcher.class("copas", { spawn = args.option.boolean })
--- The class of these dispatchers, for bgworker.new.
+-- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Copas
-Copas.gettime = core.now
 
 -- ------------------------------------------------------------------------
 -- Copas versions
@@ -56,7 +67,7 @@ Copas.gettime = core.now
 local THREAD = {}
 
 local function thread_main(first, fn, ...)
-  if first ~= THREAD then
+  if first ~= THREAD then -- compat: Copas 1.x
     return thread_main(fn, ...)
   end
   return fn(...)
@@ -81,47 +92,33 @@ local function major_version(copas)
   return tonumber(tostring(copas._VERSION):match("(%d+)%.")) or 1
 end
 
--- Copas 1.x has neither pause nor sleep, and only yields when a socket is
--- not ready. A nudge stands for the dispatcher's UDP socket in Copas's
--- write set: its first send reports "timeout", so copas.send yields; a UDP
--- socket is always writable, so Copas resumes the thread at its next step,
--- after the other ready threads ran.
-local Nudge = {}
-Nudge.__index = Nudge
+-- What the dispatcher does where Copas versions differ, with Copas 4's
+-- API; bgworker.copas1 has the same functions for Copas 1.x.
+local COPAS4 = {}
 
-function Nudge:getfd()
-  return self.socket:getfd()
-end
-
-function Nudge:send()
-  if self.armed then
-    self.armed = false
-    return nil, "timeout", 0
-  end
-  return 1
-end
-
--- Copas 1.x closes the socket that last resumed a thread when it ends.
-function Nudge:close()
-  return self.socket:close()
-end
-
-local function nudge(self)
-  local n = self.nudge
-  n.armed = true
-  self.copas.send(n, "")
-end
+-- At the dispatcher's start (its socket made): nothing to prepare.
+function COPAS4.setup() end
 
 -- Let the other Copas threads run, and come back.
-local function pause(self)
-  local copas = self.copas
-  if copas.pause then
-    copas.pause(0)
-  elseif copas.sleep then
-    copas.sleep(0)
-  else
-    nudge(self)
-  end
+function COPAS4.pause(self)
+  self.copas.pause(0)
+end
+
+-- The reader ends: nothing to do.
+function COPAS4.reader_ended() end
+
+-- The calling thread sleeps until woken or the time is up.
+function COPAS4.suspender(self)
+  local copas, co = self.copas, copas_thread()
+  return {
+    timed = true,
+    suspend = function(left)
+      if left then copas.pause(left) else copas.pauseforever() end
+    end,
+    resume = function()
+      copas.wakeup(co)
+    end,
+  }
 end
 
 -- ------------------------------------------------------------------------
@@ -148,7 +145,7 @@ end
 
 function Wakeups:receive(size)
   local d = self.dispatcher
-  if d.run == nil then
+  if d.run == nil then -- compat: Copas 1.x
     -- Copas 1.x runs a new thread at once: the dispatcher is still
     -- starting. Wait for the socket as usual.
     return nil, "timeout"
@@ -178,7 +175,7 @@ local function spawn_item(self, f, ...)
   return true
 end
 
-local discard = dispatcher.discard_datagrams
+local discard = signal.discard_datagrams
 
 local function reader(self)
   local copas, sock, wakeups = self.copas, self.socket, self.wakeups
@@ -202,15 +199,11 @@ local function reader(self)
       if not empty then
         -- The instance stays armed: no datagram will come, so carry
         -- on draining after the others had their turn.
-        pause(self)
+        self.api.pause(self)
       end
     until empty or self.stopped
   end
-  if self.nudge then
-    -- Copas 1.x closes the socket that resumed a thread when it ends:
-    -- make that our own, not one a callback was using.
-    nudge(self)
-  end
+  self.api.reader_ended(self)
   wakeups:close()
 end
 
@@ -241,21 +234,23 @@ function Copas.start(self, opts)
     self.call = protect.coxpcall(require "coxpcall")
   end
   local err
-  self.socket, err = dispatcher.start_udp(opts)
+  self.socket, err = signal.start_udp(opts)
   if not self.socket then
     return nil, err
   end
   self.wakeups = setmetatable({ socket = self.socket, dispatcher = self }, Wakeups)
-  if not copas.pause and not copas.sleep then
-    self.nudge = setmetatable({ socket = self.socket, armed = false }, Nudge)
+  -- What the dispatcher does where Copas versions differ.
+  self.api = COPAS4
+  if not (copas.pauseforever and copas.wakeup) then -- compat: Copas 1.x
+    self.api = require "bgworker.copas1"
   end
+  self.api.setup(self)
   if self.spawn then
-    self.seterrorhandler = copas.seterrorhandler or copas.setErrorHandler
+    self.seterrorhandler = copas.seterrorhandler or copas.setErrorHandler -- compat: Copas 1.x
     self.thread_errorhandler = function(e, co)
       self:report(e, type(co) == "thread" and traceback(co, tostring(e)) or nil)
     end
   end
-  self.timers = timers.new()
   self.reader = addthread(copas, reader, self)
   if copas.waitforexit and not watching then
     watching = true
@@ -264,13 +259,12 @@ function Copas.start(self, opts)
   return true
 end
 
---- Dispatch inside a running Copas loop: `bgworker.new { loop = "copas" }`
--- (or `bgworker.copas(opts)`).
+--- Dispatch inside a running Copas loop: `bgworker.new { loop = "copas" }`.
 -- @tparam[opt] table opts the common options (see `bgworker.new`), and
 --   `spawn` (boolean): run each callback in a Copas thread of its own
 -- @return a dispatcher; its field `reader` is the reader's Copas thread
 -- @function new
-M.new = dispatcher.constructor(Copas, "bgworker.copas")
+M.new = dispatcher.constructor(Copas)
 
 function Copas.before_stop(self, owned)
   -- A datagram resumes the reader wherever it waits for the socket; the
@@ -280,7 +274,7 @@ end
 
 function Copas.after_stop(self)
   local copas = self.copas
-  if not self.woken and copas.close then
+  if not self.woken and copas.close then -- compat: Copas 1.x (no copas.close)
     -- Copas 4 resumes a reader that waits on a socket closed this way.
     -- (Only when there was no datagram to send: a reader that is between
     -- two steps of copas.receive would wait on the closed socket forever.)
@@ -305,111 +299,12 @@ end
 -- ------------------------------------------------------------------------
 -- Waiting
 
--- Copas 1.x waits on anything with getfd and closes the socket that
--- resumed a thread when that thread ends; a waker stands for its socket in
--- Copas's read set so that close does nothing: the socket goes back to the
--- pool for the next wait.
-local Waker = {}
-Waker.__index = Waker
-
-function Waker:getfd()
-  return self.socket:getfd()
-end
-
-function Waker:receive(size)
-  return self.socket:receive(size)
-end
-
-function Waker.close()
-end
-
--- Idle wakers kept for reuse: one per concurrent wait is made anyway.
-local idle, nidle, MAX_IDLE = {}, 0, 8
-
-local function take_waker()
-  if nidle > 0 then
-    local waker = idle[nidle]
-    idle[nidle] = nil
-    nidle = nidle - 1
-    return waker
-  end
-  local socket = require "socket"
-  local sock = assert((socket.udp4 or socket.udp)())
-  assert(sock:setsockname("127.0.0.1", 0))
-  -- Connected to itself: the kernel drops anyone else's datagrams.
-  local ip, port = sock:getsockname()
-  assert(sock:setpeername(ip, port))
-  sock:settimeout(0)
-  return setmetatable({ socket = sock }, Waker)
-end
-
-local function give_back(waker)
-  discard(waker.socket)
-  if nidle < MAX_IDLE then
-    nidle = nidle + 1
-    idle[nidle] = waker
-  else
-    waker.socket:close()
-  end
-end
-
--- Copas 1.x: the thread waits for a datagram on a waker of its own; resume
--- sends one (only while it waits, so a late wake never reaches a waker
--- that went back to the pool).
-local function socket_suspender(copas)
-  local waker, waiting = nil, false
-  return {
-    suspend = function()
-      waker = waker or take_waker()
-      waiting = true
-      local ok, err = copas.receive(waker, 1)
-      waiting = false
-      if not ok and err ~= "timeout" then
-        give_back(waker)
-        waker = nil
-        error("bgworker: wake-up socket of a wait failed: " .. tostring(err), 0)
-      end
-    end,
-    resume = function()
-      if waiting then
-        waker.socket:send("!")
-      end
-    end,
-    done = function()
-      if waker then
-        give_back(waker)
-      end
-    end,
-  }
-end
-
--- Copas 4: sleep until woken or the time is up.
-local function sleeping_suspender(copas, co)
-  return {
-    timed = true,
-    suspend = function(left)
-      if left then copas.pause(left) else copas.pauseforever() end
-    end,
-    resume = function()
-      copas.wakeup(co)
-    end,
-  }
-end
-
 function Copas:suspender()
   if not dispatcher.in_coroutine() then
     return nil, "with a Copas dispatcher, wait in a Copas thread (copas.addthread), not in the" ..
       " main program"
   end
-  local copas = self.copas
-  if copas.pauseforever and copas.wakeup then
-    return sleeping_suspender(copas, copas_thread())
-  end
-  return socket_suspender(copas)
-end
-
-function Copas:timer(seconds, fn)
-  return self.timers:add(seconds, fn)
+  return self.api.suspender(self)
 end
 
 return M

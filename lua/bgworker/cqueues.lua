@@ -35,6 +35,7 @@ local args = require "bgworker.args"
 local cqueues = require "cqueues"
 local condition = require "cqueues.condition"
 local dispatcher = require "bgworker.dispatcher"
+local signal = require "bgworker.signal"
 
 local error = error
 local cpoll, cancel = cqueues.poll, cqueues.cancel
@@ -43,12 +44,12 @@ local check_self = dispatcher.check_self
 local M = {}
 
 local Cqueues = dispatcher.class("cqueues", { kind = args.option.one_of { "eventfd", "pipe" } })
--- The class of these dispatchers, for bgworker.new.
+-- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Cqueues
 Cqueues.gettime = cqueues.monotime
 
 function Cqueues.start(self, opts)
-  local fd, err = dispatcher.start_fd(opts)
+  local fd, err = signal.start_fd(opts)
   if not fd then
     return nil, err
   end
@@ -62,10 +63,7 @@ end
 --   Linux
 -- @return a dispatcher; `fd` is the descriptor
 -- @function new
-M.new = dispatcher.constructor(Cqueues, "bgworker.cqueues.start")
-
---- The name of earlier versions.
-M.start = M.new
+M.new = dispatcher.constructor(Cqueues)
 
 -- The controllers must forget the descriptor before core.stop() closes it;
 -- cancel also puts the coroutines polling it back to work.

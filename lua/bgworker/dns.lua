@@ -25,6 +25,7 @@ local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 local native = require "bgworker.dns_native"
+local waiting = require "bgworker.waiter"
 
 local error, select = error, select
 
@@ -110,7 +111,7 @@ end
 function dns.toip(host, timeout)
   local msg = check_host("toip", host) or args.seconds("toip", 2, "timeout", timeout, true)
   if msg then error(msg, 2) end
-  local waiter, why = dispatcher.waiter_for("bgworker.dns.toip")
+  local waiter, why = waiting.for_caller("bgworker.dns.toip")
   if not waiter then error(why, 2) end
   local addresses, name
   local token, err = lookup("bgworker.dns.toip", host, function(a, n)

@@ -18,17 +18,16 @@
 -- `opts.loop` naming the loop; one runs in a Lua state at a time. What
 -- every dispatcher has is on the page @{Dispatcher}.
 --
--- The fields `pool`, `dns`, `await`, `select`, `luv`, `cqueues` and `ngx`
--- are the modules @{bgworker.pool}, @{bgworker.dns}, ..., loaded on first
--- use.
+-- The fields `pool`, `dns`, `await`, `select`, `copas`, `luv`, `cqueues`
+-- and `ngx` are the modules @{bgworker.pool}, @{bgworker.dns}, ..., loaded
+-- on first use.
 --
 -- @module bgworker
 
-local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 
-local error, rawset, require, setmetatable, type = error, rawset, require, setmetatable, type
+local error, ipairs, rawset, require, setmetatable = error, ipairs, rawset, require, setmetatable
 
 local bgworker = {
   --- The version of this module, "MAJOR.MINOR.PATCH".
@@ -49,25 +48,6 @@ bgworker._VERSION = "bgworker " .. bgworker.version
 -- @param err the error value
 -- @param tb a traceback string, or nil
 bgworker.default_errorhandler = dispatcher.default_errorhandler
-
--- The module of each loop; each has `class`, its dispatchers' class.
-local LOOPS = {
-  select = "bgworker.select",
-  copas = "bgworker.copas",
-  luv = "bgworker.luv",
-  cqueues = "bgworker.cqueues",
-  ngx = "bgworker.ngx",
-}
-local LOOP_NAMES = args.option.one_of { "select", "copas", "luv", "cqueues", "ngx" }
-
--- Start a dispatcher of `loop` for `fname`: it, or nil and a message.
-local function open(fname, loop, opts)
-  local msg = LOOP_NAMES(fname, 1, "opts.loop", loop)
-  if msg then
-    return nil, msg
-  end
-  return dispatcher.open(require(LOOPS[loop]).class, fname, opts)
-end
 
 --- Make and start a dispatcher.
 --
@@ -92,19 +72,7 @@ end
 -- @return the dispatcher: every @{Dispatcher} has `stop()`, `stats()` and
 -- `dispatch()`; the loop's page tells the rest.
 function bgworker.new(opts)
-  local loop = type(opts) == "table" and opts.loop or "select"
-  local d, err = open("bgworker.new", loop, opts)
-  if not d then error(err, 2) end
-  return d
-end
-
---- `bgworker.new(opts)` with `opts.loop = "copas"`: the name of earlier
--- versions.
--- @tparam[opt] table opts as for `new`
--- @return the dispatcher (see @{bgworker.copas})
-function bgworker.copas(opts)
-  local loop = type(opts) == "table" and opts.loop or "copas"
-  local d, err = open("bgworker.copas", loop, opts)
+  local d, err = dispatcher.new("bgworker.new", opts)
   if not d then error(err, 2) end
   return d
 end
@@ -114,12 +82,14 @@ function bgworker.current()
   return dispatcher.current()
 end
 
--- The utilities load on first use: `bgworker.pool`, `bgworker.dns`, ...
--- are `require "bgworker.pool"`, ... (each needs its native library, which
--- a program that only dispatches should not have to load).
-local SUBMODULES = {
-  pool = true, dns = true, await = true, ngx = true, luv = true, cqueues = true, select = true,
-}
+-- The utilities and the loops load on first use: `bgworker.pool`,
+-- `bgworker.luv`, ... are `require "bgworker.pool"`, ... (each needs its
+-- native library, or its loop's, which a program that only dispatches in
+-- another loop should not have to load).
+local SUBMODULES = { pool = true, dns = true, await = true }
+for _, loop in ipairs(dispatcher.LOOPS) do
+  SUBMODULES[loop] = true
+end
 
 return setmetatable(bgworker, {
   __index = function(t, name)

@@ -30,6 +30,8 @@
 local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
+local signal = require "bgworker.signal"
+local waiting = require "bgworker.waiter"
 local uv = require "luv"
 
 local pcall, tostring = pcall, tostring
@@ -37,7 +39,7 @@ local pcall, tostring = pcall, tostring
 local M = {}
 
 local Luv = dispatcher.class("luv", { kind = args.option.one_of { "eventfd", "pipe" } })
--- The class of these dispatchers, for bgworker.new.
+-- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Luv
 
 function Luv.gettime()
@@ -58,7 +60,7 @@ local function on_readable(self, err)
 end
 
 function Luv.start(self, opts)
-  local fd, err = dispatcher.start_fd(opts)
+  local fd, err = signal.start_fd(opts)
   if not fd then
     return nil, err
   end
@@ -89,10 +91,7 @@ end
 --   Linux
 -- @return a dispatcher: `fd` is the descriptor, `handle` the `uv_poll_t`
 -- @function new
-M.new = dispatcher.constructor(Luv, "bgworker.luv.start")
-
---- The name of earlier versions.
-M.start = M.new
+M.new = dispatcher.constructor(Luv)
 
 -- libuv must forget the descriptor before core.stop() closes it; a closed
 -- poll handle also lets `uv.run()` return once nothing else is active.
@@ -109,7 +108,7 @@ function Luv:suspender()
   if not in_co then
     return nil, "with a luv dispatcher, wait in a coroutine: the main program runs uv.run()"
   end
-  return self:resuming_suspender(co)
+  return waiting.resuming_suspender(self, co)
 end
 
 -- A luv timer: `fn()` runs in protected mode after `seconds`, never before.

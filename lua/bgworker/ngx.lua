@@ -37,7 +37,6 @@
 -- luacheck: read globals ngx
 
 local args = require "bgworker.args"
-local await = require "bgworker.await"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 local semaphore = require "ngx.semaphore"
@@ -74,7 +73,7 @@ local WATCH_DELAY = 86400
 local FOREVER = 86400 * 365
 
 local Ngx = dispatcher.class("ngx", { timeout = args.option.seconds })
--- The class of these dispatchers, for bgworker.new.
+-- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Ngx
 
 function Ngx.gettime()
@@ -89,6 +88,7 @@ end
 function M.default_errorhandler(err, tb)
   ngx.log(ngx.ERR, "bgworker.ngx: ", tb or tostring(err))
 end
+Ngx.default_errorhandler = M.default_errorhandler
 
 -- This worker's reader, once started.
 local reader
@@ -245,7 +245,6 @@ function Ngx.start(self, opts)
   end
   self.start_opts = opts.capacity and { capacity = opts.capacity } or nil
   self.timeout_ms = floor((opts.timeout or M.DEFAULT_TIMEOUT) * 1000)
-  self.errorhandler = opts.errorhandler or M.default_errorhandler
   local ok, err = start_core(self)
   if not ok then
     return nil, err
@@ -278,10 +277,7 @@ end
 --   timed out" unless `lua_socket_log_errors off`.
 -- @return the dispatcher
 -- @function new
-M.new = dispatcher.constructor(Ngx, "bgworker.ngx.start")
-
---- The name of earlier versions.
-M.start = M.new
+M.new = dispatcher.constructor(Ngx)
 
 function Ngx.before_stop(self)
   if self.socket then
@@ -296,10 +292,6 @@ function Ngx:dispatch()
     "dispatch: this dispatcher is driven by its reader, in a timer"
   error(msg, 2)
 end
-
---- Wait for a callback without blocking the worker: `bgworker.await`
--- (kept here under the name of earlier versions).
-M.await = await
 
 -- ------------------------------------------------------------------------
 -- Waiting

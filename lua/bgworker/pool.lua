@@ -54,13 +54,15 @@
 local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
+local drain = require "bgworker.drain"
+local waiting = require "bgworker.waiter"
 local native = require "bgworker.pool_native"
 local protect = require "bgworker.protect"
 
 local debug, error, getmetatable, package, select, setmetatable, string, tostring, type =
   debug, error, getmetatable, package, select, setmetatable, string, tostring, type
 local floor, huge = math.floor, math.huge
-local unpack = table.unpack or unpack
+local unpack = dispatcher.unpack
 local running = core.running
 
 local pool = {}
@@ -322,7 +324,7 @@ end
 -- callback; after an error (reported as the dispatcher reports the errors
 -- of the callbacks it calls) the rest goes on.
 function run_events(self)
-  local slice = dispatcher.slice()
+  local slice = drain.slice()
   repeat
     local ok, err, tb = protect.call(run_backlog, self, slice)
     if not ok then
@@ -528,7 +530,7 @@ end
 function Pool:run(fn, ...)
   local msg = check_pool(self, "run")
   if msg then error(msg, 2) end
-  local waiter, why = dispatcher.waiter_for("run")
+  local waiter, why = waiting.for_caller("run")
   if not waiter then error(why, 2) end
   local code, named = prepare(self, "run", fn)
   if not code then error(named, 2) end
@@ -631,7 +633,7 @@ function Job:get(timeout)
   if ENDED[self[STATE]] then
     return wait_outcome(self)
   end
-  local waiter, why = dispatcher.waiter_for("get")
+  local waiter, why = waiting.for_caller("get")
   if not waiter then error(why, 2) end
   return wait_outcome(self, waiter, timeout)
 end

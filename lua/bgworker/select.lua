@@ -24,9 +24,10 @@
 -- @module bgworker.select
 
 local args = require "bgworker.args"
-local dispatcher = require "bgworker.dispatcher"
-local timers = require "bgworker.timers"
 local core = require "bgworker.core"
+local dispatcher = require "bgworker.dispatcher"
+local signal = require "bgworker.signal"
+local waiting = require "bgworker.waiter"
 local socket = require "socket"
 
 local error, type = error, type
@@ -41,24 +42,22 @@ local LONGEST_SELECT = 86400
 local Select = dispatcher.class("select", {
   kind = args.option.one_of { "udp", "eventfd", "pipe" },
 })
--- The class of these dispatchers, for bgworker.new.
+-- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Select
-Select.gettime = core.now
 
 function Select.start(self, opts)
   local err
   if opts.kind == nil or opts.kind == "udp" then
-    self.socket, err = dispatcher.start_udp(opts)
+    self.socket, err = signal.start_udp(opts)
     self.waitable = self.socket
   else
-    self.fd, err = dispatcher.start_fd(opts)
+    self.fd, err = signal.start_fd(opts)
     self.waitable = self
   end
   if err then
     return nil, err
   end
   self.readset = { self.waitable }
-  self.timers = timers.new()
   return true
 end
 
@@ -68,7 +67,7 @@ end
 --   `kind` ("udp", the default; "eventfd" or "pipe"): how it wakes
 -- @return a dispatcher; its field `socket` is the LuaSocket UDP socket to
 -- wait on (for "udp")
-M.new = dispatcher.constructor(Select, "bgworker.new")
+M.new = dispatcher.constructor(Select)
 
 function Select.after_stop(self)
   if self.socket then
@@ -91,7 +90,7 @@ function Select.dirty()
   return false
 end
 
-local discard = dispatcher.discard_datagrams
+local discard = signal.discard_datagrams
 
 -- `dispatch` (the base's) reads the waiting wake-up datagrams first.
 function Select:before_dispatch()
@@ -151,11 +150,7 @@ function Select:suspender()
     return nil, "this is a Copas thread, but the running dispatcher is a select one that" ..
       " Copas does not run: start it with bgworker.new{ loop = \"copas\" }"
   end
-  return self:resuming_suspender(co)
-end
-
-function Select:timer(seconds, fn)
-  return self.timers:add(seconds, fn)
+  return waiting.resuming_suspender(self, co)
 end
 
 return M

@@ -1,5 +1,6 @@
--- Timers for loops that have none of their own (internal): a plain
--- `socket.select` loop and Copas 1.x.
+-- Timers for loops that have none of their own (internal): the default
+-- `timer` of a loop's adapter (bgworker.dispatcher), which the
+-- `socket.select` loop and Copas use.
 --
 -- The deadlines live in a binary min-heap; the core holds one alarm, set
 -- to the earliest of them (`core.alarm`), which raises the dispatcher's

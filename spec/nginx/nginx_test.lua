@@ -230,7 +230,7 @@ describe("bgworker.ngx in nginx", function()
   it("refuses a second start in a worker", function()
     local code, body = get("/twice")
     assert.equals(200, code)
-    assert.matches('bgworker.ngx.start: a dispatcher is already running in this Lua state (loop "ngx")', body, 1, true)
+    assert.matches('bgworker.new: a dispatcher is already running in this Lua state (loop "ngx")', body, 1, true)
   end)
 
   it("answers " .. CONCURRENT .. " concurrent requests", function()

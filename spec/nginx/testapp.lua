@@ -6,7 +6,8 @@
 
 -- luacheck: globals ngx
 
-local bgngx = require "bgworker.ngx"
+local await = require "bgworker.await"
+local bgworker = require "bgworker"
 local core = require "bgworker.core"
 local ticker = require "bgworker_ticker"
 
@@ -49,7 +50,7 @@ end
 -- GET /ticker?n=5&interval=10[&yield=1][&timeout=10]: "1,2,3,4,5".
 function app.ticker()
   local n = int_arg("n", 5)
-  local ok, values, job = bgngx.await(collect(n, int_arg("interval", 10), ngx.var.arg_yield),
+  local ok, values, job = await(collect(n, int_arg("interval", 10), ngx.var.arg_yield),
     int_arg("timeout", 10))
   if not ok then
     if job then job:stop() end
@@ -61,7 +62,7 @@ end
 
 -- GET /timeout: a ticker slower than the wait; "timeout" and a stopped job.
 function app.timeout()
-  local ok, err, job = bgngx.await(collect(1, 2000), 0.05)
+  local ok, err, job = await(collect(1, 2000), 0.05)
   if ok or not job then
     return reply(500, "expected a timeout and the job, got " .. tostring(ok))
   end
@@ -72,13 +73,13 @@ end
 -- GET /error: the callback of value 1 raises; the reader goes on, and value
 -- 2 completes the request: "2".
 function app.error()
-  local ok, values = bgngx.await(collect(2, 1, false, 1), 10)
+  local ok, values = await(collect(2, 1, false, 1), 10)
   return reply(ok and 200 or 504, ok and table.concat(values, ",") or values)
 end
 
 -- GET /twice: a second start in the same worker is refused.
 function app.twice()
-  local ok, err = pcall(bgngx.start)
+  local ok, err = pcall(bgworker.new, { loop = "ngx" })
   return reply(ok and 500 or 200, tostring(err))
 end
 
@@ -99,7 +100,7 @@ local pool -- this worker's bgworker.pool, made by the first /pool request
 -- GET /pool?n=1000: the sum 1 + ... + n, computed on a pool thread.
 function app.pool()
   pool = pool or require("bgworker.pool").new { threads = 2 }
-  local waited, ok, sum = bgngx.await(function(done)
+  local waited, ok, sum = await(function(done)
     pool:submit(sum_to, int_arg("n", 1000), done)
   end, 10)
   return reply(waited and ok and 200 or 504, tostring(sum))

@@ -122,9 +122,19 @@ describe("bad input", function()
   end)
 
   describe("bgworker", function()
-    -- bgworker.new or bgworker.copas with every value as opts and as each
-    -- option. Without Copas, bgworker.copas fails even with good options:
-    -- then for want of Copas.
+    -- bgworker.new with every value as opts and as each option, also with
+    -- loop = "copas" (added to opts where they are a table or nil). Without
+    -- Copas, a Copas dispatcher fails even with good options: then for want
+    -- of Copas.
+    local function new_copas(opts)
+      if opts == nil or type(opts) == "table" then
+        local o = { loop = "copas" }
+        for k, v in pairs(opts or {}) do o[k] = v end
+        opts = o
+      end
+      return bgworker.new(opts)
+    end
+
     local function check_new(fname, f)
       local function expect(what, valid, names, opts)
         if valid and fname == "copas" then
@@ -139,8 +149,8 @@ describe("bad input", function()
         expect("(" .. label .. ")", v == nil or type(v) == "table" and next(v) == nil, { "#1" }, v)
         for _, option in ipairs { "capacity", "budget" } do
           -- The Lua layer takes any positive integer. The core refuses
-          -- capacities past 2^31 - 1 when it starts, which bgworker.copas
-          -- does only after it found Copas.
+          -- capacities past 2^31 - 1 when it starts, which a Copas
+          -- dispatcher does only after it found Copas.
           local valid = v == nil or is_count(v)
           if option == "capacity" and fname == "new" then valid = valid and (v == nil or v < 2 ^ 31) end
           expect("{" .. option .. " = " .. label .. "}", valid, { "opts." .. option, "capacity" }, { [option] = v })
@@ -154,9 +164,9 @@ describe("bad input", function()
       check_new("new", bgworker.new)
     end)
 
-    it("copas(opts): options are checked before Copas is needed", function()
+    it("new{loop = \"copas\", ...}: options are checked before Copas is needed", function()
       local function copas_and_stop(opts)
-        local dispatcher = bgworker.copas(opts)
+        local dispatcher = new_copas(opts)
         dispatcher:stop()
         for _ = 1, 5 do copas.step(0) end
         -- check_new stops what it gets: a stopped dispatcher is fine.
@@ -177,7 +187,7 @@ describe("bad input", function()
         copas_and_stop({ spawn = true })
       else
         -- Without Copas every call fails: for bad options, naming them.
-        check_new("copas", bgworker.copas)
+        check_new("copas", new_copas)
       end
     end)
 
