@@ -550,9 +550,10 @@ describe("every loop's dispatcher", function()
   end)
 end)
 
--- The loop adapter interface (bgworker.dispatcher, "Loops"): each loop of
--- LOOPS supplies the fields of ADAPTER, or keeps the base's defaults.
+-- The loop adapter interface (bgworker.adapter): each loop of LOOPS
+-- supplies the fields of FIELDS, or keeps the base's defaults.
 describe("every loop's adapter", function()
+  local adapter = require "bgworker.adapter"
   local dispatcher = require "bgworker.dispatcher"
 
   -- The class of loop `name` from its module, loaded here, or nil and why
@@ -578,15 +579,15 @@ describe("every loop's adapter", function()
     return module.class
   end
 
-  for _, name in ipairs(dispatcher.LOOPS) do
+  for _, name in ipairs(adapter.LOOPS) do
     it(name .. " supplies every field of the interface", function()
       local class, why = loop_class(name)
       if not class then
         assert(rawget(_G, "jit"), why)
         return pending(name .. " cannot be loaded under LuaJIT here: " .. tostring(why))
       end
-      assert.is_nil(dispatcher.check_adapter(class, name))
-      for field, required in pairs(dispatcher.ADAPTER) do
+      assert.is_nil(adapter.check(class, name))
+      for field, required in pairs(adapter.FIELDS) do
         assert.is_function(class[field], field)
         if required then
           assert.is_function(rawget(class, field), name .. " must supply " .. field)
@@ -598,12 +599,12 @@ describe("every loop's adapter", function()
   it("is refused without a required field, or when not made by class()", function()
     local class = dispatcher.class("test", {})
     class.suspender = function() end
-    assert.equals('loop "test": its adapter has no function start', dispatcher.check_adapter(class, "test"))
+    assert.equals('loop "test": its adapter has no function start', adapter.check(class, "test"))
     class.start = function() return true end
-    assert.is_nil(dispatcher.check_adapter(class, "test"))
+    assert.is_nil(adapter.check(class, "test"))
     class.timer = 1
-    assert.equals('loop "test": its adapter has no function timer', dispatcher.check_adapter(class, "test"))
-    assert.matches("not a class made by class", dispatcher.check_adapter({}, "test"))
-    assert.matches("not a class made by class", dispatcher.check_adapter(class, "other"))
+    assert.equals('loop "test": its adapter has no function timer', adapter.check(class, "test"))
+    assert.matches("not a class made by class", adapter.check({}, "test"))
+    assert.matches("not a class made by class", adapter.check(class, "other"))
   end)
 end)

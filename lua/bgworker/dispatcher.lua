@@ -5,7 +5,7 @@
 -- callbacks in protected mode, handing each error to its error handler.
 -- Each loop (bgworker.select, .copas, .luv, .cqueues, .ngx) is a module
 -- whose `class`, made by `class` below, is the loop's adapter: what the
--- base needs of that loop (see "Loops"). The base owns the rest: options,
+-- base needs of that loop (bgworker.adapter). The base owns the rest: options,
 -- start, stop, errors, stats, and the compatibility between Lua versions.
 -- The drain engine (bgworker.drain: slices, budgets, deferred calls) adds
 -- its methods to the base; waiters (bgworker.waiter: how `await` and
@@ -21,8 +21,6 @@
 --     it holds `core.guard()`, and this module refers to it weakly only.
 --   * Stopping resumes every waiter of the dispatcher, which then returns
 --     "stopped" (bgworker.waiter).
---   * Every loop of LOOPS has an adapter with all the fields of ADAPTER,
---     checked once, when `loop` first loads it.
 
 --- What every dispatcher has, whatever its event loop.
 --
@@ -43,8 +41,9 @@
 --
 -- @classmod Dispatcher
 
-local core = require "bgworker.core"
+local adapter = require "bgworker.adapter"
 local args = require "bgworker.args"
+local core = require "bgworker.core"
 local protect = require "bgworker.protect"
 local timers = require "bgworker.timers"
 
@@ -93,59 +92,9 @@ local current = setmetatable({}, { __mode = "v" })
 local Dispatcher = {}
 M.Dispatcher = Dispatcher
 
--- Every class made by `class`, to tell dispatchers apart from other tables.
-local classes = setmetatable({}, { __mode = "k" })
-
 -- ------------------------------------------------------------------------
--- Loops
---
--- A loop is a module `bgworker.<name>` whose field `class` is its adapter:
--- a class made by `class(name, options)` (the base's methods, and the
--- options the loop takes beyond the common ones) with the fields of
--- ADAPTER. Adding a loop is writing its module and adding its name to
--- LOOPS: `bgworker.new { loop = name }` and `bgworker.<name>` find it
--- there, and `loop(name)` checks its adapter when it first loads it.
---
--- The adapter's fields (the loop's own, or the base's default):
---   start(self, opts)   Required. Start the core with a wake-up signal the
---                       loop can wait on (bgworker.signal, or one of the
---                       core's own modes) and the loop's side of it, which
---                       drains (`self:drain`, `self:drain_and_rewake`: see
---                       bgworker.drain) when the signal is up. `opts` are
---                       the checked options. Returns true, or nil and a
---                       message, with the core left stopped.
---   suspender(self)     Required. How the caller is suspended in this loop
---                       (see bgworker.waiter), or nil and why it cannot wait
---                       here, for the waiting function's error.
---   gettime()           The loop's clock, in seconds, for the deadlines of
---                       waits. Default: the core's monotonic clock.
---   timer(self, seconds, fn)  Call `fn()` after `seconds`, in protected mode
---                       (`call_reporting`); returns a timer with `cancel()`.
---                       Default: bgworker.timers, whose deadlines raise the
---                       signal through the core's alarm and run at drains.
---   default_errorhandler(err, tb)  Used without `opts.errorhandler`.
---                       Default: M.default_errorhandler (stderr).
---   before_stop(self, owned), after_stop(self)  Around `core.stop()` in
---                       `stop` (`owned`: the dispatcher still owns the
---                       core's run): let go of the signal. Default: nothing.
---   before_dispatch(self)  Before the drain of `dispatch`. Default: nothing.
--- A loop may also override public methods (`dispatch`) and add its own.
-
--- The loops, in the order `opts.loop`'s message lists them.
-M.LOOPS = { "select", "copas", "luv", "cqueues", "ngx" }
-
--- The adapter's fields: true where the loop must supply it, false where
--- the base has a default (below).
-M.ADAPTER = {
-  start = true,
-  suspender = true,
-  gettime = false,
-  timer = false,
-  default_errorhandler = false,
-  before_stop = false,
-  after_stop = false,
-  before_dispatch = false,
-}
+-- Loops: the defaults of the adapter's fields (bgworker.adapter), and the
+-- class of each loop's dispatchers.
 
 Dispatcher.gettime = core.now
 Dispatcher.default_errorhandler = M.default_errorhandler
@@ -172,7 +121,7 @@ local COMMON_OPTIONS = {
   end,
   budget = args.option.count,
   errorhandler = args.option.func,
-  loop = args.option.one_of(M.LOOPS),
+  loop = args.option.one_of(adapter.LOOPS),
 }
 
 -- Make the class of a loop's dispatchers: `name` ("select", "copas", ...)
@@ -189,34 +138,7 @@ function M.class(name, options)
   class.options = {}
   for k, v in pairs(COMMON_OPTIONS) do class.options[k] = v end
   for k, v in pairs(options or {}) do class.options[k] = v end
-  classes[class] = true
-  return class
-end
-
--- Nothing, or what is wrong with `class` as the adapter of loop `name`.
-function M.check_adapter(class, name)
-  if not classes[class] or class.loop_name ~= name then
-    return ("loop %q: its module's `class` is not a class made by class(%q)"):format(name, name)
-  end
-  for field in pairs(M.ADAPTER) do
-    if type(class[field]) ~= "function" then
-      return ("loop %q: its adapter has no function %s"):format(name, field)
-    end
-  end
-end
-
--- The adapters checked so far.
-local checked = setmetatable({}, { __mode = "k" })
-
--- The class of loop `name` (one of LOOPS), from its module (loaded on first
--- use); its adapter is checked the first time.
-function M.loop(name)
-  local class = require("bgworker." .. name).class
-  if not checked[class] then
-    local msg = M.check_adapter(class, name)
-    if msg then error("bgworker: " .. msg, 2) end
-    checked[class] = true
-  end
+  adapter.made(class)
   return class
 end
 
@@ -232,7 +154,7 @@ end
 -- Nothing, or why `self` is not a dispatcher: the message of an argument
 -- error of `method`.
 function M.check_self(self, method)
-  if type(self) ~= "table" or not classes[getmetatable(self)] then
+  if type(self) ~= "table" or not adapter.is_class(getmetatable(self)) then
     return args.bad(method, 1, ("dispatcher expected, got %s; call it as dispatcher:%s()"):format(
       type(self), method))
   end
@@ -302,7 +224,7 @@ function M.new(fname, opts)
   if msg then
     return nil, msg
   end
-  return M.open(M.loop(name), fname, opts)
+  return M.open(adapter.load(name), fname, opts)
 end
 
 -- A loop module's constructor for `class`, `bgworker.<loop>.new(opts)`:

@@ -25,6 +25,7 @@
 -- @module bgworker
 
 local core = require "bgworker.core"
+local adapter = require "bgworker.adapter"
 local dispatcher = require "bgworker.dispatcher"
 
 local error, ipairs, rawset, require, setmetatable = error, ipairs, rawset, require, setmetatable
@@ -87,7 +88,7 @@ end
 -- native library, or its loop's, which a program that only dispatches in
 -- another loop should not have to load).
 local SUBMODULES = { pool = true, dns = true, await = true }
-for _, loop in ipairs(dispatcher.LOOPS) do
+for _, loop in ipairs(adapter.LOOPS) do
   SUBMODULES[loop] = true
 end
 
