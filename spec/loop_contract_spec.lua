@@ -414,7 +414,7 @@ describe("every loop's dispatcher", function()
         tick()
         local first, waited, last
         loop.go(function()
-          local job = p:submit(flood, n, function(...) outcome = { #seen, ... } end)
+          local job = p:submit(flood, n):on_done(function(...) outcome = { #seen, ... } end)
           job:on_progress(function(i)
             seen[#seen + 1] = i
             socket.sleep(0.001)
