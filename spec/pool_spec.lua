@@ -537,19 +537,41 @@ describe("bgworker.pool", function()
         function() local _ = pool.new { thread = 1 } end)
       refuses("(opts.init: 'module.function' expected, got 'x')",
         function() local _ = pool.new { init = "x" } end)
-      refuses("bad argument #1 to 'submit' (pool expected, got table",
+      refuses("calling 'submit' on bad self (pool expected, got table; call it as pool:submit())",
         function() local _ = p.submit({}, identity) end)
       local job = p:submit(identity, 1)
-      refuses("bad argument #2 to 'get' (timeout must be a non-negative number of seconds, got -1)",
-        function() local _ = job:get(-1) end)
-      refuses("bad argument #1 to 'cancel' (job expected, got nil",
+      refuses("calling 'cancel' on bad self (job expected, got nil",
         function() local _ = job.cancel() end)
-      refuses("bad argument #2 to 'on_progress' (handler must be a function, got 5)",
-        function() local _ = job:on_progress(5) end)
-      refuses("bad argument #2 to 'close' (timeout must be a non-negative number of seconds, got \"1\")",
-        function() local _ = p:close("1") end)
-      refuses("bad argument #1 to 'stats' (pool expected, got nil",
+      refuses("calling 'stats' on bad self (pool expected, got nil",
         function() local _ = p.stats() end)
+    end)
+
+    it("count a method's arguments without self, as submit does", function()
+      local function refuses(msg, f)
+        local ok, err = pcall(f)
+        assert.is_false(ok)
+        assert.matches("pool_spec.lua:%d+: ", err)
+        assert.truthy(err:find(msg, 1, true), err)
+      end
+      local job = p:submit(identity, 1)
+      refuses("bad argument #1 to 'get' (timeout must be a non-negative number of seconds, got \"x\")",
+        function() local _ = job:get("x") end)
+      refuses("bad argument #1 to 'get' (timeout must be a non-negative number of seconds, got -1)",
+        function() local _ = job:get(-1) end)
+      refuses("bad argument #1 to 'on_progress' (handler must be a function, got 5)",
+        function() local _ = job:on_progress(5) end)
+      refuses("bad argument #1 to 'on_done' (callback must be a function, got 5)",
+        function() local _ = job:on_done(5) end)
+      refuses("bad argument #1 to 'close' (timeout must be a non-negative number of seconds, got \"1\")",
+        function() local _ = p:close("1") end)
+      refuses("bad argument #1 to 'submit' (function or 'module.function' string expected, got number)",
+        function() local _ = p:submit(1) end)
+      refuses("bad argument #2 to 'submit' (a userdata cannot be copied to a worker)",
+        function() local _ = p:submit(identity, io.stdout) end)
+      refuses("bad argument #1 to 'run' (function or 'module.function' string expected, got nil)",
+        function() local _ = p:run() end)
+      refuses("calling 'get' on bad self (job expected, got string",
+        function() local _ = job.get("x") end)
     end)
 
     it("need a running dispatcher, and work with the next one", function()
@@ -939,7 +961,7 @@ describe("bgworker.pool", function()
         refusal(function() job:on_done(5) end))
       assert.matches("pool_spec.lua:%d+: bad argument #1 to 'on_done' %(callback must be a function, got nil%)",
         refusal(function() job:on_done() end))
-      assert.matches("pool_spec.lua:%d+: bad argument #1 to 'on_done' %(job expected, got table",
+      assert.matches("pool_spec.lua:%d+: calling 'on_done' on bad self %(job expected, got table",
         refusal(function() job.on_done({}, print) end))
       local r = recorder()
       job:on_done(r.callback)

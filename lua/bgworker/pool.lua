@@ -143,7 +143,7 @@ end
 
 local function check_pool(self, method)
   if getmetatable(self) ~= Pool then
-    return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
+    return args.bad_self(method, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
   end
 end
 
@@ -581,7 +581,7 @@ end
 -- @tparam[opt] number timeout seconds; `CLOSE_TIMEOUT` by default
 -- @return true when every worker ended; false, "timeout" otherwise
 function Pool:close(timeout)
-  local msg = check_pool(self, "close") or args.seconds("close", 2, "timeout", timeout, true)
+  local msg = check_pool(self, "close") or args.seconds("close", 1, "timeout", timeout, true)
   if msg then error(msg, 2) end
   if self.closed then
     return true
@@ -616,7 +616,7 @@ end
 
 local function check_job(self, method)
   if getmetatable(self) ~= Job then
-    return args.bad(method, 1, "job expected, got " .. type(self) .. "; call it as job:" ..
+    return args.bad_self(method, "job expected, got " .. type(self) .. "; call it as job:" ..
       method .. "()")
   end
 end
@@ -660,7 +660,7 @@ end
 -- traceback; `false, "cancelled"`; or, with the job still running, `nil,
 -- "timeout"` or `nil, "stopped"` (the dispatcher stopped first)
 function Job:get(timeout)
-  local msg = check_job(self, "get") or args.seconds("get", 2, "timeout", timeout, true)
+  local msg = check_job(self, "get") or args.seconds("get", 1, "timeout", timeout, true)
   if msg then error(msg, 2) end
   if ENDED[self[STATE]] then
     return wait_outcome(self)
@@ -700,7 +700,7 @@ end
 -- handler set before; nil removes it.
 -- @return the job
 function Job:on_progress(fn)
-  local msg = check_job(self, "on_progress") or args.typed("on_progress", 2, "handler", fn,
+  local msg = check_job(self, "on_progress") or args.typed("on_progress", 1, "handler", fn,
     "function", true)
   if msg then error(msg, 2) end
   self[PROGRESS] = fn or false
