@@ -32,15 +32,10 @@
 -- this state's), or a string "module.function", which the worker requires.
 -- Each worker keeps its state between jobs: required modules stay loaded.
 --
--- Values cross by copy: nil, booleans, numbers (integers and floats stay
--- apart on Lua 5.3+), strings of any bytes, and tables of those, nested
--- up to 200 levels. A table reached twice in one job's arguments (or
--- results) arrives as one table reached twice; a table that contains itself
--- is refused. Metatables do not cross. Functions, userdata, coroutines and
--- cdata are refused: as arguments with an error at submit naming the
--- argument, as results with `false` and a message. An error value crosses
--- the same way (`error({code = 42})` arrives as that table), else as a
--- description.
+-- Arguments, results, error values and progress values cross by copy; which
+-- values can is said once, in the topic @{jobs.md} ("A job's function and
+-- its values"). An argument that cannot is refused by `submit`, naming it;
+-- a result that cannot fails the job with a message.
 --
 -- In a job, `require "bgworker.worker"` gives `progress(...)` (values for
 -- the job's `on_progress` handler, in order, before its outcome; at most

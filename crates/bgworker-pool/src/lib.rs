@@ -100,8 +100,8 @@
 //! count, values...}` for a progress of job `id`; `id, true` for a job done
 //! without results; `id, {n = count, true, results...}` for one done with
 //! results; and `id, {n = 3, false, err, traceback}` for one that failed,
-//! where `err` is the error value itself when it can be copied (nil,
-//! booleans, numbers, strings, tables of those: value.rs) and its
+//! where `err` is the error value itself when it can be copied (which
+//! values can: docs/jobs.md, "A job's function and its values") and its
 //! `tostring` otherwise, and `traceback` a string (empty when results
 //! could not be copied back, which fails the job with a message as `err`);
 //! `id, false` for a job whose outcome was dropped unread (it ended as
