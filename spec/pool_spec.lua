@@ -46,6 +46,14 @@ local function submit_error(...)
   return err
 end
 
+-- f() must raise an error at its line in this file that contains `msg`.
+local function refuses(msg, f)
+  local ok, err = pcall(f)
+  assert.is_false(ok)
+  assert.matches("pool_spec.lua:%d+: ", err)
+  assert.truthy(err:find(msg, 1, true), err)
+end
+
 local function identity(...)
   return ...
 end
@@ -111,6 +119,16 @@ local function started(job)
   local yes = false
   job:on_progress(function(what) yes = yes or what == "started" end)
   pump_until(function() return yes end)
+end
+
+-- Make p a pool of one worker, busy with a job that spins until cancelled,
+-- so that the jobs submitted next stay queued: that spinning job.
+local function one_busy_worker()
+  p:close()
+  p = pool.new { threads = 1 }
+  local blocker = p:submit(spin, 60)
+  started(blocker)
+  return blocker
 end
 
 describe("bgworker.pool", function()
@@ -523,12 +541,6 @@ describe("bgworker.pool", function()
     end)
 
     it("check options, self and the new methods", function()
-      local function refuses(msg, f)
-        local ok, err = pcall(f)
-        assert.is_false(ok)
-        assert.matches("pool_spec.lua:%d+: ", err)
-        assert.truthy(err:find(msg, 1, true), err)
-      end
       refuses("bad argument #1 to 'bgworker.pool.new' (opts.threads must be an integer in 1..1024, got 0)",
         function() local _ = pool.new { threads = 0 } end)
       refuses("(opts.threads must be an integer in 1..1024, got 1.5)",
@@ -547,12 +559,6 @@ describe("bgworker.pool", function()
     end)
 
     it("count a method's arguments without self, as submit does", function()
-      local function refuses(msg, f)
-        local ok, err = pcall(f)
-        assert.is_false(ok)
-        assert.matches("pool_spec.lua:%d+: ", err)
-        assert.truthy(err:find(msg, 1, true), err)
-      end
       local job = p:submit(identity, 1)
       refuses("bad argument #1 to 'get' (timeout must be a non-negative number of seconds, got \"x\")",
         function() local _ = job:get("x") end)
@@ -680,10 +686,7 @@ describe("bgworker.pool", function()
     end)
 
     it("cancelled while queued never run, and their callbacks get false, \"cancelled\"", function()
-      p:close()
-      p = pool.new { threads = 1 }
-      local blocker = p:submit(spin, 60)
-      started(blocker)
+      local blocker = one_busy_worker()
       local path, got = os.tmpname(), nil
       os.remove(path)
       local job = p:submit(function(file) io.open(file, "w"):close() end, path):on_done(function(...)
@@ -885,10 +888,7 @@ describe("bgworker.pool", function()
     end)
 
     it("gets false, \"cancelled\" for a cancelled job, given before or after the cancel", function()
-      p:close()
-      p = pool.new { threads = 1 }
-      local blocker = p:submit(spin, 60)
-      started(blocker)
+      local blocker = one_busy_worker()
       local before, after, stopped = recorder(), recorder(), recorder()
       local job = p:submit(identity, 1):on_done(before.callback)
       assert.is_true(job:cancel())
@@ -914,11 +914,8 @@ describe("bgworker.pool", function()
     end)
 
     it("gets false, \"cancelled\" when the pool closes, given before or after", function()
-      p:close()
-      p = pool.new { threads = 1 }
       local running, queued, after = recorder(), recorder(), recorder()
-      local job = p:submit(spin, 60):on_done(running.callback)
-      started(job)
+      one_busy_worker():on_done(running.callback)
       p:submit(identity, 1):on_done(queued.callback)
       local later = p:submit(identity, 2)
       assert.is_true(p:close(5))
