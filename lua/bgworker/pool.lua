@@ -538,7 +538,7 @@ function Pool:submit(fn, ...)
   if not code then error(named, 2) end
   local id, position, message = self.native:queue(code, named, ...)
   if not id then
-    -- A last function was the callback before `on_done`: say where it goes now.
+    -- A last function is most likely meant as the callback: say how to give one.
     if position and position == select("#", ...) and type((select(position, ...))) == "function" then
       message = message .. "; give a callback with job:on_done"
     end
