@@ -7,6 +7,9 @@ CC ?= gcc
 CFLAGS ?= -O2 -g -Wall -Wextra -Werror -std=c11
 BUILD := build
 comma := ,
+# The busted script, which every spec run starts with the interpreter of its
+# Lua version (`lua5.1 $(BUSTED) spec`): a path, not a command name.
+BUSTED ?= /usr/bin/busted
 
 lua_bin       = $(if $(filter jit,$(1)),luajit,lua$(1))
 lua_api       = $(if $(filter jit,$(1)),5.1,$(1))
@@ -25,13 +28,14 @@ ROCKS_SERVER ?= $(if $(wildcard ../shared/rocks/manifest),$(abspath ../shared/ro
 # Copas 4 is installed with luarocks into one tree per Lua version,
 # build/rocks/<ver>/ (scripts/copas-tree), and comes first on LUA_PATH in
 # every spec run (with_copas4). Debian's Copas 1.x (lua-copas) is what the
-# Lua versions COPAS1_LUA find without that tree: the Copas specs (the files
-# that call support.needs_copas, and those of spec/loops.lua, whose loops
-# include Copas) run a second time against it there. The specs check that
-# they got the Copas they expect: BGWORKER_COPAS_VERSION.
+# Lua versions COPAS1_LUA find without that tree: the spec files of
+# COPAS1_SPECS run a second time against it there. They are those with Copas
+# tests (support.needs_copas), and loop_contract_spec.lua, whose loops
+# (spec/loops.lua) include Copas: a new such file goes in the list. The
+# specs check that they got the Copas they expect: BGWORKER_COPAS_VERSION.
 COPAS_VERSION := 4.11.0
 COPAS1_LUA := 5.1 5.2 jit
-COPAS_SPECS := $(shell grep -lE 'support\.needs_copas|require "loops"' spec/*_spec.lua)
+COPAS1_SPECS := $(addprefix spec/,await_spec.lua copas_spec.lua dns_spec.lua loop_contract_spec.lua pool_spec.lua)
 copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
@@ -72,11 +76,11 @@ $(BUILD)/$(1)/.cargo: FORCE
 	@mkdir -p $$(@D) && touch $$@
 
 specs-$(1): build-$(1) copas-$(1)
-	$(call with_copas4,$(1),$(call lua_bin,$(1)) /usr/bin/busted spec)
+	$(call with_copas4,$(1),$(call lua_bin,$(1)) $(BUSTED) spec)
 
 examples-$(1): build-$(1) copas-$(1)
 	$(call with_lua,$(1),BGWORKER_COPAS4_TREE=$(call copas_tree,$(1)) BGWORKER_COPAS_VERSION=$(COPAS_VERSION) \
-	  $(call lua_bin,$(1)) /usr/bin/busted spec/examples_test.lua)
+	  $(call lua_bin,$(1)) $(BUSTED) spec/examples_test.lua)
 
 copas-$(1):
 	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) bash scripts/copas-tree $(1) $(call copas_tree,$(1))
@@ -84,7 +88,7 @@ endef
 
 define copas1_version
 specs-copas1-$(1): build-$(1)
-	$(call with_lua,$(1),BGWORKER_COPAS_VERSION=1 $(call lua_bin,$(1)) /usr/bin/busted $(COPAS_SPECS))
+	$(call with_lua,$(1),BGWORKER_COPAS_VERSION=1 $(call lua_bin,$(1)) $(BUSTED) $(COPAS1_SPECS))
 endef
 
 # A new file, not an overwrite: a running Lua may have the old one mapped.
@@ -148,24 +152,29 @@ demo-ticker: setup build-5.1
 
 test: setup lint docs cargo-test specs examples rock-check nginx-test leakcheck
 
-# The crates' own Lua tests embed a Lua 5.4 (`vendored`); clippy also checks
-# the `module` build, which compiles the luaopen entry points.
-UTIL_CRATES := -p bgworker-util -p bgworker-dns -p bgworker-pool
+# The crates of the cargo workspace: the core (bgworker, at the top) and
+# crates/<name>. A new crate goes here. Their tests embed a Lua 5.4
+# (`vendored`); clippy also checks the core without Lua, and the `module`
+# build, which compiles the luaopen entry points. The `loom` models are in
+# the crates whose sources say `cfg(loom)`.
+CRATES := bgworker bgworker-util bgworker-dns bgworker-pool
+crate_dir = $(if $(filter bgworker,$(1)),.,crates/$(1))
+cargo_packages = $(addprefix -p ,$(1))
+LOOM_CRATES = $(foreach c,$(CRATES),$(if $(shell grep -rl 'cfg(loom)' $(call crate_dir,$(c))/src),$(c)))
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --quiet --all-targets -- -D warnings
 	$(CARGO) clippy --quiet --workspace --all-targets --features lua54,module --target-dir target/lua-5.4 -- -D warnings
-	$(CARGO) clippy --quiet $(UTIL_CRATES) --all-targets --features lua54,vendored -- -D warnings
+	$(CARGO) clippy --quiet $(call cargo_packages,$(CRATES)) --all-targets --features lua54,vendored -- -D warnings
 	luacheck --quiet lua spec examples bench
 	lua5.4 scripts/check-indent.lua $$(git ls-files '*.lua')
 
 # bgworker-util's tests include the ABI layout test, which compiles
 # spec/native/abi_layout.c against include/bgworker.h (and so lua.h).
 cargo-test:
-	$(CARGO) test --quiet -p bgworker
-	BGWORKER_LUA_INCDIR=$(call lua_incdir,5.4) $(CARGO) test --quiet $(UTIL_CRATES) --features lua54,vendored
-	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom -p bgworker -p bgworker-pool --lib loom
+	BGWORKER_LUA_INCDIR=$(call lua_incdir,5.4) $(CARGO) test --quiet $(call cargo_packages,$(CRATES)) --features lua54,vendored
+	RUSTFLAGS="--cfg loom" $(CARGO) test --quiet --release --target-dir target/loom $(call cargo_packages,$(LOOM_CRATES)) --lib loom
 
 specs: $(addprefix specs-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
 
@@ -181,12 +190,12 @@ examples: $(addprefix examples-,$(LUA_VERSIONS))
 SOURCE_ROCK_LUA ?= 5.4 jit
 
 rock-check: dist $(addprefix build-,$(DIST_LUA))
-	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) \
+	ROCKS_SERVER="$(ROCKS_SERVER)" COPAS_VERSION=$(COPAS_VERSION) BUSTED="$(BUSTED)" \
 	  bash scripts/rock-check --binary "$(DIST_LUA)" --source "$(SOURCE_ROCK_LUA)"
 
 # A real nginx with lua-nginx-module runs the LuaJIT build: spec/nginx/nginx_test.lua.
 nginx-test: build-jit
-	BGWORKER_ROOT="$(CURDIR)" BGWORKER_BUILD="$(CURDIR)/$(BUILD)/jit" luajit /usr/bin/busted spec/nginx/nginx_test.lua
+	BGWORKER_ROOT="$(CURDIR)" BGWORKER_BUILD="$(CURDIR)/$(BUILD)/jit" luajit $(BUSTED) spec/nginx/nginx_test.lua
 
 # Every spec under memcheck on Lua 5.4, the reliability specs at small sizes.
 # No suppressions: nothing is lost outside our code either (spec/reliability/README.md).
@@ -195,7 +204,7 @@ nginx-test: build-jit
 # tens of seconds; the fair scheduler hands the lock round in turn.
 leakcheck: setup build-5.4 copas-5.4
 	$(call with_copas4,5.4,BGWORKER_SMALL=1 valgrind --quiet --fair-sched=yes --leak-check=full --show-leak-kinds=definite$(comma)indirect \
-	  --errors-for-leak-kinds=definite$(comma)indirect --error-exitcode=1 --num-callers=40 lua5.4 /usr/bin/busted spec)
+	  --errors-for-leak-kinds=definite$(comma)indirect --error-exitcode=1 --num-callers=40 lua5.4 $(BUSTED) spec)
 
 # 2-3 minutes of 4 producers into a bounded queue: exactly once and in order,
 # stats consistent, RSS sampled (spec/reliability/soak.lua). Not in `make

@@ -126,7 +126,7 @@ local function on_pool(p)
       done = done + 1
     end
     for _ = 1, JOBS do
-      handlers[p:queue(WORK, false, false, N)] = handler
+      handlers[p:queue(WORK, false, N)] = handler
     end
     while done < JOBS do
       dispatcher:wait()
@@ -189,7 +189,7 @@ local function empty_on_lua_pool()
   end
   local empty = function() end
   for _ = 1, EMPTY_JOBS do
-    lua_pool:submit(empty, callback)
+    lua_pool:submit(empty):on_done(callback)
   end
   while done < EMPTY_JOBS do
     dispatcher:wait()
@@ -203,7 +203,7 @@ local function empty_on_pool()
     done = done + 1
   end
   for _ = 1, EMPTY_JOBS do
-    handlers[pool:queue(EMPTY, false, false)] = handler
+    handlers[pool:queue(EMPTY, false)] = handler
   end
   while done < EMPTY_JOBS do
     dispatcher:wait()
@@ -257,7 +257,7 @@ end
 local function cancel_latencies(p)
   local latencies = {}
   for i = 1, CANCELS do
-    local loop = p:queue(LOOP, false, false)
+    local loop = p:queue(LOOP, false)
     while p:status(loop) ~= "running" do
       socket.sleep(0.001)
     end
@@ -265,7 +265,7 @@ local function cancel_latencies(p)
     local cancelled = gettime()
     assert(p:cancel(loop) == "running")
     local started
-    handlers[p:queue(STAMP, false, false)] = function(event, stamp)
+    handlers[p:queue(STAMP, false)] = function(event, stamp)
       assert(event == "done", stamp)
       started = stamp
     end
@@ -291,7 +291,7 @@ assert(latency_pool:close(5))
 local function close_time(jit_on)
   local p = new_pool(THREADS, jit_on)
   for _ = 1, THREADS do
-    p:queue(LOOP, false, false)
+    p:queue(LOOP, false)
   end
   while p:stats().running < THREADS do
     socket.sleep(0.001)

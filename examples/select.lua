@@ -17,7 +17,7 @@ local workers = pool.new { threads = 2 }
 local waiting = 2
 
 -- The callback runs in d:dispatch(), with what job:get would return.
-workers:submit(function(n) return n * n end, 12, function(ok, square)
+workers:submit(function(n) return n * n end, 12):on_done(function(ok, square)
   print("callback:", ok, square)
   waiting = waiting - 1
 end)

@@ -416,7 +416,7 @@ describe("every loop's dispatcher", function()
         -- Handlers begun after get's timeout was due, until it returned.
         local due, late = math.huge, 0
         loop.go(function()
-          local job = p:submit(flood, n, function(...) outcome = { #seen, ... } end)
+          local job = p:submit(flood, n):on_done(function(...) outcome = { #seen, ... } end)
           job:on_progress(function(i)
             seen[#seen + 1] = i
             if core.now() > due then late = late + 1 end

@@ -57,7 +57,7 @@ local function new_pool(opts)
 end
 
 local function submit(f, ...)
-  return (p:queue(string.dump(f), false, false, ...))
+  return (p:queue(string.dump(f), false, ...))
 end
 
 local function outcome(id)
@@ -96,7 +96,7 @@ local RUNAWAY = [[
   local native = require "bgworker.pool_native"
   local d = bgworker.new()
   local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_events = print }
-  local id = p:queue(string.dump(function() while true do end end), false, false)
+  local id = p:queue(string.dump(function() while true do end end), false)
   while p:status(id) ~= "running" do end
 ]]
 
@@ -210,7 +210,7 @@ describe("bgworker.pool_native", function()
         local socket = require "socket"
         socket.sleep(0.1)
         io.write(p:cancel(id), "\n")
-        p:queue(string.dump(function() io.write("the next job ran\n") end), false, false)
+        p:queue(string.dump(function() io.write("the next job ran\n") end), false)
         socket.sleep(0.5)
         io.write(tostring((p:close(0.2))), "\n")
       ]])

@@ -27,10 +27,7 @@ local p -- the pool of the current test
 -- must say the same.
 local function run(fn, ...)
   local result
-  local n = select("#", ...)
-  local args = pack(...)
-  args[n + 1] = function(...) result = pack(...) end
-  local job = p:submit(fn, unpack(args, 1, n + 1))
+  local job = p:submit(fn, ...):on_done(function(...) result = pack(...) end)
   local got = pack(job:get(10))
   assert.is_not_nil(got[1], "no outcome within 10 s: " .. tostring(got[2]))
   -- The same values (NaN too, which is not equal to itself).
@@ -47,6 +44,14 @@ local function submit_error(...)
   local ok, err = pcall(function() local _ = p:submit(unpack(args, 1, args.n)) end)
   assert.is_false(ok, "submit did not raise")
   return err
+end
+
+-- f() must raise an error at its line in this file that contains `msg`.
+local function refuses(msg, f)
+  local ok, err = pcall(f)
+  assert.is_false(ok)
+  assert.matches("pool_spec.lua:%d+: ", err)
+  assert.truthy(err:find(msg, 1, true), err)
 end
 
 local function identity(...)
@@ -114,6 +119,16 @@ local function started(job)
   local yes = false
   job:on_progress(function(what) yes = yes or what == "started" end)
   pump_until(function() return yes end)
+end
+
+-- Make p a pool of one worker, busy with a job that spins until cancelled,
+-- so that the jobs submitted next stay queued: that spinning job.
+local function one_busy_worker()
+  p:close()
+  p = pool.new { threads = 1 }
+  local blocker = p:submit(spin, 60)
+  started(blocker)
+  return blocker
 end
 
 describe("bgworker.pool", function()
@@ -311,7 +326,7 @@ describe("bgworker.pool", function()
         if i == 5 then
           jobs[i] = p:submit(values, many)
         elseif i == 6 then
-          jobs[i] = p:submit(values, max, function(...) called = select("#", ...) end)
+          jobs[i] = p:submit(values, max):on_done(function(...) called = select("#", ...) end)
         elseif i == 7 then
           jobs[i] = p:submit(values, max + 1, true)
         else
@@ -469,9 +484,8 @@ describe("bgworker.pool", function()
         submit_error(identity, { a = { print } }))
       assert.matches("bad argument #2 to 'submit' %(a function used as a table key cannot be copied",
         submit_error(identity, { [print] = 1 }))
-      -- A function last is the callback; one before it is an argument.
       assert.matches("bad argument #2 to 'submit' %(a function cannot be copied to a worker%)",
-        submit_error(identity, print, print))
+        submit_error(identity, print, 1))
     end)
 
     it("refuse tables nested too deep", function()
@@ -527,12 +541,6 @@ describe("bgworker.pool", function()
     end)
 
     it("check options, self and the new methods", function()
-      local function refuses(msg, f)
-        local ok, err = pcall(f)
-        assert.is_false(ok)
-        assert.matches("pool_spec.lua:%d+: ", err)
-        assert.truthy(err:find(msg, 1, true), err)
-      end
       refuses("bad argument #1 to 'bgworker.pool.new' (opts.threads must be an integer in 1..1024, got 0)",
         function() local _ = pool.new { threads = 0 } end)
       refuses("(opts.threads must be an integer in 1..1024, got 1.5)",
@@ -541,19 +549,35 @@ describe("bgworker.pool", function()
         function() local _ = pool.new { thread = 1 } end)
       refuses("(opts.init: 'module.function' expected, got 'x')",
         function() local _ = pool.new { init = "x" } end)
-      refuses("bad argument #1 to 'submit' (pool expected, got table",
+      refuses("calling 'submit' on bad self (pool expected, got table; call it as pool:submit())",
         function() local _ = p.submit({}, identity) end)
       local job = p:submit(identity, 1)
-      refuses("bad argument #2 to 'get' (timeout must be a non-negative number of seconds, got -1)",
-        function() local _ = job:get(-1) end)
-      refuses("bad argument #1 to 'cancel' (job expected, got nil",
+      refuses("calling 'cancel' on bad self (job expected, got nil",
         function() local _ = job.cancel() end)
-      refuses("bad argument #2 to 'on_progress' (handler must be a function, got 5)",
-        function() local _ = job:on_progress(5) end)
-      refuses("bad argument #2 to 'close' (timeout must be a non-negative number of seconds, got \"1\")",
-        function() local _ = p:close("1") end)
-      refuses("bad argument #1 to 'stats' (pool expected, got nil",
+      refuses("calling 'stats' on bad self (pool expected, got nil",
         function() local _ = p.stats() end)
+    end)
+
+    it("count a method's arguments without self, as submit does", function()
+      local job = p:submit(identity, 1)
+      refuses("bad argument #1 to 'get' (timeout must be a non-negative number of seconds, got \"x\")",
+        function() local _ = job:get("x") end)
+      refuses("bad argument #1 to 'get' (timeout must be a non-negative number of seconds, got -1)",
+        function() local _ = job:get(-1) end)
+      refuses("bad argument #1 to 'on_progress' (handler must be a function, got 5)",
+        function() local _ = job:on_progress(5) end)
+      refuses("bad argument #1 to 'on_done' (callback must be a function, got 5)",
+        function() local _ = job:on_done(5) end)
+      refuses("bad argument #1 to 'close' (timeout must be a non-negative number of seconds, got \"1\")",
+        function() local _ = p:close("1") end)
+      refuses("bad argument #1 to 'submit' (function or 'module.function' string expected, got number)",
+        function() local _ = p:submit(1) end)
+      refuses("bad argument #2 to 'submit' (a userdata cannot be copied to a worker)",
+        function() local _ = p:submit(identity, io.stdout) end)
+      refuses("bad argument #1 to 'run' (function or 'module.function' string expected, got nil)",
+        function() local _ = p:run() end)
+      refuses("calling 'get' on bad self (job expected, got string",
+        function() local _ = job.get("x") end)
     end)
 
     it("need a running dispatcher, and work with the next one", function()
@@ -581,7 +605,7 @@ describe("bgworker.pool", function()
       local job = p:submit(function()
         require("socket").sleep(0.2)
         return "late"
-      end, function(...) got = pack(...) end)
+      end):on_done(function(...) got = pack(...) end)
       assert.is_true(support.eventually(function() return p:stats().running == 1 end))
       d:stop()
       -- The job ends in its worker while no dispatcher runs: its outcome
@@ -594,7 +618,7 @@ describe("bgworker.pool", function()
 
     it("end as cancelled when stop drops their outcomes from the queue", function()
       local got
-      local job = p:submit(identity, "dropped", function(...) got = pack(...) end)
+      local job = p:submit(identity, "dropped"):on_done(function(...) got = pack(...) end)
       -- Its outcome waits in the core, undispatched, when stop frees it.
       assert.is_true(support.eventually(function() return core.pending() == 1 end))
       d:stop()
@@ -609,7 +633,7 @@ describe("bgworker.pool", function()
         jobs[i] = p:submit(function(n)
           require("socket").sleep(n % 7 * 0.001)
           return n
-        end, i, function(...)
+        end, i):on_done(function(...)
           calls[i] = (calls[i] or 0) + 1
           outcomes[i] = pack(...)
         end)
@@ -662,13 +686,12 @@ describe("bgworker.pool", function()
     end)
 
     it("cancelled while queued never run, and their callbacks get false, \"cancelled\"", function()
-      p:close()
-      p = pool.new { threads = 1 }
-      local blocker = p:submit(spin, 60)
-      started(blocker)
+      local blocker = one_busy_worker()
       local path, got = os.tmpname(), nil
       os.remove(path)
-      local job = p:submit(function(file) io.open(file, "w"):close() end, path, function(...) got = pack(...) end)
+      local job = p:submit(function(file) io.open(file, "w"):close() end, path):on_done(function(...)
+        got = pack(...)
+      end)
       assert.is_true(job:cancel())
       assert.equals("cancelled", job:status())
       pump_until(function() return got ~= nil end)
@@ -740,7 +763,7 @@ describe("bgworker.pool", function()
       local n = support.size(3000, 300)
       local calls, jobs = {}, {}
       for i = 1, n do
-        jobs[i] = p:submit(function(x) return x end, i, function(ok, v)
+        jobs[i] = p:submit(function(x) return x end, i):on_done(function(ok, v)
           calls[i] = (calls[i] or 0) + 1
           assert(ok == false and v == "cancelled" or ok == true and v == i)
         end)
@@ -805,6 +828,163 @@ describe("bgworker.pool", function()
     end)
   end)
 
+  describe("on_done", function()
+    -- A callback that counts its calls and keeps what the last one got.
+    local function recorder()
+      local r = { calls = 0 }
+      function r.callback(...)
+        r.calls = r.calls + 1
+        r.got = pack(...)
+      end
+      return r
+    end
+
+    it("runs the callback once, with what get returns, and returns the job", function()
+      local r = recorder()
+      local job = p:submit(function(a, b)
+        require("socket").sleep(0.05)
+        return a + b, "sum"
+      end, 1, 2)
+      assert.equals(job, job:on_done(r.callback))
+      pump_until(function() return r.calls > 0 end)
+      assert.same(pack(true, 3, "sum"), r.got)
+      assert.same(r.got, pack(job:get(0)))
+      local failed = recorder()
+      local raises = p:submit(function() error("boom", 0) end):on_done(failed.callback)
+      local ok, err = raises:get(10)
+      assert.same({ false, "boom" }, { ok, err })
+      pump_until(function() return failed.calls > 0 end)
+      assert.same(pack(raises:get(0)), failed.got)
+      assert.matches("stack traceback", failed.got[3])
+      d:wait(0.05) -- nothing more may come
+      assert.same({ 1, 1 }, { r.calls, failed.calls })
+    end)
+
+    it("given after the job ended, runs at the next drain, not inside on_done", function()
+      local job = p:submit(identity, "late", nil)
+      assert.same(pack(true, "late", nil), pack(job:get(10)))
+      local r = recorder()
+      assert.equals(job, job:on_done(r.callback))
+      assert.equals(0, r.calls, "on_done called the callback itself")
+      d:dispatch()
+      assert.equals(1, r.calls)
+      assert.same(pack(true, "late", nil), r.got)
+      d:wait(0.05)
+      assert.equals(1, r.calls)
+    end)
+
+    it("given after the dispatcher stopped, runs in the next dispatcher", function()
+      local job = p:submit(identity, 7)
+      assert.same(pack(true, 7), pack(job:get(10)))
+      d:stop()
+      local r = recorder()
+      job:on_done(r.callback)
+      assert.equals(0, r.calls)
+      d = bgworker.new()
+      pump_until(function() return r.calls > 0 end)
+      assert.same(pack(true, 7), r.got)
+      d:wait(0.05)
+      assert.equals(1, r.calls)
+    end)
+
+    it("gets false, \"cancelled\" for a cancelled job, given before or after the cancel", function()
+      local blocker = one_busy_worker()
+      local before, after, stopped = recorder(), recorder(), recorder()
+      local job = p:submit(identity, 1):on_done(before.callback)
+      assert.is_true(job:cancel())
+      local other = p:submit(identity, 2)
+      assert.is_true(other:cancel())
+      other:on_done(after.callback)
+      assert.same({ 0, 0 }, { before.calls, after.calls }, "called inside cancel or on_done")
+      -- A cancel's call is deferred: a dispatcher that stops before its
+      -- drain leaves it to the next one.
+      local third = p:submit(identity, 3):on_done(stopped.callback)
+      pump_until(function() return before.calls > 0 and after.calls > 0 end)
+      assert.is_true(third:cancel())
+      d:stop()
+      assert.equals(0, stopped.calls)
+      d = bgworker.new()
+      pump_until(function() return stopped.calls > 0 end)
+      d:wait(0.05)
+      for _, r in ipairs { before, after, stopped } do
+        assert.equals(1, r.calls)
+        assert.same(pack(false, "cancelled"), r.got)
+      end
+      blocker:cancel()
+    end)
+
+    it("gets false, \"cancelled\" when the pool closes, given before or after", function()
+      local running, queued, after = recorder(), recorder(), recorder()
+      one_busy_worker():on_done(running.callback)
+      p:submit(identity, 1):on_done(queued.callback)
+      local later = p:submit(identity, 2)
+      assert.is_true(p:close(5))
+      later:on_done(after.callback)
+      assert.same({ 0, 0, 0 }, { running.calls, queued.calls, after.calls }, "called inside close or on_done")
+      pump_until(function() return running.calls > 0 and queued.calls > 0 and after.calls > 0 end)
+      d:wait(0.05)
+      for _, r in ipairs { running, queued, after } do
+        assert.equals(1, r.calls)
+        assert.same(pack(false, "cancelled"), r.got)
+      end
+    end)
+
+    it("reports a callback that raises to the dispatcher's error handler", function()
+      local errors, handler = support.collector()
+      d:stop()
+      d = bgworker.new { errorhandler = handler }
+      local job = p:submit(identity, 1):on_done(function() error("in on_done", 0) end)
+      local r = recorder()
+      p:submit(identity, 2):on_done(r.callback)
+      pump_until(function() return #errors == 1 and r.calls == 1 end)
+      assert.equals("in on_done", errors[1].err)
+      job:get(1)
+      -- After the outcome too.
+      local ended = p:submit(identity, 3)
+      ended:get(10)
+      ended:on_done(function() error("late", 0) end)
+      pump_until(function() return #errors == 2 end)
+      assert.equals("late", errors[2].err)
+    end)
+
+    it("refuses what is not a function, and a second callback, at the caller's line", function()
+      local job = p:submit(identity, 1)
+      local function refusal(f)
+        local ok, err = pcall(f)
+        assert.is_false(ok)
+        return err
+      end
+      assert.matches("pool_spec.lua:%d+: bad argument #1 to 'on_done' %(callback must be a function, got 5%)",
+        refusal(function() job:on_done(5) end))
+      assert.matches("pool_spec.lua:%d+: bad argument #1 to 'on_done' %(callback must be a function, got nil%)",
+        refusal(function() job:on_done() end))
+      assert.matches("pool_spec.lua:%d+: calling 'on_done' on bad self %(job expected, got table",
+        refusal(function() job.on_done({}, print) end))
+      local r = recorder()
+      job:on_done(r.callback)
+      assert.matches("pool_spec.lua:%d+: on_done: the job has its callback already",
+        refusal(function() job:on_done(r.callback) end))
+      assert.same(pack(true, 1), pack(job:get(10)))
+      -- Once it ran too.
+      pump_until(function() return r.calls == 1 end)
+      assert.matches("on_done: the job has its callback already", refusal(function() job:on_done(print) end))
+      d:wait(0.05)
+      assert.equals(1, r.calls)
+    end)
+
+    it("is the only way to give a callback: submit refuses a last function like any function argument", function()
+      local before = p:stats().submitted
+      assert.matches("pool_spec.lua:%d+: bad argument #3 to 'submit' %(a function cannot be copied to a worker;" ..
+        " give a callback with job:on_done%)", submit_error(identity, 1, function() end))
+      assert.matches("bad argument #2 to 'submit' %(a function cannot be copied to a worker; give a callback",
+        submit_error(identity, print))
+      -- Not last: no hint.
+      assert.matches("bad argument #2 to 'submit' %(a function cannot be copied to a worker%)$",
+        submit_error(identity, print, 1))
+      assert.equals(before, p:stats().submitted)
+    end)
+  end)
+
   describe("progress", function()
     it("reaches the handler in order, before the outcome, under load", function()
       local n = support.size(2000, 200)
@@ -815,7 +995,7 @@ describe("bgworker.pool", function()
           local progress = require("bgworker.worker").progress
           for i = 1, count do progress(id, i) end
           return "end"
-        end, n, j, function(ok)
+        end, n, j):on_done(function(ok)
           order[#order + 1] = { j, seen[j], ok }
         end)
         jobs[j]:on_progress(function(id, i)
@@ -989,9 +1169,9 @@ describe("bgworker.pool", function()
       local workers = started_since(before)
       assert.equals(1, #workers)
       local results = {}
-      local running = p:submit(spin, 60, function(...) results[1] = pack(...) end)
+      local running = p:submit(spin, 60):on_done(function(...) results[1] = pack(...) end)
       started(running)
-      for i = 2, 4 do p:submit(identity, i, function(...) results[i] = pack(...) end) end
+      for i = 2, 4 do p:submit(identity, i):on_done(function(...) results[i] = pack(...) end) end
       assert.is_true(p:close(5))
       assert.equals(0, alive(workers))
       pump_until(function() return results[1] and results[2] and results[3] and results[4] end)
@@ -1017,8 +1197,8 @@ describe("bgworker.pool", function()
     it("when the pool is collected, cancels its jobs without waiting for them", function()
       local got = {}
       local q = pool.new { threads = 2 }
-      q:submit(function() require("socket").sleep(1) end, function(...) got.running = pack(...) end)
-      q:submit(identity, "done", function(...) got.done = pack(...) end)
+      q:submit(function() require("socket").sleep(1) end):on_done(function(...) got.running = pack(...) end)
+      q:submit(identity, "done"):on_done(function(...) got.done = pack(...) end)
       -- One job sleeps in C; the other's outcome waits in the core.
       assert.is_true(support.eventually(function()
         local s = q:stats()

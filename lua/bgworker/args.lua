@@ -7,6 +7,11 @@
 --
 --     local msg = args.count("dispatch", 2, "max", max, true)
 --     if msg then error(msg, 2) end
+--
+-- A method counts its arguments as its caller writes them, without self, as
+-- Lua's own methods do: `job:get(-1)` has a bad argument #1, and a bad self
+-- (`job.get(-1)`) is `bad_self`'s "calling 'get' on bad self (...)".
+-- (The dispatchers' methods still count self: `d:dispatch(0)` says #2.)
 
 local floor, huge = math.floor, math.huge
 local pairs, tostring, type = pairs, tostring, type
@@ -16,6 +21,12 @@ local args = {}
 --- "bad argument #n to 'fname' (msg)".
 function args.bad(fname, n, msg)
   return ("bad argument #%d to '%s' (%s)"):format(n, fname, msg)
+end
+
+--- "calling 'method' on bad self (msg)", Lua's words for a method called
+-- on something else than its object (`job.get()` for `job:get()`).
+function args.bad_self(method, msg)
+  return ("calling '%s' on bad self (%s)"):format(method, msg)
 end
 
 --- What was passed, for "got ...": numbers, booleans and (quoted) strings

@@ -18,6 +18,7 @@
 --         return s
 --     end, 1e8)
 --     job:on_progress(function(done) print(("%d%%"):format(done * 100)) end)
+--     job:on_done(function(ok, sum) print("done:", ok, sum) end)  -- once, as get returns
 --     local ok, sum = job:get(5)      -- true, sum | false, err, traceback | nil, "timeout"
 --     if ok == nil then job:cancel() end
 --
@@ -31,15 +32,10 @@
 -- this state's), or a string "module.function", which the worker requires.
 -- Each worker keeps its state between jobs: required modules stay loaded.
 --
--- Values cross by copy: nil, booleans, numbers (integers and floats stay
--- apart on Lua 5.3+), strings of any bytes, and tables of those, nested
--- up to 200 levels. A table reached twice in one job's arguments (or
--- results) arrives as one table reached twice; a table that contains itself
--- is refused. Metatables do not cross. Functions, userdata, coroutines and
--- cdata are refused: as arguments with an error at submit naming the
--- argument, as results with `false` and a message. An error value crosses
--- the same way (`error({code = 42})` arrives as that table), else as a
--- description.
+-- Arguments, results, error values and progress values cross by copy; which
+-- values can is said once, in the topic @{jobs.md} ("A job's function and
+-- its values"). An argument that cannot is refused by `submit`, naming it;
+-- a result that cannot fails the job with a message.
 --
 -- In a job, `require "bgworker.worker"` gives `progress(...)` (values for
 -- the job's `on_progress` handler, in order, before its outcome; at most
@@ -59,8 +55,8 @@ local waiting = require "bgworker.waiter"
 local native = require "bgworker.pool_native"
 local protect = require "bgworker.protect"
 
-local debug, error, getmetatable, package, select, setmetatable, string, tostring, type =
-  debug, error, getmetatable, package, select, setmetatable, string, tostring, type
+local debug, error, getmetatable, package, pairs, select, setmetatable, string, tostring, type =
+  debug, error, getmetatable, package, pairs, select, setmetatable, string, tostring, type
 local floor, huge = math.floor, math.huge
 local unpack = dispatcher.unpack
 local running = core.running
@@ -144,7 +140,7 @@ end
 
 local function check_pool(self, method)
   if getmetatable(self) ~= Pool then
-    return args.bad(method, 1, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
+    return args.bad_self(method, "pool expected, got " .. type(self) .. "; call it as pool:" .. method .. "()")
   end
 end
 
@@ -171,9 +167,10 @@ local OPTIONS = {
 -- A job is a list (made once per job: cheaper than a record) of:
 local POOL, ID, STATE, CALLBACK, OUTCOME, PROGRESS, WAITERS = 1, 2, 3, 4, 5, 6, 7
 -- its pool, its id, "queued" (until it ends: then "done", "failed" or
--- "cancelled"), its callback, its outcome (packed: true, results... |
--- false, err, traceback), its progress handler and the waiters of `get`
--- (made by the first that has to wait); false where there is none.
+-- "cancelled"), its callback (`on_done`'s; true once it was called or
+-- owed its call), its outcome (packed: true, results... | false, err,
+-- traceback), its progress handler and the waiters of `get` (made by the
+-- first that has to wait); false where there is none.
 
 -- Hand an error of a callback to the running dispatcher's error handler.
 local function report(err, tb)
@@ -185,18 +182,31 @@ local function report(err, tb)
   end
 end
 
--- Call a job's callback where callbacks run: at the dispatcher's next drain
--- (a cancellation, from the caller of cancel or close).
+-- The callbacks owed a call (each packed with its arguments, by the order
+-- they became owed): the running dispatcher runs them at its next drain.
+-- A dispatcher that stops drops its deferred calls, and none may run now:
+-- then the next dispatcher to start defers them again (see the start hook
+-- below). Whichever call comes first runs a callback; it is no longer owed
+-- then, so each runs exactly once.
+local owed, owed_count = {}, 0
+
+local function call_owed(call)
+  if owed[call] then
+    owed[call] = nil
+    return call[1](unpack(call, 2, call.n))
+  end
+end
+
+-- Call a job's callback where callbacks run: at the next drain of the
+-- running dispatcher, or of the next one (a cancellation, from the caller
+-- of cancel or close; a callback given to a job that already ended).
 local function call_later(f, ...)
+  local call = pack(f, ...)
+  owed_count = owed_count + 1
+  owed[call] = owed_count
   local d = dispatcher.current()
   if d then
-    d:defer(f, ...)
-  else
-    -- No dispatcher: nobody would run it later. Call it now, protected.
-    local ok, err, tb = protect.call(f, ...)
-    if not ok then
-      report(err, tb)
-    end
+    d:defer(call_owed, call)
   end
 end
 
@@ -214,8 +224,8 @@ local function finish(job, status, outcome, now)
     end
   end
   local callback = job[CALLBACK]
-  if callback then
-    job[CALLBACK] = false
+  if callback and callback ~= true then
+    job[CALLBACK] = true
     if not now then
       call_later(callback, unpack(outcome, 1, outcome.n))
     elseif outcome == DONE then
@@ -358,6 +368,17 @@ end
 local live = setmetatable({}, { __mode = "k" })
 
 dispatcher.on_start("bgworker.pool", function()
+  if next(owed) ~= nil then
+    local calls = {}
+    for call in pairs(owed) do
+      calls[#calls + 1] = call
+    end
+    table.sort(calls, function(a, b) return owed[a] < owed[b] end)
+    local d = dispatcher.current()
+    for i = 1, #calls do
+      d:defer(call_owed, calls[i])
+    end
+  end
   for p in pairs(live) do
     if not p.closed then
       p.native:notify_lost()
@@ -486,18 +507,20 @@ local function prepare(self, fname, fn)
   return code, named
 end
 
--- The job the native `queue` queued, listed: it returns `id, callback`
--- (the callback, or false), or `nil, position, message` for an argument
--- that cannot be copied, or `nil, false, message` for a pool this process
--- may not use (a fork's child), which is then why there is no job.
-local function add_job(self, fname, id, callback_or_position, message)
-  if not id then
-    if not callback_or_position then
-      return nil, fname .. ": " .. message
-    end
-    return nil, args.bad(fname, callback_or_position + 1, message)
+-- Why the native `queue` queued no job (it returned `nil, position,
+-- message`): an argument that cannot be copied (at `position`, from 1 for
+-- fn's first argument), or, with `position` false, a pool this process may
+-- not use (a fork's child).
+local function refusal(fname, position, message)
+  if not position then
+    return fname .. ": " .. message
   end
-  local job = setmetatable({ self, id, "queued", callback_or_position, false, false, false }, Job)
+  return args.bad(fname, position + 1, message)
+end
+
+-- The job the native `queue` queued as `id`, listed.
+local function add_job(self, id)
+  local job = setmetatable({ self, id, "queued", false, false, false, false }, Job)
   self.jobs[id] = job
   return job
 end
@@ -505,19 +528,25 @@ end
 --- Run `fn(...)` on a worker.
 -- @param fn a function without upvalues (other than `_ENV`), or a string
 --   "module.function"
--- @param ... fn's arguments; then, if the last argument is a function, the
---   callback: it runs once on this thread with what `job:get` returns
---   (`true, results...`, `false, err, traceback`, or `false, "cancelled"`)
+-- @param ... fn's arguments, values that can cross (see the topic
+--   @{jobs.md}); a function among them is refused like any value that
+--   cannot cross. The job's callback is given with `job:on_done`.
 -- @return the job
+-- @usage pool:submit(fn, a, b):on_done(function(ok, ...) end)
 function Pool:submit(fn, ...)
   -- The test inline, the message from check_pool: a call less on every job.
   if getmetatable(self) ~= Pool then error(check_pool(self, "submit"), 2) end
   local code, named = prepare(self, "submit", fn)
   if not code then error(named, 2) end
-  -- A last argument that is a function is the callback (`true`).
-  local job, err = add_job(self, "submit", self.native:queue(code, named, true, ...))
-  if not job then error(err, 2) end
-  return job
+  local id, position, message = self.native:queue(code, named, ...)
+  if not id then
+    -- A last function is most likely meant as the callback: say how to give one.
+    if position and position == select("#", ...) and type((select(position, ...))) == "function" then
+      message = message .. "; give a callback with job:on_done"
+    end
+    error(refusal("submit", position, message), 2)
+  end
+  return add_job(self, id)
 end
 
 --- Run `fn(...)` on a worker and wait for it: `submit` and `job:get()`.
@@ -534,9 +563,9 @@ function Pool:run(fn, ...)
   if not waiter then error(why, 2) end
   local code, named = prepare(self, "run", fn)
   if not code then error(named, 2) end
-  local job, err = add_job(self, "run", self.native:queue(code, named, false, ...))
-  if not job then error(err, 2) end
-  return wait_outcome(job, waiter)
+  local id, position, message = self.native:queue(code, named, ...)
+  if not id then error(refusal("run", position, message), 2) end
+  return wait_outcome(add_job(self, id), waiter)
 end
 
 --- Cancel the queued jobs, ask the running ones to stop, and wait at most
@@ -549,7 +578,7 @@ end
 -- @tparam[opt] number timeout seconds; `CLOSE_TIMEOUT` by default
 -- @return true when every worker ended; false, "timeout" otherwise
 function Pool:close(timeout)
-  local msg = check_pool(self, "close") or args.seconds("close", 2, "timeout", timeout, true)
+  local msg = check_pool(self, "close") or args.seconds("close", 1, "timeout", timeout, true)
   if msg then error(msg, 2) end
   if self.closed then
     return true
@@ -584,7 +613,7 @@ end
 
 local function check_job(self, method)
   if getmetatable(self) ~= Job then
-    return args.bad(method, 1, "job expected, got " .. type(self) .. "; call it as job:" ..
+    return args.bad_self(method, "job expected, got " .. type(self) .. "; call it as job:" ..
       method .. "()")
   end
 end
@@ -628,7 +657,7 @@ end
 -- traceback; `false, "cancelled"`; or, with the job still running, `nil,
 -- "timeout"` or `nil, "stopped"` (the dispatcher stopped first)
 function Job:get(timeout)
-  local msg = check_job(self, "get") or args.seconds("get", 2, "timeout", timeout, true)
+  local msg = check_job(self, "get") or args.seconds("get", 1, "timeout", timeout, true)
   if msg then error(msg, 2) end
   if ENDED[self[STATE]] then
     return wait_outcome(self)
@@ -638,12 +667,37 @@ function Job:get(timeout)
   return wait_outcome(self, waiter, timeout)
 end
 
+--- Call `callback` once, on this thread in the dispatcher's loop, with
+-- what `get` returns once the job ended: `true, results...`, `false, err,
+-- traceback` or `false, "cancelled"`. Given after the job ended, it runs at
+-- the dispatcher's next drain, never inside `on_done` (while no dispatcher
+-- runs, when the next one starts). A job has one callback: a second
+-- `on_done` raises.
+-- @tparam function callback
+-- @return the job
+-- @usage pool:submit(fn, a):on_done(function(ok, ...) end)
+function Job:on_done(callback)
+  local msg = check_job(self, "on_done") or args.typed("on_done", 1, "callback", callback, "function")
+  if msg then error(msg, 2) end
+  if self[CALLBACK] then
+    error("on_done: the job has its callback already (a job has one)", 2)
+  end
+  if ENDED[self[STATE]] then
+    self[CALLBACK] = true
+    local outcome = self[OUTCOME]
+    call_later(callback, unpack(outcome, 1, outcome.n))
+  else
+    self[CALLBACK] = callback
+  end
+  return self
+end
+
 --- Call `fn(...)` on this thread for each `progress(...)` of the job, in
 -- order, all before the job's callback and `get` return. Replaces the
 -- handler set before; nil removes it.
 -- @return the job
 function Job:on_progress(fn)
-  local msg = check_job(self, "on_progress") or args.typed("on_progress", 2, "handler", fn,
+  local msg = check_job(self, "on_progress") or args.typed("on_progress", 1, "handler", fn,
     "function", true)
   if msg then error(msg, 2) end
   self[PROGRESS] = fn or false

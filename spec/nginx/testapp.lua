@@ -101,7 +101,7 @@ local pool -- this worker's bgworker.pool, made by the first /pool request
 function app.pool()
   pool = pool or require("bgworker.pool").new { threads = 2 }
   local waited, ok, sum = await(function(done)
-    pool:submit(sum_to, int_arg("n", 1000), done)
+    pool:submit(sum_to, int_arg("n", 1000)):on_done(done)
   end, 10)
   return reply(waited and ok and 200 or 504, tostring(sum))
 end

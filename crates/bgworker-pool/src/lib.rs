@@ -56,13 +56,12 @@
 //! and the traceback. After `init_timeout`, the workers are cancelled and
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
-//! - `pool:queue(code, named, callback, args...)` -> `id, callback` |
-//!   `nil, position, message` | `nil, false, message`: queue a job running
-//!   `code` (a dump, or "module.function" when `named`) with `args` as its
-//!   arguments, except that when `callback` is true and the last of them is
-//!   a function, that one is returned as `callback` instead (else
-//!   `callback` is false). `position` (from 1, counted from the first of
-//!   `args`) names an argument that cannot be copied; `false`, a pool that
+//! - `pool:queue(code, named, args...)` -> `id` | `nil, position, message` |
+//!   `nil, false, message`: queue a job running `code` (a dump, or
+//!   "module.function" when `named`) with `args` as its arguments (a
+//!   function among them is refused, as any value that cannot cross).
+//!   `position` (from 1, counted from the first of `args`) names an
+//!   argument that cannot be copied; `false`, a pool that
 //!   this process may not use (below), so that the Lua layer raises under
 //!   its own method's name. Ids are integers, from 1, unique within the
 //!   pool. Raises on a closed pool.
@@ -101,8 +100,8 @@
 //! count, values...}` for a progress of job `id`; `id, true` for a job done
 //! without results; `id, {n = count, true, results...}` for one done with
 //! results; and `id, {n = 3, false, err, traceback}` for one that failed,
-//! where `err` is the error value itself when it can be copied (nil,
-//! booleans, numbers, strings, tables of those: value.rs) and its
+//! where `err` is the error value itself when it can be copied (which
+//! values can: docs/jobs.md, "A job's function and its values") and its
 //! `tostring` otherwise, and `traceback` a string (empty when results
 //! could not be copied back, which fails the job with a message as `err`);
 //! `id, false` for a job whose outcome was dropped unread (it ended as

@@ -277,12 +277,10 @@ unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
     unsafe { returned(state, pool_at(state, "queue").and_then(|(pool, recent)| queue(state, pool, recent))) }
 }
 
-/// `queue(code, named, callback, args...)`: queue a job running `code` (a
-/// dump, or "module.function" when `named`) with the arguments after
-/// `callback`, except that when `callback` is true and the last of them is
-/// a function, that function is no argument of the job but its callback:
-/// `id, callback` (the function, or false) | `nil, position, message` |
-/// `nil, false, message` (made before a fork: this process may not use it).
+/// `queue(code, named, args...)`: queue a job running `code` (a dump, or
+/// "module.function" when `named`) with the arguments after `named`: `id` |
+/// `nil, position, message` | `nil, false, message` (made before a fork:
+/// this process may not use it).
 unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
     unsafe {
         if pool.is_inherited() {
@@ -291,18 +289,14 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> 
             push_str(state, INHERITED.as_bytes());
             return Ok(3);
         }
-        let mut top = lua_gettop(state).max(4);
+        let top = lua_gettop(state).max(3);
         lua_settop(state, top);
         let Some(code) = bytes_at(state, 2) else {
             let got = type_name(state, 2);
             return Err(Raise::Arg(2, format!("string expected, got {got}")));
         };
         let named = lua_toboolean(state, 3) != 0;
-        let callback = lua_toboolean(state, 4) != 0 && top > 4 && lua_type(state, top) == LUA_TFUNCTION;
-        if callback {
-            top -= 1;
-        }
-        let args = match Values::copy(state, 5, top - 4) {
+        let args = match Values::copy(state, 4, top - 3) {
             Ok(args) => args,
             Err((position, e)) => {
                 let message = format!("{e} cannot be copied to a worker");
@@ -315,13 +309,8 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> 
         let job = Job { func: recent.get(code, named), args };
         let id = pool.submit(job).ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
         lua_pushinteger(state, id as lua_Integer);
-        if callback {
-            lua_pushvalue(state, top + 1);
-        } else {
-            lua_pushboolean(state, 0);
-        }
     }
-    Ok(2)
+    Ok(1)
 }
 
 unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {

@@ -147,9 +147,9 @@ fn named_functions_are_required_in_the_worker() {
     f.exec(
         r#"
         p = new_pool()
-        rep = p:queue("string.rep", true, false, "ab", 3)
-        missing = p:queue("nosuchmodule.f", true, false)
-        notfn = p:queue("string.nothing", true, false)
+        rep = p:queue("string.rep", true, "ab", 3)
+        missing = p:queue("nosuchmodule.f", true)
+        notfn = p:queue("string.nothing", true)
         "#,
     );
     f.serve_until("outcome(notfn)");
@@ -243,29 +243,29 @@ fn bad_options_and_arguments_are_refused_by_name() {
     assert!(error("p:close('soon')").contains("bad argument #1 to 'close' (number expected, got string)"));
     assert!(error("p:cancel({})").contains("bad argument #1 to 'cancel' (job id expected, got table)"));
     assert!(error("p.status(1, 2)").contains("bad argument #1 to 'status' (pool expected, got number"));
-    assert!(error("p:queue(1, false, false)").contains("bad argument #1 to 'queue' (string expected, got number)"));
+    assert!(error("p:queue(1, false)").contains("bad argument #1 to 'queue' (string expected, got number)"));
     assert!(f.eval::<bool>("return p:cancel(-1) == false and p:cancel(2^70) == false"));
 }
 
 #[test]
-fn queue_takes_a_last_function_as_the_callback_only_when_asked() {
+fn queue_refuses_a_function_argument_wherever_it_is() {
     let f = Fixture::new(None);
     f.exec(
         r##"
         p = new_pool()
         local count = string.dump(function(...) return select("#", ...) end)
-        with, callback = p:queue(count, false, true, 1, 2, print)
-        without, no_callback = p:queue(count, false, true, 1, 2)
-        not_asked = p:queue("type", true, false, print)
-        refused = table.pack(p:queue(count, false, true, coroutine.create(print), print))
+        counted = p:queue(count, false, 1, 2)
+        last = table.pack(p:queue(count, false, 1, 2, print))
+        first = table.pack(p:queue(count, false, coroutine.create(print), print))
         "##,
     );
-    f.serve_until("outcome(with) and outcome(without)");
-    assert!(f.eval::<bool>("return callback == print and no_callback == false"));
-    assert!(f.eval::<bool>("return outcome(with)[2] == 2 and outcome(without)[2] == 2"));
-    // Not asked for: the function is the job's argument, which cannot cross.
-    assert!(f.eval::<bool>("return not_asked == nil"));
+    f.serve_until("outcome(counted)");
+    assert!(f.eval::<bool>("return outcome(counted)[2] == 2"));
+    // A last function is an argument like any other: it cannot cross.
     assert!(f.eval::<bool>(
-        "return refused.n == 3 and refused[1] == nil and refused[2] == 1 and refused[3]:find('cannot be copied') ~= nil"
+        "return last.n == 3 and last[1] == nil and last[2] == 3 and last[3]:find('a function', 1, true) == 1"
+    ));
+    assert!(f.eval::<bool>(
+        "return first.n == 3 and first[1] == nil and first[2] == 1 and first[3]:find('cannot be copied') ~= nil"
     ));
 }

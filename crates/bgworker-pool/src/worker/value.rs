@@ -3,13 +3,12 @@
 //! `Values::copy` reads Lua values off a state's stack into plain Rust data
 //! (no Lua reference survives it, so the result is `Send`);
 //! `Values::push` makes them anew on another state's stack. Both use Lua's
-//! C API: they are on the hot path of every job. What crosses: nil,
-//! booleans, integers and floats (kept apart where the Lua version has
-//! both), strings of any bytes, and tables of those. A table reached twice
-//! in one copy (a shared sub-table) is made once and reached twice, so
-//! sharing is kept; a table that contains itself (a cycle) is refused, as
-//! are functions, userdata, coroutines and LuaJIT cdata. Metatables do not
-//! cross: tables are read and written raw.
+//! C API: they are on the hot path of every job. Which values cross is
+//! stated once, for users, in docs/jobs.md ("A job's function and its
+//! values"); this module implements it. A table reached twice in one copy
+//! is made once and reached twice (a `HashMap` of the tables seen), a
+//! cycle is refused, and tables are read and written raw, so metatables
+//! stay behind.
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
