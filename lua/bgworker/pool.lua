@@ -297,6 +297,7 @@ local function run_backlog(self, slice)
       end
     end
     local from = i
+    backlog.batch = i
     while i < stop do
       local id, value = backlog[i], values[i]
       backlog[i], values[i] = nil, nil
@@ -342,8 +343,11 @@ function run_events(self)
       -- The run that raised is over (a nested one ended in its own call).
       self.backlog.depth = self.backlog.depth - 1
       if slice then
-        -- The events it ran since it last counted them are lost to the
-        -- slice's count: it looks at the clock before the next one.
+        -- Count the events of the batch that raised (at least the one that
+        -- raised: handlers that all raise must end a slice too), and look
+        -- at the clock before the next one.
+        local backlog = self.backlog
+        slice.calls = slice.calls + (backlog.head - backlog.batch)
         slice.checkpoint = slice.calls
       end
     end
@@ -461,7 +465,7 @@ function pool.new(opts)
   local self = setmetatable({
     threads = floor(threads), closed = false,
     -- Live jobs by id, and events to handle (see run_backlog).
-    jobs = {}, backlog = { head = 1, tail = 1, depth = 0, values = {} },
+    jobs = {}, backlog = { head = 1, tail = 1, depth = 0, batch = 1, values = {} },
   }, Pool)
   -- The native pool calls back through a weak reference, so that a pool
   -- nobody references is collected (and closed).
