@@ -150,7 +150,7 @@ test: setup lint docs cargo-test specs examples rock-check nginx-test leakcheck
 
 # The crates' own Lua tests embed a Lua 5.4 (`vendored`); clippy also checks
 # the `module` build, which compiles the luaopen entry points.
-UTIL_CRATES := -p bgworker-util -p bgworker-dns -p bgworker-pool
+UTIL_CRATES := -p bgworker-ffi -p bgworker-util -p bgworker-dns -p bgworker-pool
 
 lint:
 	$(CARGO) fmt --all --check

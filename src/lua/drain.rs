@@ -64,11 +64,10 @@
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
+use bgworker_ffi::lua::{error_text, got, has_metatable, push_str, type_name, LuaResult, Raise};
 use mlua::ffi::*;
 
-use super::args::{describe, type_name};
 use super::poll::push_round_trip;
-use super::raise::{error_text, push_str, LuaResult, Raise};
 use super::{owned, InstanceCell};
 use crate::copy::Scratch;
 use crate::item::DecodeFn;
@@ -204,7 +203,7 @@ unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, (usize, boo
         let limit = match (lua_isnumber(state, 1) != 0, lua_tonumber(state, 1)) {
             (true, n) if n >= 0.0 => n.min(c_int::MAX as f64) as c_int,
             _ => {
-                let got = describe(state, 1);
+                let got = got(state, 1);
                 return Err(Raise::Arg(1, format!("limit must be a non-negative number, got {got}")));
             }
         };
@@ -259,15 +258,7 @@ unsafe fn finish(state: *mut lua_State, status: c_int) -> c_int {
 }
 
 unsafe fn is_drain_error(state: *mut lua_State, index: c_int) -> bool {
-    unsafe {
-        if lua_type(state, index) != LUA_TTABLE || lua_getmetatable(state, index) == 0 {
-            return false;
-        }
-        luaL_getmetatable(state, DRAIN_ERROR_METATABLE.as_ptr());
-        let ours = lua_rawequal(state, -1, -2) != 0;
-        lua_pop(state, 2);
-        ours
-    }
+    unsafe { lua_type(state, index) == LUA_TTABLE && has_metatable(state, index, DRAIN_ERROR_METATABLE) }
 }
 
 /// The loop's message handler: runs where the error was raised, and

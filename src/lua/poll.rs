@@ -9,10 +9,9 @@
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
+use bgworker_ffi::lua::{error_text, type_name, LuaResult, Raise};
 use mlua::ffi::*;
 
-use super::args::type_name;
-use super::raise::{error_text, LuaResult, Raise};
 use super::{instance, owned};
 use crate::copy::Scratch;
 use crate::fork;

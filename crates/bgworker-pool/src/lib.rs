@@ -27,12 +27,15 @@
 //!   - `interrupt`: how a cancel stops running Lua code (SIGURG, a hook).
 //!   - `job`: what a worker runs (a function, its arguments) and its outcome.
 //!   - `value`: values copied between Lua states.
-//!   - `raw`: C API tools of the hot paths, on both threads.
 //! - `lua/`: the binding, on the Lua thread.
 //!   - `module`: the module table and the pool's methods (the contract below).
 //!   - `pool`: a pool: starts, cancels, closes and joins its workers.
 //!   - `events`: progress and outcomes carried to `on_events` through the core.
-//!   - `fork`: a pool refuses to work in a forked child.
+//!
+//! The raw Lua C API helpers that `worker/` and `lua/` use (raising,
+//! strings, a protected call, type names), and their safety rule, are
+//! `bgworker_ffi::lua`'s, shared with the core; a pool tells it was
+//! inherited by a fork with `bgworker_ffi::fork`.
 //!
 //! # The contract with the Lua layer
 //!

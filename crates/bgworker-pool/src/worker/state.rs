@@ -11,6 +11,7 @@ use std::ffi::CStr;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
+use bgworker_ffi::lua::{protect, push_str, registry_pointer, string_at, Raised};
 use mlua::ffi::*;
 use mlua::{Lua, RegistryKey, Table};
 
@@ -19,7 +20,6 @@ use crate::sync::board::Id;
 use crate::sync::control::Control;
 use crate::worker::interrupt::{self, Interrupt};
 use crate::worker::job::{Func, Outcome};
-use crate::worker::raw::{bytes_at, protect, push_str, registry_pointer};
 use crate::worker::value::{ErrorValue, Values, MAX_VALUES};
 
 /// What every worker's state starts from.
@@ -107,8 +107,8 @@ impl WorkerState {
             lua.load("if jit then jit.off() end").exec()?;
         }
         let cancel = lua.create_table()?;
-        let describe = lua.create_function(|_, _: mlua::Value| Ok(CANCELLED))?;
-        cancel.set_metatable(Some(lua.create_table_from([("__tostring", describe)])?))?;
+        let tostring = lua.create_function(|_, _: mlua::Value| Ok(CANCELLED))?;
+        cancel.set_metatable(Some(lua.create_table_from([("__tostring", tostring)])?))?;
         let context = Box::new(Context { current: RefCell::new(None), events });
         let mut main = std::ptr::null_mut();
         // SAFETY: the main state, on this thread, with `cancel` on top;
@@ -202,7 +202,7 @@ impl WorkerState {
             let outcome = match called {
                 // The error, as the handler returned it: raised by the
                 // function, by its loading, or by the cancellation.
-                Err(()) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: self.take_traceback() },
+                Err(Raised) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: self.take_traceback() },
                 Ok(count) if count as usize > MAX_VALUES => Outcome::Failed {
                     error: ErrorValue::Described(format!(
                         "{count} results cannot be copied back from the worker: at most {MAX_VALUES} can \
@@ -289,8 +289,8 @@ impl WorkerState {
                 1
             });
             let traceback = match taken {
-                Ok(_) => String::from_utf8_lossy(bytes_at(state, -1).unwrap_or_default()).into_owned(),
-                Err(()) => String::new(),
+                Ok(_) => string_at(state, -1).unwrap_or_default(),
+                Err(Raised) => String::new(),
             };
             lua_settop(state, base);
             traceback
@@ -344,12 +344,12 @@ unsafe extern "C-unwind" fn progress(state: *mut lua_State) -> c_int {
         match problem {
             Ok(true) => 0,
             Ok(false) => {
-                push_str(state, b"cancelled");
+                push_str(state, "cancelled");
                 1
             }
             Err(message) => {
-                push_str(state, b"error");
-                push_str(state, message.as_bytes());
+                push_str(state, "error");
+                push_str(state, &message);
                 2
             }
         }
