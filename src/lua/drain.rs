@@ -64,9 +64,10 @@
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
-use bgworker_ffi::lua::{error_text, got, has_metatable, push_str, type_name, LuaResult, Raise};
+use bgworker_ffi::lua::{error_text, got, has_metatable, push_str, LuaResult, Raise};
 use mlua::ffi::*;
 
+use super::decode::{self, DECODE_FAILED};
 use super::poll::push_round_trip;
 use super::{owned, InstanceCell};
 use crate::copy::Scratch;
@@ -75,7 +76,6 @@ use crate::status::Status;
 
 /// Metatable of the message handler's result: the error and its traceback.
 const DRAIN_ERROR_METATABLE: &CStr = c"bgworker.core.DrainError";
-const DECODE_FAILED: &str = "bgworker: decode raised an error: ";
 
 // The entry's stack: the limit, the message handler, the outer drain's
 // count and cut (restored at the end), then the loop's results.
@@ -312,22 +312,11 @@ unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
             if let Some(instance) = (*cell).instance.as_mut() {
                 instance.drain_state().taken = count as usize;
             }
-            let returned = decode(state.cast(), data);
-            let pushed = lua_gettop(state) - LOOP_RUN;
-            if returned < 0 || returned > pushed {
-                // Still held: the entry reports it as decode's error.
-                lua_pushfstring(state, c"decode returned %d but pushed %d values".as_ptr(), returned, pushed);
-                lua_error(state);
-            }
+            // An error of decode's leaves the item held: the entry reports
+            // it as decode's.
+            let returned = decode::call(state, decode, data, LOOP_RUN);
             let callback = lua_gettop(state) - returned + 1;
-            if returned == 0 || lua_type(state, callback) != LUA_TFUNCTION {
-                let message = {
-                    let got = match returned {
-                        0 => "nothing".to_string(),
-                        _ => format!("a {} first", type_name(state, callback)),
-                    };
-                    format!("bgworker: decode must push a function first; it pushed {got}")
-                };
+            if let Err(message) = decode::callable(state, callback, returned) {
                 settle_failed(cell);
                 Raise::Message(message).raise(state);
             }
@@ -370,18 +359,10 @@ unsafe fn take_and_hold(
     if instance.run_id() != Some(run) {
         return None;
     }
-    loop {
-        let (item, data) = instance.take_next(scratch)?;
-        if let Some(reply) = item.reply() {
-            if !reply.begin_decode() {
-                // The caller timed out while the item was queued.
-                continue;
-            }
-        }
-        let taken = (item.decode, data, item.round_trip().is_some());
-        instance.drain_state().held = Some(item);
-        return Some(taken);
-    }
+    let (item, data) = decode::next(instance, scratch)?;
+    let taken = (item.decode, data, item.round_trip().is_some());
+    instance.drain_state().held = Some(item);
+    Some(taken)
 }
 
 /// The held item failed (decode raised, or pushed something unusable):

@@ -17,6 +17,7 @@
 //! passes.
 
 mod api;
+mod decode;
 mod drain;
 mod poll;
 mod token;
