@@ -361,12 +361,16 @@ describe("bgworker.pool", function()
         return M
       ]])
       f:close()
+      f = assert(io.open(dir .. "/pool_spec_broken.lua", "w"))
+      f:write('error("broken while loading")\n')
+      f:close()
       saved_path = package.path
     end)
 
     teardown(function()
       package.path = saved_path
       os.remove(dir .. "/pool_spec_jobs.lua")
+      os.remove(dir .. "/pool_spec_broken.lua")
       os.remove(dir)
     end)
 
@@ -382,13 +386,26 @@ describe("bgworker.pool", function()
       assert.same(pack(true, "abab"), run("string.rep", "ab", 2))
     end)
 
-    it("reports missing modules and functions", function()
+    it("reports missing modules and functions in the user's words, at no location of the pool's", function()
       local r = run("pool_spec_no_such_module.f")
       assert.is_false(r[1])
-      assert.matches("module 'pool_spec_no_such_module' not found", r[2])
+      assert.matches("^cannot load 'pool_spec_no_such_module%.f': module 'pool_spec_no_such_module' not found",
+        r[2])
+      assert.is_nil(r[2]:find("bgworker.pool", 1, true))
       r = run("string.no_such_function")
       assert.is_false(r[1])
       assert.matches("'string.no_such_function' is not a function", r[2])
+    end)
+
+    it("reports a module that raises while it loads, with the traceback of where", function()
+      p:close()
+      package.path = dir .. "/?.lua;" .. saved_path
+      p = pool.new { threads = 1 }
+      package.path = saved_path
+      local r = run("pool_spec_broken.f")
+      assert.is_false(r[1])
+      assert.matches("^cannot load 'pool_spec_broken%.f': [^\n]*pool_spec_broken%.lua:1: broken while loading$", r[2])
+      assert.matches("pool_spec_broken%.lua:1: in main chunk", r[3])
     end)
   end)
 
