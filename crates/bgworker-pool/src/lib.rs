@@ -56,7 +56,7 @@
 //! before any job, and `new` returns when all did. If an init raises, the
 //! workers are stopped and joined (within what is left of `init_timeout`)
 //! and `new` returns `nil`, the error value (copied as a job's error, below)
-//! and the traceback. After `init_timeout`, the workers are cancelled and
+//! and the traceback (nil when the worker's state could not be made). After `init_timeout`, the workers are cancelled and
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
 //! - `pool:queue(code, named, callback, args...)` -> `id, callback` |
@@ -106,8 +106,9 @@
 //! results; and `id, {n = 3, false, err, traceback}` for one that failed,
 //! where `err` is the error value itself when it can be copied (nil,
 //! booleans, numbers, strings, tables of those: value.rs) and its
-//! `tostring` otherwise, and `traceback` a string (empty when results
-//! could not be copied back, which fails the job with a message as `err`);
+//! `tostring` otherwise, and `traceback` a string, or nil when the job did
+//! not raise: its results could not be copied back, which fails it with a
+//! message as `err`;
 //! `id, false` for a job whose outcome was dropped unread (it ended as
 //! cancelled; a notice, not an outcome, so it may follow the job's
 //! progress events by any distance, and it comes once).

@@ -222,8 +222,10 @@ impl Carrier {
                         lua_rawseti(state, -2, 1);
                         error.push(state);
                         lua_rawseti(state, -2, 2);
-                        push_str(state, traceback);
-                        lua_rawseti(state, -2, 3);
+                        if let Some(traceback) = traceback {
+                            push_str(state, traceback);
+                            lua_rawseti(state, -2, 3);
+                        }
                         lua_pushinteger(state, 3);
                         lua_setfield(state, -2, c"n".as_ptr());
                     }

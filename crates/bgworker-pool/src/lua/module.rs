@@ -99,11 +99,7 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
             let (error, traceback) = (failure.error, failure.traceback);
             // SAFETY: push leaves one value for exec_raw to collect.
             let error: LuaValue = unsafe { lua.exec_raw((), |state| error.push(state)) }?;
-            return Ok(MultiValue::from_vec(vec![
-                LuaValue::Nil,
-                error,
-                LuaValue::String(lua.create_string(traceback)?),
-            ]));
+            return Ok(MultiValue::from_vec(vec![LuaValue::Nil, error, traceback.into_lua(lua)?]));
         }
         Err(Refused::TimedOut) => {
             return Ok(MultiValue::from_vec(vec![LuaValue::Nil, "init timed out".into_lua(lua)?]))

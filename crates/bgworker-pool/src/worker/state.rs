@@ -187,7 +187,7 @@ impl WorkerState {
             let base = lua_gettop(state);
             if lua_checkstack(state, 1) == 0 {
                 let error = ErrorValue::Described("stack overflow".into());
-                return Outcome::Failed { error, traceback: String::new() };
+                return Outcome::Failed { error, traceback: None };
             }
             lua_rawgeti(state, LUA_REGISTRYINDEX, registry_id(&self.driver.handler));
             // Pushing the function and the arguments may raise (memory, a
@@ -208,7 +208,7 @@ impl WorkerState {
                         "{count} results cannot be copied back from the worker: at most {MAX_VALUES} can \
                          (return them in a table)"
                     )),
-                    traceback: String::new(),
+                    traceback: None,
                 },
                 Ok(count) => match Values::copy(state, base + 2, count) {
                     Ok(values) => Outcome::Done(values),
@@ -217,7 +217,7 @@ impl WorkerState {
                             "result #{}: {e} cannot be copied back from the worker",
                             position + 1
                         )),
-                        traceback: String::new(),
+                        traceback: None,
                     },
                 },
             };
@@ -274,12 +274,12 @@ impl WorkerState {
         loaded.functions.push((Arc::clone(func), reference));
     }
 
-    /// The traceback the message handler kept for the last failure, or
-    /// an empty string (a memory error runs no handler).
+    /// The traceback the message handler kept for the last failure, if
+    /// it ran (a memory error runs none).
     ///
     /// # Safety
     /// On the worker thread, outside any mlua call.
-    unsafe fn take_traceback(&self) -> String {
+    unsafe fn take_traceback(&self) -> Option<String> {
         let state = self.main;
         unsafe {
             let base = lua_gettop(state);
@@ -289,8 +289,8 @@ impl WorkerState {
                 1
             });
             let traceback = match taken {
-                Ok(_) => string_at(state, -1).unwrap_or_default(),
-                Err(Raised) => String::new(),
+                Ok(_) => string_at(state, -1),
+                Err(Raised) => None,
             };
             lua_settop(state, base);
             traceback
