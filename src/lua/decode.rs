@@ -61,9 +61,14 @@ pub unsafe fn callable(state: *mut lua_State, first: c_int, count: c_int) -> Res
     if count > 0 && unsafe { lua_type(state, first) } == LUA_TFUNCTION {
         return Ok(());
     }
+    Err(unsafe { not_callable(state, first, count) })
+}
+
+#[cold]
+unsafe fn not_callable(state: *mut lua_State, first: c_int, count: c_int) -> String {
     let pushed = match count {
         0 => "nothing".to_string(),
         _ => format!("a {} first", unsafe { type_name(state, first) }),
     };
-    Err(format!("bgworker: decode must push a function first; it pushed {pushed}"))
+    format!("bgworker: decode must push a function first; it pushed {pushed}")
 }

@@ -26,6 +26,8 @@ use crate::library;
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// The fork generation of this process, as this library counts it.
+/// Inlined into the callers' hot paths, across the crate boundary.
+#[inline]
 pub fn generation() -> u64 {
     GENERATION.load(Relaxed)
 }
