@@ -139,6 +139,7 @@ pub unsafe fn integer_in(state: *mut lua_State, index: c_int, what: &str, min: f
 }
 
 /// Push `bytes` as a Lua string.
+#[inline]
 pub unsafe fn push_str(state: *mut lua_State, bytes: impl AsRef<[u8]>) {
     let bytes = bytes.as_ref();
     unsafe { lua_pushlstring(state, bytes.as_ptr().cast(), bytes.len()) };
@@ -146,6 +147,7 @@ pub unsafe fn push_str(state: *mut lua_State, bytes: impl AsRef<[u8]>) {
 
 /// The bytes of the string at `index` (not converted from a number), or
 /// `None`. They live as long as the value stays on the stack.
+#[inline]
 pub unsafe fn bytes_at<'a>(state: *mut lua_State, index: c_int) -> Option<&'a [u8]> {
     unsafe {
         if lua_type(state, index) != LUA_TSTRING {
@@ -178,6 +180,7 @@ pub unsafe fn has_metatable(state: *mut lua_State, index: c_int, name: &CStr) ->
 
 /// The light userdata stored in the registry under `key` (an address of
 /// the calling library), as a `*const T`: null when there is none.
+#[inline]
 pub unsafe fn registry_pointer<T>(state: *mut lua_State, key: *const c_void) -> *const T {
     unsafe {
         lua_rawgetp(state, LUA_REGISTRYINDEX, key);
