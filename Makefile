@@ -157,7 +157,7 @@ test: setup lint docs cargo-test specs examples rock-check nginx-test leakcheck
 # (`vendored`); clippy also checks the core without Lua, and the `module`
 # build, which compiles the luaopen entry points. The `loom` models are in
 # the crates whose sources say `cfg(loom)`.
-CRATES := bgworker bgworker-util bgworker-dns bgworker-pool
+CRATES := bgworker bgworker-ffi bgworker-util bgworker-dns bgworker-pool
 crate_dir = $(if $(filter bgworker,$(1)),.,crates/$(1))
 cargo_packages = $(addprefix -p ,$(1))
 LOOM_CRATES = $(foreach c,$(CRATES),$(if $(shell grep -rl 'cfg(loom)' $(call crate_dir,$(c))/src),$(c)))

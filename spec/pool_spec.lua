@@ -292,10 +292,9 @@ describe("bgworker.pool", function()
       assert.same("bytes \0\255 end", r[2])
     end)
 
-    it("report results that cannot cross, by position", function()
+    it("report results that cannot cross, by position, with no traceback (nothing raised)", function()
       local r = run(function() return 1, print end)
-      assert.is_false(r[1])
-      assert.equals("result #2: a function cannot be copied back from the worker", r[2])
+      assert.same(pack(false, "result #2: a function cannot be copied back from the worker", nil), r)
       r = run(function() return { file = io.stdout } end)
       assert.equals("result #1: a userdata at .file cannot be copied back from the worker", r[2])
     end)
@@ -340,7 +339,7 @@ describe("bgworker.pool", function()
         end
       end
       assert.same(pack(false, ("%d results cannot be copied back from the worker: at most %d can" ..
-        " (return them in a table)"):format(many, max), ""), pack(jobs[5]:get(10)))
+        " (return them in a table)"):format(many, max), nil), pack(jobs[5]:get(10)))
       local all = pack(jobs[6]:get(10))
       assert.equals(max + 1, all.n)
       assert.is_true(all[1] and all[2] == 1 and all[max + 1] == max)
@@ -376,12 +375,16 @@ describe("bgworker.pool", function()
         return M
       ]])
       f:close()
+      f = assert(io.open(dir .. "/pool_spec_broken.lua", "w"))
+      f:write('error("broken while loading")\n')
+      f:close()
       saved_path = package.path
     end)
 
     teardown(function()
       package.path = saved_path
       os.remove(dir .. "/pool_spec_jobs.lua")
+      os.remove(dir .. "/pool_spec_broken.lua")
       os.remove(dir)
     end)
 
@@ -397,13 +400,26 @@ describe("bgworker.pool", function()
       assert.same(pack(true, "abab"), run("string.rep", "ab", 2))
     end)
 
-    it("reports missing modules and functions", function()
+    it("reports missing modules and functions in the user's words, at no location of the pool's", function()
       local r = run("pool_spec_no_such_module.f")
       assert.is_false(r[1])
-      assert.matches("module 'pool_spec_no_such_module' not found", r[2])
+      assert.matches("^cannot load 'pool_spec_no_such_module%.f': module 'pool_spec_no_such_module' not found",
+        r[2])
+      assert.is_nil(r[2]:find("bgworker.pool", 1, true))
       r = run("string.no_such_function")
       assert.is_false(r[1])
       assert.matches("'string.no_such_function' is not a function", r[2])
+    end)
+
+    it("reports a module that raises while it loads, with the traceback of where", function()
+      p:close()
+      package.path = dir .. "/?.lua;" .. saved_path
+      p = pool.new { threads = 1 }
+      package.path = saved_path
+      local r = run("pool_spec_broken.f")
+      assert.is_false(r[1])
+      assert.matches("^cannot load 'pool_spec_broken%.f': [^\n]*pool_spec_broken%.lua:1: broken while loading$", r[2])
+      assert.matches("pool_spec_broken%.lua:1: in main chunk", r[3])
     end)
   end)
 

@@ -5,39 +5,30 @@
 //! child for good, and the run's socket or eventfd is shared with the
 //! parent. So the core keeps two things per process:
 //!
-//! - A *fork generation*: 0 in a process that never forked, one more in
-//!   each child (a `pthread_atfork` child handler bumps it, before any code
-//!   of the child runs). Whatever records the generation it was made in
-//!   (a `Shared`, a run, a round trip) knows in a child that it was
-//!   inherited, and is then left alone: never locked, never signalled,
-//!   never freed. Reading the generation is one relaxed load, cheap enough
-//!   for every deliver and poll; `getpid()` would be a system call.
+//! - A *fork generation* ([`generation`], counted by `bgworker_ffi::fork`):
+//!   whatever records the generation it was made in (a `Shared`, a run, a
+//!   round trip) knows in a child that it was inherited, and is then left
+//!   alone: never locked, never signalled, never freed.
 //! - A *quiet* lock, held shared by the few short sections that must not be
 //!   cut in half by a fork (recycling handle boxes, making a child's fresh
 //!   state). The prepare handler takes it exclusively, so no such section
 //!   is under way while the process forks, and a child never finds one of
 //!   their locks held.
 //!
-//! Only `fork()` through the C library runs the handlers; a raw `clone`
-//! without exec is not supported. The Lua binding installs them
-//! (`pthread_atfork(prepare, parent, child)`) when `bgworker.core` is
-//! first opened, before any run can exist.
+//! The Lua binding starts both when `bgworker.core` is first opened, before
+//! any run can exist: the count, and the handlers below
+//! (`pthread_atfork(prepare, release, release)`).
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{RwLock, RwLockWriteGuard};
 
-static GENERATION: AtomicU64 = AtomicU64::new(0);
+pub use bgworker_ffi::fork::generation;
+
 static QUIET: RwLock<()> = RwLock::new(());
 
 thread_local! {
     /// The quiet lock, held by the forking thread from prepare to parent/child.
     static HELD: RefCell<Option<RwLockWriteGuard<'static, ()>>> = const { RefCell::new(None) };
-}
-
-/// The fork generation of this process.
-pub fn generation() -> u64 {
-    GENERATION.load(Relaxed)
 }
 
 /// Run `f` where no fork can cut it in half. `f` must be short and must
@@ -53,13 +44,7 @@ pub extern "C" fn prepare() {
     HELD.with(|held| *held.borrow_mut() = Some(guard));
 }
 
-/// `pthread_atfork` parent handler.
-pub extern "C" fn parent() {
-    HELD.with(|held| drop(held.borrow_mut().take()));
-}
-
-/// `pthread_atfork` child handler: runs before any other code of the child.
-pub extern "C" fn child() {
-    GENERATION.fetch_add(1, Relaxed);
+/// `pthread_atfork` parent and child handler: the fork is over.
+pub extern "C" fn release() {
     HELD.with(|held| drop(held.borrow_mut().take()));
 }

@@ -4,8 +4,8 @@
 //!
 //! 1. *bgworker stays loaded.* Handles outlive their state, and their
 //!    functions live in this library; `lua_close` would otherwise unload it
-//!    under a thread that still delivers. We reopen ourselves with
-//!    `RTLD_NODELETE`.
+//!    under a thread that still delivers. `luaopen` pins it
+//!    (`bgworker_ffi::library`).
 //! 2. *Pending items are freed while utility libraries are loaded.* The
 //!    state closes the instance from a finaliser; finalisers run newest
 //!    first (Lua 5.1 and LuaJIT: reverse creation; 5.2+: reverse marking),
@@ -16,7 +16,6 @@
 
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Once;
 
 use mlua::ffi::*;
 
@@ -119,26 +118,14 @@ unsafe extern "C-unwind" fn closer_gc(state: *mut lua_State) -> c_int {
     0
 }
 
-/// Install the fork handlers of `fork.rs`, once per process. A swap rather
-/// than a `Once`: a `Once` left running by a parent thread would block a
-/// forked child.
+/// Start counting forks and install the quiet lock's handlers (`fork.rs`),
+/// once per process. A swap rather than a `Once`, as in
+/// `bgworker_ffi::fork::watch`.
 pub fn watch_forks() {
+    bgworker_ffi::fork::watch();
     static WATCHING: AtomicBool = AtomicBool::new(false);
     if !WATCHING.swap(true, Relaxed) {
         // The handlers are in this library, which stays loaded (guarantee 1).
-        unsafe { libc::pthread_atfork(Some(fork::prepare), Some(fork::parent), Some(fork::child)) };
+        unsafe { libc::pthread_atfork(Some(fork::prepare), Some(fork::release), Some(fork::release)) };
     }
-}
-
-/// Pin this shared library for the life of the process (guarantee 1).
-pub fn keep_this_library_loaded() {
-    static PINNED: Once = Once::new();
-    PINNED.call_once(|| unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        let here = super::luaopen_bgworker_core as *const c_void;
-        if libc::dladdr(here, &mut info) != 0 && !info.dli_fname.is_null() {
-            // Leaked on purpose: this reference is what keeps us mapped.
-            libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE);
-        }
-    });
 }

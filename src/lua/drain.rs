@@ -64,11 +64,11 @@
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
+use bgworker_ffi::lua::{error_text, got, has_metatable, push_str, LuaResult, Raise};
 use mlua::ffi::*;
 
-use super::args::{describe, type_name};
+use super::decode::{self, DECODE_FAILED};
 use super::poll::push_round_trip;
-use super::raise::{error_text, push_str, LuaResult, Raise};
 use super::{owned, InstanceCell};
 use crate::copy::Scratch;
 use crate::item::DecodeFn;
@@ -76,7 +76,6 @@ use crate::status::Status;
 
 /// Metatable of the message handler's result: the error and its traceback.
 const DRAIN_ERROR_METATABLE: &CStr = c"bgworker.core.DrainError";
-const DECODE_FAILED: &str = "bgworker: decode raised an error: ";
 
 // The entry's stack: the limit, the message handler, the outer drain's
 // count and cut (restored at the end), then the loop's results.
@@ -204,7 +203,7 @@ unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, (usize, boo
         let limit = match (lua_isnumber(state, 1) != 0, lua_tonumber(state, 1)) {
             (true, n) if n >= 0.0 => n.min(c_int::MAX as f64) as c_int,
             _ => {
-                let got = describe(state, 1);
+                let got = got(state, 1);
                 return Err(Raise::Arg(1, format!("limit must be a non-negative number, got {got}")));
             }
         };
@@ -259,15 +258,7 @@ unsafe fn finish(state: *mut lua_State, status: c_int) -> c_int {
 }
 
 unsafe fn is_drain_error(state: *mut lua_State, index: c_int) -> bool {
-    unsafe {
-        if lua_type(state, index) != LUA_TTABLE || lua_getmetatable(state, index) == 0 {
-            return false;
-        }
-        luaL_getmetatable(state, DRAIN_ERROR_METATABLE.as_ptr());
-        let ours = lua_rawequal(state, -1, -2) != 0;
-        lua_pop(state, 2);
-        ours
-    }
+    unsafe { lua_type(state, index) == LUA_TTABLE && has_metatable(state, index, DRAIN_ERROR_METATABLE) }
 }
 
 /// The loop's message handler: runs where the error was raised, and
@@ -321,22 +312,11 @@ unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
             if let Some(instance) = (*cell).instance.as_mut() {
                 instance.drain_state().taken = count as usize;
             }
-            let returned = decode(state.cast(), data);
-            let pushed = lua_gettop(state) - LOOP_RUN;
-            if returned < 0 || returned > pushed {
-                // Still held: the entry reports it as decode's error.
-                lua_pushfstring(state, c"decode returned %d but pushed %d values".as_ptr(), returned, pushed);
-                lua_error(state);
-            }
+            // An error of decode's leaves the item held: the entry reports
+            // it as decode's.
+            let returned = decode::call(state, decode, data, LOOP_RUN);
             let callback = lua_gettop(state) - returned + 1;
-            if returned == 0 || lua_type(state, callback) != LUA_TFUNCTION {
-                let message = {
-                    let got = match returned {
-                        0 => "nothing".to_string(),
-                        _ => format!("a {} first", type_name(state, callback)),
-                    };
-                    format!("bgworker: decode must push a function first; it pushed {got}")
-                };
+            if let Err(message) = decode::callable(state, callback, returned) {
                 settle_failed(cell);
                 Raise::Message(message).raise(state);
             }
@@ -379,18 +359,10 @@ unsafe fn take_and_hold(
     if instance.run_id() != Some(run) {
         return None;
     }
-    loop {
-        let (item, data) = instance.take_next(scratch)?;
-        if let Some(reply) = item.reply() {
-            if !reply.begin_decode() {
-                // The caller timed out while the item was queued.
-                continue;
-            }
-        }
-        let taken = (item.decode, data, item.round_trip().is_some());
-        instance.drain_state().held = Some(item);
-        return Some(taken);
-    }
+    let (item, data) = decode::next(instance, scratch)?;
+    let taken = (item.decode, data, item.round_trip().is_some());
+    instance.drain_state().held = Some(item);
+    Some(taken)
 }
 
 /// The held item failed (decode raised, or pushed something unusable):

@@ -6,42 +6,32 @@
 //! path (`poll`) and the registry contract need the Lua stack itself, and
 //! errors must reach Lua as plain strings.
 //!
-//! # Safety: the rule for every `unsafe` in this module and below
+//! # Safety
 //!
-//! The binding is a set of C functions that Lua calls, and the C API
-//! functions of `api.rs` that a utility library calls on its Lua thread.
-//! Each `unsafe` block here relies on the same three things, and says more
-//! only where it relies on something else:
-//!
-//! 1. The `lua_State *` is the one Lua called us with (or that the utility
-//!    library passed on its Lua thread): valid, and ours until we return.
-//! 2. We keep to the stack we were given: Lua guarantees `LUA_MINSTACK`
-//!    free slots on entry, and a function that pushes more calls
-//!    `luaL_checkstack` first.
-//! 3. No error of ours or of user code (decode, result, `__tostring`)
-//!    leaves a frame that owns a Rust value with a destructor: functions
-//!    return `LuaResult` and only their thin `extern` wrapper raises, after
-//!    everything is dropped (`raise.rs`), and user code runs under
-//!    `lua_pcall`. Lua's own memory error is the exception: it can leave
-//!    from any push, and then what the frame owned is leaked, not freed.
+//! Every `unsafe` here and below keeps the rule of `bgworker_ffi::lua` (a
+//! valid state on its thread, room on the stack, no Lua error through a
+//! frame that owns a destructor): functions return `LuaResult`, their
+//! `lua_fn!` wrappers raise, and user code (decode, result, `__tostring`)
+//! runs under `lua_pcall`. The C functions of `api.rs` run on the Lua
+//! thread of the utility library that calls them, with the state it
+//! passes.
 
 mod api;
-mod args;
+mod decode;
 mod drain;
 mod poll;
-mod raise;
 mod token;
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
 
+use bgworker_ffi::lua::{got, integer_in, push_str, string_at, type_name, LuaResult, Raise};
+use bgworker_ffi::lua_fn;
 use mlua::ffi::*;
 
 use crate::instance::{CapacityError, Instance};
 use crate::room::MAX_CAPACITY;
 use crate::signal::{FdKind, Signal};
-use args::integer_in;
-use raise::{push_str, LuaResult, Raise};
 
 /// Registry field holding the state's instance userdata.
 const INSTANCE_KEY: &CStr = c"bgworker.core.instance";
@@ -70,18 +60,6 @@ unsafe fn owned<'a>(state: *mut lua_State, name: &str) -> LuaResult<&'a mut Inst
         Some(inherited) => Err(Raise::Message(format!("bgworker.core.{name}: {inherited}"))),
         None => Ok(instance),
     }
-}
-
-/// Wrap an inner function as a `lua_CFunction` that raises its errors.
-macro_rules! lua_fn {
-    ($name:ident => $inner:path) => {
-        unsafe extern "C-unwind" fn $name(state: *mut lua_State) -> c_int {
-            match unsafe { $inner(state) } {
-                Ok(n) => n,
-                Err(raise) => unsafe { raise.raise(state) },
-            }
-        }
-    };
 }
 
 lua_fn!(core_start => start);
@@ -118,10 +96,7 @@ unsafe fn start_options(state: *mut lua_State, index: c_int) -> LuaResult<StartO
             LUA_TNONE | LUA_TNIL => return Ok(options),
             LUA_TTABLE => {}
             _ => {
-                return Err(Raise::Arg(
-                    index,
-                    format!("opts must be a table or nil, got {}", args::type_name(state, index)),
-                ))
+                return Err(Raise::Arg(index, format!("opts must be a table or nil, got {}", type_name(state, index))))
             }
         }
         lua_getfield(state, index, c"capacity".as_ptr());
@@ -131,12 +106,12 @@ unsafe fn start_options(state: *mut lua_State, index: c_int) -> LuaResult<StartO
             options.capacity = Some(capacity as usize);
         }
         lua_getfield(state, index, c"kind".as_ptr());
-        options.fd_kind = match args::string_at(state, -1).as_deref() {
+        options.fd_kind = match string_at(state, -1).as_deref() {
             None if lua_isnil(state, -1) != 0 => options.fd_kind,
             Some("eventfd") => FdKind::EventFd,
             Some("pipe") => FdKind::Pipe,
             _ => {
-                let got = args::describe(state, -1);
+                let got = got(state, -1);
                 return Err(Raise::Arg(index, format!("opts.kind must be \"eventfd\", \"pipe\" or nil, got {got}")));
             }
         };
@@ -197,7 +172,7 @@ unsafe fn start_greeting(state: *mut lua_State) -> LuaResult<c_int> {
         let instance = start_with(state, options, |_| Signal::greeting())?;
         let signal = instance.signal().expect("just started");
         let addr = signal.local_addr().expect("a greeting socket has an address");
-        push_str(state, &addr.ip().to_string());
+        push_str(state, addr.ip().to_string());
         lua_pushinteger(state, addr.port() as lua_Integer);
         push_str(state, signal.token().expect("a greeting signal has a token"));
     }
@@ -283,7 +258,7 @@ unsafe fn alarm(state: *mut lua_State) -> LuaResult<c_int> {
                 Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds))
             }
             _ => {
-                let got = args::describe(state, 1);
+                let got = got(state, 1);
                 return Err(Raise::Arg(1, format!("seconds must be a non-negative number or nil, got {got}")));
             }
         };
@@ -428,7 +403,7 @@ unsafe fn push_instance(state: *mut lua_State) {
 #[no_mangle]
 pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> c_int {
     unsafe {
-        api::keep_this_library_loaded();
+        bgworker_ffi::library::keep_this_library_loaded();
         api::watch_forks();
         push_instance(state);
         let instance_index = lua_gettop(state);

@@ -9,10 +9,10 @@
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
+use bgworker_ffi::lua::{error_text, LuaResult, Raise};
 use mlua::ffi::*;
 
-use super::args::type_name;
-use super::raise::{error_text, LuaResult, Raise};
+use super::decode::{self, DECODE_FAILED};
 use super::{instance, owned};
 use crate::copy::Scratch;
 use crate::fork;
@@ -58,51 +58,36 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
     unsafe {
         // Decode's copy of a copied record: in this frame (see `copy.rs`).
         let mut scratch = Scratch::default();
-        loop {
-            let Some((item, data)) = owned(state, "poll")?.take_next(&mut scratch) else {
-                return Ok(0);
-            };
-            if let Some(reply) = item.reply() {
-                if !reply.begin_decode() {
-                    // The caller timed out while the item was queued.
-                    continue;
-                }
-            }
-            let base = lua_gettop(state);
-            lua_pushcfunction(state, decode_trampoline);
-            lua_pushlightuserdata(state, item.decode as *mut c_void);
-            lua_pushlightuserdata(state, data);
-            if lua_pcall(state, 2, LUA_MULTRET, 0) != LUA_OK {
-                let message = format!("bgworker: decode raised an error: {}", error_text(state, -1));
-                lua_settop(state, base);
-                note_error(state);
-                item.finish(Status::Error);
-                return Err(Raise::Message(message));
-            }
-            let count = lua_gettop(state) - base;
-            if count == 0 || lua_type(state, base + 1) != LUA_TFUNCTION {
-                let pushed = match count {
-                    0 => "nothing".to_string(),
-                    _ => format!("a {} first", type_name(state, base + 1)),
-                };
-                lua_settop(state, base);
-                note_error(state);
-                item.finish(Status::Error);
-                return Err(Raise::Message(format!("bgworker: decode must push a function first; it pushed {pushed}")));
-            }
-            let Some(reply) = item.reply() else {
-                drop(item);
-                return Ok(count);
-            };
-            reply.decoded();
-            // Return `wrapper, token, callback, args...`: the wrapper calls
-            // the callback and completes the round trip through the token.
-            luaL_checkstack(state, 2, ptr::null());
-            lua_pushvalue(state, lua_upvalueindex(2));
-            (*push_round_trip(state)).hold(Some(item));
-            lua_rotate(state, base + 1, 2);
-            return Ok(count + 2);
+        let Some((item, data)) = decode::next(owned(state, "poll")?, &mut scratch) else {
+            return Ok(0);
+        };
+        let base = lua_gettop(state);
+        lua_pushcfunction(state, decode_trampoline);
+        lua_pushlightuserdata(state, item.decode as *mut c_void);
+        lua_pushlightuserdata(state, data);
+        let decoded = match lua_pcall(state, 2, LUA_MULTRET, 0) {
+            LUA_OK => decode::callable(state, base + 1, lua_gettop(state) - base),
+            _ => Err(format!("{DECODE_FAILED}{}", error_text(state, -1))),
+        };
+        if let Err(message) = decoded {
+            lua_settop(state, base);
+            note_error(state);
+            item.finish(Status::Error);
+            return Err(Raise::Message(message));
         }
+        let count = lua_gettop(state) - base;
+        let Some(reply) = item.reply() else {
+            drop(item);
+            return Ok(count);
+        };
+        reply.decoded();
+        // Return `wrapper, token, callback, args...`: the wrapper calls
+        // the callback and completes the round trip through the token.
+        luaL_checkstack(state, 2, ptr::null());
+        lua_pushvalue(state, lua_upvalueindex(2));
+        (*push_round_trip(state)).hold(Some(item));
+        lua_rotate(state, base + 1, 2);
+        Ok(count + 2)
     }
 }
 
@@ -119,12 +104,7 @@ unsafe extern "C-unwind" fn decode_trampoline(state: *mut lua_State) -> c_int {
         let decode: DecodeFn = std::mem::transmute::<*mut c_void, DecodeFn>(lua_touserdata(state, 1));
         let data = lua_touserdata(state, 2);
         lua_settop(state, 0);
-        let count = decode(state.cast(), data);
-        if count < 0 || count > lua_gettop(state) {
-            lua_pushfstring(state, c"decode returned %d but pushed %d values".as_ptr(), count, lua_gettop(state));
-            lua_error(state);
-        }
-        count
+        decode::call(state, decode, data, 0)
     }
 }
 

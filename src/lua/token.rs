@@ -10,9 +10,9 @@ use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 use std::sync::Arc;
 
+use bgworker_ffi::lua::{has_metatable, returned, type_name, LuaResult, Raise};
 use mlua::ffi::*;
 
-use super::{LuaResult, Raise};
 use crate::capi::{self, TokenRef};
 use crate::token::{Scope, Token};
 
@@ -77,18 +77,11 @@ unsafe fn scope<'a>(state: *mut lua_State) -> &'a Arc<Scope> {
 unsafe fn token_at<'a>(state: *mut lua_State, index: c_int) -> Option<&'a Arc<Token>> {
     unsafe {
         let cell = lua_touserdata(state, index) as *mut TokenCell;
-        if cell.is_null() || lua_getmetatable(state, index) == 0 {
+        if cell.is_null() || !has_metatable(state, index, TOKEN_METATABLE) {
             return None;
         }
-        luaL_getmetatable(state, TOKEN_METATABLE.as_ptr());
-        let ours = lua_rawequal(state, -1, -2) != 0;
-        lua_pop(state, 2);
         // SAFETY: a userdata with our metatable holds a TokenCell.
-        if ours {
-            (*cell).as_ref()
-        } else {
-            None
-        }
+        (*cell).as_ref()
     }
 }
 
@@ -127,8 +120,7 @@ pub unsafe fn token(state: *mut lua_State) -> LuaResult<c_int> {
 unsafe fn this<'a>(state: *mut lua_State, name: &str) -> LuaResult<&'a Arc<Token>> {
     unsafe {
         token_at(state, 1).ok_or_else(|| {
-            let got = CStr::from_ptr(lua_typename(state, lua_type(state, 1))).to_string_lossy();
-            Raise::Arg(1, format!("token expected, got {got}; call it as token:{name}()"))
+            Raise::Arg(1, format!("token expected, got {}; call it as token:{name}()", type_name(state, 1)))
         })
     }
 }
@@ -138,12 +130,12 @@ unsafe fn this<'a>(state: *mut lua_State, name: &str) -> LuaResult<&'a Arc<Token
 /// # Safety
 /// Called by Lua.
 unsafe fn boolean_method(state: *mut lua_State, method: unsafe fn(*mut lua_State) -> LuaResult<bool>) -> c_int {
-    match unsafe { method(state) } {
-        Ok(value) => {
-            unsafe { lua_pushboolean(state, value as c_int) };
+    unsafe {
+        let pushed = method(state).map(|value| {
+            lua_pushboolean(state, value as c_int);
             1
-        }
-        Err(raise) => unsafe { raise.raise(state) },
+        });
+        returned(state, pushed)
     }
 }
 

@@ -23,6 +23,7 @@ mod workers;
 use std::ffi::CString;
 use std::sync::Arc;
 
+use bgworker_util::ffi::lua::bad_argument;
 use bgworker_util::mlua;
 use bgworker_util::{Sender, Token};
 use mlua::{Function, Lua, LuaString, ObjectLike, Table, Value};
@@ -95,7 +96,7 @@ fn cancel(lua: &Lua, workers: &Arc<Workers>, value: Value) -> mlua::Result<bool>
 
 /// The error for argument `position` of `fname`, which must be a token.
 fn not_a_token(fname: &str, position: u32, value: &Value) -> mlua::Error {
-    mlua::Error::runtime(format!("bad argument #{position} to '{fname}' (token expected, got {})", value.type_name()))
+    mlua::Error::runtime(bad_argument(position, fname, format!("token expected, got {}", value.type_name())))
 }
 
 /// The module table. Requires bgworker.core, whose instance the answers go to.

@@ -27,12 +27,15 @@
 //!   - `interrupt`: how a cancel stops running Lua code (SIGURG, a hook).
 //!   - `job`: what a worker runs (a function, its arguments) and its outcome.
 //!   - `value`: values copied between Lua states.
-//!   - `raw`: C API tools of the hot paths, on both threads.
 //! - `lua/`: the binding, on the Lua thread.
 //!   - `module`: the module table and the pool's methods (the contract below).
 //!   - `pool`: a pool: starts, cancels, closes and joins its workers.
 //!   - `events`: progress and outcomes carried to `on_events` through the core.
-//!   - `fork`: a pool refuses to work in a forked child.
+//!
+//! The raw Lua C API helpers that `worker/` and `lua/` use (raising,
+//! strings, a protected call, type names), and their safety rule, are
+//! `bgworker_ffi::lua`'s, shared with the core; a pool tells it was
+//! inherited by a fork with `bgworker_ffi::fork`.
 //!
 //! # The contract with the Lua layer
 //!
@@ -53,7 +56,7 @@
 //! before any job, and `new` returns when all did. If an init raises, the
 //! workers are stopped and joined (within what is left of `init_timeout`)
 //! and `new` returns `nil`, the error value (copied as a job's error, below)
-//! and the traceback. After `init_timeout`, the workers are cancelled and
+//! and the traceback (nil when the worker's state could not be made). After `init_timeout`, the workers are cancelled and
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
 //! - `pool:queue(code, named, args...)` -> `id` | `nil, position, message` |
@@ -102,8 +105,9 @@
 //! results; and `id, {n = 3, false, err, traceback}` for one that failed,
 //! where `err` is the error value itself when it can be copied (which
 //! values can: docs/jobs.md, "A job's function and its values") and its
-//! `tostring` otherwise, and `traceback` a string (empty when results
-//! could not be copied back, which fails the job with a message as `err`);
+//! `tostring` otherwise, and `traceback` a string, or nil when the job did
+//! not raise: its results could not be copied back, which fails it with a
+//! message as `err`;
 //! `id, false` for a job whose outcome was dropped unread (it ended as
 //! cancelled; a notice, not an outcome, so it may follow the job's
 //! progress events by any distance, and it comes once).

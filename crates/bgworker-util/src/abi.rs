@@ -6,7 +6,6 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::mem::size_of;
-use std::sync::Once;
 
 use mlua::ffi::{lua_State, lua_getfield, lua_pop, lua_touserdata, lua_type, LUA_REGISTRYINDEX, LUA_TLIGHTUSERDATA};
 
@@ -95,24 +94,6 @@ pub unsafe fn get(state: *mut lua_State) -> Option<&'static Api> {
         let api = api.as_ref()?;
         (api.version == API_VERSION && api.size >= size_of::<Api>()).then_some(api)
     }
-}
-
-/// Pin the shared object that contains this crate (the utility library it is
-/// linked into) for the life of the process.
-///
-/// A `Sender` may be held, used and dropped by threads after the Lua state
-/// closed, and all of that runs this library's code; `lua_close` would
-/// otherwise unload the library under them (header, "Lifetimes").
-pub fn keep_this_library_loaded() {
-    static PINNED: Once = Once::new();
-    PINNED.call_once(|| unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        let here = keep_this_library_loaded as *const c_void;
-        if libc::dladdr(here, &mut info) != 0 && !info.dli_fname.is_null() {
-            // Leaked on purpose: this reference is what keeps the library mapped.
-            libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE);
-        }
-    });
 }
 
 /// The layout test: `bgw_api` as the header declares it (compiled by the C

@@ -49,7 +49,8 @@
 //!
 //! Libraries whose items are many and small can implement [`RawItem`] and
 //! push their values with Lua's C API ([`Sender::deliver_raw_while`]),
-//! saving the mlua call that a closure costs per item. Small plain records
+//! saving the mlua call that a closure costs per item ([`ffi::lua`] has
+//! the helpers for that, and the rule such code keeps). Small plain records
 //! (a status, a few numbers) can implement [`CopyItem`] instead
 //! ([`Sender::deliver_copy`]): bgworker copies them into its own queue, so
 //! a delivery allocates nothing at all.
@@ -74,6 +75,8 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+/// bgworker's own helpers for Lua's C API, shared with bgworker.
+pub use bgworker_ffi as ffi;
 pub use mlua;
 use mlua::{FromLuaMulti, Function, IntoLuaMulti, Lua};
 
@@ -138,7 +141,7 @@ impl Sender {
     /// state (or speaks another major API version, or its instance is
     /// closed); [`Error::Lua`] when Lua fails (out of memory).
     pub fn new(lua: &Lua) -> Result<Sender, Error> {
-        abi::keep_this_library_loaded();
+        bgworker_ffi::library::keep_this_library_loaded();
         let lua_error = |e: mlua::Error| Error::Lua(Some(e.to_string()));
         payload::install(lua).map_err(lua_error)?;
         let mut acquired = None;

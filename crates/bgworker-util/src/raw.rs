@@ -16,10 +16,10 @@ use mlua::ffi::{lua_State, lua_error, lua_pushstring};
 /// # Safety
 /// `decode` is called on the Lua thread inside bgworker's poll, at most
 /// once per item, and must do what `bgw_decode_fn` says (bgworker.h): push
-/// a function, then its arguments, and return how many. It may raise a Lua
-/// error (the item is then still dropped, by bgworker), but its own frame
-/// must then own nothing with a destructor, since PUC Lua leaves by
-/// `longjmp`: borrow from `self`, never move out of it.
+/// a function, then its arguments, and return how many. It keeps the rule
+/// of [`crate::ffi::lua`]: it may raise a Lua error (the item is then still
+/// dropped, by bgworker), but its own frame must then own nothing with a
+/// destructor: borrow from `self`, never move out of it.
 pub unsafe trait RawItem: Send + 'static {
     /// # Safety
     /// `state` is the running Lua state, with the stack space Lua grants a

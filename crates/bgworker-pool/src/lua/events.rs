@@ -36,6 +36,7 @@ use std::ffi::c_int;
 use std::ptr;
 use std::sync::Arc;
 
+use bgworker_ffi::lua::push_str;
 use bgworker_util::{RawItem, Sender};
 use mlua::ffi::{
     luaL_checkstack, lua_Integer, lua_State, lua_createtable, lua_pushboolean, lua_pushcfunction, lua_pushinteger,
@@ -47,7 +48,6 @@ use crate::sync::board::{Board, Id};
 use crate::sync::control::{Control, InFlight, PROGRESS_IN_FLIGHT};
 use crate::sync::outbox::Outbox;
 use crate::worker::job::{Job, Outcome};
-use crate::worker::raw::push_str;
 use crate::worker::value::Values;
 
 /// Most events one carrier takes to an `on_events` handler. A carrier is
@@ -222,8 +222,10 @@ impl Carrier {
                         lua_rawseti(state, -2, 1);
                         error.push(state);
                         lua_rawseti(state, -2, 2);
-                        push_str(state, traceback.as_bytes());
-                        lua_rawseti(state, -2, 3);
+                        if let Some(traceback) = traceback {
+                            push_str(state, traceback);
+                            lua_rawseti(state, -2, 3);
+                        }
                         lua_pushinteger(state, 3);
                         lua_setfield(state, -2, c"n".as_ptr());
                     }

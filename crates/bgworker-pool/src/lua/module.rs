@@ -2,8 +2,8 @@
 //! conversions around [`Pool`]. lib.rs documents the contract.
 //!
 //! `new` (once per pool) uses mlua; the pool's methods, called once or
-//! more per job, are C functions on a userdata of our own (raw.rs says
-//! how they raise).
+//! more per job, are C functions on a userdata of our own, which keep the
+//! rule of `bgworker_ffi::lua` (how they raise, among others).
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use bgworker_ffi::lua::{bad_argument, bytes_at, push_str, returned, type_name, LuaResult, Raise};
 use mlua::ffi::*;
 use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 
 use crate::lua::pool::{Options, Pool, Refused};
 use crate::sync::board::{Cancelled, Id, Status};
 use crate::worker::job::{Func, Job, Recent};
-use crate::worker::raw::{bytes_at, push_str, type_name};
 use crate::worker::state::Setup;
 use crate::worker::value::Values;
 
@@ -27,10 +27,6 @@ pub const MAX_THREADS: usize = 1024;
 pub const INIT_TIMEOUT: f64 = 30.0;
 
 const METATABLE: &CStr = c"bgworker.pool_native.Pool";
-
-fn bad_argument(position: usize, function: &str, message: impl std::fmt::Display) -> String {
-    format!("bad argument #{position} to '{function}' ({message})")
-}
 
 /// A number of seconds >= 0 as a timeout (`math.huge`: `None`, no limit).
 fn seconds(value: f64) -> Option<Option<Duration>> {
@@ -103,11 +99,7 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
             let (error, traceback) = (failure.error, failure.traceback);
             // SAFETY: push leaves one value for exec_raw to collect.
             let error: LuaValue = unsafe { lua.exec_raw((), |state| error.push(state)) }?;
-            return Ok(MultiValue::from_vec(vec![
-                LuaValue::Nil,
-                error,
-                LuaValue::String(lua.create_string(traceback)?),
-            ]));
+            return Ok(MultiValue::from_vec(vec![LuaValue::Nil, error, traceback.into_lua(lua)?]));
         }
         Err(Refused::TimedOut) => {
             return Ok(MultiValue::from_vec(vec![LuaValue::Nil, "init timed out".into_lua(lua)?]))
@@ -167,34 +159,8 @@ unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     }
 }
 
-/// Why a method raises: raised by its C function once its frame is gone.
-enum Raise {
-    Arg(c_int, String),
-    Message(String),
-}
-
-/// # Safety
-/// In a C function called by Lua; raises.
-unsafe fn raise(state: *mut lua_State, raise: Raise) -> ! {
-    unsafe {
-        match raise {
-            Raise::Arg(position, message) => {
-                push_str(state, message.as_bytes());
-                drop(message);
-                luaL_argerror(state, position, lua_tostring(state, -1));
-                unreachable!("luaL_argerror raises")
-            }
-            Raise::Message(message) => {
-                push_str(state, message.as_bytes());
-                drop(message);
-                lua_error(state)
-            }
-        }
-    }
-}
-
 /// A method: the state, the pool, and the functions it was given last.
-type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> Result<c_int, Raise>;
+type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> LuaResult<c_int>;
 
 /// Call `method` on the pool that is argument 1, raising its error, and
 /// refusing a pool made by the process this one was forked from.
@@ -213,17 +179,6 @@ unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
     unsafe { returned(state, result) }
 }
 
-/// The count of values a method returned, or raise its error.
-///
-/// # Safety
-/// In a C function called by Lua.
-unsafe fn returned(state: *mut lua_State, result: Result<c_int, Raise>) -> c_int {
-    match result {
-        Ok(count) => count,
-        Err(e) => unsafe { raise(state, e) },
-    }
-}
-
 /// Why a pool made before a fork refuses in the child.
 const INHERITED: &str = "this pool belongs to the process that made it, and this one is a fork of it";
 
@@ -232,7 +187,7 @@ const INHERITED: &str = "this pool belongs to the process that made it, and this
 ///
 /// # Safety
 /// In a method made by `push_pool`, called by Lua.
-unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool, &'a mut Recent), Raise> {
+unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> LuaResult<(&'a mut Pool, &'a mut Recent)> {
     unsafe {
         let cell = lua_touserdata(state, 1) as *mut PoolCell;
         let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
@@ -256,7 +211,7 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> Result<(&'a mut Pool
 ///
 /// # Safety
 /// In a C function called by Lua.
-unsafe fn id_at(state: *mut lua_State) -> Result<Option<Id>, Raise> {
+unsafe fn id_at(state: *mut lua_State) -> LuaResult<Option<Id>> {
     unsafe {
         if lua_type(state, 2) != LUA_TNUMBER {
             let got = type_name(state, 2);
@@ -281,12 +236,12 @@ unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
 /// "module.function" when `named`) with the arguments after `named`: `id` |
 /// `nil, position, message` | `nil, false, message` (made before a fork:
 /// this process may not use it).
-unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> Result<c_int, Raise> {
+unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> LuaResult<c_int> {
     unsafe {
         if pool.is_inherited() {
             lua_pushnil(state);
             lua_pushboolean(state, 0);
-            push_str(state, INHERITED.as_bytes());
+            push_str(state, INHERITED);
             return Ok(3);
         }
         let top = lua_gettop(state).max(3);
@@ -302,7 +257,7 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> 
                 let message = format!("{e} cannot be copied to a worker");
                 lua_pushnil(state);
                 lua_pushinteger(state, position as lua_Integer + 1);
-                push_str(state, message.as_bytes());
+                push_str(state, &message);
                 return Ok(3);
             }
         };
@@ -317,7 +272,7 @@ unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {
     unsafe { call(state, "cancel", cancel) }
 }
 
-unsafe fn cancel(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
+unsafe fn cancel(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
     unsafe {
         match id_at(state)?.map_or(Cancelled::No, |id| pool.cancel(id)) {
             Cancelled::Queued => lua_pushstring(state, c"queued".as_ptr()),
@@ -335,7 +290,7 @@ unsafe extern "C-unwind" fn pool_status(state: *mut lua_State) -> c_int {
     unsafe { call(state, "status", status) }
 }
 
-unsafe fn status(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
+unsafe fn status(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
     unsafe {
         let name = match id_at(state)?.and_then(|id| pool.status(id)) {
             Some(Status::Queued) => c"queued",
@@ -355,7 +310,7 @@ unsafe extern "C-unwind" fn pool_stats(state: *mut lua_State) -> c_int {
     unsafe { call(state, "stats", stats) }
 }
 
-unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
+unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
     let snapshot = pool.snapshot();
     let counts = snapshot.counts;
     let integers: [(&CStr, u64); 7] = [
@@ -395,7 +350,7 @@ unsafe extern "C-unwind" fn pool_notify_lost(state: *mut lua_State) -> c_int {
     match unsafe { pool_at(state, "notify_lost") } {
         Ok((pool, _)) if !pool.is_inherited() => pool.notify_lost(),
         Ok(_) => {}
-        Err(e) => unsafe { raise(state, e) },
+        Err(e) => unsafe { e.raise(state) },
     }
     0
 }
@@ -405,7 +360,7 @@ unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
 }
 
 /// `close(timeout)`: true, or false and "timeout".
-unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> Result<c_int, Raise> {
+unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
     unsafe {
         if lua_type(state, 2) != LUA_TNUMBER {
             let got = type_name(state, 2);
@@ -439,7 +394,9 @@ unsafe extern "C-unwind" fn pool_gc(state: *mut lua_State) -> c_int {
 
 /// The module table: `new`, `cpus` (the threads the system can run at
 /// once, the Lua layer's default pool size) and the documented constants.
+/// Forks are counted from here on, before any pool records its generation.
 pub fn exports(lua: &Lua) -> mlua::Result<Table> {
+    bgworker_ffi::fork::watch();
     let exports = lua.create_table()?;
     exports.set("new", lua.create_function(new)?)?;
     exports.set("cpus", thread::available_parallelism().map_or(1, |n| n.get()))?;

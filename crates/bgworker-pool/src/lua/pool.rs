@@ -4,8 +4,9 @@
 //! - `workers` holds every started worker's `JoinHandle` until `close`
 //!   joins it (it ended) or drops it (abandoned: detached, never signalled
 //!   again). So a worker is only ever interrupted through a valid thread.
-//! - In a forked child (fork.rs), `close` and `Drop` touch no lock and no
-//!   thread: the workers' handles are forgotten, and the board is left to
+//! - In a child forked after the pool was made (its generation,
+//!   `bgworker_ffi::fork`, tells), `close` and `Drop` touch no lock and no
+//!   thread, and the methods refuse (module.rs): the workers' handles are forgotten, and the board is left to
 //!   its other owners, the parent's threads, which the child does not have.
 //! - Every wait is bounded by the caller's timeout: `new` by
 //!   `init_timeout`, `close` by its argument; `Drop` does not wait. An
@@ -18,10 +19,10 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use bgworker_ffi::fork;
 use mlua::{Function, Lua};
 
 use crate::lua::events::Events;
-use crate::lua::fork;
 use crate::sync::board::{Board, Cancelled, Id, Snapshot, Status};
 use crate::sync::crew::{Crew, Startup};
 use crate::worker::interrupt::{self, Interrupt};
@@ -66,7 +67,7 @@ pub struct Pool {
     crew: Arc<Crew<InitFailure>>,
     /// Empty once closed.
     workers: Vec<WorkerThread>,
-    /// The process generation that made it (fork.rs).
+    /// The fork generation of the process that made it.
     generation: u64,
 }
 

@@ -87,6 +87,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bgworker_ffi::lua::registry_pointer;
 use mlua::ffi::{
     luaL_argerror, lua_Debug, lua_State, lua_createtable, lua_error, lua_gettop, lua_pop, lua_pushboolean,
     lua_pushlightuserdata, lua_pushvalue, lua_rawgetp, lua_rawseti, lua_rawsetp, lua_sethook, lua_tointeger,
@@ -94,7 +95,6 @@ use mlua::ffi::{
 };
 
 use crate::sync::control::Control;
-use crate::worker::raw::registry_pointer;
 
 /// The signal that interrupts a worker: SIGURG, as the Go runtime uses for
 /// the same purpose, since its default action is to ignore it and almost

@@ -68,9 +68,10 @@ pub struct Job {
 pub enum Outcome {
     /// It returned these values.
     Done(Values),
-    /// It raised `error` (or its results cannot cross: a message), with
-    /// the traceback of where, or an empty string.
-    Failed { error: ErrorValue, traceback: String },
+    /// It raised `error`, with the traceback of where; or it did not
+    /// raise, but its results cannot cross (a message), and there is no
+    /// traceback.
+    Failed { error: ErrorValue, traceback: Option<String> },
 }
 
 #[cfg(test)]

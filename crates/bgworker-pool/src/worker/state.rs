@@ -11,6 +11,7 @@ use std::ffi::CStr;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
+use bgworker_ffi::lua::{protect, push_str, registry_pointer, string_at, Raised};
 use mlua::ffi::*;
 use mlua::{Lua, RegistryKey, Table};
 
@@ -19,7 +20,6 @@ use crate::sync::board::Id;
 use crate::sync::control::Control;
 use crate::worker::interrupt::{self, Interrupt};
 use crate::worker::job::{Func, Outcome};
-use crate::worker::raw::{bytes_at, protect, push_str, registry_pointer};
 use crate::worker::value::{ErrorValue, Values, MAX_VALUES};
 
 /// What every worker's state starts from.
@@ -107,8 +107,8 @@ impl WorkerState {
             lua.load("if jit then jit.off() end").exec()?;
         }
         let cancel = lua.create_table()?;
-        let describe = lua.create_function(|_, _: mlua::Value| Ok(CANCELLED))?;
-        cancel.set_metatable(Some(lua.create_table_from([("__tostring", describe)])?))?;
+        let tostring = lua.create_function(|_, _: mlua::Value| Ok(CANCELLED))?;
+        cancel.set_metatable(Some(lua.create_table_from([("__tostring", tostring)])?))?;
         let context = Box::new(Context { current: RefCell::new(None), events });
         let mut main = std::ptr::null_mut();
         // SAFETY: the main state, on this thread, with `cancel` on top;
@@ -187,7 +187,7 @@ impl WorkerState {
             let base = lua_gettop(state);
             if lua_checkstack(state, 1) == 0 {
                 let error = ErrorValue::Described("stack overflow".into());
-                return Outcome::Failed { error, traceback: String::new() };
+                return Outcome::Failed { error, traceback: None };
             }
             lua_rawgeti(state, LUA_REGISTRYINDEX, registry_id(&self.driver.handler));
             // Pushing the function and the arguments may raise (memory, a
@@ -202,13 +202,13 @@ impl WorkerState {
             let outcome = match called {
                 // The error, as the handler returned it: raised by the
                 // function, by its loading, or by the cancellation.
-                Err(()) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: self.take_traceback() },
+                Err(Raised) => Outcome::Failed { error: ErrorValue::of(state, -1), traceback: self.take_traceback() },
                 Ok(count) if count as usize > MAX_VALUES => Outcome::Failed {
                     error: ErrorValue::Described(format!(
                         "{count} results cannot be copied back from the worker: at most {MAX_VALUES} can \
                          (return them in a table)"
                     )),
-                    traceback: String::new(),
+                    traceback: None,
                 },
                 Ok(count) => match Values::copy(state, base + 2, count) {
                     Ok(values) => Outcome::Done(values),
@@ -217,7 +217,7 @@ impl WorkerState {
                             "result #{}: {e} cannot be copied back from the worker",
                             position + 1
                         )),
-                        traceback: String::new(),
+                        traceback: None,
                     },
                 },
             };
@@ -274,12 +274,12 @@ impl WorkerState {
         loaded.functions.push((Arc::clone(func), reference));
     }
 
-    /// The traceback the message handler kept for the last failure, or
-    /// an empty string (a memory error runs no handler).
+    /// The traceback the message handler kept for the last failure, if
+    /// it ran (a memory error runs none).
     ///
     /// # Safety
     /// On the worker thread, outside any mlua call.
-    unsafe fn take_traceback(&self) -> String {
+    unsafe fn take_traceback(&self) -> Option<String> {
         let state = self.main;
         unsafe {
             let base = lua_gettop(state);
@@ -289,8 +289,8 @@ impl WorkerState {
                 1
             });
             let traceback = match taken {
-                Ok(_) => String::from_utf8_lossy(bytes_at(state, -1).unwrap_or_default()).into_owned(),
-                Err(()) => String::new(),
+                Ok(_) => string_at(state, -1),
+                Err(Raised) => None,
             };
             lua_settop(state, base);
             traceback
@@ -344,12 +344,12 @@ unsafe extern "C-unwind" fn progress(state: *mut lua_State) -> c_int {
         match problem {
             Ok(true) => 0,
             Ok(false) => {
-                push_str(state, b"cancelled");
+                push_str(state, "cancelled");
                 1
             }
             Err(message) => {
-                push_str(state, b"error");
-                push_str(state, message.as_bytes());
+                push_str(state, "error");
+                push_str(state, &message);
                 2
             }
         }

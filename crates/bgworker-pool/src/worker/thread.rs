@@ -12,10 +12,10 @@ use crate::worker::state::{Setup, WorkerState};
 use crate::worker::value::{ErrorValue, Values};
 
 /// Why a worker did not start: its init raised `error` (with its
-/// traceback), or its state could not be made.
+/// traceback), or its state could not be made (with none).
 pub struct InitFailure {
     pub error: ErrorValue,
-    pub traceback: String,
+    pub traceback: Option<String>,
 }
 
 /// What a worker thread starts with.
@@ -35,7 +35,7 @@ pub fn work(worker: Worker) {
         Ok(state) => state,
         Err(e) => {
             let error = ErrorValue::Described(format!("the worker's Lua state could not be set up: {e}"));
-            worker.crew.failed(InitFailure { error, traceback: String::new() });
+            worker.crew.failed(InitFailure { error, traceback: None });
             return;
         }
     };

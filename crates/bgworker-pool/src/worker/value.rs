@@ -15,9 +15,8 @@ use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::ptr;
 
+use bgworker_ffi::lua::{bytes_at, push_str, tostring, type_name};
 use mlua::ffi::*;
-
-use crate::worker::raw::{bytes_at, describe, push_str, type_name};
 
 /// Deepest table nesting that crosses: bounds the recursion of both copy and
 /// push, on threads whose stacks are of ordinary size.
@@ -248,7 +247,7 @@ impl Values {
 
     /// Push the values onto `state`'s stack; returns how many. It may raise
     /// (out of memory, or no stack space), and borrows only: call it where
-    /// raising is allowed ([`crate::worker::raw::protect`], or a decode).
+    /// raising is allowed (`bgworker_ffi::lua::protect`, or a decode).
     ///
     /// # Safety
     /// `state` is valid, on its thread.
@@ -349,7 +348,7 @@ impl Values {
 }
 
 /// A task's error value, as it reaches the Lua thread: copied when it can
-/// cross, else described (its `tostring`).
+/// cross, else described (its `tostring`, or what says that failed).
 pub enum ErrorValue {
     Copied(Values),
     Described(String),
@@ -363,7 +362,10 @@ impl ErrorValue {
     pub unsafe fn of(state: *mut lua_State, index: c_int) -> ErrorValue {
         match unsafe { Values::copy(state, index, 1) } {
             Ok(values) => ErrorValue::Copied(values),
-            Err(_) => ErrorValue::Described(unsafe { describe(state, index) }),
+            Err(_) => ErrorValue::Described(unsafe {
+                tostring(state, index)
+                    .unwrap_or_else(|| format!("(a {} value that tostring fails on)", type_name(state, index)))
+            }),
         }
     }
 
@@ -377,7 +379,7 @@ impl ErrorValue {
                 ErrorValue::Copied(values) => {
                     values.push(state);
                 }
-                ErrorValue::Described(description) => push_str(state, description.as_bytes()),
+                ErrorValue::Described(description) => push_str(state, description),
             }
         }
     }
@@ -467,13 +469,20 @@ mod tests {
 
     #[test]
     fn a_description_that_fails_says_so() {
+        struct Failing;
+        impl mlua::UserData for Failing {
+            fn add_methods<M: mlua::UserDataMethods<Self>>(methods: &mut M) {
+                methods.add_meta_method(mlua::MetaMethod::ToString, |_, _, ()| {
+                    Err::<String, _>(mlua::Error::runtime("no"))
+                });
+            }
+        }
         let lua = Lua::new();
-        let value: LuaValue =
-            lua.load("return setmetatable({}, {__tostring = function() error('no') end})").eval().unwrap();
-        let mut text = String::new();
+        let value = LuaValue::UserData(lua.create_userdata(Failing).unwrap());
+        let mut error = None;
         // SAFETY: the value is on top of the stack.
-        unsafe { lua.exec_raw::<()>(value, |state| text = describe(state, -1)) }.unwrap();
-        assert_eq!(text, "(a table value that tostring fails on)");
+        unsafe { lua.exec_raw::<()>(value, |state| error = Some(ErrorValue::of(state, -1))) }.unwrap();
+        assert!(matches!(error, Some(ErrorValue::Described(d)) if d == "(a userdata value that tostring fails on)"));
     }
 
     #[test]

@@ -103,11 +103,30 @@ local function trim(traceback)
   return table.concat(lines, "\n")
 end
 
+-- The name that `resolve` is loading, while it is: an error raised then
+-- failed that load.
+local loading
+
+-- What a load of `name` that raised `err` reports: the name as the user
+-- gave it, then why. `require` words its own errors ("module 'x' not
+-- found") from where it was called, which is `resolve`: that location is
+-- ours, not the user's, and is left out.
+local HERE = "^" .. CHUNK:gsub("%p", "%%%0") .. ":%d+: "
+local function load_error(name, err)
+  if type(err) ~= "string" then
+    return err
+  end
+  return ("cannot load '%s': %s"):format(name, (err:gsub(HERE, "", 1)))
+end
+
 -- The traceback of the last error, taken where it was raised: the
 -- message handler of the worker's call of each task.
 local last_traceback
 local function handler(err)
   last_traceback = trim(debug.traceback("", 2))
+  if loading then
+    err, loading = load_error(loading, err), nil
+  end
   return err
 end
 
@@ -123,7 +142,9 @@ local function resolve(name)
   if not module then
     error(("'%s' is not a 'module.function' name"):format(name), 0)
   end
+  loading = name
   local exports = require(module)
+  loading = nil
   local f = type(exports) == "table" and exports[field]
   if type(f) ~= "function" then
     error(("'%s' is not a function: module '%s' has no function '%s'"):format(name, module, field), 0)
