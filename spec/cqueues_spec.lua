@@ -117,6 +117,6 @@ describe("bgworker.cqueues", function()
     d = bgworker.new { loop = "cqueues" }
     ok, err = pcall(function() local _ = d.loop(nil) end)
     assert.is_false(ok)
-    assert.matches("bad argument #1 to 'loop' (dispatcher expected, got nil", err, 1, true)
+    assert.matches("calling 'loop' on bad self (dispatcher expected, got nil", err, 1, true)
   end)
 end)

@@ -458,17 +458,17 @@ describe("bgworker", function()
 
     it("bad method arguments", function()
       d = bgworker.new()
-      refuses("bad argument #2 to 'dispatch' (max must be a positive integer, got 0)",
+      refuses("bad argument #1 to 'dispatch' (max must be a positive integer, got 0)",
         d.dispatch, d, 0)
       refuses("(max must be a positive integer, got 2.5)", d.dispatch, d, 2.5)
       refuses('(max must be a positive integer, got "2")', d.dispatch, d, "2")
-      refuses("bad argument #2 to 'wait' (timeout must be a non-negative number of seconds, got -1)",
+      refuses("bad argument #1 to 'wait' (timeout must be a non-negative number of seconds, got -1)",
         d.wait, d, -1)
       refuses('(timeout must be a non-negative number of seconds, got "1")', d.wait, d, "1")
-      refuses("bad argument #1 to 'dispatch' (dispatcher expected, got nil;", d.dispatch)
-      refuses("bad argument #1 to 'wait' (dispatcher expected, got table;", d.wait, {})
-      refuses("bad argument #1 to 'stop' (dispatcher expected, got number;", d.stop, 1)
-      refuses("bad argument #1 to 'stats' (dispatcher expected, got nil;", d.stats)
+      refuses("calling 'dispatch' on bad self (dispatcher expected, got nil;", d.dispatch)
+      refuses("calling 'wait' on bad self (dispatcher expected, got table;", d.wait, {})
+      refuses("calling 'stop' on bad self (dispatcher expected, got number;", d.stop, 1)
+      refuses("calling 'stats' on bad self (dispatcher expected, got nil;", d.stats)
       assert.is_true(core.running())
     end)
   end)

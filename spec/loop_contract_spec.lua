@@ -315,7 +315,7 @@ describe("every loop's dispatcher", function()
       new()
       ok, err = pcall(d.stop, {})
       assert.is_false(ok)
-      assert.matches("bad argument #1 to 'stop' (dispatcher expected, got table", err, 1, true)
+      assert.matches("calling 'stop' on bad self (dispatcher expected, got table", err, 1, true)
     end)
 
     describe("waiting", function()

@@ -107,6 +107,6 @@ describe("bgworker.luv", function()
     d = bgworker.new { loop = "luv" }
     ok, err = pcall(function() local _ = d:dispatch(0) end)
     assert.is_false(ok)
-    assert.matches("luv_spec.lua:%d+: bad argument #2 to 'dispatch' %(max must be a positive integer", err)
+    assert.matches("luv_spec.lua:%d+: bad argument #1 to 'dispatch' %(max must be a positive integer", err)
   end)
 end)

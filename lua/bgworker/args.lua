@@ -5,13 +5,12 @@
 -- the public function raises it, at level 2, so the error points at the
 -- line of the program that called it, whatever module the check lives in:
 --
---     local msg = args.count("dispatch", 2, "max", max, true)
+--     local msg = args.count("dispatch", 1, "max", max, true)
 --     if msg then error(msg, 2) end
 --
 -- A method counts its arguments as its caller writes them, without self, as
 -- Lua's own methods do: `job:get(-1)` has a bad argument #1, and a bad self
 -- (`job.get(-1)`) is `bad_self`'s "calling 'get' on bad self (...)".
--- (The dispatchers' methods still count self: `d:dispatch(0)` says #2.)
 
 local floor, huge = math.floor, math.huge
 local pairs, tostring, type = pairs, tostring, type

@@ -151,11 +151,11 @@ function M.current()
   return nil
 end
 
--- Nothing, or why `self` is not a dispatcher: the message of an argument
+-- Nothing, or why `self` is not a dispatcher: the message of a bad self
 -- error of `method`.
 function M.check_self(self, method)
   if type(self) ~= "table" or not adapter.is_class(getmetatable(self)) then
-    return args.bad(method, 1, ("dispatcher expected, got %s; call it as dispatcher:%s()"):format(
+    return args.bad_self(method, ("dispatcher expected, got %s; call it as dispatcher:%s()"):format(
       type(self), method))
   end
 end
@@ -333,7 +333,7 @@ end
 -- @treturn int the number handled: callbacks run (including those that
 -- raised), items whose decode failed, timers and resumed waits
 function Dispatcher:dispatch(max)
-  local msg = M.check_self(self, "dispatch") or args.count("dispatch", 2, "max", max, true) or
+  local msg = M.check_self(self, "dispatch") or args.count("dispatch", 1, "max", max, true) or
     self:lost_run("dispatch")
   if msg then error(msg, 2) end
   if self.stopped then

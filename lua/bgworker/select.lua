@@ -105,7 +105,7 @@ end
 -- @treturn int the number handled, 0 when the time ran out (or the
 -- dispatcher is stopped)
 function Select:wait(timeout)
-  local msg = check_self(self, "wait") or args.seconds("wait", 2, "timeout", timeout, true) or
+  local msg = check_self(self, "wait") or args.seconds("wait", 1, "timeout", timeout, true) or
     self:lost_run("wait")
   if msg then error(msg, 2) end
   local gettime = core.now

@@ -195,15 +195,15 @@ describe("bad input", function()
       d = bgworker.new()
       for _, case in ipairs(VALUES) do
         local label, v = case[1], case[2]
-        check_call("dispatch(" .. label .. ")", { "#2", "max" }, v == nil or is_count(v), d.dispatch, d, v)
+        check_call("dispatch(" .. label .. ")", { "#1", "max" }, v == nil or is_count(v), d.dispatch, d, v)
         local timeout_ok = type(v) == "number" and v >= 0
         if timeout_ok or v == nil then
           -- A valid timeout, however long, returns once an item is handled.
           support.join(support.produce { items = 1, callback = function() end })
         end
-        check_call("wait(" .. label .. ")", { "#2", "timeout" }, timeout_ok or v == nil, d.wait, d, v)
+        check_call("wait(" .. label .. ")", { "#1", "timeout" }, timeout_ok or v == nil, d.wait, d, v)
         for _, method in ipairs { "dispatch", "wait", "stop" } do
-          check_call(method .. " with self " .. label, { "#1", "dispatcher expected" }, false, d[method], v)
+          check_call(method .. " with self " .. label, { "on bad self", "dispatcher expected" }, false, d[method], v)
         end
       end
       assert.is_true(core.running())
