@@ -150,28 +150,9 @@ describe("bgworker.copas", function()
     end
   end)
 
-  describe("without spawn", function()
-    it("runs callbacks one after the other", function()
+  describe("callbacks that wait", function()
+    it("do not delay the others", function()
       d = bgworker.new { loop = "copas" }
-      local g = gate()
-      local log = {}
-      join(produce { items = 3, callback = function(_, seq)
-        log[#log + 1] = "start " .. seq
-        if seq == 1 then g.wait() end
-        log[#log + 1] = "end " .. seq
-      end })
-      run_until(function() return #log >= 1 end)
-      run_until(function() return false end, 0.1)
-      assert.same({ "start 1" }, log)
-      g.open()
-      assert.is_true(run_until(function() return #log == 6 end))
-      assert.same({ "start 1", "end 1", "start 2", "end 2", "start 3", "end 3" }, log)
-    end)
-  end)
-
-  describe("with spawn", function()
-    it("does not let a slow callback delay the others", function()
-      d = bgworker.new { loop = "copas", spawn = true }
       local g = gate()
       local log = {}
       join(produce { items = 3, callback = function(_, seq)
@@ -181,14 +162,15 @@ describe("bgworker.copas", function()
       end })
       assert.is_true(run_until(function() return #log == 5 end))
       assert.same({ "start 1", "start 2", "end 2", "start 3", "end 3" }, log)
+      assert.equals(1, d:stats().suspended)
       g.open()
       assert.is_true(run_until(function() return #log == 6 end))
       assert.equals("end 1", log[6])
     end)
 
-    it("lets callbacks do Copas I/O", function()
+    it("may do Copas I/O", function()
       local port = echo_server()
-      d = bgworker.new { loop = "copas", spawn = true }
+      d = bgworker.new { loop = "copas" }
       local replies = {}
       local t = ticker.start(3, 1, function(v)
         replies[v] = echo(port, "ping " .. v)
@@ -198,19 +180,30 @@ describe("bgworker.copas", function()
       assert.same({ "echo ping 1", "echo ping 2", "echo ping 3" }, replies)
     end)
 
-    it("sends callback and decode errors to the errorhandler", function()
+    it("send their errors to the errorhandler, after the wait too", function()
       local errors, handler = collector()
-      d = bgworker.new { loop = "copas", spawn = true, errorhandler = handler }
+      local port = echo_server()
+      d = bgworker.new { loop = "copas", errorhandler = handler }
       local count = 0
       join(produce { items = 1, decode = "raise" })
       join(produce { items = 4, callback = function(_, seq)
+        if seq % 2 == 0 then
+          assert.equals("echo " .. seq, echo(port, seq))
+          count = count + 1
+          error("waited " .. seq)
+        end
         count = count + 1
-        if seq % 2 == 0 then error("spawned " .. seq) end
       end })
       assert.is_true(run_until(function() return count == 4 and #errors == 3 end))
-      assert.matches("spawned 2", errors[2].err)
-      assert.matches("spawned 4", errors[3].err)
+      assert.matches("waited 2", errors[2].err)
+      assert.matches("waited 4", errors[3].err)
       assert.matches("stack traceback", errors[3].tb)
+    end)
+
+    it("make the retired spawn option an error that says so", function()
+      local ok, err = pcall(bgworker.new, { loop = "copas", spawn = true })
+      assert.is_false(ok)
+      assert.matches("opts.spawn is retired", err)
     end)
   end)
 
@@ -228,17 +221,21 @@ describe("bgworker.copas", function()
 
     it("can be called while a callback waits on I/O", function()
       d = bgworker.new { loop = "copas" }
-      local g = gate()
+      -- A gate each: Copas lets one thread at a time wait on a socket.
+      local gates = { gate(), gate() }
       local log = {}
       join(produce { items = 2, callback = function(_, seq)
         log[#log + 1] = seq
-        g.wait()
+        gates[seq].wait()
+        log[#log + 1] = "end " .. seq
       end })
-      run_until(function() return #log == 1 end)
+      run_until(function() return #log == 2 end)
       d:stop()
-      g.open()
       assert.is_true(run_until(reader_done, 2))
-      assert.same({ 1 }, log)
+      gates[1].open()
+      gates[2].open()
+      assert.is_true(run_until(function() return #log == 4 end))
+      assert.same({ 1, 2, "end 1", "end 2" }, log)
     end)
 
     it("lets copas.loop() return when nothing else runs", function()

@@ -449,8 +449,9 @@ describe("bgworker", function()
         { errorhandler = true })
       refuses("(unknown option 'bugdet')", bgworker.new, { bugdet = 1 })
       refuses("(unknown option 'spawn')", bgworker.new, { spawn = true })
-      refuses("bad argument #1 to 'bgworker.new' (opts.spawn must be a boolean, got 1)",
-        bgworker.new, { loop = "copas", spawn = 1 })
+      refuses("bad argument #1 to 'bgworker.new' (opts.spawn is retired: every callback that" ..
+        " waits is suspended on its own now, as spawn did; remove it)",
+        bgworker.new, { loop = "copas", spawn = true })
       refuses('bad argument #1 to \'bgworker.new\' (opts.loop must be one of "select", "copas",' ..
         ' "luv", "cqueues", "ngx", got 42)', bgworker.new, { loop = 42 })
       assert.is_false(core.running())

@@ -56,6 +56,11 @@ describe("bgworker.ngx's reader", function()
         return true
       end },
       socket = { udp = cosocket },
+      -- Callbacks run in a light thread: here, at once (none waits).
+      thread = { spawn = function(fn, ...)
+        fn(...)
+        return true
+      end },
       log = function() end,
       ERR = 4,
     })

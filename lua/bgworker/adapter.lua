@@ -31,6 +31,17 @@
 --                       `stop` (`owned`: the dispatcher still owns the
 --                       core's run): let go of the signal. Default: nothing.
 --   before_dispatch(self)  Before the drain of `dispatch`. Default: nothing.
+--   run_in_runner(self, body, slice)  Run the drain's `body(self, slice)`
+--                       in a runner; true when it ran in place, false when
+--                       a callback that waits displaced the runner.
+--                       Default: bgworker.runner's coroutines.
+--   adopt(self, co, ...)  A callback in runner `co` (bgworker.runner) yielded
+--                       `...` to the loop's scheduler: make the scheduler
+--                       resume `co` as one of its own, and return true; or
+--                       false, and the yield passes through to whoever
+--                       resumed the drain. Default: false.
+--   retire_runner(self)  Runs last in a displaced runner, once its callback
+--                       returned. Default: nothing (the runner ends).
 -- A loop may also override public methods (`dispatch`) and add its own.
 --
 -- Invariant: every loop of LOOPS has an adapter with all the fields of
@@ -54,6 +65,9 @@ M.FIELDS = {
   before_stop = false,
   after_stop = false,
   before_dispatch = false,
+  run_in_runner = false,
+  adopt = false,
+  retire_runner = false,
 }
 
 -- Every class the base made, to tell dispatchers apart from other tables.

@@ -22,11 +22,11 @@
 --     end)
 --     copas.loop()
 --
--- Callbacks may yield (do Copas I/O, sleep) on every Lua version. Without
--- `spawn` they run one after the other in the reader thread, so a callback
--- that waits delays the ones after it; with `spawn` each runs in a Copas
--- thread of its own. After `budget` callbacks, or 5 ms of them, the reader
--- lets the other Copas threads run, then goes on. With Copas 4, `d:stop()` lets `copas.loop()`
+-- Callbacks may wait, on every Lua version: `job:get`, `copas.pause`, Copas
+-- socket calls. They run one after the other, and one that waits becomes a
+-- Copas thread of its own until its callback returns, while the others go
+-- on: it delays nothing but itself. After `budget` callbacks, or 5 ms of
+-- them, the reader lets the other Copas threads run, then goes on. With Copas 4, `d:stop()` lets `copas.loop()`
 -- return, and (4.8 or later) `copas.exit()` stops the dispatcher.
 --
 -- Waiting (`bgworker.await`, `job:get`) suspends only the calling Copas
@@ -47,7 +47,6 @@ local signal = require "bgworker.signal"
 
 local error, pcall, require, setmetatable = error, pcall, require, setmetatable
 local tonumber, tostring, type = tonumber, tostring, type
-local traceback = debug.traceback
 local check_self = dispatcher.check_self
 
 local M = {}
@@ -55,7 +54,17 @@ local M = {}
 -- Wake-up datagrams carry no information; read at most this much of each.
 local DATAGRAM = 16
 
-local Copas = dispatcher.class("copas", { spawn = args.option.boolean })
+-- `spawn` ran each callback in a Copas thread of its own, so that one that
+-- waits did not hold back the others: every callback is suspended on its
+-- own now (bgworker.runner), and the option is refused with a message.
+local Copas = dispatcher.class("copas", {
+  spawn = function(fname, n, name, v)
+    if v ~= nil then
+      return args.bad(fname, n, name .. " is retired: every callback that waits is suspended on" ..
+        " its own now, as spawn did; remove it")
+    end
+  end,
+})
 -- The class of these dispatchers: the loop's adapter (bgworker.dispatcher).
 M.class = Copas
 
@@ -79,13 +88,15 @@ end
 
 -- Copas 4 on Lua 5.1 tells threads apart with coxpcall.running, which sees
 -- through coxpcall's helper coroutines to the Copas thread; wakeup needs
--- that thread, so look at threads the same way.
+-- that thread, so look at threads the same way (and through
+-- bgworker.protect's helpers too).
 local function copas_thread()
+  local co = protect.running()
   local cox = not protect.native and package.loaded.coxpcall
-  if cox and cox.running then
-    return cox.running()
+  if co and cox and cox.running then
+    co = cox.running(co)
   end
-  return coroutine.running()
+  return co
 end
 
 local function major_version(copas)
@@ -106,6 +117,9 @@ end
 
 -- The reader ends: nothing to do.
 function COPAS4.reader_ended() end
+
+-- A runner Copas took over ends: Copas forgets it.
+function COPAS4.retire_runner() end
 
 -- The calling thread sleeps until woken or the time is up.
 function COPAS4.suspender(self)
@@ -159,28 +173,11 @@ function Wakeups:close()
   return self.socket:close()
 end
 
--- Spawn mode: each callback in a Copas thread of its own. Copas reports
--- its errors to the thread's error handler, which passes them on.
-local function spawned(self, f, ...)
-  self.seterrorhandler(self.thread_errorhandler)
-  return f(...)
-end
-
--- The drain's item handler in spawn mode (see Dispatcher:drain).
-local function spawn_item(self, f, ...)
-  if f == nil then
-    return false
-  end
-  addthread(self.copas, spawned, self, f, ...)
-  return true
-end
-
 local discard = signal.discard_datagrams
 
 local function reader(self)
   local copas, sock, wakeups = self.copas, self.socket, self.wakeups
   local receive = copas.receive
-  local handle = self.spawn and spawn_item or nil
   local budget = self.budget
   while not self.stopped do
     local ok, err = receive(wakeups, DATAGRAM)
@@ -195,7 +192,7 @@ local function reader(self)
     end
     discard(sock)
     repeat
-      local _, empty = self:drain(budget, handle)
+      local _, empty = self:drain(budget)
       if not empty then
         -- The instance stays armed: no datagram will come, so carry
         -- on draining after the others had their turn.
@@ -227,7 +224,6 @@ function Copas.start(self, opts)
     return nil, copas
   end
   self.copas = copas
-  self.spawn = opts.spawn or false
   if not protect.native and major_version(copas) >= 4 then
     -- Copas 4 on Lua 5.1 finds the running thread with coxpcall.running,
     -- which sees through coxpcall's coroutines only.
@@ -245,12 +241,6 @@ function Copas.start(self, opts)
     self.api = require "bgworker.copas1"
   end
   self.api.setup(self)
-  if self.spawn then
-    self.seterrorhandler = copas.seterrorhandler or copas.setErrorHandler -- compat: Copas 1.x
-    self.thread_errorhandler = function(e, co)
-      self:report(e, type(co) == "thread" and traceback(co, tostring(e)) or nil)
-    end
-  end
   self.reader = addthread(copas, reader, self)
   if copas.waitforexit and not watching then
     watching = true
@@ -260,8 +250,8 @@ function Copas.start(self, opts)
 end
 
 --- Dispatch inside a running Copas loop: `bgworker.new { loop = "copas" }`.
--- @tparam[opt] table opts the common options (see `bgworker.new`), and
---   `spawn` (boolean): run each callback in a Copas thread of its own
+-- @tparam[opt] table opts the common options (see `bgworker.new`); `spawn`
+--   is retired (every callback that waits is suspended on its own)
 -- @return a dispatcher; its field `reader` is the reader's Copas thread
 -- @function new
 M.new = dispatcher.constructor(Copas)
@@ -298,6 +288,23 @@ end
 
 -- ------------------------------------------------------------------------
 -- Waiting
+
+-- A callback yielded to Copas from runner `co` (bgworker.runner): a socket
+-- or a sleep and the Copas queue to wait in, which Copas's scheduler puts
+-- the coroutine it resumed into. Do the same for the runner: Copas resumes
+-- it from now on, as any of its threads.
+function Copas.adopt(_, co, what, queue)
+  if what ~= nil and type(queue) == "table" and queue.insert and queue.push then
+    queue:insert(what)
+    queue:push(what, co)
+    return true
+  end
+  return false
+end
+
+function Copas:retire_runner()
+  return self.api.retire_runner(self)
+end
 
 function Copas:suspender()
   if not dispatcher.in_coroutine() then

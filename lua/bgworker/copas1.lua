@@ -82,6 +82,15 @@ function M.reader_ended(self)
   end
 end
 
+-- A runner Copas took over (bgworker.copas's `adopt`) ends: Copas 1.x
+-- would close the socket that resumed it last (a callback's own), so it
+-- waits in a queue that Copas never wakes, and is collected.
+local PARKED = { insert = function() end, push = function() end }
+
+function M.retire_runner()
+  coroutine.yield(true, PARKED)
+end
+
 -- ------------------------------------------------------------------------
 -- Waiting
 

@@ -37,7 +37,9 @@ local condition = require "cqueues.condition"
 local dispatcher = require "bgworker.dispatcher"
 local signal = require "bgworker.signal"
 
-local error = error
+local error, tostring = error, tostring
+local resume, status, yield = coroutine.resume, coroutine.status, coroutine.yield
+local traceback = debug.traceback
 local cpoll, cancel = cqueues.poll, cqueues.cancel
 local check_self = dispatcher.check_self
 
@@ -128,6 +130,33 @@ function Cqueues.suspender()
       cond:signal()
     end,
   }
+end
+
+-- A callback in runner `co` (bgworker.runner) yielded to the controller
+-- (`cqueues.poll`, a socket, `cqueues.sleep`): a coroutine of the
+-- controller takes the runner over, and passes its yields to the
+-- controller and the answers back until it ends.
+local follow
+
+local function followed(self, co, ok, ...)
+  if not ok then
+    self:report((...), traceback(co, tostring((...))))
+  elseif status(co) ~= "dead" then
+    return follow(self, co, ...)
+  end
+end
+
+function follow(self, co, ...)
+  return followed(self, co, resume(co, yield(...)))
+end
+
+function Cqueues:adopt(co, ...)
+  local cq = cqueues.running() or self.controller
+  if not cq then
+    return false
+  end
+  cq:wrap(follow, self, co, ...)
+  return true
 end
 
 -- A timer in the controller of the caller (or of `d:loop()`): `fn()` runs

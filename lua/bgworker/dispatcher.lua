@@ -45,12 +45,12 @@ local adapter = require "bgworker.adapter"
 local args = require "bgworker.args"
 local core = require "bgworker.core"
 local protect = require "bgworker.protect"
+local runner = require "bgworker.runner"
 local timers = require "bgworker.timers"
 
 local error, getmetatable, pairs, pcall, require, setmetatable = error, getmetatable, pairs, pcall,
   require, setmetatable
 local tostring, type = tostring, type
-local running = coroutine.running
 
 local M = {}
 
@@ -62,11 +62,11 @@ local M = {}
 -- `unpack`: a global in 5.1 and LuaJIT, `table.unpack` since 5.2.
 M.unpack = table.unpack or unpack
 
--- Is the caller a coroutine (not the main thread)? Also returns it. (5.1
--- answers nil in the main thread, 5.2+ the main thread and true.)
+-- Is the caller a coroutine (not the main thread)? Also returns it: the
+-- caller's own, not a helper coroutine of bgworker.protect on Lua 5.1.
 function M.in_coroutine()
-  local co, main = running()
-  return co ~= nil and not main, co
+  local co = protect.running()
+  return co ~= nil, co
 end
 
 -- ------------------------------------------------------------------------
@@ -101,6 +101,9 @@ Dispatcher.default_errorhandler = M.default_errorhandler
 function Dispatcher.before_stop() end
 function Dispatcher.after_stop() end
 function Dispatcher.before_dispatch() end
+Dispatcher.run_in_runner = runner.run
+function Dispatcher.adopt() return false end
+function Dispatcher.retire_runner() end
 
 function Dispatcher:timer(seconds, fn)
   local heap = self.timers
@@ -195,16 +198,18 @@ function M.open(class, fname, opts)
     errorhandler = opts.errorhandler or class.default_errorhandler,
     call = protect.call,
     stopped = false,
-    -- The drain's item count, seconds per callback in the last slice (if
-    -- any), and a slice to reuse (bgworker.drain).
-    count = 0,
+    -- Seconds per callback in the last slice (if any), and a slice to
+    -- reuse (bgworker.drain).
     pace = nil,
     spare_slice = nil,
-    -- Callbacks run and errors reported by this dispatcher.
+    -- Callbacks run, errors reported, and callbacks suspended in a wait
+    -- (their runners displaced: bgworker.runner) by this dispatcher.
     dispatched = 0,
     errors = 0,
-    -- Deferred calls, as packed argument lists, run at the next drain.
-    due = {},
+    suspended = 0,
+    -- Deferred calls, as packed argument lists in a queue from `head` to
+    -- `tail`, run at the next drain (bgworker.drain).
+    due = { head = 1, tail = 0 },
     -- Waiters suspended in this dispatcher's loop: ended by stop.
     waiters = setmetatable({}, { __mode = "k" }),
   }, class)
@@ -370,7 +375,8 @@ end
 -- that grows.
 -- @treturn table `loop` (its name), `running`; `delivered` (items the core
 -- accepted in this run), `dispatched` (callbacks run, errors included),
--- `errors` (callbacks and decodes that raised), `pending` (items queued
+-- `errors` (callbacks and decodes that raised), `suspended` (callbacks that
+-- waited, each suspended on its own while the others went on), `pending` (items queued
 -- now), `cancelled`, `rejected` (deliveries refused: full, closed, timed
 -- out), `wakeups`; `lag_last` and `lag_max`: seconds from a wake-up signal
 -- to the first item the loop took after it, the last one and the worst (a
@@ -395,6 +401,7 @@ function Dispatcher:stats()
     delivered = delta("delivered"),
     dispatched = self.dispatched,
     errors = self.errors,
+    suspended = self.suspended,
     pending = core.pending(),
     cancelled = delta("cancelled"),
     rejected = delta("rejected"),

@@ -6,14 +6,18 @@
 --
 -- A loop drains when its wake-up signal is up: the calls deferred to this
 -- drain first, then the timers that are due, then one slice of callbacks,
--- then what those deferred.
+-- then what those deferred. All of it runs in a runner (bgworker.runner),
+-- so that any callback may wait: a callback that waits suspends its runner,
+-- which is displaced, and the drain goes on in a fresh one (see
+-- "Displacement").
 --
 -- Invariants:
 --   * A drain returns to its loop after one slice: `budget` callbacks or
 --     `dispatcher.SLICE` seconds, whichever ends first (the time overrun by
 --     about one callback when they cost alike: see "Slices"). A wait's
 --     deadline is looked at between drains, so it holds within about that
---     much.
+--     much. Callbacks that wait count as they start, whoever runs the rest
+--     of them.
 --   * A drain that ends before the queue was found empty says so (`drain`
 --     returns false as its second value): its loop keeps the signal up and
 --     comes back for the rest.
@@ -22,6 +26,11 @@
 --     dispatcher, or of the next one if it stops first.
 --     Deferred calls run in the order deferred, at the end of the running
 --     drain or else at the next one, which a wake-up asks for.
+--   * A displaced runner does no more of its drain once its callback
+--     returns: every loop that runs callbacks looks at `slice.displaced`
+--     after each one (the core's drain ends by itself after a callback
+--     that yielded), and what the runner had in hand (the rest of a
+--     pool's carrier, calls carried over) is handed to the next runner.
 
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
@@ -31,7 +40,7 @@ local drain_cut, drain_yieldable = core.drain_cut, core.drain_yieldable
 local next, pairs, select, setmetatable = next, pairs, select, setmetatable
 local floor = math.floor
 local clock = core.now
-local unpack, in_coroutine = dispatcher.unpack, dispatcher.in_coroutine
+local unpack = dispatcher.unpack
 local Dispatcher = dispatcher.Dispatcher
 
 local M = {}
@@ -44,6 +53,10 @@ local M = {}
 local WEAK_KEYS = { __mode = "k" }
 local carried, any_carried = setmetatable({}, WEAK_KEYS), false
 
+local function carry(f, x)
+  carried[x], any_carried = f, true
+end
+
 dispatcher.on_start("bgworker.drain", function()
   if any_carried then
     -- Left by a dispatcher that stopped: this one's first drain runs it.
@@ -55,16 +68,16 @@ end)
 -- Draining
 --
 -- Hot path. Items go through the core's drain (`core.drain`: decode and
--- callback in one protected call per batch, in C) wherever a callback's
--- yield can go through it: everywhere on Lua 5.2+, outside coroutines on
--- 5.1 and LuaJIT. Elsewhere, and with a handler of the loop's own, a Lua
--- loop over `poll()`: no tables, no closures, and one protected call per
--- batch rather than per item. Either way, after an error a new batch goes
--- on where the failed one stopped.
+-- callback in one protected call per batch, in C) where a callback's yield
+-- can go through it: on Lua 5.2+. On Lua 5.1 and LuaJIT a C function cannot
+-- be yielded across, and every drain runs in a runner that a callback may
+-- want to suspend: there a Lua loop over `poll()`, with no tables, no
+-- closures, and one protected call per batch rather than per item. Either
+-- way, after an error a new batch goes on where the failed one stopped.
 
--- The default way to handle an item: call its callback with its arguments.
--- `poll` returned nothing when `f` is nil: the queue is empty.
-local function call_item(_, f, ...)
+-- Call an item's callback with its arguments. `poll` returned nothing when
+-- `f` is nil: the queue is empty.
+local function call_item(f, ...)
   if f == nil then
     return false
   end
@@ -72,17 +85,17 @@ local function call_item(_, f, ...)
   return true
 end
 
--- Handle items until the queue is empty, self.count reaches limit or the
--- slice is over. Counts each item in self.count before handling it, so an
--- item that raised counts too. True when the queue was found empty (or the
--- dispatcher stopped).
-local function batch(self, limit, handle, slice)
-  local n = self.count
+-- Handle items until the queue is empty, slice.count reaches limit, or the
+-- slice is over (or displaced). Counts each item in slice.count before
+-- handling it, so an item that raised counts too. True when the queue was
+-- found empty (or the dispatcher stopped).
+local function batch(self, limit, slice)
+  local n = slice.count
   while n < limit and not slice.over do
     n = n + 1
-    self.count = n
-    if not handle(self, poll()) then
-      self.count = n - 1
+    slice.count = n
+    if not call_item(poll()) then
+      slice.count = n - 1
       return true
     end
     if self.stopped then
@@ -92,34 +105,30 @@ local function batch(self, limit, handle, slice)
   return false
 end
 
--- Up to `limit` items through `handle`, in batches under self.call; report
--- errors. Returns the items handled and whether the queue was found empty.
-local function handle_items(self, limit, handle, slice)
-  -- Saved and restored, for a callback that dispatches.
-  local saved = self.count
-  self.count = 0
+-- Up to `limit` items, in batches under self.call; report errors. Returns
+-- the items handled and whether the queue was found empty.
+local function handle_items(self, limit, slice)
+  slice.count = 0
   local empty
   repeat
-    local ok, res, tb = self.call(batch, self, limit, handle, slice)
+    local ok, res, tb = self.call(batch, self, limit, slice)
     if ok then
       empty = res
     else
       self:report(res, tb)
       if self.stopped then
         empty = true
-      elseif self.count >= limit or slice.over then
+      elseif slice.count >= limit or slice.over then
         empty = false
       end
     end
   until empty ~= nil
-  local n = self.count
-  self.count = saved
-  return n, empty
+  return slice.count, empty
 end
 
 -- The same through the core's drain, which counts the item that raised in
 -- its `n` (a failure that took no item is not tried again), and ends after
--- a callback that cut it (`Slice:carry_over`).
+-- a callback that cut it (`Slice:carry_over`) or yielded.
 local function drain_items(self, limit, slice)
   local total = 0
   while true do
@@ -137,13 +146,8 @@ local function drain_items(self, limit, slice)
   end
 end
 
--- Handle up to `limit` items in `slice`; `handle` nil: call each callback.
-local function take_items(self, limit, handle, slice)
-  if handle == nil and (drain_yieldable or not in_coroutine()) then
-    return drain_items(self, limit, slice)
-  end
-  return handle_items(self, limit, handle or call_item, slice)
-end
+-- Handle up to `limit` items in `slice`.
+local take_items = drain_yieldable and drain_items or handle_items
 
 -- ------------------------------------------------------------------------
 -- Slices
@@ -177,7 +181,16 @@ end
 -- slice (`Slice:carry_over`), which also ends the core's drain after it: no
 -- item is taken once the slice is over. The drain then reports that the
 -- queue was not found empty, so the loop comes back, as for the rest of a
--- spent budget.
+-- spent budget. While it runs callbacks, such a caller is listed in the
+-- slice's `open` (`Slice:enter`, `Slice:leave`), so that a displacement
+-- hands its rest to the next runner.
+--
+-- Displacement: a callback that waits suspends the runner of the slice.
+-- The old slice is then over and `displaced`; a new one carries on its
+-- counts in a fresh runner, and starts with what the old one had in hand:
+-- the calls it had still to run from those carried over, and the callers
+-- it had open (`carry`). The displaced runner, once its callback returns,
+-- sees `displaced` and unwinds without running anything more.
 
 -- Most callbacks between two readings of the clock by a caller of several
 -- callbacks per item.
@@ -236,108 +249,161 @@ end
 -- unless `x` (a table) was collected first; and end the core's drain after
 -- the callback that is running.
 function Slice.carry_over(_, f, x)
-  carried[x], any_carried = f, true
+  carry(f, x)
   drain_cut()
 end
 
+--- A caller of several callbacks, `x`, starts running them in this slice:
+-- if the slice is displaced meanwhile, `f(x)` runs the rest in the next.
+function Slice:enter(f, x)
+  self.open[x] = f
+end
+
+--- `x` ran its callbacks (or carried the rest over).
+function Slice:leave(x)
+  self.open[x] = nil
+end
+
+-- A slice of `limit` callbacks for `self` (its spare one, unless a drain of
+-- it is running: a callback's nested drain), started now.
+local function new_slice(self, limit)
+  local slice = self.spare_slice
+  if slice then
+    self.spare_slice = nil
+  else
+    slice = setmetatable({ open = setmetatable({}, WEAK_KEYS) }, Slice)
+  end
+  local started = clock()
+  slice.calls, slice.checkpoint, slice.limit, slice.over = 0, 0, limit, false
+  slice.started, slice.ends, slice.pace = started, started + dispatcher.SLICE, self.pace
+  slice.count, slice.handled, slice.empty, slice.displaced = 0, 0, true, false
+  slice.pending = nil
+  return slice
+end
+
+-- `old`'s runner was displaced: the slice that carries on in the next one.
+local function displace(self, old)
+  old.over, old.displaced = true, true
+  local slice = setmetatable({ open = setmetatable({}, WEAK_KEYS) }, Slice)
+  slice.calls, slice.checkpoint, slice.limit, slice.over = old.calls, old.calls, old.limit, false
+  slice.started, slice.ends, slice.pace = old.started, old.ends, old.pace
+  slice.count, slice.handled, slice.empty, slice.displaced = 0, old.handled, true, false
+  for x, f in pairs(old.open) do
+    carry(f, x)
+  end
+  if old.pending then
+    for x, f in pairs(old.pending) do
+      carry(f, x)
+    end
+  end
+  self.suspended = self.suspended + 1
+  return slice
+end
+
 -- Run the calls carried over to this slice (not those they carry over in
--- turn).
-local function run_carried(self)
+-- turn). The calls to run wait in `slice.pending`, each taken before it
+-- runs, so a displacement hands the rest to the next runner.
+local function run_carried(self, slice)
   local calls = carried
   carried, any_carried = setmetatable({}, WEAK_KEYS), false
-  for x, f in pairs(calls) do
+  slice.pending = calls
+  local x, f = next(calls)
+  while x ~= nil and not slice.displaced do
+    calls[x] = nil
     local ok, err, tb = self.call(f, x)
     if not ok then
       self:report(err, tb)
     end
+    x, f = next(calls)
   end
+  slice.pending = nil
 end
 
--- Run one slice of at most `limit` callbacks: what was carried over, then
--- items, in batches that fit the room left. Returns the callbacks run, and
--- whether no wake-up is owed: the queue was found empty with nothing
--- carried over, or the dispatcher stopped (what it carried over waits for
--- the next one).
-local function run_slice(self, limit, handle)
-  -- The dispatcher's spare slice, unless a drain of it is running (a
-  -- callback's nested drain, or one suspended in a callback that yielded).
-  local slice = self.spare_slice or setmetatable({}, Slice)
-  self.spare_slice = nil
-  local started = clock()
-  slice.calls, slice.checkpoint, slice.limit, slice.over = 0, 0, limit, false
-  slice.started, slice.ends, slice.pace = started, started + dispatcher.SLICE, self.pace
-  local outer = running_slice
-  running_slice = slice
+-- Run one slice: what was carried over, then items, in batches that fit
+-- the room left. Counts the callbacks run in `slice.handled`, and sets
+-- `slice.empty`: true when no wake-up is owed (the queue was found empty
+-- with nothing carried over, or the dispatcher stopped).
+local function run_slice(self, slice)
   if any_carried then
-    run_carried(self)
+    run_carried(self, slice)
   end
   local empty = false
-  while not (empty or self.stopped) do
+  while not (empty or self.stopped or slice.displaced) do
     local room = slice:room()
     if room == 0 then
       break
     end
     local n
-    n, empty = take_items(self, room, handle, slice)
+    n, empty = take_items(self, room, slice)
     slice.calls = slice.calls + n
+    slice.handled = slice.handled + n
     self.dispatched = self.dispatched + n
   end
-  running_slice = outer
-  self.spare_slice = slice
-  local calls = slice.calls
-  if calls > 0 then
-    -- Seconds per callback, for the first batch of the next slice.
-    self.pace = (clock() - started) / calls
+  slice.empty = self.stopped or (empty and not any_carried)
+end
+
+-- A drain's work, in a runner: the deferred calls, the timers that are due,
+-- one slice, then what those deferred. True when it ran in place, false
+-- when its runner was displaced.
+local function drain_body(self, slice)
+  if self.due.head <= self.due.tail then
+    slice.handled = slice.handled + self:run_due(slice)
   end
-  return calls, self.stopped or (empty and not any_carried)
+  -- Timers before items: a timeout that is due wins over a result that
+  -- arrived after it.
+  local timers = self.timers
+  if timers and timers.n > 0 and not (self.stopped or slice.displaced) then
+    slice.handled = slice.handled + timers:expire(self, slice)
+  end
+  if not (self.stopped or slice.displaced) then
+    run_slice(self, slice)
+    if self.due.head <= self.due.tail and not slice.displaced then
+      slice.handled = slice.handled + self:run_due(slice)
+    end
+  end
+  return not slice.displaced
 end
 
 --- Run what is due: deferred calls first (in order), then the timers that
 -- are due (the base's default timers, see bgworker.timers), then one slice
 -- of at most `limit` callbacks: those carried over from the last slice,
--- then items, each with `handle(self, f, ...)` (by default `f(...)`, see
--- `call_item`); then what those deferred.
+-- then items; then what those deferred. In runners: a callback that waits
+-- is left to its wait, and the rest goes on without it.
 -- @return the number handled (deferred calls, timers and callbacks, errors
 -- included)
 -- @return true when the queue was found empty (or the dispatcher stopped),
 -- so no wake-up is owed; false when the slice ended first
-function Dispatcher:drain(limit, handle)
+function Dispatcher:drain(limit)
   -- Calls deferred meanwhile run at the end of this drain: a wake-up sent
   -- for them now could be consumed by this drain's own empty poll.
-  local outer = self.draining
+  local outer_draining, outer_slice = self.draining, running_slice
   self.draining = true
-  local n = 0
-  if next(self.due) ~= nil then
-    n = self:run_due()
+  local slice = new_slice(self, limit)
+  running_slice = slice
+  while not self:run_in_runner(drain_body, slice) do
+    slice = displace(self, slice)
+    running_slice = slice
   end
-  -- Timers before items: a timeout that is due wins over a result that
-  -- arrived after it.
-  local timers = self.timers
-  if timers and timers.n > 0 and not self.stopped then
-    n = n + timers:expire(self)
+  running_slice = outer_slice
+  self.draining = outer_draining
+  self.spare_slice = slice
+  local calls = slice.calls
+  if calls > 0 then
+    -- Seconds per callback, for the first batch of the next slice.
+    self.pace = (clock() - slice.started) / calls
   end
-  local empty = true
-  if not self.stopped then
-    local calls
-    calls, empty = run_slice(self, limit, handle)
-    n = n + calls
-    if next(self.due) ~= nil then
-      n = n + self:run_due()
-    end
-  end
-  self.draining = outer
-  if not outer and next(self.due) ~= nil and self:owns_run() then
+  if not outer_draining and self.due.head <= self.due.tail and self:owns_run() then
     -- Deferred by the last deferred calls: the next drain runs them.
     wake()
   end
-  return n, empty
+  return slice.handled, slice.empty
 end
 
 --- `drain`, then, if the slice ended first, `core.wake()`: the instance
 -- stays armed, so no deliver would signal again; the wake keeps the signal
 -- up so that the loop comes back for the rest after the others had a turn.
-function Dispatcher:drain_and_rewake(limit, handle)
-  local n, empty = self:drain(limit, handle)
+function Dispatcher:drain_and_rewake(limit)
+  local n, empty = self:drain(limit)
   if not empty and self:owns_run() then
     wake()
   end
@@ -345,7 +411,7 @@ function Dispatcher:drain_and_rewake(limit, handle)
 end
 
 -- ------------------------------------------------------------------------
--- Deferred calls
+-- Deferred calls: a queue of packed argument lists, `due[head..tail]`.
 
 local function pack(...)
   return { n = select("#", ...), ... }
@@ -356,8 +422,9 @@ end
 -- handler. Calls run in the order deferred.
 function Dispatcher:defer(f, ...)
   local due = self.due
-  due[#due + 1] = pack(f, ...)
-  if #due == 1 and not self.draining and self:owns_run() then
+  local tail = due.tail + 1
+  due[tail], due.tail = pack(f, ...), tail
+  if tail == due.head and not self.draining and self:owns_run() then
     wake()
   end
 end
@@ -366,17 +433,28 @@ local function call_packed(call)
   return call[1](unpack(call, 2, call.n))
 end
 
---- Run the deferred calls that are due now (not those they defer in turn).
-function Dispatcher:run_due()
+--- Run the deferred calls that are due now (not those they defer in turn),
+-- each taken from the queue before it runs; in a drain, until its runner is
+-- displaced (the next runner runs the rest).
+-- @return how many ran
+function Dispatcher:run_due(slice)
   local due = self.due
-  self.due = {}
-  for i = 1, #due do
-    local ok, err, tb = self.call(call_packed, due[i])
+  local last, ran = due.tail, 0
+  -- (`due.tail` too: a nested drain may have run them and emptied it.)
+  while due.head <= last and due.head <= due.tail and not (slice and slice.displaced) do
+    local head = due.head
+    local call = due[head]
+    due[head], due.head = nil, head + 1
+    ran = ran + 1
+    local ok, err, tb = self.call(call_packed, call)
     if not ok then
       self:report(err, tb)
     end
   end
-  return #due
+  if due.head > due.tail then
+    due.head, due.tail = 1, 0
+  end
+  return ran
 end
 
 return M

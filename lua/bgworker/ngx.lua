@@ -5,9 +5,9 @@
 -- greeting mode (docs/core.md): the native side binds 127.0.0.1, the reader
 -- connects to it and sends it a secret token, and wake-ups come back on that
 -- cosocket. The reader runs in one perpetual `ngx.timer.at` per worker;
--- callbacks run in that timer's light thread, one after the other, so they
--- may use cosockets and `ngx.sleep` (and delay the callbacks after them while
--- they wait).
+-- callbacks run one after the other in a light thread it spawns, and may
+-- wait: use cosockets, `ngx.sleep`, `job:get`. One that waits keeps that
+-- light thread to itself, and the others go on in a new one.
 --
 --     init_worker_by_lua_block {
 --         require("bgworker").new { loop = "ngx" }
@@ -42,10 +42,10 @@ local dispatcher = require "bgworker.dispatcher"
 local semaphore = require "ngx.semaphore"
 
 local ngx = ngx
-local exiting, sleep, timer_at = ngx.worker.exiting, ngx.sleep, ngx.timer.at
+local exiting, sleep, spawn, timer_at = ngx.worker.exiting, ngx.sleep, ngx.thread.spawn,
+  ngx.timer.at
 local error, next, pcall, tostring = error, next, pcall, tostring
 local floor = math.floor
-local running = coroutine.running
 
 local M = {}
 
@@ -96,7 +96,7 @@ local reader
 -- ------------------------------------------------------------------------
 -- The reader
 
--- Requests waiting (bgworker.await, job:get) keep an exiting worker's reader
+-- Requests and callbacks waiting (bgworker.await, job:get) keep an exiting worker's reader
 -- running, since nginx lets in-flight requests finish; the last to leave
 -- wakes it (see the suspender).
 local function should_stop(self)
@@ -203,7 +203,6 @@ end
 
 local function run(premature, self)
   if not premature then
-    self.thread = running()
     while not should_stop(self) and not self.stopped do
       -- session returns early only to stop, or with a message.
       local _, err, tb = self.call(session, self)
@@ -220,7 +219,6 @@ local function run(premature, self)
       end
     end
   end
-  self.thread = nil
   self:stop()
 end
 
@@ -296,10 +294,25 @@ end
 -- ------------------------------------------------------------------------
 -- Waiting
 
-function Ngx:suspender()
-  if self.thread and running() == self.thread then
-    return nil, "called from a callback, which runs in the reader: it would wait for itself"
+-- Runners here are light threads: `ngx.thread.spawn` runs one at once
+-- until it ends or waits (a cosocket, `ngx.sleep`, a semaphore: nginx's
+-- yields, which no plain coroutine of ours could take), then returns.
+local function runner_thread(self, body, slice)
+  body(self, slice)
+  slice.finished = true
+end
+
+function Ngx:run_in_runner(body, slice)
+  slice.finished = false
+  local ok, err = spawn(runner_thread, self, body, slice)
+  if not ok then
+    self:report("bgworker.ngx: cannot spawn a light thread for callbacks: " .. tostring(err))
+    return true
   end
+  return slice.finished
+end
+
+function Ngx:suspender()
   local sema = semaphore.new()
   return {
     timed = true,

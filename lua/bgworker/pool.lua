@@ -275,10 +275,25 @@ end
 -- runs, so a callback that raises takes only itself.
 local run_events
 
+-- A run of the backlog is over: forget its indices once no run is left and
+-- the backlog is empty.
+local function leave_backlog(backlog)
+  local depth = backlog.depth - 1
+  backlog.depth = depth
+  if depth == 0 and backlog.head == backlog.tail then
+    backlog.head, backlog.tail = 1, 1
+  end
+end
+
 local function run_backlog(self, slice)
   local backlog, jobs = self.backlog, self.jobs
   local values = backlog.values
   backlog.depth = backlog.depth + 1
+  if slice then
+    -- A callback that waits displaces the slice's runner: the next runner
+    -- runs the rest (bgworker.drain, "Displacement").
+    slice:enter(run_events, self)
+  end
   local i = backlog.head
   while i < backlog.tail do
     -- Run up to `stop` (outside a drain: all), then count what ran in the
@@ -286,8 +301,14 @@ local function run_backlog(self, slice)
     -- this is the hot path.
     local stop = backlog.tail
     if slice then
+      if slice.displaced then
+        -- A callback of this run waited: the rest was handed on.
+        leave_backlog(backlog)
+        return
+      end
       if slice.calls >= slice.checkpoint and slice:room() == 0 then
-        backlog.depth = backlog.depth - 1
+        slice:leave(self)
+        leave_backlog(backlog)
         slice:carry_over(run_events, self)
         return
       end
@@ -319,15 +340,18 @@ local function run_backlog(self, slice)
         end
       end
       i = backlog.head
+      if slice and slice.displaced then
+        break
+      end
     end
     if slice then
       slice.calls = slice.calls + (i - from)
     end
   end
-  backlog.depth = backlog.depth - 1
-  if backlog.depth == 0 then
-    backlog.head, backlog.tail = 1, 1
+  if slice and not slice.displaced then
+    slice:leave(self)
   end
+  leave_backlog(backlog)
 end
 
 -- Run the backlog in the running drain's slice (none outside a drain: then
@@ -336,19 +360,27 @@ end
 -- of the callbacks it calls) the rest goes on.
 function run_events(self)
   local slice = drain.slice()
+  -- The dispatcher's own protected call: Copas 4 on Lua 5.1 sees through
+  -- coxpcall's coroutines only (bgworker.copas).
+  local d = dispatcher.current()
+  local call = d and d.call or protect.call
   repeat
-    local ok, err, tb = protect.call(run_backlog, self, slice)
+    local ok, err, tb = call(run_backlog, self, slice)
     if not ok then
       report(err, tb)
-      -- The run that raised is over (a nested one ended in its own call).
-      self.backlog.depth = self.backlog.depth - 1
-      if slice then
+      local backlog = self.backlog
+      if slice and not slice.displaced then
         -- Count the events of the batch that raised (at least the one that
         -- raised: handlers that all raise must end a slice too), and look
         -- at the clock before the next one.
-        local backlog = self.backlog
         slice.calls = slice.calls + (backlog.head - backlog.batch)
         slice.checkpoint = slice.calls
+      end
+      -- The run that raised is over (a nested one ended in its own call).
+      leave_backlog(backlog)
+      if slice and slice.displaced then
+        -- Raised after a wait: the rest was handed on.
+        return
       end
     end
   until ok

@@ -11,7 +11,8 @@
 -- are reused: a call that returns or yields allocates nothing.
 --
 -- One difference remains on Lua 5.1: inside `f`, `coroutine.running()` is
--- the helper coroutine, not the caller's.
+-- the helper coroutine, not the caller's; `protect.running()` is the
+-- caller's, on every version.
 --
 -- @module bgworker.protect
 
@@ -19,7 +20,7 @@ local coroutine = coroutine
 local create, resume, yield, running = coroutine.create, coroutine.resume, coroutine.yield,
   coroutine.running
 local traceback = debug.traceback
-local select, tostring, type, xpcall = select, tostring, type, xpcall
+local select, setmetatable, tostring, type, xpcall = select, setmetatable, tostring, type, xpcall
 
 local protect = {}
 
@@ -85,6 +86,16 @@ end
 protect.native = _VERSION ~= "Lua 5.1" or rawget(_G, "jit") ~= nil
 
 if protect.native then
+  --- The running coroutine, or nil in the main thread; on Lua 5.1 seen
+  -- through `call`'s helper coroutines, to the one that called `call`.
+  function protect.running()
+    local co, main = running()
+    if main then
+      return nil
+    end
+    return co
+  end
+
   --- Call `f(...)` in protected mode; `f` may yield.
   -- @param f the function to call
   -- @param ... its arguments
@@ -102,6 +113,24 @@ end
 -- Any other yield comes from the function itself and is passed on.
 local DONE = {}
 local pool, npool = {}, 0
+
+-- Who called `call` in each helper coroutine: a coroutine, or MAIN.
+local MAIN = {}
+local caller = setmetatable({}, { __mode = "k" })
+
+function protect.running()
+  local co = running()
+  while co do
+    local c = caller[co]
+    if c == nil then
+      return co
+    elseif c == MAIN then
+      return nil
+    end
+    co = c
+  end
+  return nil
+end
 
 -- `worker` hands the values to `idle` by a tail call, so that a worker
 -- waiting in the pool holds neither the function it ran nor its arguments
@@ -144,6 +173,7 @@ function protect.call(f, ...)
   else
     co = create(worker)
   end
+  caller[co] = running() or MAIN
   return run(co, resume(co, f, ...))
 end
 

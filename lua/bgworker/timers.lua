@@ -116,12 +116,13 @@ function Timer:cancel()
 end
 
 --- Run the timers that are due, each in protected mode with the
--- dispatcher's `call`; an error goes to its error handler.
+-- dispatcher's `call`; an error goes to its error handler. Stops early
+-- once `slice` (the drain's) is displaced: the next runner runs the rest.
 -- @treturn int how many ran
-function Timers:expire(dispatcher)
+function Timers:expire(dispatcher, slice)
   local ran = 0
   local now = self.gettime()
-  while self.n > 0 and self[1].due <= now do
+  while self.n > 0 and self[1].due <= now and not slice.displaced do
     local timer = self[1]
     remove(self, 1)
     ran = ran + 1

@@ -16,6 +16,7 @@
 --     the wait or during it.
 
 local dispatcher = require "bgworker.dispatcher"
+local runner = require "bgworker.runner"
 
 local setmetatable, tostring = setmetatable, tostring
 
@@ -110,12 +111,15 @@ function Waiter:wake()
 end
 
 -- A suspender for coroutine `co` of a loop with no scheduler of its own
--- (select, luv), which dispatcher `d` resumes: `suspend` yields, `resume`
--- resumes the coroutine at the next drain (at once once stopped), and only
--- if it is still suspended in this wait: a coroutine that something else
--- resumed meanwhile, and that now waits for something else, is left alone.
+-- (select, luv), which dispatcher `d` resumes: `suspend` yields (WAIT from
+-- a runner, which the drain then leaves to this wait: bgworker.runner),
+-- `resume` resumes the coroutine at the next drain (at once once stopped),
+-- and only if it is still suspended in this wait: a coroutine that
+-- something else resumed meanwhile, and that now waits for something
+-- else, is left alone.
 function M.resuming_suspender(d, co)
   local waiting = false
+  local mark = runner.owns(co) and runner.WAIT or nil
   local function resume_now()
     if waiting then
       local ok, err = coroutine.resume(co)
@@ -127,7 +131,7 @@ function M.resuming_suspender(d, co)
   return {
     suspend = function()
       waiting = true
-      coroutine.yield()
+      coroutine.yield(mark)
       waiting = false
     end,
     resume = function()

@@ -184,7 +184,8 @@ describe("bad input", function()
             check_call("copas{budget = " .. case[1] .. "}", { "opts.budget" }, false, copas_and_stop, { budget = v })
           end
         end
-        copas_and_stop({ spawn = true })
+        check_call("copas{spawn = true}", { "opts.spawn is retired" }, false, copas_and_stop,
+          { spawn = true })
       else
         -- Without Copas every call fails: for bad options, naming them.
         check_new("copas", new_copas)

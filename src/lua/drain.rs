@@ -44,11 +44,21 @@
 //!   another drain's items, as the Lua loop's `self.count` was.)
 //! - **Yields.** On Lua 5.2 and later, decode's callback is called with
 //!   `lua_callk` and the loop with `lua_pcallk`: a callback may yield
-//!   across the drain, and the loop carries on in its continuation when it
-//!   is resumed. Lua 5.1 and LuaJIT have no continuations: a yield there
-//!   is an error ("attempt to yield across a C-call boundary"), so the Lua
-//!   layer uses this drain on them only outside coroutines, where no yield
-//!   can succeed anyway (`drain_yieldable` tells which).
+//!   across the drain. A callback that yielded ends its drain once it
+//!   returns (`n, false`: the caller comes back for the rest), for the Lua
+//!   layer has gone on without it meanwhile (`bgworker.runner`): other
+//!   drains ran, so the count and cut mirrors belong to them, and a drain
+//!   that returns after a yield neither reads nor restores them (its `n`
+//!   is the loop's own count). One that raises after a yield cannot be
+//!   told from one that raised in a coroutine without yielding (both come
+//!   back through the continuation), so it takes the mirror's count and
+//!   puts back the one it saved, as any error does: it may count another
+//!   drain's items, or reset the count of a drain that it interrupted
+//!   (only a callback that dispatches, inside which a displaced runner is
+//!   resumed and raises, can do that). Lua 5.1 and
+//!   LuaJIT have no continuations: a yield there is an error ("attempt to
+//!   yield across a C-call boundary"), so the Lua layer uses this drain
+//!   only where callbacks may yield (`drain_yieldable` tells where).
 //! - **Stops.** The loop works for the run that was current when it
 //!   started: a callback that stops the run (or stops and starts another)
 //!   ends the drain as "empty".
@@ -105,18 +115,18 @@ mod calls {
     }
 
     unsafe extern "C-unwind" fn loop_resumed(state: *mut lua_State, _status: c_int, count: lua_KContext) -> c_int {
-        unsafe { run_loop(state, count as c_int) }
+        unsafe { finished(state, count as c_int, false) }
     }
 
     pub unsafe fn call_loop(state: *mut lua_State) -> c_int {
         unsafe {
             let status = lua_pcallk(state, 2, 2, ENTRY_HANDLER, 0, Some(entry_resumed));
-            finish(state, status)
+            finish(state, status, false)
         }
     }
 
     unsafe extern "C-unwind" fn entry_resumed(state: *mut lua_State, status: c_int, _: lua_KContext) -> c_int {
-        unsafe { finish(state, status) }
+        unsafe { finish(state, status, true) }
     }
 }
 
@@ -132,14 +142,14 @@ mod calls {
         unsafe {
             let mut count = 0;
             lua_getctx(state, &mut count);
-            run_loop(state, count)
+            finished(state, count, false)
         }
     }
 
     pub unsafe fn call_loop(state: *mut lua_State) -> c_int {
         unsafe {
             let status = lua_pcallk(state, 2, 2, ENTRY_HANDLER, 0, Some(entry_resumed));
-            finish(state, status)
+            finish(state, status, false)
         }
     }
 
@@ -147,7 +157,7 @@ mod calls {
         unsafe {
             let mut ctx = 0;
             let status = lua_getctx(state, &mut ctx);
-            finish(state, status)
+            finish(state, status, true)
         }
     }
 }
@@ -163,7 +173,7 @@ mod calls {
     pub unsafe fn call_loop(state: *mut lua_State) -> c_int {
         unsafe {
             let status = lua_pcall(state, 2, 2, ENTRY_HANDLER);
-            finish(state, status)
+            finish(state, status, false)
         }
     }
 }
@@ -214,8 +224,14 @@ unsafe fn arguments(state: *mut lua_State) -> LuaResult<(c_int, u64, (usize, boo
 }
 
 /// The loop returned (`status` OK, or YIELD after a yield) or raised.
-unsafe fn finish(state: *mut lua_State, status: c_int) -> c_int {
+/// `continued`: called as the continuation, which in a coroutine is also
+/// how an error arrives, yield or not.
+unsafe fn finish(state: *mut lua_State, status: c_int, continued: bool) -> c_int {
     unsafe {
+        if continued && status == LUA_YIELD {
+            // Returned after a yield: the mirrors are another drain's now.
+            return 2;
+        }
         // Before anything that could raise: settle the item a decode left.
         let cell = cell(state);
         let decode_failed = settle_failed(cell);
@@ -287,11 +303,12 @@ unsafe extern "C-unwind" fn message_handler(state: *mut lua_State) -> c_int {
 
 /// The loop function: `limit` and the run id as arguments.
 unsafe extern "C-unwind" fn drain_loop(state: *mut lua_State) -> c_int {
-    unsafe { run_loop(state, 0) }
+    unsafe { run_loop(state) }
 }
 
-/// Drain from item `count + 1` on; also the continuation after a yield.
-unsafe fn run_loop(state: *mut lua_State, mut count: c_int) -> c_int {
+/// Drain until the limit, a cut, a yield (see "Yields") or an empty queue.
+unsafe fn run_loop(state: *mut lua_State) -> c_int {
+    let mut count: c_int = 0;
     unsafe {
         let limit = lua_tointeger(state, LOOP_LIMIT) as c_int;
         let run = lua_tointeger(state, LOOP_RUN) as u64;
