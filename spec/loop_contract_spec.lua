@@ -393,6 +393,127 @@ describe("every loop's dispatcher", function()
       end)
     end)
 
+    describe("with callbacks that wait", function()
+      -- Every callback may wait: it is suspended on its own, and the
+      -- dispatcher goes on with the other items and the other outcomes of
+      -- the same batch (bgworker.runner).
+      local pool = require "bgworker.pool"
+
+      it("lets a job's callback wait for the next job, with and without a timeout", function()
+        new()
+        local p = pool.new { threads = 1 }
+        local got
+        p:submit(function() return 1 end):on_done(function(_, v)
+          local a = { p:submit(function(x) return x + 1 end, v):get() }
+          local b = { p:submit(function(x) return x + 1 end, a[2]):get(5) }
+          local slow = p:submit(function() require("socket").sleep(5) end)
+          local c = { slow:get(0.05) }
+          slow:cancel()
+          got = { a, b, c }
+          d:stop()
+        end)
+        assert.is_false(loop.run(5), "a callback's wait deadlocked its dispatcher")
+        p:close(0)
+        assert.same({ { true, 2 }, { true, 3 }, { nil, "timeout" } }, got)
+      end)
+
+      it("runs waits nested three deep, each resumed when its job ends", function()
+        new()
+        local p = pool.new { threads = 2 }
+        local log = {}
+        local function step(depth)
+          p:submit(function(x) return x end, depth):on_done(function(_, v)
+            log[#log + 1] = "in " .. v
+            if v < 3 then step(v + 1) end
+            local _, w = p:submit(function(x) return x * 10 end, v):get(5)
+            log[#log + 1] = "out " .. w
+            if #log == 6 then d:stop() end
+          end)
+        end
+        step(1)
+        assert.is_false(loop.run(5))
+        p:close(0)
+        table.sort(log)
+        assert.same({ "in 1", "in 2", "in 3", "out 10", "out 20", "out 30" }, log)
+      end)
+
+      it("lets waiting callbacks overlap: none holds back the others", function()
+        new()
+        local p = pool.new { threads = 4 }
+        local log, ended = {}, 0
+        for i = 1, 8 do
+          p:submit(function(x) return x end, i):on_done(function(_, v)
+            log[#log + 1] = "start"
+            p:submit(function() require("socket").sleep(0.05) end):get(5)
+            log[#log + 1] = "end " .. v
+            ended = ended + 1
+            if ended == 8 then d:stop() end
+          end)
+        end
+        assert.is_false(loop.run(5))
+        p:close(0)
+        -- Every callback began before any wait ended.
+        for i = 1, 8 do assert.equals("start", log[i]) end
+        assert.equals(8, d:stats().suspended)
+      end)
+
+      it("lets a progress handler wait, and loses no progress", function()
+        new()
+        local p = pool.new { threads = 2 }
+        local seen, outcome = {}, nil
+        local job = p:submit(function()
+          local progress = require("bgworker.worker").progress
+          for i = 1, 3 do progress(i) end
+          return "end"
+        end)
+        job:on_progress(function(i)
+          local _, twice = p:submit(function(x) return 2 * x end, i):get(5)
+          seen[#seen + 1] = twice
+          if #seen == 3 and outcome then d:stop() end
+        end)
+        job:on_done(function(ok, v)
+          outcome = { ok, v }
+          if #seen == 3 then d:stop() end
+        end)
+        assert.is_false(loop.run(5))
+        p:close(0)
+        table.sort(seen)
+        assert.same({ 2, 4, 6 }, seen)
+        assert.same({ true, "end" }, outcome)
+      end)
+
+      it("reports an error raised after a wait to the error handler, with its traceback", function()
+        local errors, handler = collector()
+        new { errorhandler = handler }
+        local p = pool.new { threads = 1 }
+        p:submit(function() return 1 end):on_done(function()
+          p:submit(function() return 2 end):get(5)
+          loop.after(0, function() d:stop() end)
+          error("after the wait")
+        end)
+        assert.is_false(loop.run(5))
+        p:close(0)
+        assert.equals(1, #errors)
+        assert.matches("after the wait", errors[1].err)
+        assert.matches("stack traceback", errors[1].tb)
+      end)
+
+      it("lets a callback wait in a coroutine of its own, where the loop can resume it", function()
+        new()
+        local p = pool.new { threads = 1 }
+        local got
+        p:submit(function() return 1 end):on_done(function()
+          loop.go(function()
+            got = { p:submit(function() return 2 end):get(5) }
+            d:stop()
+          end)
+        end)
+        assert.is_false(loop.run(5))
+        p:close(0)
+        assert.same({ true, 2 }, got)
+      end)
+    end)
+
     describe("with callbacks that take time", function()
       -- A pool's carrier item holds up to 32 events: counting items alone,
       -- one drain ran thousands of handlers. Every progress handler counts

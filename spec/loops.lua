@@ -14,7 +14,7 @@
 --   exact_turns          true when a batch of `budget` items takes exactly
 --                        one turn (one loop iteration)
 --   go(fn)               run fn() in a coroutine of the loop, now, until it
---                        first waits
+--                        first waits (from a callback: soon)
 --   after(seconds, fn)   run fn() in the loop after `seconds`
 --   sleep(seconds)       from a callback or a coroutine of the loop: let the
 --                        loop run for `seconds` (nil where callbacks cannot
@@ -227,7 +227,10 @@ local function cqueues_driver(cqueues)
   end
   function driver.go(fn)
     cq:wrap(fn)
-    assert(cq:step(0))
+    -- From inside the controller (a callback), it runs at its next step.
+    if not cqueues.running() then
+      assert(cq:step(0))
+    end
   end
   function driver.after(seconds, fn)
     cq:wrap(function()

@@ -120,14 +120,19 @@ function Cqueues.suspender()
   if not cqueues.running() then
     return nil, "with a cqueues dispatcher, wait in a coroutine of a cqueues controller"
   end
-  local cond = condition.new()
+  -- A pollable that stays ready once resumed (its timeout turns 0), as a
+  -- cqueues promise does: a condition's signal reaches only those polling
+  -- it, and a callback's runner may be left to a controller's coroutine
+  -- that polls only from its next step (see `adopt`).
+  local wake = { pollfd = condition.new(), timeout = nil }
   return {
     timed = true,
     suspend = function(left)
-      if left then cpoll(cond, left) else cpoll(cond) end
+      if left then cpoll(wake, left) else cpoll(wake) end
     end,
     resume = function()
-      cond:signal()
+      wake.timeout = 0
+      wake.pollfd:signal()
     end,
   }
 end
