@@ -177,6 +177,7 @@ local function derive(res)
       r.wakeups_per_item = r.wakeups / r.delivered
     end
     for _, c in pairs(t.ceiling) do
+      c.of_in_place = c.per_second / t.ceiling.dispatcher_in_place.per_second
       c.of_tight = c.per_second / t.ceiling.tight.per_second
       c.of_pure_lua = c.per_second / t.pure_lua.per_second
       c.of_pure_lua_table = c.per_second / t.pure_lua_table.per_second
@@ -227,6 +228,10 @@ local function targets(v, res)
     if v == "jit" then
       check("LuaJIT: >= 12 M callbacks/s through dispatch() (drain ceiling)", ceiling.per_second >= 12e6,
         ceiling.per_second)
+    end
+    if v == "5.4" or v == "jit" then
+      check("runners cost callbacks that do not wait <= 10% (drain ceiling >= 0.90 of the one in place)",
+        ceiling.of_in_place >= 0.9, ceiling.of_in_place)
     end
     local copas = find_run(t, "copas", 1)
     if v == "5.4" then
@@ -403,6 +408,10 @@ local function rows(items)
     { "drain ceiling, `dispatcher:dispatch()`", field("throughput.ceiling.dispatcher", ceiling_cell), short = true },
     { "drain ceiling, `dispatch()`, malloc'd items", field("throughput.ceiling.dispatcher_malloc", ceiling_cell),
       short = true },
+    { "drain ceiling, `dispatch()` with drains in place (no runner: the baseline before callbacks could wait)",
+      field("throughput.ceiling.dispatcher_in_place", ceiling_cell) },
+    { "runners' cost: drain ceiling through runners, of the one in place", field("throughput.ceiling.dispatcher",
+      function(x) return pct(x.of_in_place) end), short = true },
     { "breakdown: tight `poll()` loop, static items", field("throughput.ceiling.tight",
       function(x) return ("%s/s, %.0f ns/item"):format(si(x.per_second), x.ns_per_item) end), short = true },
   }

@@ -200,10 +200,19 @@ local CEILINGS = {
   end) },
 }
 
--- dispatcher:dispatch() draining items queued first, static or malloc'd.
-local function dispatch_ceiling(alloc)
+-- A drain body run in place, on the calling thread, with no runner: how
+-- drains ran before any callback could wait (bgworker.runner), for the
+-- baseline of what runners cost callbacks that do not wait.
+local function in_place(self, body, slice)
+  return body(self, slice)
+end
+
+-- dispatcher:dispatch() draining items queued first, static or malloc'd;
+-- `place`: drains run in place (the baseline) rather than in runners.
+local function dispatch_ceiling(alloc, place)
   return function(total)
     local d = bgworker.new()
+    if place then d.run_in_runner = in_place end
     local job = produce(total, 1, { alloc = alloc })
     job:join()
     count = 0
@@ -217,6 +226,7 @@ end
 CEILINGS[#CEILINGS + 1] = { "dispatcher", dispatch_ceiling("static") }
 CEILINGS[#CEILINGS + 1] = { "dispatcher_malloc", dispatch_ceiling("malloc") }
 CEILINGS[#CEILINGS + 1] = { "dispatcher_copy", dispatch_ceiling("copy") }
+CEILINGS[#CEILINGS + 1] = { "dispatcher_in_place", dispatch_ceiling("static", true) }
 
 -- The breakdown's other half: producers alone, delivering `total` items
 -- into an unbounded queue that nobody drains (stop cancels them after).

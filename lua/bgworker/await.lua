@@ -16,14 +16,11 @@
 --
 -- How it waits depends on the running dispatcher (see `bgworker.new`): in
 -- a Copas thread, a coroutine of a select or luv loop, a cqueues coroutine,
--- or an OpenResty request, only the caller is suspended; outside any
--- coroutine, with a select dispatcher, it blocks while running that
--- dispatcher (as `d:wait` does). Where the running dispatcher cannot resume
--- the caller, it raises an error, before calling `start`.
---
--- A callback run by a dispatcher without `spawn` runs in the dispatcher's
--- reader: awaiting there would stop the reader, so a callback that must
--- await needs a Copas dispatcher with `spawn = true`.
+-- or an OpenResty request, and in any callback the dispatcher runs, only
+-- the caller is suspended; outside any coroutine, with a select dispatcher,
+-- it blocks while running that dispatcher (as `d:wait` does). Where the
+-- running dispatcher cannot resume the caller, it raises an error, before
+-- calling `start`.
 --
 -- @module bgworker.await
 

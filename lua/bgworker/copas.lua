@@ -43,11 +43,13 @@ local args = require "bgworker.args"
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 local protect = require "bgworker.protect"
+local runner = require "bgworker.runner"
 local signal = require "bgworker.signal"
 
-local error, pcall, require, setmetatable = error, pcall, require, setmetatable
+local error, pcall, rawget, require, setmetatable = error, pcall, rawget, require, setmetatable
 local tonumber, tostring, type = tonumber, tostring, type
 local check_self = dispatcher.check_self
+local getinfo = debug.getinfo
 
 local M = {}
 
@@ -121,9 +123,54 @@ function COPAS4.reader_ended() end
 -- A runner Copas took over ends: Copas forgets it.
 function COPAS4.retire_runner() end
 
+-- Coroutines found to be Copas threads (see `resumed_by_copas`).
+local copas_threads = setmetatable({}, { __mode = "k" })
+
+-- Where a thread of `copas.addthread` starts: Copas's function calls the
+-- handler with a tail call (Lua 5.2+ marks that frame, 5.1 shows a "tail"
+-- frame below it); LuaJIT keeps no trace of it, so there every thread
+-- passes.
+local FRAME_INFO = _VERSION == "Lua 5.1" and "S" or "St"
+
+local function started_by_addthread(bottom)
+  return bottom.istailcall or bottom.what == "tail" or rawget(_G, "jit") ~= nil
+end
+
+-- Does Copas resume `co`? A thread of its own starts with a tail call from
+-- `copas.addthread`, or has a name (a server's handlers); a runner of ours
+-- is one once it waits. Anything else is a coroutine that some code of the
+-- program resumes, and a wait there would hand Copas's values to that code.
+local function resumed_by_copas(copas, co)
+  if copas_threads[co] or runner.owns(co) then
+    return true
+  elseif runner.resuming() then
+    -- A coroutine of a callback's own, resumed by the callback.
+    return false
+  end
+  -- (Copas names every thing it is asked about, by default its tostring.)
+  local name = copas.getthreadname(co)
+  local found = name ~= nil and name ~= tostring(co)
+  if not found then
+    local level, bottom = 0, nil
+    while true do
+      local info = getinfo(co, level, FRAME_INFO)
+      if not info then break end
+      bottom, level = info, level + 1
+    end
+    found = bottom ~= nil and started_by_addthread(bottom)
+  end
+  copas_threads[co] = found or nil
+  return found
+end
+
 -- The calling thread sleeps until woken or the time is up.
 function COPAS4.suspender(self)
   local copas, co = self.copas, copas_thread()
+  if not resumed_by_copas(copas, co) then
+    return nil, "this coroutine is not a Copas thread (a coroutine.wrap or coroutine.create of" ..
+      " your own?): Copas cannot resume it; wait in a Copas thread (copas.addthread) or in the" ..
+      " callback itself"
+  end
   return {
     timed = true,
     suspend = function(left)
@@ -175,6 +222,8 @@ end
 
 local discard = signal.discard_datagrams
 
+local watch_exit
+
 local function reader(self)
   local copas, sock, wakeups = self.copas, self.socket, self.wakeups
   local receive = copas.receive
@@ -191,6 +240,9 @@ local function reader(self)
       break
     end
     discard(sock)
+    if not self.watching_exit then
+      self.watching_exit = watch_exit(self)
+    end
     repeat
       local _, empty = self:drain(budget)
       if not empty then
@@ -218,6 +270,20 @@ local function exit_watch(call, waitforexit)
   end
 end
 
+-- Watch for copas.exit() (Copas 4.8+), unless an earlier copas.loop() left
+-- Copas exiting: copas.step() drives it now, and the watch would stop this
+-- dispatcher at once. Then the reader tries again at its wake-ups, for a
+-- copas.loop() that starts later (it resets the exit). True once watching.
+function watch_exit(self)
+  local copas = self.copas
+  if watching or not copas.waitforexit or copas.exiting() then
+    return watching
+  end
+  watching = true
+  addthread(copas, exit_watch, self.call, copas.waitforexit)
+  return true
+end
+
 function Copas.start(self, opts)
   local ok, copas = pcall(require, "copas")
   if not ok then
@@ -242,10 +308,7 @@ function Copas.start(self, opts)
   end
   self.api.setup(self)
   self.reader = addthread(copas, reader, self)
-  if copas.waitforexit and not watching then
-    watching = true
-    addthread(copas, exit_watch, self.call, copas.waitforexit)
-  end
+  self.watching_exit = watch_exit(self) or not copas.waitforexit
   return true
 end
 

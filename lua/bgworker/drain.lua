@@ -41,6 +41,7 @@ local next, pairs, select, setmetatable = next, pairs, select, setmetatable
 local floor = math.floor
 local clock = core.now
 local unpack = dispatcher.unpack
+local running = require("bgworker.protect").running
 local Dispatcher = dispatcher.Dispatcher
 
 local M = {}
@@ -70,9 +71,9 @@ end)
 -- Hot path. Items go through the core's drain (`core.drain`: decode and
 -- callback in one protected call per batch, in C) where a callback's yield
 -- can go through it: on Lua 5.2+. On Lua 5.1 and LuaJIT a C function cannot
--- be yielded across, and every drain runs in a runner that a callback may
--- want to suspend: there a Lua loop over `poll()`, with no tables, no
--- closures, and one protected call per batch rather than per item. Either
+-- be yielded across, and a drain runs in a runner that a callback may want
+-- to suspend: there a Lua loop over `poll()`, with no tables, no closures,
+-- and one protected call per batch rather than per item. Either
 -- way, after an error a new batch goes on where the failed one stopped.
 
 -- Call an item's callback with its arguments. `poll` returned nothing when
@@ -146,8 +147,15 @@ local function drain_items(self, limit, slice)
   end
 end
 
--- Handle up to `limit` items in `slice`.
-local take_items = drain_yieldable and drain_items or handle_items
+-- Handle up to `limit` items in `slice`: through the core's drain where a
+-- callback's yield can pass it, or where none can succeed anyway (outside
+-- any coroutine: a drain run in place, as the bench's baseline does).
+local function take_items(self, limit, slice)
+  if drain_yieldable or running() == nil then
+    return drain_items(self, limit, slice)
+  end
+  return handle_items(self, limit, slice)
+end
 
 -- ------------------------------------------------------------------------
 -- Slices

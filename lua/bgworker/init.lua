@@ -68,8 +68,7 @@ bgworker.default_errorhandler = dispatcher.default_errorhandler
 --   each callback that raised an error and each item whose decode failed
 --   (`traceback` is a string or nil); by default writes the traceback to
 --   stderr.
---   Each loop's page lists the options of its own (`kind`, `spawn`,
---   `timeout`).
+--   Each loop's page lists the options of its own (`kind`, `timeout`).
 -- @return the dispatcher: every @{Dispatcher} has `stop()`, `stats()` and
 -- `dispatch()`; the loop's page tells the rest.
 function bgworker.new(opts)

@@ -38,7 +38,7 @@ local protect = require "bgworker.protect"
 local create, resume, yield, status = coroutine.create, coroutine.resume, coroutine.yield,
   coroutine.status
 local traceback = debug.traceback
-local setmetatable, tostring = setmetatable, tostring
+local pairs, setmetatable, tostring = pairs, setmetatable, tostring
 
 local M = {}
 
@@ -59,6 +59,18 @@ local runners = setmetatable({}, { __mode = "k" })
 --- Is `co` a runner?
 function M.owns(co)
   return runners[co] == true
+end
+
+--- Is a runner resuming another coroutine now (its status "normal")? Then
+-- the running coroutine, if not a runner, is one that a callback made and
+-- resumes itself.
+function M.resuming()
+  for co in pairs(runners) do
+    if status(co) == "normal" then
+      return true
+    end
+  end
+  return false
 end
 
 -- A runner's body: `body(d, a, b)` returns true when it ran in place,

@@ -259,6 +259,15 @@ describe("bgworker.ngx in nginx", function()
     end
   end)
 
+  it("lets a job's callback wait for the next job, and callbacks that wait overlap", function()
+    local code, body = get("/chain")
+    assert.equals(200, code, log_tail())
+    assert.equals("true 2", body)
+    code, body = get("/overlap?n=5")
+    assert.equals(200, code, log_tail())
+    assert.equals("sssss eeeee", body)
+  end)
+
   it("times out on a slow pool job and cancels it, and cancels a running one", function()
     local code, body = get("/job_timeout")
     assert.equals(200, code, body)

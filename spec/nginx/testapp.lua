@@ -118,6 +118,44 @@ function app.job_sleep()
   return reply(ok and 200 or 504, tostring(ms))
 end
 
+-- GET /chain: a job's callback waits for the next job (job:get in the
+-- callback, as chained steps are written), then sleeps: "true 2".
+function app.chain()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local waited, answer = await(function(done)
+    pool:submit(function() return 1 end):on_done(function(_, v)
+      local ok, w = pool:submit(function(x) return x + 1 end, v):get(5)
+      ngx.sleep(0.01)
+      done(tostring(ok) .. " " .. tostring(w))
+    end)
+  end, 10)
+  return reply(waited and 200 or 504, tostring(answer))
+end
+
+-- GET /overlap?n=5: n job callbacks that each sleep; each is suspended on
+-- its own, so all start before any ends: "sssss eeeee" for n = 5.
+function app.overlap()
+  pool = pool or require("bgworker.pool").new { threads = 2 }
+  local n = int_arg("n", 5)
+  local waited, log = await(function(done)
+    local log, ended = {}, 0
+    for i = 1, n do
+      pool:submit(function(x) return x end, i):on_done(function()
+        log[#log + 1] = "s"
+        ngx.sleep(0.05)
+        log[#log + 1] = "e"
+        ended = ended + 1
+        if ended == n then done(log) end
+      end)
+    end
+  end, 10)
+  if not waited then
+    return reply(504, tostring(log))
+  end
+  local text = table.concat(log)
+  return reply(200, text:sub(1, n) .. " " .. text:sub(n + 1))
+end
+
 -- GET /job_timeout: a job slower than the request's patience: get times
 -- out, and the request cancels it: "timeout cancelled".
 function app.job_timeout()
