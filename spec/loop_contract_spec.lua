@@ -498,6 +498,32 @@ describe("every loop's dispatcher", function()
         assert.matches("stack traceback", errors[1].tb)
       end)
 
+      it("lets a coroutine that a callback resumes itself wait where the dispatcher resumes it," ..
+        " and raises where it cannot", function()
+        new()
+        local p = pool.new { threads = 1 }
+        local got, raised
+        p:submit(function() return 1 end):on_done(function()
+          local ok, err = pcall(coroutine.wrap(function()
+            got = { p:submit(function() return 2 end):get(5) }
+            d:stop()
+          end))
+          if not ok then
+            raised = err
+            d:stop()
+          end
+        end)
+        assert.is_false(loop.run(5))
+        p:close(0)
+        if loop.resumes_plain then
+          assert.same({ true, 2 }, got)
+        else
+          -- Never another scheduler's values as results: an error instead.
+          assert.is_nil(got)
+          assert.matches("get: this coroutine is [^\n]*own", raised)
+        end
+      end)
+
       it("lets a callback wait in a coroutine of its own, where the loop can resume it", function()
         new()
         local p = pool.new { threads = 1 }

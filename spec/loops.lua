@@ -16,6 +16,10 @@
 --   go(fn)               run fn() in a coroutine of the loop, now, until it
 --                        first waits (from a callback: soon)
 --   after(seconds, fn)   run fn() in the loop after `seconds`
+--   resumes_plain        true when a coroutine that a callback makes and
+--                        resumes itself may wait too (the dispatcher resumes
+--                        it); false where the loop's scheduler would, and a
+--                        wait there raises
 --   sleep(seconds)       from a callback or a coroutine of the loop: let the
 --                        loop run for `seconds` (nil where callbacks cannot
 --                        yield to the loop)
@@ -49,7 +53,8 @@ end
 -- socket.select, woken by a UDP datagram or by an eventfd
 
 local function select_driver(kind)
-  local driver = { name = "select", label = "select (" .. kind .. ")", exact_turns = true }
+  local driver = { name = "select", label = "select (" .. kind .. ")", exact_turns = true,
+    resumes_plain = true }
   local d, turns, timers
   function driver.new(opts)
     opts = options("select", opts)
@@ -142,7 +147,7 @@ end
 -- luv: uv.run() with a watchdog
 
 local function luv_driver(uv)
-  local driver = { name = "luv", label = "luv", exact_turns = true }
+  local driver = { name = "luv", label = "luv", exact_turns = true, resumes_plain = true }
   local d, counter
   function driver.new(opts)
     d = bgworker.new(options("luv", opts))

@@ -123,6 +123,11 @@ function COPAS4.reader_ended() end
 -- A runner Copas took over ends: Copas forgets it.
 function COPAS4.retire_runner() end
 
+-- Why a wait cannot work in a coroutine that is not a Copas thread.
+local NOT_COPAS_THREAD = "this coroutine is not a Copas thread (a coroutine.wrap or" ..
+  " coroutine.create of your own?): Copas cannot resume it; wait in a Copas thread" ..
+  " (copas.addthread) or in the callback itself"
+
 -- Coroutines found to be Copas threads (see `resumed_by_copas`).
 local copas_threads = setmetatable({}, { __mode = "k" })
 
@@ -143,9 +148,6 @@ end
 local function resumed_by_copas(copas, co)
   if copas_threads[co] or runner.owns(co) then
     return true
-  elseif runner.resuming() then
-    -- A coroutine of a callback's own, resumed by the callback.
-    return false
   end
   -- (Copas names every thing it is asked about, by default its tostring.)
   local name = copas.getthreadname(co)
@@ -167,9 +169,7 @@ end
 function COPAS4.suspender(self)
   local copas, co = self.copas, copas_thread()
   if not resumed_by_copas(copas, co) then
-    return nil, "this coroutine is not a Copas thread (a coroutine.wrap or coroutine.create of" ..
-      " your own?): Copas cannot resume it; wait in a Copas thread (copas.addthread) or in the" ..
-      " callback itself"
+    return nil, NOT_COPAS_THREAD
   end
   return {
     timed = true,
@@ -370,9 +370,12 @@ function Copas:retire_runner()
 end
 
 function Copas:suspender()
-  if not dispatcher.in_coroutine() then
+  local co = copas_thread()
+  if not co then
     return nil, "with a Copas dispatcher, wait in a Copas thread (copas.addthread), not in the" ..
       " main program"
+  elseif runner.resuming() and not runner.owns(co) then
+    return nil, NOT_COPAS_THREAD
   end
   return self.api.suspender(self)
 end

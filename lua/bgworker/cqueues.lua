@@ -35,6 +35,8 @@ local args = require "bgworker.args"
 local cqueues = require "cqueues"
 local condition = require "cqueues.condition"
 local dispatcher = require "bgworker.dispatcher"
+local protect = require "bgworker.protect"
+local runner = require "bgworker.runner"
 local signal = require "bgworker.signal"
 
 local error, tostring = error, tostring
@@ -119,6 +121,11 @@ end
 function Cqueues.suspender()
   if not cqueues.running() then
     return nil, "with a cqueues dispatcher, wait in a coroutine of a cqueues controller"
+  elseif runner.resuming() and not runner.owns(protect.running()) then
+    -- A callback resumes this coroutine itself, and would get the
+    -- controller's values.
+    return nil, "this coroutine is a callback's own (coroutine.wrap or coroutine.create): the" ..
+      " controller cannot resume it; wait in the callback itself, or in cq:wrap"
   end
   -- A pollable that stays ready once resumed (its timeout turns 0), as a
   -- cqueues promise does: a condition's signal reaches only those polling

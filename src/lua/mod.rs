@@ -20,6 +20,7 @@ mod api;
 mod decode;
 mod drain;
 mod poll;
+mod take;
 mod token;
 
 use std::ffi::{c_int, CStr};
