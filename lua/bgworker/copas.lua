@@ -145,6 +145,8 @@ end
 -- `copas.addthread`, or has a name (a server's handlers); a runner of ours
 -- is one once it waits. Anything else is a coroutine that some code of the
 -- program resumes, and a wait there would hand Copas's values to that code.
+-- (A heuristic: a coroutine of the program's whose function ends in a tail
+-- call looks like a Copas thread, and on LuaJIT every one does.)
 local function resumed_by_copas(copas, co)
   if copas_threads[co] or runner.owns(co) then
     return true

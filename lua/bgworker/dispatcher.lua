@@ -8,9 +8,10 @@
 -- base needs of that loop (bgworker.adapter). The base owns the rest: options,
 -- start, stop, errors, stats, and the compatibility between Lua versions.
 -- The drain engine (bgworker.drain: slices, budgets, deferred calls) adds
--- its methods to the base; waiters (bgworker.waiter: how `await` and
--- `job:get` suspend their caller) and wake-up signals (bgworker.signal)
--- are modules of their own.
+-- its methods to the base; runners (bgworker.runner: the coroutines drains
+-- run in, so that a callback may wait), waiters (bgworker.waiter: how
+-- `await` and `job:get` suspend their caller) and wake-up signals
+-- (bgworker.signal) are modules of their own.
 --
 -- Invariants:
 --   * At most one dispatcher runs in a Lua state, and "running" is the
