@@ -322,8 +322,6 @@ pub struct DrainState {
     /// The innermost drain in progress ends after the running callback
     /// (`drain_cut()`).
     pub cut: bool,
-    /// Values stored so far by the `take` in progress (`lua/take.rs`).
-    pub stored: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -522,15 +520,6 @@ impl Instance {
 
     pub fn note_error(&mut self) {
         self.counters.errors += 1;
-    }
-
-    /// `count` items that a drain took (`lua/take.rs`) were dropped by a
-    /// stop before their callbacks ran: cancelled, as the queue's were, not
-    /// polled.
-    pub fn note_dropped(&mut self, count: u64) {
-        let count = count.min(self.counters.polled);
-        self.counters.polled -= count;
-        self.counters.cancelled += count;
     }
 
     pub fn pending(&self) -> usize {

@@ -318,7 +318,7 @@ function Dispatcher:stop()
   self:before_stop(owned)
   local cancelled = 0
   if owned then
-    cancelled = require("bgworker.drain").drop_taken() + core.stop()
+    cancelled = core.stop()
   end
   self:after_stop()
   for waiter in pairs(self.waiters) do

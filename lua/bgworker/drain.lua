@@ -35,7 +35,7 @@
 local core = require "bgworker.core"
 local dispatcher = require "bgworker.dispatcher"
 
-local wake, drain = core.wake, core.drain
+local poll, wake, drain = core.poll, core.wake, core.drain
 local drain_cut, drain_yieldable = core.drain_cut, core.drain_yieldable
 local next, pairs, select, setmetatable = next, pairs, select, setmetatable
 local floor = math.floor
@@ -72,15 +72,64 @@ end)
 -- callback in one protected call per batch, in C) where a callback's yield
 -- can go through it: on Lua 5.2+. On Lua 5.1 and LuaJIT a C function cannot
 -- be yielded across, and a drain runs in a runner that a callback may want
--- to suspend: there the core decodes a batch of items into a buffer
--- (`core.take`) and a Lua loop calls their callbacks, one protected call per
--- batch rather than per item. Either way, after an error a new batch goes on
--- where the failed one stopped.
+-- to suspend: there a Lua loop over `poll()`, with no tables, no closures,
+-- and one protected call per batch rather than per item. Either
+-- way, after an error a new batch goes on where the failed one stopped.
 
--- Up to `limit` items through the core's drain, which counts the item that
--- raised in its `n` (a failure that took no item is not tried again), and
--- ends after a callback that cut it (`Slice:carry_over`) or yielded; report
--- errors. Returns the items handled and whether the queue was found empty.
+-- Call an item's callback with its arguments. `poll` returned nothing when
+-- `f` is nil: the queue is empty.
+local function call_item(f, ...)
+  if f == nil then
+    return false
+  end
+  f(...)
+  return true
+end
+
+-- Handle items until the queue is empty, slice.count reaches limit, or the
+-- slice is over (or displaced). Counts each item in slice.count before
+-- handling it, so an item that raised counts too. True when the queue was
+-- found empty (or the dispatcher stopped).
+local function batch(self, limit, slice)
+  local n = slice.count
+  while n < limit and not slice.over do
+    n = n + 1
+    slice.count = n
+    if not call_item(poll()) then
+      slice.count = n - 1
+      return true
+    end
+    if self.stopped then
+      return true
+    end
+  end
+  return false
+end
+
+-- Up to `limit` items, in batches under self.call; report errors. Returns
+-- the items handled and whether the queue was found empty.
+local function handle_items(self, limit, slice)
+  slice.count = 0
+  local empty
+  repeat
+    local ok, res, tb = self.call(batch, self, limit, slice)
+    if ok then
+      empty = res
+    else
+      self:report(res, tb)
+      if self.stopped then
+        empty = true
+      elseif slice.count >= limit or slice.over then
+        empty = false
+      end
+    end
+  until empty ~= nil
+  return slice.count, empty
+end
+
+-- The same through the core's drain, which counts the item that raised in
+-- its `n` (a failure that took no item is not tried again), and ends after
+-- a callback that cut it (`Slice:carry_over`) or yielded.
 local function drain_items(self, limit, slice)
   local total = 0
   while true do
@@ -98,105 +147,14 @@ local function drain_items(self, limit, slice)
   end
 end
 
--- Lua 5.1 and LuaJIT in a runner: the core's `take` decodes a batch of
--- items into the slice's buffer (`buf`, from `at` to `len`: for each item
--- the number of arguments, the function, the arguments), and Lua calls
--- them, where a callback's yield can pass. Each entry is passed before its
--- call, so a callback that raised or waited is not called again; a
--- displaced slice's buffer goes on in the next runner; and when the
--- dispatcher stops, the rest of the batch is cancelled, as the queue's
--- items are (`drop_taken`).
-
--- Most items taken into the buffer at once.
-local TAKE_AT_MOST = 64
-
-local function call_taken(self, slice)
-  local buf = slice.buf
-  local i, len = slice.at, slice.len
-  while i <= len do
-    local nargs, f = buf[i], buf[i + 1]
-    local after = i + 2 + nargs
-    slice.at = after
-    if nargs == 0 then
-      f()
-    elseif nargs == 1 then
-      f(buf[i + 2])
-    elseif nargs == 2 then
-      f(buf[i + 2], buf[i + 3])
-    elseif nargs == 3 then
-      f(buf[i + 2], buf[i + 3], buf[i + 4])
-    else
-      f(unpack(buf, i + 2, after - 1))
-    end
-    if slice.displaced or self.stopped then
-      return
-    end
-    i = after
-  end
-end
-
--- Call what the buffer holds, in protected calls; report errors. Then
--- empty it (unless displaced: the next runner has it).
-local function run_taken(self, slice)
-  while slice.at <= slice.len and not (slice.displaced or self.stopped) do
-    local ok, err, tb = self.call(call_taken, self, slice)
-    if not ok then
-      self:report(err, tb)
-    end
-  end
-  if not slice.displaced then
-    local buf = slice.buf
-    for i = 1, slice.len do
-      buf[i] = nil
-    end
-    slice.at, slice.len = 1, 0
-  end
-end
-
-local take, drop_taken = core.take, core.drop_taken
-
-
--- Up to `limit` items through `take` and the buffer (what a displaced
--- runner left in it first); the items handled, and whether the queue was
--- found empty.
-local function take_and_call(self, limit, slice)
-  if slice.at <= slice.len then
-    run_taken(self, slice)
-  end
-  local total = 0
-  while not (slice.displaced or self.stopped) do
-    local want = limit - total
-    if want > TAKE_AT_MOST then
-      want = TAKE_AT_MOST
-    end
-    local len, n, empty, err, tb = take(slice.buf, want)
-    total = total + n
-    slice.at, slice.len = 1, len
-    run_taken(self, slice)
-    if empty == nil then
-      self:report(err, tb)
-    end
-    if self.stopped then
-      -- What the stop cancelled was not handled.
-      return total - slice.dropped, true
-    elseif empty then
-      return total, true
-    elseif total >= limit or slice.over then
-      return total, false
-    end
-  end
-  return total - slice.dropped, self.stopped
-end
-
 -- Handle up to `limit` items in `slice`: through the core's drain where a
 -- callback's yield can pass it, or where none can succeed anyway (outside
--- any coroutine: a drain run in place, as the bench's baseline does); else
--- through `take`.
+-- any coroutine: a drain run in place, as the bench's baseline does).
 local function take_items(self, limit, slice)
   if drain_yieldable or running() == nil then
     return drain_items(self, limit, slice)
   end
-  return take_and_call(self, limit, slice)
+  return handle_items(self, limit, slice)
 end
 
 -- ------------------------------------------------------------------------
@@ -261,18 +219,6 @@ function M.slice()
   return running_slice
 end
 
---- The dispatcher stops: the items the running drain took but did not call
--- yet are cancelled, as the queue's are. Returns how many.
-function M.drop_taken()
-  local slice = running_slice
-  if not (slice and slice.at <= slice.len) then
-    return 0
-  end
-  local dropped = drop_taken(slice.buf, slice.at, slice.len)
-  slice.at, slice.dropped = slice.len + 1, slice.dropped + dropped
-  return dropped
-end
-
 --- Callbacks that may run now (see above), at least one in a new slice;
 -- 0 once the slice is over, which it then stays. Sets the next checkpoint.
 -- (Comparisons rather than math.min and max: this runs once per carrier.)
@@ -333,12 +279,12 @@ local function new_slice(self, limit)
   if slice then
     self.spare_slice = nil
   else
-    slice = setmetatable({ open = setmetatable({}, WEAK_KEYS), buf = {}, at = 1, len = 0 }, Slice)
+    slice = setmetatable({ open = setmetatable({}, WEAK_KEYS) }, Slice)
   end
   local started = clock()
   slice.calls, slice.checkpoint, slice.limit, slice.over = 0, 0, limit, false
   slice.started, slice.ends, slice.pace = started, started + dispatcher.SLICE, self.pace
-  slice.handled, slice.empty, slice.displaced, slice.dropped = 0, true, false, 0
+  slice.count, slice.handled, slice.empty, slice.displaced = 0, 0, true, false
   slice.pending = nil
   return slice
 end
@@ -346,12 +292,10 @@ end
 -- `old`'s runner was displaced: the slice that carries on in the next one.
 local function displace(self, old)
   old.over, old.displaced = true, true
-  -- The buffer's rest too (`take`), for the next runner to call.
-  local slice = setmetatable({ open = setmetatable({}, WEAK_KEYS), buf = old.buf, at = old.at,
-    len = old.len }, Slice)
+  local slice = setmetatable({ open = setmetatable({}, WEAK_KEYS) }, Slice)
   slice.calls, slice.checkpoint, slice.limit, slice.over = old.calls, old.calls, old.limit, false
   slice.started, slice.ends, slice.pace = old.started, old.ends, old.pace
-  slice.handled, slice.empty, slice.displaced, slice.dropped = old.handled, true, false, 0
+  slice.count, slice.handled, slice.empty, slice.displaced = 0, old.handled, true, false
   for x, f in pairs(old.open) do
     carry(f, x)
   end

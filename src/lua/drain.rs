@@ -98,7 +98,7 @@ const LOOP_RUN: c_int = 2;
 
 /// The instance cell of the running function's first upvalue (the entry
 /// and the loop both have it).
-pub(super) unsafe fn cell(state: *mut lua_State) -> *mut InstanceCell {
+unsafe fn cell(state: *mut lua_State) -> *mut InstanceCell {
     unsafe { lua_touserdata(state, lua_upvalueindex(1)) as *mut InstanceCell }
 }
 
@@ -250,15 +250,6 @@ unsafe fn finish(state: *mut lua_State, status: c_int, continued: bool) -> c_int
         luaL_checkstack(state, 6, ptr::null());
         lua_pushinteger(state, taken as lua_Integer);
         lua_pushnil(state);
-        push_failure(state, error, decode_failed);
-        4
-    }
-}
-
-/// Push the error at `error` (the message handler's, or a bare error) as
-/// `err, traceback`, the decode's prefix added when `decode_failed`.
-pub(super) unsafe fn push_failure(state: *mut lua_State, error: c_int, decode_failed: bool) {
-    unsafe {
         if is_drain_error(state, error) {
             lua_rawgeti(state, error, 1);
             lua_rawgeti(state, error, 2);
@@ -278,6 +269,7 @@ pub(super) unsafe fn push_failure(state: *mut lua_State, error: c_int, decode_fa
                 lua_concat(state, 2);
             }
         }
+        4
     }
 }
 
@@ -288,7 +280,7 @@ unsafe fn is_drain_error(state: *mut lua_State, index: c_int) -> bool {
 /// The loop's message handler: runs where the error was raised, and
 /// returns `{ err, traceback }` (marked by its metatable), the traceback
 /// starting with the error as text, like `bgworker.protect`'s.
-pub(super) unsafe extern "C-unwind" fn message_handler(state: *mut lua_State) -> c_int {
+unsafe extern "C-unwind" fn message_handler(state: *mut lua_State) -> c_int {
     unsafe {
         let text = error_text(state, 1);
         push_str(state, &text);
@@ -375,7 +367,7 @@ unsafe fn cut(cell: *mut InstanceCell) -> bool {
 /// Take the next item of `run` and hold it in the instance: its decode,
 /// data (in `scratch` for a copied record), and whether it is a round trip.
 /// `None` when the queue is empty, or the run stopped or changed.
-pub(super) unsafe fn take_and_hold(
+unsafe fn take_and_hold(
     cell: *mut InstanceCell,
     run: u64,
     scratch: &mut Scratch,
@@ -392,7 +384,7 @@ pub(super) unsafe fn take_and_hold(
 
 /// The held item failed (decode raised, or pushed something unusable):
 /// finish it as an error, so free it. Whether there was one.
-pub(super) unsafe fn settle_failed(cell: *mut InstanceCell) -> bool {
+unsafe fn settle_failed(cell: *mut InstanceCell) -> bool {
     let Some(instance) = (unsafe { (*cell).instance.as_mut() }) else {
         return false;
     };
@@ -440,7 +432,6 @@ pub unsafe fn open(state: *mut lua_State, module: c_int, instance: c_int, wrappe
         lua_pushvalue(state, instance);
         lua_pushcclosure(state, drain_cut, 1);
         lua_setfield(state, module, c"drain_cut".as_ptr());
-        super::take::open(state, module, instance, wrapper);
         lua_pushboolean(state, YIELDABLE as c_int);
         lua_setfield(state, module, c"drain_yieldable".as_ptr());
     }

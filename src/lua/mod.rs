@@ -20,7 +20,6 @@ mod api;
 mod decode;
 mod drain;
 mod poll;
-mod take;
 mod token;
 
 use std::ffi::{c_int, CStr};

@@ -38,13 +38,6 @@ impl RoundTripCell {
         self.item = item;
     }
 
-    /// Finish the item as cancelled, if it is still here.
-    pub fn cancel(&mut self) {
-        if let Some(item) = self.take() {
-            item.finish(Status::Cancelled);
-        }
-    }
-
     /// The item, unless this process inherited it through fork(): then it
     /// is forgotten, never freed nor finished here.
     fn take(&mut self) -> Option<Item> {
