@@ -20,6 +20,7 @@
 --                        resumes itself may wait too (the dispatcher resumes
 --                        it); false where the loop's scheduler would, and a
 --                        wait there raises
+--   copas1               true for Copas 1.x (Copas's driver)
 --   sleep(seconds)       from a callback or a coroutine of the loop: let the
 --                        loop run for `seconds` (nil where callbacks cannot
 --                        yield to the loop)
@@ -101,7 +102,8 @@ end
 -- Copas (1.2 from Debian, or 4.x)
 
 local function copas_driver(copas)
-  local driver = { name = "copas", label = "copas (" .. tostring(copas._VERSION) .. ")" }
+  local driver = { name = "copas", label = "copas (" .. tostring(copas._VERSION) .. ")",
+    copas1 = support.is_copas1(copas) }
   local d
   function driver.new(opts)
     d = bgworker.new(options("copas", opts))

@@ -376,7 +376,10 @@ function Copas:suspender()
   if not co then
     return nil, "with a Copas dispatcher, wait in a Copas thread (copas.addthread), not in the" ..
       " main program"
-  elseif runner.resuming() and not runner.owns(co) then
+  elseif self.api == COPAS4 and runner.resuming() and not runner.owns(co) then
+    -- (Copas 1.x runs a new thread at once, inside copas.addthread: there
+    -- a thread that a callback adds is resumed by the callback too, and
+    -- nothing tells it from a coroutine of the callback's own.)
     return nil, NOT_COPAS_THREAD
   end
   return self.api.suspender(self)
