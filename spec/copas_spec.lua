@@ -101,10 +101,14 @@ describe("bgworker.copas", function()
     d = bgworker.new { loop = "copas" }
     local replies = {}
     local t = ticker.start(3, 1, function(v)
-      replies[#replies + 1] = echo(port, "ping " .. v)
+      -- (The reply first: callbacks that wait overlap, so an index taken
+      -- before the wait may be taken by another callback meanwhile.)
+      local reply = echo(port, "ping " .. v)
+      replies[#replies + 1] = reply
     end)
     assert.is_true(run_until(function() return #replies == 3 end))
     t:stop()
+    table.sort(replies)
     assert.same({ "echo ping 1", "echo ping 2", "echo ping 3" }, replies)
   end)
 

@@ -273,7 +273,9 @@ function Slice:leave(x)
 end
 
 -- A slice of `limit` callbacks for `self` (its spare one, unless a drain of
--- it is running: a callback's nested drain), started now.
+-- it is running: a callback's nested drain). Its time starts with its
+-- first callback (`start`), not with the drain's deferred calls and timers
+-- nor with the runner it runs in.
 local function new_slice(self, limit)
   local slice = self.spare_slice
   if slice then
@@ -281,9 +283,8 @@ local function new_slice(self, limit)
   else
     slice = setmetatable({ open = setmetatable({}, WEAK_KEYS) }, Slice)
   end
-  local started = clock()
   slice.calls, slice.checkpoint, slice.limit, slice.over = 0, 0, limit, false
-  slice.started, slice.ends, slice.pace = started, started + dispatcher.SLICE, self.pace
+  slice.started, slice.ends, slice.pace = nil, nil, self.pace
   slice.count, slice.handled, slice.empty, slice.displaced = 0, 0, true, false
   slice.pending = nil
   return slice
@@ -332,6 +333,10 @@ end
 -- `slice.empty`: true when no wake-up is owed (the queue was found empty
 -- with nothing carried over, or the dispatcher stopped).
 local function run_slice(self, slice)
+  if not slice.started then
+    local now = clock()
+    slice.started, slice.ends = now, now + dispatcher.SLICE
+  end
   if any_carried then
     run_carried(self, slice)
   end
@@ -396,7 +401,7 @@ function Dispatcher:drain(limit)
   self.draining = outer_draining
   self.spare_slice = slice
   local calls = slice.calls
-  if calls > 0 then
+  if calls > 0 and slice.started then
     -- Seconds per callback, for the first batch of the next slice.
     self.pace = (clock() - slice.started) / calls
   end
