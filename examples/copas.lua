@@ -21,7 +21,7 @@ local function count_primes(limit)
   return count
 end
 
-local dispatcher = bgworker.new { loop = "copas" } -- results come back in this loop
+bgworker.new { loop = "copas" } -- results come back in this loop, while it runs
 local workers = pool.new { threads = 2 }
 local finished = false
 
@@ -36,7 +36,6 @@ copas.addthread(function()
   print("cancel:", endless:cancel(), endless:status())
 
   workers:close()
-  dispatcher:stop() -- copas.loop() returns once the other threads end
   finished = true
 end)
 
@@ -48,5 +47,5 @@ copas.addthread(function() -- meanwhile the loop is free for other work
   end
 end)
 
-copas.loop()
+copas.loop() -- returns once the work is done: no thread left, nothing outstanding
 print("loop ticks meanwhile:", ticks)

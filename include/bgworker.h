@@ -246,6 +246,32 @@ typedef struct bgw_api {
      */
     int (*deliver_copy)(bgw_handle *handle, bgw_decode_fn decode, const void *bytes, size_t len,
                         int timeout_ms);
+
+    /* Keeping the loop alive (appended members: bgw_api_get checks `size`).
+     *
+     * As libuv's handles (uv_ref, uv_unref) and Node-API's thread-safe
+     * functions (napi_ref_threadsafe_function): a handle keeps its Lua
+     * state's loop alive from acquire until it is released or unref'd. In
+     * loops that end when their work is done (Copas 4's copas.loop(),
+     * luv's uv.run()), the dispatcher then keeps the loop running, so that
+     * what the library's threads deliver is dispatched. A library whose
+     * threads deliver only while the program waits for something it asked
+     * for (a reply to each request, say) unrefs its handle once acquired,
+     * and lets the Lua side keep the loop alive for each request.
+     * bgworker.pool and bgworker.dns do so.
+     *
+     * An unref'd handle delivers as before: its items are dispatched while
+     * the loop runs for other reasons; once nothing keeps the loop alive,
+     * they wait in the queue for its next turn (or are cancelled when the
+     * dispatcher stops, as any pending item).
+     *
+     * (Lua thread) The handle keeps L's loop alive again (ref), or no
+     * longer (unref). Each says so once: a second ref or unref in a row
+     * changes nothing, and release ends what ref began. L is the Lua state
+     * the handle was acquired in. Returns BGW_OK, or BGW_INVALID for a NULL
+     * or released handle. */
+    int (*ref)(lua_State *L, bgw_handle *handle);
+    int (*unref)(lua_State *L, bgw_handle *handle);
 } bgw_api;
 
 /* (Lua thread) The helper's API published in L, or NULL when bgworker.core

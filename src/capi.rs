@@ -66,6 +66,8 @@ pub struct Api {
         len: usize,
         timeout_ms: c_int,
     ) -> c_int,
+    pub r#ref: unsafe extern "C-unwind" fn(state: *mut c_void, handle: *mut Handle) -> c_int,
+    pub unref: unsafe extern "C-unwind" fn(state: *mut c_void, handle: *mut Handle) -> c_int,
 }
 
 /// `bgw_token`: opaque to C. A reference is an `Arc<Token>` turned into a
@@ -98,10 +100,28 @@ pub unsafe extern "C" fn token_release(token: *mut TokenRef) {
 
 pub const API_VERSION: c_uint = 1;
 
-/// A new handle: one more strong count on `shared`, in a box.
-pub fn new_handle(shared: &Arc<Shared>) -> *mut Handle {
+/// A new handle: one more strong count on `shared`, in a box, and one
+/// more keeper of its loop; also whether it is the first keeper.
+pub fn new_handle(shared: &Arc<Shared>) -> (*mut Handle, bool) {
     let boxed: *const HandleBox = HandleBox::new(Arc::into_raw(shared.clone()));
-    boxed.cast_mut().cast()
+    (boxed.cast_mut().cast(), shared.keep())
+}
+
+/// Say whether a handle keeps its loop alive (`bgw_api.ref`, `unref`):
+/// whether that changed the keepers between none and some, or
+/// `Status::Invalid` for NULL and a released handle.
+///
+/// # Safety
+/// `handle` is NULL or came from `new_handle`.
+pub unsafe fn set_kept(handle: *mut Handle, kept: bool) -> Result<bool, Status> {
+    let function = if kept { "ref" } else { "unref" };
+    let boxed = unsafe { handle_box(handle) }.ok_or(Status::Invalid)?;
+    let shared = unsafe { resolve(handle, function) }.ok_or(Status::Invalid)?;
+    Ok(match (boxed.set_kept(kept), kept) {
+        (false, true) => shared.keep(),
+        (true, false) => shared.unkeep(),
+        _ => false,
+    })
 }
 
 /// The box of a non-NULL handle.
@@ -151,9 +171,16 @@ pub unsafe extern "C" fn release(handle: *mut Handle) {
     let Some(boxed) = (unsafe { handle_box(handle) }) else {
         return;
     };
+    // Before the box is released: from then on a later acquire may reuse it.
+    let kept = boxed.set_kept(false);
     match boxed.release() {
-        // SAFETY: the box held this strong count; its first release hands it back.
-        Some(target) => drop(unsafe { Arc::from_raw(target) }),
+        Some(target) => {
+            // SAFETY: the box held this strong count; its first release hands it back.
+            let shared = unsafe { Arc::from_raw(target) };
+            if kept && shared.unkeep() {
+                shared.unkept();
+            }
+        }
         None => report_misuse("release"),
     }
 }
@@ -271,7 +298,7 @@ mod tests {
     #[test]
     fn invalid_arguments_free_the_data_and_say_so() {
         let instance = Instance::default();
-        let handle = new_handle(instance.shared());
+        let (handle, _) = new_handle(instance.shared());
         let freed = AtomicUsize::new(0);
         let data = &freed as *const AtomicUsize as *mut c_void;
         let invalid = Status::Invalid.code();
@@ -293,7 +320,7 @@ mod tests {
     #[test]
     fn an_invalid_copy_is_refused_and_counted() {
         let instance = Instance::default();
-        let handle = new_handle(instance.shared());
+        let (handle, _) = new_handle(instance.shared());
         let bytes = [0u8; MAX_COPY + 1];
         let at = bytes.as_ptr().cast();
         let invalid = Status::Invalid.code();
@@ -332,7 +359,7 @@ mod tests {
     #[test]
     fn a_released_handle_is_refused_its_data_freed_and_a_second_release_ignored() {
         let instance = Instance::default();
-        let handle = new_handle(instance.shared());
+        let (handle, _) = new_handle(instance.shared());
         assert_eq!(Arc::strong_count(instance.shared()), 2);
         let freed = AtomicUsize::new(0);
         let data = &freed as *const AtomicUsize as *mut c_void;
@@ -346,6 +373,31 @@ mod tests {
         }
         assert_eq!(freed.load(SeqCst), 2);
         assert_eq!(Arc::strong_count(instance.shared()), 1, "the second release took a count it did not hold");
+    }
+
+    #[test]
+    fn handles_keep_the_loop_until_unref_or_release() {
+        let instance = Instance::default();
+        let shared = instance.shared();
+        let (first, was_first) = new_handle(shared);
+        let (second, _) = new_handle(shared);
+        assert!(was_first);
+        assert_eq!(shared.keepers(), 2);
+        // SAFETY: both handles are live until released; the misuse of a released one is under test.
+        unsafe {
+            assert_eq!(set_kept(first, false), Ok(false), "one keeper is left");
+            assert_eq!(set_kept(first, false), Ok(false), "an unref'd handle is unref'd once");
+            assert_eq!(shared.keepers(), 1);
+            release(first);
+            assert_eq!(shared.keepers(), 1, "an unref'd handle's release keeps nothing less");
+            assert_eq!(set_kept(second, false), Ok(true), "the last keeper went");
+            assert_eq!(set_kept(second, true), Ok(true), "the first keeper came");
+            release(second);
+            assert_eq!(shared.keepers(), 0);
+            assert_eq!(set_kept(second, true), Err(Status::Invalid));
+            assert_eq!(set_kept(std::ptr::null_mut(), true), Err(Status::Invalid));
+        }
+        assert_eq!(shared.keepers(), 0);
     }
 
     #[test]

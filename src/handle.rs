@@ -23,13 +23,16 @@
 //!   once: only the release that got the target puts it there.
 //! - The free list is touched only in `fork::quiet`: a forked child never
 //!   finds its lock held by a thread it did not inherit.
+//! - `kept` says whether the box counts among its target's keepers
+//!   (`Shared::keep`): set by `new`, and changed only by swaps, so each
+//!   change of it is counted exactly once, by the swap that made it.
 //!
 //! The target is a raw pointer, made and dereferenced by `capi.rs`; this
 //! module only stores it.
 
 use std::collections::VecDeque;
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Mutex;
 
 use crate::fork;
@@ -40,6 +43,8 @@ const QUARANTINE: usize = 64;
 
 pub struct HandleBox {
     target: AtomicPtr<Shared>,
+    /// Does this handle keep its Lua state's loop alive (`bgw_api.ref`)?
+    kept: AtomicBool,
 }
 
 /// Released boxes, oldest first.
@@ -76,8 +81,10 @@ impl HandleBox {
     /// A box for `target`: a recycled one, or a new one leaked for good.
     pub fn new(target: *const Shared) -> &'static HandleBox {
         let recycled = free_list(FreeList::take);
-        let boxed =
-            recycled.unwrap_or_else(|| Box::leak(Box::new(HandleBox { target: AtomicPtr::new(ptr::null_mut()) })));
+        let boxed = recycled.unwrap_or_else(|| {
+            Box::leak(Box::new(HandleBox { target: AtomicPtr::new(ptr::null_mut()), kept: AtomicBool::new(false) }))
+        });
+        boxed.kept.store(true, Ordering::Release);
         boxed.target.store(target.cast_mut(), Ordering::Release);
         boxed
     }
@@ -86,6 +93,11 @@ impl HandleBox {
     pub fn target(&self) -> Option<*const Shared> {
         let target = self.target.load(Ordering::Acquire);
         (!target.is_null()).then_some(target.cast_const())
+    }
+
+    /// Say whether the handle keeps its loop alive: what it said before.
+    pub fn set_kept(&self, kept: bool) -> bool {
+        self.kept.swap(kept, Ordering::AcqRel)
     }
 
     /// Release: the target, which the caller now owns, or `None` when the
@@ -118,10 +130,21 @@ mod tests {
     }
 
     #[test]
+    fn a_new_box_is_kept_and_each_change_is_seen_once() {
+        let handle = HandleBox::new(fake(2));
+        assert!(handle.set_kept(false), "a new box is kept");
+        assert!(!handle.set_kept(false), "a second unref finds it not kept");
+        assert!(!handle.set_kept(true));
+        assert!(handle.set_kept(true), "a second ref finds it kept");
+        handle.release();
+    }
+
+    #[test]
     fn a_released_box_is_reused_after_quarantine_oldest_first() {
         let mut free = FreeList::new();
-        let boxes: Vec<&'static HandleBox> =
-            (0..QUARANTINE + 2).map(|_| &*Box::leak(Box::new(HandleBox { target: AtomicPtr::default() }))).collect();
+        let boxes: Vec<&'static HandleBox> = (0..QUARANTINE + 2)
+            .map(|_| &*Box::leak(Box::new(HandleBox { target: AtomicPtr::default(), kept: AtomicBool::default() })))
+            .collect();
         for (n, released) in boxes[..=QUARANTINE].iter().enumerate() {
             assert!(free.take().is_none(), "reused with only {n} released");
             free.put(released);

@@ -14,6 +14,10 @@
 //!   it closes the [`Room`] first, which wakes them.
 //! - No user code (free_data) runs under the route lock: rejected items
 //!   are handed back out of the locked scope and dropped there.
+//! - `keepers` counts the handles whose box says `kept` (`handle.rs`): each
+//!   change of a box's flag moves it by one. When the last keeper goes on a
+//!   producer's thread (`release`), the reader is woken if it listens
+//!   (`wake_when_unkept`), so that its loop learns that it may end.
 //! - `delivered` is not counted on the hot path: every accepted item is
 //!   later polled, cancelled, or still pending, so it is their sum.
 //!
@@ -38,7 +42,7 @@
 use std::ffi::c_void;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -72,6 +76,10 @@ pub struct Shared {
     rejected: AtomicU64,
     wakeups: AtomicU64,
     wake_errors: AtomicU64,
+    /// Handles that keep the Lua state's loop alive (`bgw_api.ref`).
+    keepers: AtomicUsize,
+    /// Wake the reader when the last keeper is released (`core.on_keep`).
+    wake_when_unkept: AtomicBool,
     /// The fork generation this was made in.
     generation: u64,
     /// In a forked child: the child's own `Shared`, which this forwards to.
@@ -87,6 +95,8 @@ impl Default for Shared {
             rejected: AtomicU64::default(),
             wakeups: AtomicU64::default(),
             wake_errors: AtomicU64::default(),
+            keepers: AtomicUsize::default(),
+            wake_when_unkept: AtomicBool::default(),
             generation: fork::generation(),
             successor: OnceLock::new(),
         }
@@ -129,6 +139,34 @@ impl Shared {
                 status
             }
         }
+    }
+
+    /// One more handle keeps the loop alive: true when it is the first.
+    pub fn keep(&self) -> bool {
+        self.keepers.fetch_add(1, AcqRel) == 0
+    }
+
+    /// One handle less keeps the loop alive: true when it was the last.
+    pub fn unkeep(&self) -> bool {
+        self.keepers.fetch_sub(1, AcqRel) == 1
+    }
+
+    /// Whether the release of the last keeper wakes the reader.
+    pub fn wake_when_unkept(&self, wake: bool) {
+        self.wake_when_unkept.store(wake, Relaxed);
+    }
+
+    /// The last keeper was released on a producer's thread: wake the
+    /// reader if it listens, so that it learns its loop may end.
+    pub fn unkept(&self) {
+        if self.wake_when_unkept.load(Relaxed) {
+            self.wake();
+        }
+    }
+
+    /// The handles that keep the loop alive now.
+    pub fn keepers(&self) -> usize {
+        self.keepers.load(Acquire)
     }
 
     pub fn note_rejected(&self) {

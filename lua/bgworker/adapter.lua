@@ -42,6 +42,14 @@
 --                       resumed the drain. Default: false.
 --   retire_runner(self)  Runs last in a displaced runner, once its callback
 --                       returned. Default: nothing (the runner ends).
+--   keep_alive(self, alive)  Whether the dispatcher keeps the loop alive
+--                       now (see bgworker.dispatcher, "Keeping the loop
+--                       alive"), for loops that end when their work is
+--                       done. Called for each change, also inside a drain:
+--                       a loop that learns it in its drain's own callbacks
+--                       may wait for the drain's end, and call
+--                       `check_alive()` then. Default: nothing (a loop
+--                       that never ends by itself).
 -- A loop may also override public methods (`dispatch`) and add its own.
 --
 -- Invariant: every loop of LOOPS has an adapter with all the fields of
@@ -68,6 +76,7 @@ M.FIELDS = {
   run_in_runner = false,
   adopt = false,
   retire_runner = false,
+  keep_alive = false,
 }
 
 -- Every class the base made, to tell dispatchers apart from other tables.

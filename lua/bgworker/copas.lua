@@ -26,8 +26,16 @@
 -- socket calls. They run one after the other, and one that waits becomes a
 -- Copas thread of its own until its callback returns, while the others go
 -- on: it delays nothing but itself. After `budget` callbacks, or 5 ms of
--- them, the reader lets the other Copas threads run, then goes on. With Copas 4, `d:stop()` lets `copas.loop()`
--- return, and (4.8 or later) `copas.exit()` stops the dispatcher.
+-- them, the reader lets the other Copas threads run, then goes on.
+--
+-- With Copas 4, `copas.loop()` returns once the program's work is done,
+-- without `d:stop()`: the reader waits for wake-ups only while something
+-- is outstanding (a job, a lookup, a wait, pending items, a utility
+-- library's handle that keeps the loop alive, or `d:ref()`), and rests
+-- without keeping the loop alive otherwise. `copas.exit()` (Copas 4.8 or
+-- later), which `copas.loop()` also calls when its work is done, stops the
+-- dispatcher; `d:stop()` lets `copas.loop()` return even with work
+-- outstanding. Copas 1.x's loop never returns.
 --
 -- Waiting (`bgworker.await`, `job:get`) suspends only the calling Copas
 -- thread: with `copas.pause`/`copas.wakeup` on Copas 4, on a socket of its
@@ -122,6 +130,33 @@ function COPAS4.reader_ended() end
 
 -- A runner Copas took over ends: Copas forgets it.
 function COPAS4.retire_runner() end
+
+-- Nothing keeps the loop alive: the reader stops reading the socket, which
+-- would keep `copas.loop()` running, and sleeps without a wake-up time
+-- (which does not), until something keeps the loop alive again
+-- (`keep_alive`) or the dispatcher stops.
+-- The dispatchers whose reader rests. (Copas holds a sleeping thread
+-- weakly only: this holds the dispatcher meanwhile, as Copas does while
+-- the reader waits for the socket.)
+local resting = {}
+
+function COPAS4.rest(self)
+  resting[self] = true
+  self.copas.pauseforever()
+  resting[self] = nil
+end
+
+function COPAS4.keep_alive(self, alive)
+  if alive then
+    if resting[self] then
+      self.copas.wakeup(self.reader)
+    end
+  elseif not (resting[self] or self.draining) and self:owns_run() then
+    -- The reader waits for the socket: let it see that it may rest. (In a
+    -- drain, it looks when the drain ends.)
+    pcall(core.wake)
+  end
+end
 
 -- Why a wait cannot work in a coroutine that is not a Copas thread.
 local NOT_COPAS_THREAD = "this coroutine is not a Copas thread (a coroutine.wrap or" ..
@@ -227,35 +262,44 @@ local discard = signal.discard_datagrams
 local watch_exit
 
 local function reader(self)
-  local copas, sock, wakeups = self.copas, self.socket, self.wakeups
-  local receive = copas.receive
-  local budget = self.budget
+  local receive, budget = self.copas.receive, self.budget
+  local rest = self.api.rest
   while not self.stopped do
-    local ok, err = receive(wakeups, DATAGRAM)
-    if self.stopped then
-      break
+    if rest and not self:keeps_loop() then
+      rest(self)
+    else
+      self:take_wakeups(receive, budget)
     end
-    local lost = self:lost_run("bgworker.copas reader")
-    if lost or sock:getfd() < 0 or (not ok and err ~= "timeout") then
-      self:report(lost or "wake-up socket failed: " .. tostring(err or "closed"))
-      self:stop()
-      break
-    end
-    discard(sock)
-    if not self.watching_exit then
-      self.watching_exit = watch_exit(self)
-    end
-    repeat
-      local _, empty = self:drain(budget)
-      if not empty then
-        -- The instance stays armed: no datagram will come, so carry
-        -- on draining after the others had their turn.
-        self.api.pause(self)
-      end
-    until empty or self.stopped
   end
   self.api.reader_ended(self)
-  wakeups:close()
+  self.wakeups:close()
+end
+
+-- Wait for a wake-up, and drain.
+function Copas:take_wakeups(receive, budget)
+  local sock = self.socket
+  local ok, err = receive(self.wakeups, DATAGRAM)
+  if self.stopped then
+    return
+  end
+  local lost = self:lost_run("bgworker.copas reader")
+  if lost or sock:getfd() < 0 or (not ok and err ~= "timeout") then
+    self:report(lost or "wake-up socket failed: " .. tostring(err or "closed"))
+    self:stop()
+    return
+  end
+  discard(sock)
+  if not self.watching_exit then
+    self.watching_exit = watch_exit(self)
+  end
+  repeat
+    local _, empty = self:drain(budget)
+    if not empty then
+      -- The instance stays armed: no datagram will come, so carry
+      -- on draining after the others had their turn.
+      self.api.pause(self)
+    end
+  until empty or self.stopped
 end
 
 -- Copas 4.8+: one thread waits for copas.exit() and then stops the running
@@ -322,6 +366,12 @@ end
 M.new = dispatcher.constructor(Copas)
 
 function Copas.before_stop(self, owned)
+  if resting[self] then
+    -- A resting reader waits for no socket, but for this.
+    self.copas.wakeup(self.reader)
+    self.woken = true
+    return
+  end
   -- A datagram resumes the reader wherever it waits for the socket; the
   -- reader then sees `stopped`, ends, and closes the socket.
   self.woken = owned and pcall(core.wake)
@@ -369,6 +419,10 @@ end
 
 function Copas:retire_runner()
   return self.api.retire_runner(self)
+end
+
+function Copas:keep_alive(alive)
+  return self.api.keep_alive(self, alive)
 end
 
 function Copas:suspender()

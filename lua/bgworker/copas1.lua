@@ -91,6 +91,10 @@ function M.retire_runner()
   coroutine.yield(true, PARKED)
 end
 
+-- Copas 1.x's loop never ends: the reader never rests (no `rest`), and
+-- what keeps the loop alive does not matter.
+function M.keep_alive() end
+
 -- ------------------------------------------------------------------------
 -- Waiting
 

@@ -22,6 +22,11 @@
 --     it holds `core.guard()`, and this module refers to it weakly only.
 --   * Stopping resumes every waiter of the dispatcher, which then returns
 --     "stopped" (bgworker.waiter).
+--   * A dispatcher keeps its loop alive exactly while `keeps_loop()` says so
+--     (see "Keeping the loop alive"): each change of what it reads (holds,
+--     `ref`, the core's keepers, items pending or due) ends in
+--     `check_alive()`, at once or after the drain in progress, which the
+--     loop's adapter calls when it ends.
 
 --- What every dispatcher has, whatever its event loop.
 --
@@ -33,6 +38,7 @@
 -- | | select | copas | luv | cqueues | ngx |
 -- |---|---|---|---|---|---|
 -- | `stop()`, `stats()` | yes | yes | yes | yes | yes |
+-- | `ref()`, `unref()`, `has_ref()` | no effect | Copas 4 | yes | no effect | no effect |
 -- | `dispatch([max])` | yes | raises | yes | yes | raises |
 -- | own methods | `wait`, `getfd`, `dirty` | | | `loop`, `pollfd`, `events`, `timeout` | |
 -- | fields | `socket` (or `fd`) | `reader` | `fd`, `handle` | `fd` | |
@@ -105,6 +111,7 @@ function Dispatcher.before_dispatch() end
 Dispatcher.run_in_runner = runner.run
 function Dispatcher.adopt() return false end
 function Dispatcher.retire_runner() end
+function Dispatcher.keep_alive() end
 
 function Dispatcher:timer(seconds, fn)
   local heap = self.timers
@@ -213,12 +220,17 @@ function M.open(class, fname, opts)
     due = { head = 1, tail = 0 },
     -- Waiters suspended in this dispatcher's loop: ended by stop.
     waiters = setmetatable({}, { __mode = "k" }),
+    -- What the program waits for (jobs, lookups, waits: `hold`), and
+    -- whether `ref` keeps the loop alive whatever is outstanding.
+    holds = 0,
+    refd = false,
   }, class)
   local ok, err = class.start(self, opts)
   if not ok then
     return nil, fname .. ": cannot start: " .. tostring(err)
   end
   self:adopt_run()
+  self:check_alive()
   return self
 end
 
@@ -241,6 +253,15 @@ function M.constructor(class)
     local d, err = M.open(class, fname, opts)
     if not d then error(err, 2) end
     return d
+  end
+end
+
+-- The core says that the handles of utility libraries that keep the loop
+-- alive went from none to some or back (bgworker.h, bgw_api.ref).
+local function on_keep()
+  local d = M.current()
+  if d then
+    d:check_alive()
   end
 end
 
@@ -267,6 +288,11 @@ function Dispatcher:adopt_run()
   self.guard = core.guard()
   self.baseline = core.stats()
   current[1] = self
+  if self.keep_alive ~= Dispatcher.keep_alive then
+    -- A loop that ends when its work is done: hear when utility libraries'
+    -- handles start or stop keeping it alive.
+    core.on_keep(on_keep)
+  end
   for _, hook in pairs(start_hooks) do
     self:call_reporting(hook)
   end
@@ -318,6 +344,7 @@ function Dispatcher:stop()
   self:before_stop(owned)
   local cancelled = 0
   if owned then
+    core.on_keep(nil)
     cancelled = core.stop()
   end
   self:after_stop()
@@ -325,6 +352,92 @@ function Dispatcher:stop()
     waiter.resume()
   end
   return cancelled
+end
+
+-- ------------------------------------------------------------------------
+-- Keeping the loop alive
+--
+-- Loops that end when their work is done (Copas 4's `copas.loop()`, luv's
+-- `uv.run()`) end with a dispatcher in them too, once nothing is
+-- outstanding: as libuv's handles and Node-API's thread-safe functions do,
+-- the dispatcher keeps its loop alive only while the program waits for
+-- something from it. That is a hold (a job, a lookup, a wait: `hold`), a
+-- handle of a utility library that keeps the loop alive (`bgw_api.ref`),
+-- items pending or calls due, or the program's own `ref()`. The loop's
+-- adapter hears of each change (`keep_alive`), and the loops that never
+-- end by themselves ignore it.
+
+-- The program waits for something this dispatcher will bring (a job's
+-- outcome, an answer, the end of a wait): keep the loop alive until
+-- `unhold`. Each hold is given back exactly once.
+function Dispatcher:hold()
+  local holds = self.holds + 1
+  self.holds = holds
+  if holds == 1 then
+    self:check_alive()
+  end
+end
+
+function Dispatcher:unhold()
+  local holds = self.holds - 1
+  self.holds = holds
+  if holds == 0 then
+    self:check_alive()
+  end
+end
+
+-- Does the dispatcher keep its loop alive now?
+function Dispatcher:keeps_loop()
+  if self.stopped then
+    return false
+  elseif self.refd or self.holds > 0 or self.due.head <= self.due.tail then
+    return true
+  elseif not self:owns_run() then
+    -- Its run was lost (a fork, a stop through bgworker.core): the loop's
+    -- side must see that and stop the dispatcher, saying why.
+    return true
+  end
+  return core.keepers() > 0 or core.pending() > 0
+end
+
+-- Tell the loop's adapter whether the dispatcher keeps the loop alive now.
+function Dispatcher:check_alive()
+  self:keep_alive(self:keeps_loop())
+end
+
+--- Keep the loop alive while this dispatcher runs, even when nothing is
+-- outstanding: for a program whose utility library delivers without
+-- keeping the loop alive itself. By default a dispatcher keeps the loop
+-- alive only while something is outstanding (a job, a lookup, a wait, a
+-- utility library's handle: see the topic @{jobs.md}), as a libuv handle
+-- after `uv_unref`. Matters in Copas 4 and luv, whose loops end when
+-- their work is done; the other loops never end by themselves.
+-- @return the dispatcher
+function Dispatcher:ref()
+  local msg = M.check_self(self, "ref")
+  if msg then error(msg, 2) end
+  self.refd = true
+  self:check_alive()
+  return self
+end
+
+--- Keep the loop alive only while something is outstanding again (the
+-- default): undoes `ref`.
+-- @return the dispatcher
+function Dispatcher:unref()
+  local msg = M.check_self(self, "unref")
+  if msg then error(msg, 2) end
+  self.refd = false
+  self:check_alive()
+  return self
+end
+
+--- Did `ref` say to keep the loop alive (and no `unref` since)?
+-- @treturn boolean
+function Dispatcher:has_ref()
+  local msg = M.check_self(self, "has_ref")
+  if msg then error(msg, 2) end
+  return self.refd
 end
 
 -- ------------------------------------------------------------------------
@@ -377,7 +490,10 @@ end
 -- @treturn table `loop` (its name), `running`; `delivered` (items the core
 -- accepted in this run), `dispatched` (callbacks run, errors included),
 -- `errors` (callbacks and decodes that raised), `suspended` (callbacks that
--- waited, each suspended on its own while the others went on), `pending` (items queued
+-- waited, each suspended on its own while the others went on), `holds`
+-- (jobs, lookups and waits outstanding) and `keepers` (utility libraries'
+-- handles that keep the loop alive): while either is above 0 or `ref` was
+-- called, the dispatcher keeps its loop alive; `pending` (items queued
 -- now), `cancelled`, `rejected` (deliveries refused: full, closed, timed
 -- out), `wakeups`; `lag_last` and `lag_max`: seconds from a wake-up signal
 -- to the first item the loop took after it, the last one and the worst (a
@@ -403,6 +519,8 @@ function Dispatcher:stats()
     dispatched = self.dispatched,
     errors = self.errors,
     suspended = self.suspended,
+    holds = self.holds,
+    keepers = core.keepers(),
     pending = core.pending(),
     cancelled = delta("cancelled"),
     rejected = delta("rejected"),

@@ -44,8 +44,8 @@ end
 
 -- Look `host` up and call `callback(addresses, name)` or
 -- `callback(nil, message)` once; after `timeout` seconds (if given),
--- `callback(nil, "timeout")` and the lookup is cancelled. Returns the
--- lookup's token (give it to native.cancel to give up), or nil and the
+-- `callback(nil, "timeout")` and the lookup is cancelled. Returns a
+-- function that gives up the lookup without a callback, or nil and the
 -- message of an error for `fname` to raise.
 local function lookup(fname, host, callback, timeout)
   local d = dispatcher.current()
@@ -56,27 +56,40 @@ local function lookup(fname, host, callback, timeout)
   end
   local token = core.token()
   local timer
-  -- The first of the answer and the timeout calls back: each cancels the
-  -- token to win. The answer with token:cancel(), its lookup being over;
-  -- the timeout with native.cancel, which gives its place to the lookups
-  -- waiting for a thread, while its own may stay in getaddrinfo for long.
-  local function finish(cancel, ...)
+  -- The first of the answer, the timeout and giving up ends the lookup:
+  -- each cancels the token to win. The answer with token:cancel(), its
+  -- lookup being over; the others with native.cancel, which gives its
+  -- place to the lookups waiting for a thread, while its own may stay in
+  -- getaddrinfo for long.
+  local function ends(cancel)
     if cancel(token) then
       if timer then
         timer:cancel()
       end
-      callback(...)
+      d:unhold()
+      return true
     end
+    return false
   end
   if timeout then
     timer = d:timer(timeout, function()
-      finish(native.cancel, nil, "timeout")
+      if ends(native.cancel) then
+        callback(nil, "timeout")
+      end
     end)
   end
   native.resolve(host, function(...)
-    finish(token.cancel, ...)
+    if ends(token.cancel) then
+      callback(...)
+    end
   end, token)
-  return token
+  -- The dispatcher keeps its loop alive until the lookup ends (see
+  -- bgworker.dispatcher, "Keeping the loop alive"): once it began (the
+  -- answer comes in a drain, after this).
+  d:hold()
+  return function()
+    ends(native.cancel)
+  end
 end
 
 --- Resolve a name in the background.
@@ -114,14 +127,14 @@ function dns.toip(host, timeout)
   local waiter, why = waiting.for_caller("bgworker.dns.toip")
   if not waiter then error(why, 2) end
   local addresses, name
-  local token, err = lookup("bgworker.dns.toip", host, function(a, n)
+  local give_up, err = lookup("bgworker.dns.toip", host, function(a, n)
     addresses, name = a, n
     waiter:wake()
   end)
-  if not token then error(err, 2) end
+  if not give_up then error(err, 2) end
   local ok, reason = waiter:wait(timeout)
   if not ok then
-    native.cancel(token)
+    give_up()
     return nil, reason
   end
   if not addresses then

@@ -409,6 +409,11 @@ function Dispatcher:drain(limit)
     -- Deferred by the last deferred calls: the next drain runs them.
     wake()
   end
+  if not outer_draining and self.holds == 0 then
+    -- What ended in the drain (a job's outcome, the last pending item) may
+    -- let the loop end (bgworker.dispatcher, "Keeping the loop alive").
+    self:check_alive()
+  end
   return slice.handled, slice.empty
 end
 

@@ -13,9 +13,14 @@
 --
 -- After `budget` callbacks, or 5 ms of them, the dispatcher leaves the
 -- descriptor readable and returns to the loop, so timers and other handles
--- get their turn; the loop comes back for the rest at its next iteration. `d:stop()` closes the poll
--- handle and stops the core, so `uv.run()` returns once nothing else is
--- active.
+-- get their turn; the loop comes back for the rest at its next iteration.
+--
+-- As a libuv handle after `uv_unref`, the dispatcher keeps `uv.run()`
+-- running only while something is outstanding: a job, a lookup, a wait,
+-- a utility library's handle that keeps the loop alive, or pending items
+-- (`d:ref()` keeps it running regardless). So `uv.run()` returns once the
+-- program's work is done, with no `d:stop()`; `d:stop()` closes the poll
+-- handle and stops the core.
 --
 -- Callbacks run on the thread that called `uv.run()` and cannot yield.
 -- Waiting (`bgworker.await`, `job:get`) works in a coroutine: it is
@@ -95,11 +100,30 @@ M.new = dispatcher.constructor(Luv)
 
 -- libuv must forget the descriptor before core.stop() closes it; a closed
 -- poll handle also lets `uv.run()` return once nothing else is active.
+-- Outside `uv.run()` (a loop that ended, or never ran), one turn of the
+-- loop finishes the close: luv would otherwise free the handle at exit
+-- while libuv still lists it, and crash.
 function Luv.before_stop(self)
   local handle = self.handle
   if handle and not handle:is_closing() then
     handle:stop()
     handle:close()
+    if uv.loop_mode() == nil then
+      uv.run("nowait")
+    end
+  end
+end
+
+-- The poll handle keeps `uv.run()` running only while the dispatcher keeps
+-- the loop alive; unref'd, it still polls while the loop runs for others.
+function Luv:keep_alive(alive)
+  local handle = self.handle
+  if handle and not handle:is_closing() then
+    if alive then
+      handle:ref()
+    else
+      handle:unref()
+    end
   end
 end
 

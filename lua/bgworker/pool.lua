@@ -210,12 +210,45 @@ local function call_later(f, ...)
   end
 end
 
+-- A job is outstanding from its submit to its outcome, and while any is,
+-- the pool holds a dispatcher (the one running when the first began, or
+-- started since): the dispatcher keeps its loop alive for them
+-- (bgworker.dispatcher, "Keeping the loop alive").
+local function hold_for(self, d)
+  self.held = d
+  if d then
+    d:hold()
+  end
+end
+
+local function one_more_outstanding(self)
+  local n = self.outstanding + 1
+  self.outstanding = n
+  if n == 1 then
+    hold_for(self, dispatcher.current())
+  end
+end
+
+local function one_less_outstanding(self)
+  local n = self.outstanding - 1
+  self.outstanding = n
+  if n == 0 then
+    local d = self.held
+    self.held = nil
+    if d then
+      d:unhold()
+    end
+  end
+end
+
 -- The job ended with `outcome`: keep it, wake its waiters, forget it in
 -- the pool, and call its callback, now (`now`: we are handling the
 -- pool's events) or later.
 local function finish(job, status, outcome, now)
   job[STATE], job[OUTCOME] = status, outcome
-  job[POOL].jobs[job[ID]] = nil
+  local self = job[POOL]
+  self.jobs[job[ID]] = nil
+  one_less_outstanding(self)
   local waiters = job[WAITERS]
   if waiters then
     job[WAITERS] = false
@@ -404,13 +437,13 @@ end
 local live = setmetatable({}, { __mode = "k" })
 
 dispatcher.on_start("bgworker.pool", function()
+  local d = dispatcher.current()
   if next(owed) ~= nil then
     local calls = {}
     for call in pairs(owed) do
       calls[#calls + 1] = call
     end
     table.sort(calls, function(a, b) return owed[a] < owed[b] end)
-    local d = dispatcher.current()
     for i = 1, #calls do
       d:defer(call_owed, calls[i])
     end
@@ -418,6 +451,9 @@ dispatcher.on_start("bgworker.pool", function()
   for p in pairs(live) do
     if not p.closed then
       p.native:notify_lost()
+    end
+    if p.outstanding > 0 then
+      hold_for(p, d)
     end
   end
 end)
@@ -498,6 +534,8 @@ function pool.new(opts)
     threads = floor(threads), closed = false,
     -- Live jobs by id, and events to handle (see run_backlog).
     jobs = {}, backlog = { head = 1, tail = 1, depth = 0, batch = 1, values = {} },
+    -- Jobs not yet ended, and the dispatcher held for them (see hold_for).
+    outstanding = 0, held = nil,
   }, Pool)
   -- The native pool calls back through a weak reference, so that a pool
   -- nobody references is collected (and closed).
@@ -558,6 +596,7 @@ end
 local function add_job(self, id)
   local job = setmetatable({ self, id, "queued", false, false, false, false }, Job)
   self.jobs[id] = job
+  one_more_outstanding(self)
   return job
 end
 

@@ -76,6 +76,10 @@ function Waiter:wait(timeout)
     end)
   end
   d.waiters[self] = true
+  -- The loop stays alive for the wait (bgworker.dispatcher, "Keeping the
+  -- loop alive"): what it waits for may come from a thread that does not
+  -- keep it alive by itself.
+  d:hold()
   while not (self.woken or self.timed_out or d.stopped) do
     local left
     if deadline then
@@ -88,6 +92,7 @@ function Waiter:wait(timeout)
     self.suspend(left)
   end
   d.waiters[self] = nil
+  d:unhold()
   if timer then
     timer:cancel()
   end

@@ -17,7 +17,8 @@
  * list in crates/bgworker-util/src/abi.rs. */
 #define BGW_API_MEMBERS(X)                                                                         \
     X(version) X(size) X(acquire) X(release) X(deliver) X(call) X(strerror) X(set_capacity)           \
-        X(token_get) X(token_cancelled) X(token_release) X(deliver_copy)
+        X(token_get) X(token_cancelled) X(token_release) X(deliver_copy) X(ref)     \
+        X(unref)
 
 #define PRINT_MEMBER(member)                                                                       \
     printf("%s %zu %zu\n", #member, offsetof(bgw_api, member), sizeof(((bgw_api *)0)->member));    \

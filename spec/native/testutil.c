@@ -325,6 +325,7 @@ struct job {
     int copy; /* deliver with deliver_copy */
     long copy_len; /* its len, or -1: the item's size */
     int held; /* the workers use a handle from testutil.acquire(): not theirs to release */
+    long interval_ms; /* a pause before each item */
 
     /* Threads wait here until all of them exist: either all run or none. */
     pthread_mutex_t gate_lock;
@@ -415,8 +416,12 @@ static void produce(worker *w)
     struct timespec ms = {0, 1000000L};
     long seq, extra;
     int closed = 0;
-    for (seq = 1; seq <= j->items && !atomic_load_explicit(&j->stopping, memory_order_relaxed); seq++)
+    struct timespec interval = {j->interval_ms / 1000, (j->interval_ms % 1000) * 1000000L};
+    for (seq = 1; seq <= j->items && !atomic_load_explicit(&j->stopping, memory_order_relaxed); seq++) {
+        if (j->interval_ms > 0)
+            nanosleep(&interval, NULL);
         deliver_one(w, seq);
+    }
     for (extra = 0; closed < j->until_closed && extra < MAX_LINGER && !atomic_load(&j->stopping); extra++) {
         nanosleep(&ms, NULL);
         closed += deliver_one(w, seq++) == BGW_CLOSED;
@@ -516,7 +521,7 @@ static int start_job(lua_State *L, int is_call)
     static const bgw_result_fn result_fns[] = {result_copy, result_raise, NULL};
     const bgw_api *api = bgw_api_get(L);
     job opts, *j;
-    int decode, free_kind, null_handle, i, created;
+    int decode, free_kind, null_handle, unref, i, created;
     bgw_handle *held;
 
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -531,6 +536,7 @@ static int start_job(lua_State *L, int is_call)
     opts.until_closed = (int)opt_int(L, "until_closed", 0, 0, INT_MAX);
     opts.timeout_ms = (int)opt_int(L, "timeout", BGW_FOREVER, BGW_FOREVER, INT_MAX);
     opts.payload = (size_t)opt_int(L, "payload", 0, 0, 1 << 20);
+    opts.interval_ms = opt_int(L, "interval_ms", 0, 0, 60000);
     decode = opt_choice(L, "decode", decodes);
     opts.decode = decode_fns[decode];
     free_kind = opt_choice(L, "free", frees);
@@ -542,6 +548,10 @@ static int start_job(lua_State *L, int is_call)
     opts.result = result_fns[opt_choice(L, "result", results)];
     lua_getfield(L, 1, "null_handle");
     null_handle = lua_toboolean(L, -1);
+    /* opts.unref: the workers' own handles do not keep the loop alive. */
+    lua_getfield(L, 1, "unref");
+    unref = lua_toboolean(L, -1);
+    lua_pop(L, 2);
     lua_getfield(L, 1, "handle");
     if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TLIGHTUSERDATA)
         return luaL_error(L, "testutil: opts.handle must come from testutil.acquire()");
@@ -572,6 +582,8 @@ static int start_job(lua_State *L, int is_call)
         w->id = is_call ? j->id : i + 1;
         w->rng = 2654435761u * (unsigned)(i + 1);
         w->handle = null_handle ? NULL : held != NULL ? held : api->acquire(L);
+        if (unref && held == NULL && w->handle != NULL)
+            api->unref(L, w->handle);
     }
     for (created = 0; created < j->nworkers; created++)
         if (pthread_create(&j->workers[created].thread, NULL, worker_thread, &j->workers[created]))
@@ -835,6 +847,21 @@ static int tu_acquire(lua_State *L)
     return 1;
 }
 
+/* ref(handle) and unref(handle): bgw_api's return code. */
+static int tu_ref(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
+    lua_pushinteger(L, checked_api(L)->ref(L, (bgw_handle *)lua_touserdata(L, 1)));
+    return 1;
+}
+
+static int tu_unref(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
+    lua_pushinteger(L, checked_api(L)->unref(L, (bgw_handle *)lua_touserdata(L, 1)));
+    return 1;
+}
+
 static int tu_release(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TLIGHTUSERDATA);
@@ -992,6 +1019,8 @@ int luaopen_bgworker_testutil(lua_State *L)
         {"api", tu_api},
         {"acquire", tu_acquire},
         {"release", tu_release},
+        {"ref", tu_ref},
+        {"unref", tu_unref},
         {"fork", tu_fork},
         {"waitpid", tu_waitpid},
         {"kill", tu_kill},

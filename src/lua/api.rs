@@ -43,6 +43,8 @@ static API: Api = Api {
     token_cancelled: capi::token_cancelled,
     token_release: capi::token_release,
     deliver_copy: capi::deliver_copy,
+    r#ref: super::keep::ref_,
+    unref: super::keep::unref,
 };
 
 pub unsafe fn publish(state: *mut lua_State) {
@@ -74,7 +76,11 @@ unsafe extern "C-unwind" fn acquire(state: *mut c_void) -> *mut Handle {
         }
         // First the closer: it may raise (out of memory), and must not leak a handle when it does.
         install_closer(state);
-        capi::new_handle(instance.shared())
+        let (handle, first_keeper) = capi::new_handle(instance.shared());
+        if first_keeper {
+            super::keep::notify(state);
+        }
+        handle
     }
 }
 

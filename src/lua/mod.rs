@@ -19,6 +19,7 @@
 mod api;
 mod decode;
 mod drain;
+mod keep;
 mod poll;
 mod token;
 
@@ -80,6 +81,8 @@ lua_fn!(core_guard => guard);
 lua_fn!(core_sender => sender);
 lua_fn!(core_stats => stats);
 lua_fn!(core_poll => poll::poll);
+lua_fn!(core_keepers => keep::keepers);
+lua_fn!(core_on_keep => keep::on_keep);
 lua_fn!(core_complete => poll::complete);
 
 /// The options table at `index`, if any: `capacity`, and (descriptor
@@ -416,7 +419,7 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
 
-        let functions: [(&CStr, lua_CFunction); 18] = [
+        let functions: [(&CStr, lua_CFunction); 20] = [
             (c"alarm", core_alarm),
             (c"now", core_now),
             (c"capacity", core_capacity),
@@ -435,6 +438,8 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             (c"sender", core_sender),
             (c"stats", core_stats),
             (c"poll", core_poll),
+            (c"keepers", core_keepers),
+            (c"on_keep", core_on_keep),
         ];
         lua_createtable(state, 0, functions.len() as c_int + 1);
         for (name, function) in functions {

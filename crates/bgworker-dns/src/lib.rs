@@ -106,6 +106,8 @@ fn not_a_token(fname: &str, position: u32, value: &Value) -> mlua::Error {
 fn open(lua: &Lua) -> mlua::Result<Table> {
     lua.globals().get::<Function>("require")?.call::<()>("bgworker.core")?;
     let sender = Sender::new(lua)?;
+    // Each lookup keeps the loop alive from the Lua side (bgworker.dns).
+    sender.keep_loop_alive(lua, false)?;
     // This state's own threads: see workers.rs.
     let workers = Arc::new(Workers::default());
     let module = lua.create_table()?;

@@ -72,6 +72,8 @@ pub struct Api {
         len: usize,
         timeout_ms: c_int,
     ) -> c_int,
+    pub r#ref: unsafe extern "C-unwind" fn(state: *mut lua_State, handle: *mut Handle) -> c_int,
+    pub unref: unsafe extern "C-unwind" fn(state: *mut lua_State, handle: *mut Handle) -> c_int,
 }
 
 /// `bgw_api_get`: the API published in `state`, or `None` when bgworker.core
@@ -113,7 +115,7 @@ mod layout {
     macro_rules! api_members {
         ($layout:ident!($api:ty)) => {
             $layout!($api; version, size, acquire, release, deliver, call, strerror, set_capacity, token_get,
-                token_cancelled, token_release, deliver_copy)
+                token_cancelled, token_release, deliver_copy, r#ref, unref)
         };
     }
 
@@ -124,7 +126,7 @@ mod layout {
     /// `(member, offset, size)` of each member of a Rust mirror.
     macro_rules! layout {
         ($api:ty; $($member:ident),+) => {
-            vec![$((stringify!($member).to_string(), offset_of!($api, $member), field_size(|api: &$api| &api.$member))),+]
+            vec![$((stringify!($member).trim_start_matches("r#").to_string(), offset_of!($api, $member), field_size(|api: &$api| &api.$member))),+]
         };
     }
 

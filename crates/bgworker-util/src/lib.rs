@@ -164,6 +164,25 @@ impl Sender {
         }
     }
 
+    /// Say whether this sender keeps the Lua state's loop alive: it does
+    /// from [`new`](Self::new) on, as a libuv handle (`bgw_api.ref` and
+    /// `unref` in `bgworker.h`). In loops that end when their work is done
+    /// (Copas 4, luv), a library whose threads deliver only the answers to
+    /// the Lua side's requests says `false` once, and the Lua side keeps
+    /// the loop alive while it waits for them. Clones share the setting.
+    /// Call it on the Lua thread.
+    ///
+    /// Errors: [`Error::Lua`] when Lua fails (out of memory).
+    pub fn keep_loop_alive(&self, lua: &Lua, keep: bool) -> Result<(), Error> {
+        let handle = &self.handle;
+        let set = if keep { handle.api.r#ref } else { handle.api.unref };
+        let mut code = 0;
+        // SAFETY: on the Lua thread, with the state the handle was acquired in.
+        unsafe { lua.exec_raw::<()>((), |state| code = set(state, handle.raw.as_ptr())) }
+            .map_err(|e| Error::Lua(Some(e.to_string())))?;
+        Error::check(code)
+    }
+
     /// Queue `decode` to run on the Lua thread, without waiting: a full
     /// bounded queue gives [`Error::Full`].
     ///

@@ -267,6 +267,9 @@ impl Events {
     /// On the Lua thread, where bgworker.core must be loaded.
     pub fn new(lua: &Lua, on_events: Function, board: Arc<Board<Job>>) -> mlua::Result<Events> {
         let sender = Sender::new(lua)?;
+        // Each job keeps the loop alive from the Lua side (bgworker.pool),
+        // and an idle pool must let it end.
+        sender.keep_loop_alive(lua, false)?;
         let on_events = lua.create_registry_value(on_events)?;
         Ok(Events { shared: Arc::new(Shared { sender, outbox: Outbox::new(BATCH), board, on_events }) })
     }
