@@ -37,12 +37,12 @@
 //!   inherited `Shared` is never locked, and its route is never dropped.
 //!
 //! The loom models at the bottom check the route against stop, start and a
-//! bound that changes while producers wait.
+//! bound that changes while producers wait, and the keepers' last release.
 
 use std::ffi::c_void;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -55,7 +55,7 @@ use crate::queue::{Batch, Queue};
 use crate::room::{Room, MAX_CAPACITY};
 use crate::signal::Signal;
 use crate::status::Status;
-use crate::sync::{RwLock, RwLockReadGuard};
+use crate::sync::{AtomicBool, AtomicUsize, Ordering, RwLock, RwLockReadGuard};
 use crate::wait::Wait;
 use crate::wake::WakeFlag;
 
@@ -143,30 +143,30 @@ impl Shared {
 
     /// One more handle keeps the loop alive: true when it is the first.
     pub fn keep(&self) -> bool {
-        self.keepers.fetch_add(1, AcqRel) == 0
+        self.keepers.fetch_add(1, Ordering::AcqRel) == 0
     }
 
     /// One handle less keeps the loop alive: true when it was the last.
     pub fn unkeep(&self) -> bool {
-        self.keepers.fetch_sub(1, AcqRel) == 1
+        self.keepers.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
     /// Whether the release of the last keeper wakes the reader.
     pub fn wake_when_unkept(&self, wake: bool) {
-        self.wake_when_unkept.store(wake, Relaxed);
+        self.wake_when_unkept.store(wake, Ordering::Relaxed);
     }
 
     /// The last keeper was released on a producer's thread: wake the
     /// reader if it listens, so that it learns its loop may end.
     pub fn unkept(&self) {
-        if self.wake_when_unkept.load(Relaxed) {
+        if self.wake_when_unkept.load(Ordering::Relaxed) {
             self.wake();
         }
     }
 
     /// The handles that keep the loop alive now.
     pub fn keepers(&self) -> usize {
-        self.keepers.load(Acquire)
+        self.keepers.load(Ordering::Acquire)
     }
 
     pub fn note_rejected(&self) {

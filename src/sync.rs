@@ -1,7 +1,7 @@
 //! The locks and atomics of the concurrency modules: std's, or loom's when
 //! the crate is built with `--cfg loom`, so that the loom models explore
 //! every interleaving of the real code (`room.rs`, `reply.rs`, the route
-//! of `instance.rs`, `wake.rs`) rather than of a copy.
+//! and the keepers of `instance.rs`, `wake.rs`) rather than of a copy.
 //!
 //! Only what those models run goes through here. Process-wide statics
 //! (`fork.rs`, `handle.rs`) keep std's: loom's types cannot be statics, and
@@ -9,11 +9,11 @@
 
 #[cfg(loom)]
 pub use loom::sync::{
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
     Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard,
 };
 #[cfg(not(loom))]
 pub use std::sync::{
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
     Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard,
 };

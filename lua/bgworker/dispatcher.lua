@@ -111,7 +111,9 @@ function Dispatcher.before_dispatch() end
 Dispatcher.run_in_runner = runner.run
 function Dispatcher.adopt() return false end
 function Dispatcher.retire_runner() end
-function Dispatcher.keep_alive() end
+-- (A loop that never ends by itself: what keeps it alive is not looked at.)
+local function keep_nothing() end
+Dispatcher.keep_alive = keep_nothing
 
 function Dispatcher:timer(seconds, fn)
   local heap = self.timers
@@ -288,7 +290,7 @@ function Dispatcher:adopt_run()
   self.guard = core.guard()
   self.baseline = core.stats()
   current[1] = self
-  if self.keep_alive ~= Dispatcher.keep_alive then
+  if self.keep_alive ~= keep_nothing then
     -- A loop that ends when its work is done: hear when utility libraries'
     -- handles start or stop keeping it alive.
     core.on_keep(on_keep)
@@ -402,7 +404,10 @@ end
 
 -- Tell the loop's adapter whether the dispatcher keeps the loop alive now.
 function Dispatcher:check_alive()
-  self:keep_alive(self:keeps_loop())
+  local keep_alive = self.keep_alive
+  if keep_alive ~= keep_nothing then
+    keep_alive(self, self:keeps_loop())
+  end
 end
 
 --- Keep the loop alive while this dispatcher runs, even when nothing is

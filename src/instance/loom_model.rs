@@ -85,3 +85,36 @@ fn a_producer_waiting_for_room_is_let_through_or_refused_as_the_route_changes() 
         assert_eq!(freed.load(Relaxed), 2);
     });
 }
+
+/// Handles that keep the loop alive are released on two producers' threads
+/// at once: exactly one of them finds it was the last, and the listening
+/// reader is then woken, so that its loop learns it may end.
+#[test]
+fn of_keepers_released_at_once_exactly_one_is_the_last_and_wakes_the_reader() {
+    loom::model(|| {
+        let instance = started(None);
+        let shared = instance.shared().clone();
+        shared.wake_when_unkept(true);
+        assert!(shared.keep());
+        assert!(!shared.keep());
+        let releasers: Vec<_> = (0..2)
+            .map(|_| {
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    let last = shared.unkeep();
+                    if last {
+                        shared.unkept();
+                    }
+                    last
+                })
+            })
+            .collect();
+        let lasts = releasers.into_iter().map(|r| r.join().unwrap()).filter(|&last| last).count();
+        assert_eq!(lasts, 1, "the last keeper was seen {lasts} times");
+        assert_eq!(shared.keepers(), 0);
+        let fd = instance.reader_fd().expect("a descriptor signal");
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd on the instance's open descriptor, no waiting.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 1, "the reader was not woken");
+    });
+}

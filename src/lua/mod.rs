@@ -419,7 +419,7 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
         poll::open(state, instance_index);
         let wrapper_index = instance_index + 1;
 
-        let functions: [(&CStr, lua_CFunction); 20] = [
+        let functions: [(&CStr, lua_CFunction); 19] = [
             (c"alarm", core_alarm),
             (c"now", core_now),
             (c"capacity", core_capacity),
@@ -437,7 +437,6 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             (c"guard", core_guard),
             (c"sender", core_sender),
             (c"stats", core_stats),
-            (c"poll", core_poll),
             (c"keepers", core_keepers),
             (c"on_keep", core_on_keep),
         ];
@@ -448,6 +447,8 @@ pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> 
             lua_pushcclosure(state, function, 2);
             lua_setfield(state, -2, name.as_ptr());
         }
+        poll::push_poll(state, instance_index, wrapper_index);
+        lua_setfield(state, -2, c"poll".as_ptr());
         drain::open(state, lua_gettop(state), instance_index, wrapper_index);
         push_str(state, env!("CARGO_PKG_VERSION"));
         lua_setfield(state, -2, c"version".as_ptr());

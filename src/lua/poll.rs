@@ -62,7 +62,9 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
             return Ok(0);
         };
         let base = lua_gettop(state);
-        lua_pushcfunction(state, decode_trampoline);
+        // The trampoline, made once (`push_poll`): on Lua 5.1 and LuaJIT
+        // each lua_pushcfunction would make a new closure, garbage per item.
+        lua_pushvalue(state, lua_upvalueindex(3));
         lua_pushlightuserdata(state, item.decode as *mut c_void);
         lua_pushlightuserdata(state, data);
         let decoded = match lua_pcall(state, 2, LUA_MULTRET, 0) {
@@ -88,6 +90,18 @@ pub unsafe fn poll(state: *mut lua_State) -> LuaResult<c_int> {
         (*push_round_trip(state)).hold(Some(item));
         lua_rotate(state, base + 1, 2);
         Ok(count + 2)
+    }
+}
+
+/// Push `poll`: a closure of the instance userdata at `instance_index`,
+/// the round-trip wrapper at `wrapper_index` (upvalues 1 and 2, as every
+/// function of the module has), and the decode trampoline.
+pub unsafe fn push_poll(state: *mut lua_State, instance_index: c_int, wrapper_index: c_int) {
+    unsafe {
+        lua_pushvalue(state, instance_index);
+        lua_pushvalue(state, wrapper_index);
+        lua_pushcfunction(state, decode_trampoline);
+        lua_pushcclosure(state, super::core_poll, 3);
     }
 }
 
