@@ -406,6 +406,10 @@ unsafe fn push_instance(state: *mut lua_State) {
 #[no_mangle]
 pub unsafe extern "C-unwind" fn luaopen_bgworker_core(state: *mut lua_State) -> c_int {
     unsafe {
+        if let Some(refusal) = bgworker_ffi::runtime::check(state, "bgworker.core") {
+            // Nothing else is made yet: the message is all this frame owns.
+            Raise::Message(refusal).raise(state);
+        }
         bgworker_ffi::library::keep_this_library_loaded();
         api::watch_forks();
         push_instance(state);

@@ -14,6 +14,8 @@
 //!   what a parent made is left alone in a child.
 //! - `library`: pinning the library that calls it in memory, since
 //!   threads run its code after its Lua state closed.
+//! - `runtime` (with a Lua-version feature): refusing, at `luaopen`, a
+//!   build for PUC Lua 5.1 in LuaJIT and the other way round.
 //!
 //! # One implementation, a copy of its state per library
 //!
@@ -35,3 +37,5 @@ pub mod fork;
 pub mod library;
 #[cfg(feature = "lua")]
 pub mod lua;
+#[cfg(feature = "lua")]
+pub mod runtime;

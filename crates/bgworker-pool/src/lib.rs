@@ -184,5 +184,6 @@ pub use lua::module::exports;
 #[cfg(all(feature = "module", not(loom)))]
 #[mlua::lua_module(name = "bgworker_pool_native")]
 fn open(lua: &mlua::Lua) -> mlua::Result<mlua::Table> {
+    bgworker_ffi::runtime::check_lua(lua, "bgworker.pool_native")?;
     exports(lua)
 }
