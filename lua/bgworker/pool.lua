@@ -241,6 +241,23 @@ local function one_less_outstanding(self)
   end
 end
 
+-- A job was cancelled while it ran: once the grace is over, retire its
+-- worker if it is still in the job's code, and start one in its place
+-- (pool_native's `retire_stuck`). On a timer of the running dispatcher;
+-- without one, at the pool's next cancel.
+local function retire_if_stuck(self)
+  local d = dispatcher.current()
+  if d then
+    d:timer(native.RETIRE_GRACE, function()
+      if not self.closed then
+        self.native:retire_stuck()
+      end
+    end)
+  else
+    self.native:retire_stuck()
+  end
+end
+
 -- The job ended with `outcome`: keep it, wake its waiters, forget it in
 -- the pool, and call its callback, now (`now`: we are handling the
 -- pool's events) or later.
@@ -510,11 +527,12 @@ end
 --   `__tostring` that gives that message and traceback.
 --   `init_timeout` (seconds, 30 by default): how long `new` waits for the
 --   workers' `init`.
---   `jit` (boolean, LuaJIT only; false by default): keep LuaJIT's JIT
---   compiler on in the workers. Compiled code runs no debug hooks, so a
---   compiled loop cannot be cancelled (and `close` abandons its worker);
---   with the JIT off every job can be, and LuaJIT's interpreter still runs
---   it faster than PUC Lua.
+--   `jit` (boolean, LuaJIT only; true by default): LuaJIT's JIT compiler
+--   in the workers, as every peer runs it. Compiled code runs no debug
+--   hooks, so a cancel cannot stop a compiled loop: its worker is retired
+--   and replaced (see `job:cancel`), and the loop burns a core until the
+--   process exits. `jit = false` runs the interpreter, which every cancel
+--   reaches.
 -- @return the pool
 function pool.new(opts)
   local msg
@@ -528,7 +546,7 @@ function pool.new(opts)
   -- LuaJIT: the JIT stays off in the workers unless asked for (see above).
   local jit_option
   if rawget(_G, "jit") then
-    jit_option = opts.jit == true
+    jit_option = opts.jit ~= false
   end
   local self = setmetatable({
     threads = floor(threads), closed = false,
@@ -673,7 +691,9 @@ end
 
 --- Counters of the pool, consistent with each other at every moment:
 -- `queued + running + done + failed + cancelled == submitted`.
--- @treturn table `threads`, `submitted`, `queued`, `running` (taken by a
+-- @treturn table `threads` (those that serve), `abandoned` (workers
+-- retired by a cancel they did not heed, still in that job's code),
+-- `submitted`, `queued`, `running` (taken by a
 -- worker, outcome not yet received here), `done`, `failed`, `cancelled`;
 -- `wait_mean`, `wait_max` (seconds a job waited in the queue) and
 -- `run_mean`, `run_max` (seconds a job ran)
@@ -706,18 +726,28 @@ function Job:status()
 end
 
 --- Cancel the job: a queued job never runs; a running one is stopped (a Lua
--- loop within milliseconds, through a debug hook; a call into C when it
--- returns), and its outcome is dropped. The callback gets `false,
--- "cancelled"`, and waiting `get`s return that.
+-- loop within milliseconds, through a debug hook), and its outcome is
+-- dropped. The callback gets `false, "cancelled"`, and waiting `get`s
+-- return that, at once. A running job that has not stopped 0.25 s later
+-- (`RETIRE_GRACE`: code the hook cannot reach, such as a call blocked in C
+-- or a loop LuaJIT compiled) has its worker retired: a new worker takes its
+-- place, so the pool has all its threads again, and the old one takes no
+-- other job and ends when its code returns (`stats().abandoned` counts it
+-- until then).
 -- @treturn boolean true when the job will now never produce a result; false
 -- when it had already ended (its outcome may still be on its way here: then
 -- the callback and `get` see that outcome)
 function Job:cancel()
   local msg = check_job(self, "cancel")
   if msg then error(msg, 2) end
-  if ENDED[self[STATE]] or not self[POOL].native:cancel(self[ID]) then
+  local p = self[POOL]
+  local cancelled = not ENDED[self[STATE]] and p.native:cancel(self[ID])
+  if not cancelled then
     -- Ended here, or its outcome is on its way: it comes as it is.
     return false
+  end
+  if cancelled == "running" then
+    retire_if_stuck(p)
   end
   finish(self, "cancelled", CANCELLED)
   return true

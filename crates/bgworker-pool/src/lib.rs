@@ -41,8 +41,8 @@
 //!
 //! ```lua
 //! local native = require "bgworker.pool_native"
-//! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.PROGRESS_IN_FLIGHT,
-//! native.MAX_VALUES
+//! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.RETIRE_GRACE,
+//! native.PROGRESS_IN_FLIGHT, native.MAX_VALUES
 //! native.new(opts) -> pool | nil, err_value, traceback
 //! ```
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
@@ -77,8 +77,8 @@
 //! - `pool:status(id)` -> `"queued"` | `"running"` (from the moment a
 //!   worker takes it until the Lua thread decodes its outcome) |
 //!   `"finished"` (done, failed or cancelled) | `nil` (unknown id).
-//! - `pool:stats()` -> `{threads, submitted, queued, running, done, failed,
-//!   cancelled, wait_mean, wait_max, run_mean, run_max}`: one snapshot
+//! - `pool:stats()` -> `{threads, abandoned, submitted, queued, running,
+//!   done, failed, cancelled, wait_mean, wait_max, run_mean, run_max}`: one snapshot
 //!   under one lock, so `queued + running + done + failed + cancelled ==
 //!   submitted`. `threads` is 0 once closed. Times are seconds: wait =
 //!   submit to start (jobs started), run = start to the end of the function
@@ -86,6 +86,13 @@
 //!   (no dispatcher, or the pool closed while it waited for room in a
 //!   bounded queue) counts its job as cancelled, and reaches `on_events`
 //!   later as `id, false` (see `notify_lost`).
+//! - `pool:retire_stuck()` -> count: retire each worker that has run a
+//!   cancelled job for `RETIRE_GRACE` (0.25 s) or more (code the hook
+//!   cannot reach: compiled by LuaJIT, blocked in C, a finaliser), and
+//!   start a worker in its place; returns how many. A retired worker takes
+//!   no other job and ends when its code returns; `stats().abandoned`
+//!   counts those still running. The Lua layer calls it `RETIRE_GRACE`
+//!   after each cancel that returned `"running"`.
 //! - `pool:notify_lost()`: call it when a dispatcher starts: the jobs whose
 //!   outcomes were dropped unread while none ran reach `on_events` through
 //!   it, as pairs `id, false` (they also do, without this call, when a

@@ -133,13 +133,14 @@ struct PoolCell {
 unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     unsafe {
         if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
-            let methods: [(&CStr, lua_CFunction); 6] = [
+            let methods: [(&CStr, lua_CFunction); 7] = [
                 (c"queue", pool_queue),
                 (c"cancel", pool_cancel),
                 (c"status", pool_status),
                 (c"stats", pool_stats),
                 (c"close", pool_close),
                 (c"notify_lost", pool_notify_lost),
+                (c"retire_stuck", pool_retire_stuck),
             ];
             lua_createtable(state, 0, methods.len() as c_int);
             for (name, method) in methods {
@@ -313,8 +314,9 @@ unsafe extern "C-unwind" fn pool_stats(state: *mut lua_State) -> c_int {
 unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
     let snapshot = pool.snapshot();
     let counts = snapshot.counts;
-    let integers: [(&CStr, u64); 7] = [
+    let integers: [(&CStr, u64); 8] = [
         (c"threads", pool.threads() as u64),
+        (c"abandoned", snapshot.abandoned),
         (c"submitted", counts.submitted),
         (c"queued", counts.queued),
         (c"running", counts.running),
@@ -353,6 +355,16 @@ unsafe extern "C-unwind" fn pool_notify_lost(state: *mut lua_State) -> c_int {
         Err(e) => unsafe { e.raise(state) },
     }
     0
+}
+
+unsafe extern "C-unwind" fn pool_retire_stuck(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "retire_stuck", retire_stuck) }
+}
+
+/// `retire_stuck()`: how many workers were retired and replaced.
+unsafe fn retire_stuck(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
+    unsafe { lua_pushinteger(state, pool.retire_stuck() as lua_Integer) };
+    Ok(1)
 }
 
 unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
@@ -402,6 +414,7 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     exports.set("cpus", thread::available_parallelism().map_or(1, |n| n.get()))?;
     exports.set("MAX_THREADS", MAX_THREADS)?;
     exports.set("CLOSE_TIMEOUT", crate::lua::pool::CLOSE_TIMEOUT.as_secs_f64())?;
+    exports.set("RETIRE_GRACE", crate::lua::pool::RETIRE_GRACE.as_secs_f64())?;
     exports.set("PROGRESS_IN_FLIGHT", crate::sync::control::PROGRESS_IN_FLIGHT)?;
     exports.set("MAX_VALUES", crate::worker::value::MAX_VALUES)?;
     Ok(exports)

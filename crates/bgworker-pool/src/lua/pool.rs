@@ -38,6 +38,12 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// ordinary Lua code that may recurse through C functions and modules.
 const WORKER_STACK: usize = 8 << 20;
 
+/// How long a cancelled job may go on running before its worker is retired
+/// and replaced (`retire_stuck`): a hook stops Lua code within
+/// milliseconds, so only code it cannot reach (compiled by LuaJIT, blocked
+/// in C, a finaliser, a loop that turns the hook off) takes longer.
+pub const RETIRE_GRACE: Duration = Duration::from_millis(250);
+
 pub struct Options {
     pub threads: usize,
     pub setup: Setup,
@@ -65,8 +71,13 @@ pub struct Pool {
     board: Arc<Board<Job>>,
     events: Events,
     crew: Arc<Crew<InitFailure>>,
-    /// Empty once closed.
-    workers: Vec<WorkerThread>,
+    setup: Arc<Setup>,
+    /// Every worker by index (the board's and the crew's), retired ones
+    /// included; `None` for one whose thread could not start. Empty once
+    /// closed.
+    workers: Vec<Option<WorkerThread>>,
+    /// The workers that serve: what `new` was asked for.
+    threads: usize,
     /// The fork generation of the process that made it.
     generation: u64,
 }
@@ -87,30 +98,21 @@ impl Pool {
         let until = options.init_timeout.and_then(deadline);
         let setup = Arc::new(options.setup);
         let generation = fork::generation();
-        let mut pool =
-            Pool { board, crew, events: events.clone(), workers: Vec::with_capacity(options.threads), generation };
+        let mut pool = Pool {
+            board,
+            crew,
+            events,
+            setup,
+            workers: Vec::with_capacity(options.threads),
+            threads: options.threads,
+            generation,
+        };
         for index in 0..options.threads {
-            let interrupt = Arc::new(Interrupt::default());
-            let worker = Worker {
-                index,
-                setup: Arc::clone(&setup),
-                board: Arc::clone(&pool.board),
-                crew: Arc::clone(&pool.crew),
-                events: events.clone(),
-                interrupt: Arc::clone(&interrupt),
-            };
-            let started = thread::Builder::new()
-                .name(format!("bgworker-pool-{}", index + 1))
-                .stack_size(WORKER_STACK)
-                .spawn(move || worker::work(worker));
-            match started {
-                Ok(thread) => pool.workers.push(WorkerThread { thread, interrupt }),
-                Err(e) => {
-                    (index..options.threads).for_each(|never| drop(pool.crew.ending(never)));
-                    pool.close_until(until);
-                    let message = format!("cannot start worker thread {} of {}: {e}", index + 1, options.threads);
-                    return Ok(Err(Refused::NoThread(message)));
-                }
+            if let Err(e) = pool.start_worker(index) {
+                (index..options.threads).for_each(|never| drop(pool.crew.ending(never)));
+                pool.close_until(until);
+                let message = format!("cannot start worker thread {} of {}: {e}", index + 1, options.threads);
+                return Ok(Err(Refused::NoThread(message)));
             }
         }
         Ok(match pool.crew.wait_startup(until) {
@@ -124,6 +126,55 @@ impl Pool {
                 Err(Refused::TimedOut)
             }
         })
+    }
+
+    /// Start worker `index` (the crew knows it).
+    fn start_worker(&mut self, index: usize) -> std::io::Result<()> {
+        let interrupt = Arc::new(Interrupt::default());
+        let worker = Worker {
+            index,
+            setup: Arc::clone(&self.setup),
+            board: Arc::clone(&self.board),
+            crew: Arc::clone(&self.crew),
+            events: self.events.clone(),
+            interrupt: Arc::clone(&interrupt),
+        };
+        let started = thread::Builder::new()
+            .name(format!("bgworker-pool-{}", index + 1))
+            .stack_size(WORKER_STACK)
+            .spawn(move || worker::work(worker));
+        debug_assert_eq!(index, self.workers.len(), "workers start in the crew's order");
+        match started {
+            Ok(thread) => {
+                self.workers.push(Some(WorkerThread { thread, interrupt }));
+                Ok(())
+            }
+            Err(e) => {
+                self.workers.push(None);
+                Err(e)
+            }
+        }
+    }
+
+    /// Retire the workers whose cancelled job has run on for `RETIRE_GRACE`
+    /// (the board's `retire_stuck`), and start a worker in each one's place,
+    /// so that the pool serves with all its threads again. The retired
+    /// threads are left to end when their code returns. Returns how many
+    /// were replaced.
+    pub fn retire_stuck(&mut self) -> usize {
+        if self.is_inherited() || self.workers.is_empty() {
+            return 0;
+        }
+        let retired = self.board.retire_stuck(RETIRE_GRACE);
+        for _ in &retired {
+            let index = self.crew.add();
+            if self.start_worker(index).is_err() {
+                // No thread: the pool serves with one less (a worker of the
+                // startup failing would have refused the pool).
+                drop(self.crew.ending(index));
+            }
+        }
+        retired.len()
     }
 
     /// Queue `job`: its id, or `None` when the pool is closed.
@@ -158,13 +209,17 @@ impl Pool {
         fork::generation() != self.generation
     }
 
-    /// Worker threads: 0 once closed.
+    /// Worker threads that serve: 0 once closed.
     pub fn threads(&self) -> usize {
-        self.workers.len()
+        if self.workers.is_empty() {
+            0
+        } else {
+            self.threads
+        }
     }
 
     fn interrupt(&self, worker: usize) {
-        if let Some(worker) = self.workers.get(worker) {
+        if let Some(Some(worker)) = self.workers.get(worker) {
             interrupt::ensure_handler();
             worker.interrupt.send(worker.thread.as_pthread_t());
         }
@@ -193,6 +248,9 @@ impl Pool {
         let ended = self.crew.wait_ended(until);
         let mut all = true;
         for (worker, ended) in self.workers.drain(..).zip(ended) {
+            let Some(worker) = worker else {
+                continue;
+            };
             if ended {
                 // It ended: only its last return is left to wait for. A
                 // worker that panicked has nothing left to deliver.

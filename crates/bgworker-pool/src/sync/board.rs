@@ -47,6 +47,14 @@
 //! - A running job's outcome is delivered only if `finish` said so, and
 //!   `finish` says so only for a job nobody cancelled; after that, `cancel`
 //!   refuses it: the outcome is on its way.
+//! - Retirement: `stuck` holds the workers still running a job that was
+//!   cancelled while it ran (since when), until they are back from it
+//!   (`finish`). `retire_stuck` retires those stuck for a grace or more;
+//!   a retired worker takes no other job (`finish` and `take` give it
+//!   none, under the lock that `retire_stuck` holds), so a worker is
+//!   either back in time and serves on, or retired and replaced, never
+//!   both. `retired` holds the retired workers until they leave `serve`:
+//!   the `abandoned` of a snapshot.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -110,6 +118,10 @@ struct State<J> {
     /// Jobs that `lose` ended and that the Lua side has not been told of
     /// yet (`take_lost`).
     lost: Vec<Id>,
+    /// Workers still running a job cancelled while it ran, since then.
+    stuck: HashMap<usize, Instant>,
+    /// Workers retired from serving (`retire_stuck`), until they leave.
+    retired: HashSet<usize>,
     closed: bool,
     /// `running`, `done`, `failed`, `cancelled` (the others are derived).
     counts: Counts,
@@ -203,6 +215,8 @@ impl Times {
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
     pub counts: Counts,
+    /// Retired workers still running the job they were retired in.
+    pub abandoned: u64,
     /// Submit to start, over the jobs started.
     pub wait_mean: f64,
     pub wait_max: f64,
@@ -249,6 +263,8 @@ impl<J> Default for Board<J> {
             dropped: HashSet::default(),
             running: HashMap::default(),
             lost: Vec::new(),
+            stuck: HashMap::new(),
+            retired: HashSet::new(),
             closed: false,
             counts: Counts::default(),
             waits: Times::default(),
@@ -326,7 +342,7 @@ impl<J> Board<J> {
         }
     }
 
-    /// Worker `worker`'s loop, until the board closes: take a job
+    /// Worker `worker`'s loop, until the board closes or retires it: take a job
     /// (waiting for one), `run` it, and hand its outcome to `deliver` when
     /// `finish` says it is to be delivered. Each job's control is made
     /// before the lock that starts it is taken.
@@ -345,13 +361,19 @@ impl<J> Board<J> {
     }
 
     /// For `worker`: the next queued job, now running, waiting for one;
-    /// `None` once the board is closed (its queues are then empty). The
+    /// `None` once the board is closed (its queues are then empty), or
+    /// once the worker is retired. The
     /// job's control is taken from `spare` when there is one there (made
     /// out of the locks by the caller).
     fn take(&self, worker: usize, spare: &mut Option<Arc<Control>>) -> Option<Taken<J>> {
         let mut now = Instant::now();
         loop {
             let mut state = self.lock();
+            if state.retired.remove(&worker) {
+                // Retired while in its last job: it leaves, and no longer
+                // counts as abandoned.
+                return None;
+            }
             if let Some(taken) = self.start_next(&mut state, worker, spare, now) {
                 return Some(taken);
             }
@@ -390,7 +412,8 @@ impl<J> Board<J> {
     ) -> (bool, Option<Taken<J>>) {
         let now = Instant::now();
         let mut state = self.lock();
-        let State { running, runs, .. } = &mut *state;
+        let State { running, runs, stuck, retired, .. } = &mut *state;
+        stuck.remove(&worker);
         let deliver = match running.get_mut(&id) {
             Some(Running { produced, .. }) if !*produced => {
                 *produced = true;
@@ -399,7 +422,30 @@ impl<J> Board<J> {
             }
             _ => false,
         };
+        if retired.contains(&worker) {
+            // `take` lets it go.
+            return (deliver, None);
+        }
         (deliver, self.start_next(&mut state, worker, spare, now))
+    }
+
+    /// Retire the workers that have run a cancelled job for `grace` or
+    /// more: they take no other job, and leave `serve` once back from it.
+    /// Returns them, for the caller to replace.
+    pub fn retire_stuck(&self, grace: Duration) -> Vec<usize> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let State { stuck, retired, .. } = &mut *state;
+        let mut retiring = Vec::new();
+        stuck.retain(|&worker, since| {
+            if now.saturating_duration_since(*since) < grace {
+                return true;
+            }
+            retired.insert(worker);
+            retiring.push(worker);
+            false
+        });
+        retiring
     }
 
     /// These outcomes (`id, failed`) reached the Lua thread: each job ends,
@@ -481,6 +527,7 @@ impl<J> Board<J> {
                     let worker = *worker;
                     state.running.remove(&id);
                     state.counts.running -= 1;
+                    state.stuck.insert(worker, Instant::now());
                     Cancelled::Running { worker }
                 }
                 _ => return Cancelled::No,
@@ -507,7 +554,8 @@ impl<J> Board<J> {
         let both = self.lock_both();
         let (wait_mean, wait_max) = both.state.waits.seconds();
         let (run_mean, run_max) = both.state.runs.seconds();
-        Snapshot { counts: both.counts(), wait_mean, wait_max, run_mean, run_max }
+        let abandoned = both.state.retired.len() as u64;
+        Snapshot { counts: both.counts(), abandoned, wait_mean, wait_max, run_mean, run_max }
     }
 
     /// Close: refuse new jobs, cancel the queued ones and the running ones

@@ -1,6 +1,7 @@
 //! A pool's workers as a group: which finished their init, the first init
 //! failure, which ended. What `new` waits for before it returns, and
-//! `close` before it joins. Lua-free: the failure is any `F`.
+//! `close` before it joins. A worker that replaces a retired one joins
+//! the group later (`add`). Lua-free: the failure is any `F`.
 //!
 //! # Invariants
 //! - Each worker reports `ready` or `failed` at most once, then `ended`
@@ -18,14 +19,16 @@ use crate::sync::locks::{Condvar, Mutex, MutexGuard};
 pub struct Crew<F> {
     state: Mutex<State<F>>,
     changed: Condvar,
-    /// Each worker's init task, so that `close` can cancel one that runs.
-    init: Vec<Arc<Control>>,
 }
 
 struct State<F> {
     ready: usize,
+    /// How many `new` started with: what the startup waits for.
+    starting: usize,
     failure: Option<F>,
     ended: Vec<bool>,
+    /// Each worker's init task, so that `close` can cancel one that runs.
+    init: Vec<Arc<Control>>,
 }
 
 /// How the workers' start went.
@@ -52,9 +55,18 @@ impl<F> Drop for Ending<F> {
 
 impl<F> Crew<F> {
     pub fn new(workers: usize) -> Crew<F> {
-        let state = State { ready: 0, failure: None, ended: vec![false; workers] };
         let init = (0..workers).map(|_| Arc::new(Control::default())).collect();
-        Crew { state: Mutex::new(state), changed: Condvar::new(), init }
+        let state = State { ready: 0, starting: workers, failure: None, ended: vec![false; workers], init };
+        Crew { state: Mutex::new(state), changed: Condvar::new() }
+    }
+
+    /// One more worker, after the startup (to replace a retired one): its
+    /// index.
+    pub fn add(&self) -> usize {
+        let mut state = self.lock();
+        state.ended.push(false);
+        state.init.push(Arc::new(Control::default()));
+        state.ended.len() - 1
     }
 
     fn lock(&self) -> MutexGuard<'_, State<F>> {
@@ -86,13 +98,13 @@ impl<F> Crew<F> {
         Ending { crew: Arc::clone(self), worker }
     }
 
-    pub fn init_task(&self, worker: usize) -> &Arc<Control> {
-        &self.init[worker]
+    pub fn init_task(&self, worker: usize) -> Arc<Control> {
+        Arc::clone(&self.lock().init[worker])
     }
 
     /// Cancel the init of every worker still running it.
     pub fn cancel_init(&self) {
-        self.init.iter().for_each(|task| task.cancel());
+        self.lock().init.iter().for_each(|task| task.cancel());
     }
 
     pub fn ready(&self) {
@@ -113,7 +125,7 @@ impl<F> Crew<F> {
         self.wait_until(deadline, |state| {
             if let Some(failure) = state.failure.take() {
                 outcome = Startup::Failed(failure);
-            } else if state.ready == state.ended.len() {
+            } else if state.ready == state.starting {
                 outcome = Startup::Ready;
             } else {
                 return false;
@@ -158,6 +170,22 @@ mod tests {
         crew.failed("first");
         crew.failed("second");
         assert!(matches!(crew.wait_startup(None), Startup::Failed("first")));
+    }
+
+    #[test]
+    fn a_worker_added_later_is_waited_for_at_the_close_but_not_at_the_startup() {
+        let crew = Arc::new(Crew::<()>::new(1));
+        crew.ready();
+        assert!(matches!(crew.wait_startup(None), Startup::Ready));
+        let first = crew.ending(0);
+        assert_eq!(crew.add(), 1);
+        let added = crew.ending(1);
+        drop(first);
+        assert_eq!(crew.wait_ended(Some(Instant::now())), [true, false]);
+        crew.cancel_init();
+        assert!(crew.init_task(1).is_cancelled(), "close cancels an added worker's init too");
+        drop(added);
+        assert_eq!(crew.wait_ended(None), [true, true]);
     }
 
     #[test]

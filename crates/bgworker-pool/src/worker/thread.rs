@@ -1,5 +1,5 @@
 //! A worker thread's body: make its Lua state, run the pool's init, then
-//! run jobs until the pool closes.
+//! run jobs until the pool closes or retires it.
 
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ pub fn work(worker: Worker) {
     };
     if let Some(init) = &worker.setup.init {
         let task = worker.crew.init_task(worker.index);
-        if let Outcome::Failed { error, traceback } = state.run(task, None, init, &Values::default()) {
+        if let Outcome::Failed { error, traceback } = state.run(&task, None, init, &Values::default()) {
             worker.crew.failed(InitFailure { error, traceback });
             return;
         }

@@ -98,3 +98,60 @@ fn an_idle_worker_misses_neither_a_submit_nor_the_close() {
         assert_eq!(counts(&board), Counts { submitted: 2, done: 2, ..Counts::default() });
     });
 }
+
+/// A worker runs a job that the Lua thread cancels; a second job waits in
+/// the queue. The retirement's check (with no grace left) races the
+/// worker's return from the cancelled job. Either the worker was back in
+/// time, and runs the second job itself, or it was retired, and leaves
+/// `serve` without taking it (a replacement would), never both; a retired
+/// worker counts as abandoned until it leaves. (Loom reports a deadlock if
+/// the worker waits for a job it may not take.)
+#[test]
+fn a_worker_back_from_a_cancelled_job_is_retired_or_serves_on_never_both() {
+    loom::model(|| {
+        let board = Arc::new(Board::default());
+        let (started, running) = mpsc::channel();
+        let (back, returns) = mpsc::channel::<()>();
+        let first = board.submit(1).unwrap();
+        let worker = {
+            let board = Arc::clone(&board);
+            thread::spawn(move || {
+                let mut ran = Vec::new();
+                board.serve(
+                    0,
+                    |taken| {
+                        ran.push(taken.job);
+                        if taken.job == 1 {
+                            started.send(()).unwrap();
+                            // Stuck until the Lua thread let it return.
+                            returns.recv().unwrap();
+                        }
+                    },
+                    |_, ()| {},
+                );
+                ran
+            })
+        };
+        running.recv().unwrap();
+        assert_eq!(board.cancel(first), Cancelled::Running { worker: 0 });
+        let second = board.submit(2).unwrap();
+        back.send(()).unwrap();
+        let retired = board.retire_stuck(Duration::ZERO);
+        if retired.is_empty() {
+            // It was back: it runs the second job; then the close lets it go.
+            assert_eq!(board.snapshot().abandoned, 0);
+            while board.status(second) != Some(Status::Finished) && board.status(second) != Some(Status::Running) {
+                thread::yield_now();
+            }
+            board.close();
+            assert_eq!(worker.join().unwrap(), [1, 2]);
+        } else {
+            assert_eq!(retired, [0]);
+            // Retired: it leaves without the second job, which stays queued.
+            assert_eq!(worker.join().unwrap(), [1]);
+            assert_eq!(board.status(second), Some(Status::Queued));
+            assert_eq!(board.snapshot().abandoned, 0, "it left: no longer abandoned");
+            board.close();
+        }
+    });
+}
