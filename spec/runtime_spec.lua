@@ -1,11 +1,10 @@
 -- PUC Lua 5.1 and LuaJIT speak the same C API, so a build for one loads in
 -- the other; each library refuses the wrong runtime when it opens, with a
 -- message that names the build to install (bgworker_ffi::runtime). The
--- Makefile builds both before the specs of either.
+-- Makefile builds both before the specs of either, and before rock-check.
 
 local support = require "support"
 
-local BUILD = os.getenv("BGWORKER_BUILD")
 local in_luajit = type(rawget(_G, "jit")) == "table"
 
 describe("a build for the other runtime", function()
@@ -15,15 +14,22 @@ describe("a build for the other runtime", function()
     return
   end
 
+  -- The other runtime's build of this checkout (the specs run from its
+  -- root, also against an installed rock: scripts/rock-check).
   local other = in_luajit and "5.1" or "jit"
-  local other_build = assert(BUILD, "BGWORKER_BUILD names this run's build (set by make specs-*)")
-    :gsub("[^/]+$", other)
+  local other_build = "build/" .. other
+  local function must_exist(path)
+    local file = io.open(path)
+    assert(file, path .. " is missing: make builds it before these specs (build-" .. other .. ")")
+    file:close()
+  end
   local expected = in_luajit and "this build is for PUC Lua 5.1, but LuaJIT loaded it; install bgworker's LuaJIT rock"
     or "this build is for LuaJIT, but PUC Lua 5.1 loaded it; install bgworker's Lua 5.1 rock"
 
   -- As a user meets it: the other build first on package.cpath.
   for _, module in ipairs { "bgworker", "bgworker.pool", "bgworker.dns" } do
     it("is refused when a program requires " .. module .. ", saying what to install", function()
+      must_exist(other_build .. "/bgworker/core.so")
       local status, output = support.run_lua(([[
         package.cpath = %q .. "/?.so;" .. package.cpath
         local ok, err = pcall(require, %q)
@@ -39,6 +45,7 @@ describe("a build for the other runtime", function()
     -- it links LuaJIT's luaopen_bit, and the loader says so.)
     it("is refused by bgworker.pool_native itself", function()
       local path = other_build .. "/bgworker/pool_native.so"
+      must_exist(path)
       local open, err = package.loadlib(path, "luaopen_bgworker_pool_native")
       assert(open, ("%s: %s (make builds it before these specs)"):format(path, tostring(err)))
       local ok, message = pcall(open)
