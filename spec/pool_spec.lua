@@ -98,6 +98,14 @@ local function pump_until(cond)
   assert.is_true(support.pump(d, cond, 10), "timed out")
 end
 
+-- The pools of these specs run the interpreter on LuaJIT (`jit = false`):
+-- they cancel jobs that spin and count on the hook to stop them at once. A
+-- spin that the JIT (on by default) compiled would be retired instead,
+-- which pool_retire_spec.lua covers.
+local function interpreted_pool(threads)
+  return pool.new { threads = threads, jit = false }
+end
+
 -- A job that spins in Lua until cancelled (or `seconds` passed), telling
 -- the test it started through a progress event.
 local function spin(seconds)
@@ -125,7 +133,7 @@ end
 -- so that the jobs submitted next stay queued: that spinning job.
 local function one_busy_worker()
   p:close()
-  p = pool.new { threads = 1 }
+  p = interpreted_pool(1)
   local blocker = p:submit(spin, 60)
   started(blocker)
   return blocker
@@ -136,7 +144,7 @@ describe("bgworker.pool", function()
 
   before_each(function()
     d = bgworker.new()
-    p = pool.new { threads = 2 }
+    p = interpreted_pool(2)
   end)
 
   after_each(function()
@@ -301,7 +309,7 @@ describe("bgworker.pool", function()
 
     it("fail only their job when it returns or reports too many, not the jobs crossing with it", function()
       p:close()
-      p = pool.new { threads = 1 }
+      p = interpreted_pool(1)
       local max = pool.MAX_VALUES
       -- Nearly as many values as a worker can return (its unpack's 7997 on
       -- Lua 5.1 and LuaJIT, its stack's 10^6 slots later): they used to
@@ -391,7 +399,7 @@ describe("bgworker.pool", function()
     it("requires the module in the worker, on the caller's package.path at pool creation", function()
       p:close()
       package.path = dir .. "/?.lua;" .. saved_path
-      p = pool.new { threads = 1 }
+      p = interpreted_pool(1)
       package.path = saved_path
       assert.same(pack(true, 42), run("pool_spec_jobs.twice", 21))
       local r = run("pool_spec_jobs.fail")
@@ -414,7 +422,7 @@ describe("bgworker.pool", function()
     it("reports a module that raises while it loads, with the traceback of where", function()
       p:close()
       package.path = dir .. "/?.lua;" .. saved_path
-      p = pool.new { threads = 1 }
+      p = interpreted_pool(1)
       package.path = saved_path
       local r = run("pool_spec_broken.f")
       assert.is_false(r[1])
@@ -529,7 +537,7 @@ describe("bgworker.pool", function()
         local pool = require "bgworker.pool"
         local testutil = require "bgworker_testutil"
         bgworker.new()
-        local p = pool.new { threads = 1 }
+        local p = pool.new { threads = 1, jit = false }
         io.stdout:flush()
         local pid = testutil.fork()
         if pid == 0 then
@@ -685,7 +693,7 @@ describe("bgworker.pool", function()
   describe("jobs", function()
     it("go from queued to running to done, and cancel returns false once done", function()
       p:close()
-      p = pool.new { threads = 1 }
+      p = interpreted_pool(1)
       local first = p:submit(spin, 60)
       local second = p:submit(identity, "second")
       assert.equals("queued", second:status())
@@ -722,7 +730,7 @@ describe("bgworker.pool", function()
 
     it("cancelled while running stop a CPU-bound loop, and the worker takes the next job", function()
       p:close()
-      p = pool.new { threads = 1 }
+      p = interpreted_pool(1)
       local job = p:submit(spin, 60)
       started(job)
       local t0 = core.now()
@@ -741,7 +749,7 @@ describe("bgworker.pool", function()
         local socket = require "socket"
         local testutil = require "bgworker_testutil"
         local d = bgworker.new()
-        local p = pool.new { threads = 1 }
+        local p = pool.new { threads = 1, jit = false }
         -- Take SIGURG as `action` says, then cancel a job that never ends
         -- by itself: the next job runs only if it stopped.
         local function cancel_after(action)
@@ -1147,7 +1155,7 @@ describe("bgworker.pool", function()
   describe("stats", function()
     it("add up at every moment, and time the queue and the runs", function()
       p:close()
-      p = pool.new { threads = 2 }
+      p = interpreted_pool(2)
       local function check()
         local s = p:stats()
         assert.equals(s.submitted, s.queued + s.running + s.done + s.failed + s.cancelled)
@@ -1181,9 +1189,7 @@ describe("bgworker.pool", function()
     it("cancels queued jobs, stops the running ones, and joins the threads", function()
       p:close()
       local before = pool_threads()
-      -- The interpreter on LuaJIT: a compiled loop runs no hook, and no
-      -- close could stop it (pool_retire_spec.lua has those).
-      p = pool.new { threads = 1, jit = false }
+      p = interpreted_pool(1)
       local workers = started_since(before)
       assert.equals(1, #workers)
       local results = {}
@@ -1214,7 +1220,7 @@ describe("bgworker.pool", function()
 
     it("when the pool is collected, cancels its jobs without waiting for them", function()
       local got = {}
-      local q = pool.new { threads = 2 }
+      local q = interpreted_pool(2)
       q:submit(function() require("socket").sleep(1) end):on_done(function(...) got.running = pack(...) end)
       q:submit(identity, "done"):on_done(function(...) got.done = pack(...) end)
       -- One job sleeps in C; the other's outcome waits in the core.
@@ -1242,7 +1248,7 @@ describe("bgworker.pool", function()
     it("happens when the pool is collected", function()
       p:close()
       local before = pool_threads()
-      p = pool.new { threads = 3 }
+      p = interpreted_pool(3)
       local workers = started_since(before)
       assert.equals(3, #workers)
       p = nil
@@ -1291,7 +1297,7 @@ describe("bgworker.pool in Copas", function()
   before_each(function()
     support.stop_core()
     d = bgworker.new { loop = "copas" }
-    p = pool.new { threads = 2 }
+    p = interpreted_pool(2)
   end)
 
   after_each(function()
