@@ -35,6 +35,7 @@ local ROUNDS = 3
 -- Seconds a CPU-bound job takes inline.
 local JOB_TIME = 0.1
 local EMPTY_JOBS = 20000
+local EMPTY_ROUNDS = 5
 local CANCELS = 100
 local VERSION = _VERSION .. (jit and " (" .. jit.version .. ")" or "")
 
@@ -114,8 +115,6 @@ local function new_pool(threads, jit_on)
   return p
 end
 
-local WORK = string.dump(work)
-
 -- Run the jobs on `p`, waiting for every result.
 local function on_pool(p)
   return function()
@@ -126,7 +125,7 @@ local function on_pool(p)
       done = done + 1
     end
     for _ = 1, JOBS do
-      handlers[p:queue(WORK, false, N)] = handler
+      handlers[p:queue(work, N)] = handler
     end
     while done < JOBS do
       dispatcher:wait()
@@ -176,23 +175,29 @@ if not has_luv then
 end
 
 -- 2. Empty jobs per second.
-local EMPTY = string.dump(function() end)
+local function empty() end
 
 -- Through bgworker.pool, as a program uses it: a job handle and a callback
--- per job.
+-- per job, and the job's function either written inline (a new closure
+-- each job, as the README writes jobs) or made once.
 local lua_pool = require("bgworker.pool").new { threads = THREADS }
 
-local function empty_on_lua_pool()
-  local done = 0
-  local function callback()
-    done = done + 1
-  end
-  local empty = function() end
-  for _ = 1, EMPTY_JOBS do
-    lua_pool:submit(empty):on_done(callback)
-  end
-  while done < EMPTY_JOBS do
-    dispatcher:wait()
+local function empty_on_lua_pool(new_closure_per_job)
+  return function()
+    local done = 0
+    local function callback()
+      done = done + 1
+    end
+    for _ = 1, EMPTY_JOBS do
+      if new_closure_per_job then
+        lua_pool:submit(function() end):on_done(callback)
+      else
+        lua_pool:submit(empty):on_done(callback)
+      end
+    end
+    while done < EMPTY_JOBS do
+      dispatcher:wait()
+    end
   end
 end
 
@@ -203,7 +208,7 @@ local function empty_on_pool()
     done = done + 1
   end
   for _ = 1, EMPTY_JOBS do
-    handlers[pool:queue(EMPTY, false)] = handler
+    handlers[pool:queue(empty)] = handler
   end
   while done < EMPTY_JOBS do
     dispatcher:wait()
@@ -223,32 +228,57 @@ local function empty_on_luv()
   end
 end
 
+-- The median wall time of each of `runs` over EMPTY_ROUNDS rounds, which
+-- run each in turn: a slow spell of the machine weighs on all alike.
+local function medians(runs)
+  local times = {}
+  for i = 1, #runs do
+    times[i] = {}
+  end
+  for _ = 1, EMPTY_ROUNDS do
+    for i, run in ipairs(runs) do
+      local start = gettime()
+      run()
+      times[i][#times[i] + 1] = gettime() - start
+    end
+  end
+  for i = 1, #runs do
+    table.sort(times[i])
+    times[i] = times[i][floor((EMPTY_ROUNDS + 1) / 2)]
+  end
+  return times
+end
+
 print()
-print(("Empty jobs, %d per run, best of %d runs"):format(EMPTY_JOBS, ROUNDS))
-print(("%-36s %8s %10s"):format("", "jobs/s", "vs luv"))
-local lua_rate = EMPTY_JOBS / best(empty_on_lua_pool)
-local native_rate = EMPTY_JOBS / best(empty_on_pool)
-local luv_rate = has_luv and EMPTY_JOBS / best(empty_on_luv)
+print(("Empty jobs, %d per run, medians of %d interleaved rounds"):format(EMPTY_JOBS, EMPTY_ROUNDS))
+print(("%-44s %8s %10s"):format("", "jobs/s", "vs luv"))
+local runs = { empty_on_lua_pool(true), empty_on_lua_pool(false), empty_on_pool }
+if has_luv then
+  runs[#runs + 1] = empty_on_luv
+end
+local times = medians(runs)
+local luv_rate = has_luv and EMPTY_JOBS / times[4]
 local function row(name, rate)
   if luv_rate then
-    print(("%-36s %8.0f %9.2fx"):format(name, rate, rate / luv_rate))
+    print(("%-44s %8.0f %9.2fx"):format(name, rate, rate / luv_rate))
   else
-    print(("%-36s %8.0f"):format(name, rate))
+    print(("%-44s %8.0f"):format(name, rate))
   end
 end
-row(("bgworker.pool, %d threads"):format(THREADS), lua_rate)
+row(("bgworker.pool, %d threads, new closure per job"):format(THREADS), EMPTY_JOBS / times[1])
+row(("bgworker.pool, %d threads, one function"):format(THREADS), EMPTY_JOBS / times[2])
 if luv_rate then
   row(("luv uv.new_work, %s threads"):format(LUV_THREADS), luv_rate)
 end
-row(("bgworker.pool_native alone, %d threads"):format(THREADS), native_rate)
+row(("bgworker.pool_native alone, %d threads"):format(THREADS), EMPTY_JOBS / times[3])
 assert(lua_pool:close(5))
 assert(pool:close(5))
 
 -- 3. Cancel latency: a pool of one worker runs `while true do end`; after
 -- `cancel`, the time until that worker starts the next job (which reads
 -- the same clock).
-local LOOP = string.dump(function() while true do end end)
-local STAMP = string.dump(function() return require("socket").gettime() end)
+local function spin() while true do end end
+local function stamp() return require("socket").gettime() end
 
 local function percentile(sorted, p)
   return sorted[math.max(1, math.ceil(#sorted * p))]
@@ -257,7 +287,7 @@ end
 local function cancel_latencies(p)
   local latencies = {}
   for i = 1, CANCELS do
-    local loop = p:queue(LOOP, false)
+    local loop = p:queue(spin)
     while p:status(loop) ~= "running" do
       socket.sleep(0.001)
     end
@@ -265,9 +295,9 @@ local function cancel_latencies(p)
     local cancelled = gettime()
     assert(p:cancel(loop) == "running")
     local started
-    handlers[p:queue(STAMP, false)] = function(event, stamp)
-      assert(event == "done", stamp)
-      started = stamp
+    handlers[p:queue(stamp)] = function(event, at)
+      assert(event == "done", at)
+      started = at
     end
     while not started do
       dispatcher:wait()
@@ -291,7 +321,7 @@ assert(latency_pool:close(5))
 local function close_time(jit_on)
   local p = new_pool(THREADS, jit_on)
   for _ = 1, THREADS do
-    p:queue(LOOP, false)
+    p:queue(spin)
   end
   while p:stats().running < THREADS do
     socket.sleep(0.001)

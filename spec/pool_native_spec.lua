@@ -57,7 +57,7 @@ local function new_pool(opts)
 end
 
 local function submit(f, ...)
-  return (p:queue(string.dump(f), false, ...))
+  return (p:queue(f, ...))
 end
 
 local function outcome(id)
@@ -96,7 +96,7 @@ local RUNAWAY = [[
   local native = require "bgworker.pool_native"
   local d = bgworker.new()
   local p = native.new { threads = 1, path = package.path, cpath = package.cpath, on_events = print }
-  local id = p:queue(string.dump(function() while true do end end), false)
+  local id = p:queue(function() while true do end end)
   while p:status(id) ~= "running" do end
 ]]
 
@@ -137,7 +137,7 @@ describe("bgworker.pool_native", function()
   end)
 
   it("runs init once in each worker before any job", function()
-    p = new_pool { threads = 2, init = string.dump(function() inits = (inits or 0) + 1 end) }
+    p = new_pool { threads = 2, init = function() inits = (inits or 0) + 1 end }
     local ids = {}
     for i = 1, 6 do ids[i] = submit(function() return inits end) end
     pump_until(function() return p:stats().done == 6 end)
@@ -210,7 +210,7 @@ describe("bgworker.pool_native", function()
         local socket = require "socket"
         socket.sleep(0.1)
         io.write(p:cancel(id), "\n")
-        p:queue(string.dump(function() io.write("the next job ran\n") end), false)
+        p:queue(function() io.write("the next job ran\n") end)
         socket.sleep(0.5)
         io.write(tostring((p:close(0.2))), "\n")
       ]])

@@ -367,6 +367,37 @@ describe("bgworker.pool", function()
     end)
   end)
 
+  describe("inline functions", function()
+    it("run their own code, a new closure per job, however alike the functions look", function()
+      -- As programs write jobs: inline, so a new closure each time (Lua 5.4,
+      -- LuaJIT), of functions that differ only in a constant, on one line.
+      local held = function(x) return "held " .. x end
+      local jobs, expected = {}, {}
+      for i = 1, 200 do
+        local k = i % 4 + 1
+        local fs = { function() return "a" end, function() return "b" end, held, function(x) return x end }
+        jobs[i] = p:submit(fs[k], i)
+        expected[i] = ({ "a", "b", "held " .. i, i })[k]
+      end
+      for i = 1, 200 do
+        assert.same({ true, expected[i] }, { jobs[i]:get(10) })
+      end
+    end)
+
+    it("see each worker's globals, not the caller's", function()
+      -- luacheck: globals answer
+      answer = "the caller's"
+      local results = {}
+      for i = 1, 20 do
+        results[i] = p:submit(function() return answer end)
+      end
+      for i = 1, 20 do
+        assert.same({ true, nil }, { results[i]:get(10) })
+      end
+      answer = nil
+    end)
+  end)
+
   describe("module.function", function()
     local dir, saved_path
 

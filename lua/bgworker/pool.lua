@@ -55,8 +55,8 @@ local waiting = require "bgworker.waiter"
 local native = require "bgworker.pool_native"
 local protect = require "bgworker.protect"
 
-local debug, error, getmetatable, package, pairs, select, setmetatable, string, tostring, type =
-  debug, error, getmetatable, package, pairs, select, setmetatable, string, tostring, type
+local error, getmetatable, package, pairs, select, setmetatable, tostring, type =
+  error, getmetatable, package, pairs, select, setmetatable, tostring, type
 local floor, huge = math.floor, math.huge
 local unpack = dispatcher.unpack
 local running = core.running
@@ -96,46 +96,6 @@ local DONE = pack(true)
 local CANCELLED = pack(false, "cancelled")
 
 -- ------------------------------------------------------------------------
--- Functions
-
--- Dumps of the functions submitted so far, so that a function submitted
--- again is neither checked nor dumped again.
-local dumps = setmetatable({}, { __mode = "k" })
-
--- What the workers receive for fn: code and whether it is a name; or nil
--- and why fn cannot be a job's function. The cached dump of a function
--- submitted before is looked up first: the way of all jobs but its first.
-local function job_function(fn)
-  local code = dumps[fn]
-  if code then
-    return code, false
-  end
-  if type(fn) == "string" then
-    if not fn:match("^[^.].*%.[^.]+$") then
-      return nil, ("'module.function' expected, got '%s'"):format(fn)
-    end
-    return fn, true
-  end
-  if type(fn) ~= "function" then
-    return nil, "function or 'module.function' string expected, got " .. type(fn)
-  end
-  local info = debug.getinfo(fn, "Su")
-  if info.what == "C" then
-    return nil, "a C function cannot move to a worker"
-  end
-  for i = 1, info.nups do
-    local name = debug.getupvalue(fn, i)
-    if name ~= "_ENV" then
-      return nil, ("the function has upvalue '%s': a job's function must not use" ..
-        " local variables from outside it"):format(tostring(name))
-    end
-  end
-  code = string.dump(fn)
-  dumps[fn] = code
-  return code, false
-end
-
--- ------------------------------------------------------------------------
 -- Pools
 
 local function check_pool(self, method)
@@ -155,8 +115,8 @@ end
 local OPTIONS = {
   threads = function(fname, _, _, v) return check_threads(fname, v) end,
   init = function(fname, n, name, v)
-    local _, why = job_function(v)
-    if not _ then
+    local why = native.refusal(v)
+    if why then
       return args.bad(fname, n, name .. ": " .. why)
     end
   end,
@@ -218,14 +178,6 @@ local function hold_for(self, d)
   self.held = d
   if d then
     d:hold()
-  end
-end
-
-local function one_more_outstanding(self)
-  local n = self.outstanding + 1
-  self.outstanding = n
-  if n == 1 then
-    hold_for(self, dispatcher.current())
   end
 end
 
@@ -539,10 +491,6 @@ function pool.new(opts)
   opts, msg = args.options("bgworker.pool.new", 1, opts, OPTIONS)
   if not opts then error(msg, 2) end
   local threads = opts.threads or native.cpus
-  local init, named
-  if opts.init ~= nil then
-    init, named = job_function(opts.init)
-  end
   -- LuaJIT: the JIT stays off in the workers unless asked for (see above).
   local jit_option
   if rawget(_G, "jit") then
@@ -562,8 +510,7 @@ function pool.new(opts)
     threads = floor(threads),
     path = package.path,
     cpath = package.cpath,
-    init = init,
-    init_named = named,
+    init = opts.init,
     init_timeout = opts.init_timeout,
     jit = jit_option,
     on_events = function(events, n)
@@ -582,30 +529,28 @@ function pool.new(opts)
   return self
 end
 
--- What the workers receive for job function fn (`code, named`, as for
--- the native queue), or nil and why no job can be queued now.
-local function prepare(self, fname, fn)
+-- Why no job can be queued now, if none can: for `submit` and `run`.
+local function cannot_queue(self, fname)
   if self.closed then
-    return nil, fname .. ": the pool is closed"
+    return fname .. ": the pool is closed"
   end
   if not running() then
-    return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
+    return fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
       " bgworker.new() first"
   end
-  local code, named = job_function(fn)
-  if not code then
-    return nil, args.bad(fname, 1, named)
-  end
-  return code, named
 end
 
 -- Why the native `queue` queued no job (it returned `nil, position,
--- message`): an argument that cannot be copied (at `position`, from 1 for
--- fn's first argument), or, with `position` false, a pool this process may
--- not use (a fork's child).
-local function refusal(fname, position, message)
+-- message`): fn (`position` 0) or an argument (from 1, fn's first) that
+-- cannot go to a worker, or, with `position` false, a pool this process
+-- may not use (a fork's child). `...`: fn's arguments.
+local function refusal(fname, position, message, ...)
   if not position then
     return fname .. ": " .. message
+  end
+  -- A last function is most likely meant as the callback: say how to give one.
+  if position > 0 and position == select("#", ...) and type((select(position, ...))) == "function" then
+    message = message .. "; give a callback with job:on_done"
   end
   return args.bad(fname, position + 1, message)
 end
@@ -614,7 +559,11 @@ end
 local function add_job(self, id)
   local job = setmetatable({ self, id, "queued", false, false, false, false }, Job)
   self.jobs[id] = job
-  one_more_outstanding(self)
+  local n = self.outstanding + 1
+  self.outstanding = n
+  if n == 1 then
+    hold_for(self, dispatcher.current())
+  end
   return job
 end
 
@@ -627,18 +576,12 @@ end
 -- @return the job
 -- @usage pool:submit(fn, a, b):on_done(function(ok, ...) end)
 function Pool:submit(fn, ...)
-  -- The test inline, the message from check_pool: a call less on every job.
+  -- The tests inline, the messages from functions: no call on the way of
+  -- a job that is queued.
   if getmetatable(self) ~= Pool then error(check_pool(self, "submit"), 2) end
-  local code, named = prepare(self, "submit", fn)
-  if not code then error(named, 2) end
-  local id, position, message = self.native:queue(code, named, ...)
-  if not id then
-    -- A last function is most likely meant as the callback: say how to give one.
-    if position and position == select("#", ...) and type((select(position, ...))) == "function" then
-      message = message .. "; give a callback with job:on_done"
-    end
-    error(refusal("submit", position, message), 2)
-  end
+  if self.closed or not running() then error(cannot_queue(self, "submit"), 2) end
+  local id, position, message = self.native:queue(fn, ...)
+  if not id then error(refusal("submit", position, message, ...), 2) end
   return add_job(self, id)
 end
 
@@ -654,10 +597,10 @@ function Pool:run(fn, ...)
   if msg then error(msg, 2) end
   local waiter, why = waiting.for_caller("run")
   if not waiter then error(why, 2) end
-  local code, named = prepare(self, "run", fn)
-  if not code then error(named, 2) end
-  local id, position, message = self.native:queue(code, named, ...)
-  if not id then error(refusal("run", position, message), 2) end
+  local why_not = cannot_queue(self, "run")
+  if why_not then error(why_not, 2) end
+  local id, position, message = self.native:queue(fn, ...)
+  if not id then error(refusal("run", position, message, ...), 2) end
   return wait_outcome(add_job(self, id), waiter)
 end
 
@@ -782,8 +725,9 @@ end
 -- @return the job
 -- @usage pool:submit(fn, a):on_done(function(ok, ...) end)
 function Job:on_done(callback)
-  local msg = check_job(self, "on_done") or args.typed("on_done", 1, "callback", callback, "function")
-  if msg then error(msg, 2) end
+  if getmetatable(self) ~= Job or type(callback) ~= "function" then
+    error(check_job(self, "on_done") or args.typed("on_done", 1, "callback", callback, "function"), 2)
+  end
   if self[CALLBACK] then
     error("on_done: the job has its callback already (a job has one)", 2)
   end

@@ -6,7 +6,7 @@
 //! state, runs the function, copies the results out, and delivers them
 //! through bgworker as events, which the dispatcher hands to the pool's
 //! `on_events` on the Lua thread. The Lua layer (`lua/bgworker/pool.lua`)
-//! checks and dumps functions, keeps job handles and documents the API.
+//! keeps job handles, runs callbacks and documents the API.
 //!
 //! # Map
 //!
@@ -30,6 +30,7 @@
 //! - `lua/`: the binding, on the Lua thread.
 //!   - `module`: the module table and the pool's methods (the contract below).
 //!   - `pool`: a pool: starts, cancels, closes and joins its workers.
+//!   - `function`: a job's function checked and dumped, or recognised.
 //!   - `events`: progress and outcomes carried to `on_events` through the core.
 //!
 //! The raw Lua C API helpers that `worker/` and `lua/` use (raising,
@@ -44,10 +45,15 @@
 //! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.RETIRE_GRACE,
 //! native.PROGRESS_IN_FLIGHT, native.MAX_VALUES
 //! native.new(opts) -> pool | nil, err_value, traceback
+//! native.refusal(fn) -> nil | message
 //! ```
+//! A job's function (and an init) is a Lua function without upvalues but
+//! `_ENV` (moved by its dump: lua/function.rs), or a "module.function"
+//! string, required in the worker. `refusal` says why a value cannot be
+//! one (nil when it can).
+//!
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
-//! `package.path` and `package.cpath`), `init` (a function's dump, or
-//! "module.function" with `init_named = true`; optional), `on_events`
+//! `package.path` and `package.cpath`), `init` (a job's function; optional), `on_events`
 //! (function, below), `init_timeout` (seconds, default 30, `math.huge`: none),
 //! `jit` (LuaJIT only: false turns the JIT off in the workers, see
 //! "Cancelling"). Unknown options are refused.
@@ -59,12 +65,11 @@
 //! and the traceback (nil when the worker's state could not be made). After `init_timeout`, the workers are cancelled and
 //! abandoned as by `close(0)` and `new` returns `nil, "init timed out"`.
 //!
-//! - `pool:queue(code, named, args...)` -> `id` | `nil, position, message` |
-//!   `nil, false, message`: queue a job running `code` (a dump, or
-//!   "module.function" when `named`) with `args` as its arguments (a
-//!   function among them is refused, as any value that cannot cross).
-//!   `position` (from 1, counted from the first of `args`) names an
-//!   argument that cannot be copied; `false`, a pool that
+//! - `pool:queue(fn, args...)` -> `id` | `nil, position, message` |
+//!   `nil, false, message`: queue a job running `fn` with `args` as its
+//!   arguments (a function among them is refused, as any value that cannot
+//!   cross). `position` 0 is `fn` itself (`message`: its `refusal`), from 1
+//!   an argument that cannot be copied (counted from the first of `args`); `false`, a pool that
 //!   this process may not use (below), so that the Lua layer raises under
 //!   its own method's name. Ids are integers, from 1, unique within the
 //!   pool. Raises on a closed pool.

@@ -61,7 +61,7 @@ function new_pool(opts)
   return native.new(opts)
 end
 function submit(p, f, ...)
-  local id, position, message = p:queue(string.dump(f), false, ...)
+  local id, position, message = p:queue(f, ...)
   if id then return id end
   return nil, position, message
 end

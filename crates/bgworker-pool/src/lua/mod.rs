@@ -5,5 +5,6 @@
 //! workers post them too).
 
 pub mod events;
+pub mod function;
 pub mod module;
 pub mod pool;

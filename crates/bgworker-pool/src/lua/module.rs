@@ -7,17 +7,17 @@
 
 use std::ffi::{c_int, CStr};
 use std::ptr;
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use bgworker_ffi::lua::{bad_argument, bytes_at, push_str, returned, type_name, LuaResult, Raise};
+use bgworker_ffi::lua::{bad_argument, push_str, returned, type_name, LuaResult, Raise};
 use mlua::ffi::*;
 use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 
+use crate::lua::function::{self, Functions};
 use crate::lua::pool::{Options, Pool, Refused};
 use crate::sync::board::{Cancelled, Id, Status};
-use crate::worker::job::{Func, Job, Recent};
+use crate::worker::job::Job;
 use crate::worker::state::Setup;
 use crate::worker::value::Values;
 
@@ -58,9 +58,9 @@ fn required<T: mlua::FromLua>(opts: &Table, name: &str, expected: &str) -> mlua:
         .ok_or_else(|| mlua::Error::runtime(bad_argument(1, "new", format!("opts.{name} must be {expected}"))))
 }
 
-const KNOWN_OPTIONS: [&str; 8] = ["threads", "path", "cpath", "init", "init_named", "on_events", "init_timeout", "jit"];
+const KNOWN_OPTIONS: [&str; 7] = ["threads", "path", "cpath", "init", "on_events", "init_timeout", "jit"];
 
-fn options(opts: Table) -> mlua::Result<Options> {
+fn options(lua: &Lua, opts: Table) -> mlua::Result<Options> {
     let refuse = |message: String| mlua::Error::runtime(bad_argument(1, "new", message));
     for pair in opts.pairs::<LuaValue, LuaValue>() {
         let (key, _) = pair?;
@@ -73,8 +73,22 @@ fn options(opts: Table) -> mlua::Result<Options> {
     if !(1..=MAX_THREADS as i64).contains(&threads) {
         return Err(refuse(format!("opts.threads must be in 1..{MAX_THREADS}, got {threads}")));
     }
-    let init: Option<LuaString> = option(&opts, "init", "a string (a function's dump or 'module.function')")?;
-    let named = option(&opts, "init_named", "a boolean")?.unwrap_or(false);
+    let init: LuaValue = opts.raw_get("init")?;
+    let init = if init.is_nil() {
+        None
+    } else {
+        let mut func = None;
+        let mut functions = Functions::default();
+        // SAFETY: init is argument 1 of the protected call.
+        unsafe {
+            lua.exec_raw::<()>(init, |state| {
+                func = Some(functions.at(state, 1));
+                functions.release(state);
+            })
+        }?;
+        let func = func.ok_or_else(|| mlua::Error::runtime("bgworker.pool_native.new: init was not read"))?;
+        Some(func.map_err(|why| refuse(format!("opts.init: {why}")))?)
+    };
     let timeout = option(&opts, "init_timeout", "a number")?.unwrap_or(INIT_TIMEOUT);
     let init_timeout =
         seconds(timeout).ok_or_else(|| refuse(format!("opts.init_timeout must be >= 0, got {timeout}")))?;
@@ -82,7 +96,7 @@ fn options(opts: Table) -> mlua::Result<Options> {
         path: required::<LuaString>(&opts, "path", "a string")?.as_bytes().to_vec(),
         cpath: required::<LuaString>(&opts, "cpath", "a string")?.as_bytes().to_vec(),
         jit: option(&opts, "jit", "a boolean")?.unwrap_or(true),
-        init: init.map(|code| Arc::new(Func::new(&code.as_bytes(), named))),
+        init,
     };
     let on_events = required(&opts, "on_events", "a function")?;
     Ok(Options { threads: threads as usize, setup, on_events, init_timeout })
@@ -93,7 +107,7 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
     let LuaValue::Table(opts) = opts else {
         return Err(mlua::Error::runtime(bad_argument(1, "new", format!("table expected, got {}", opts.type_name()))));
     };
-    let mut pool = match Pool::new(lua, options(opts)?)? {
+    let mut pool = match Pool::new(lua, options(lua, opts)?)? {
         Ok(pool) => Some(pool),
         Err(Refused::Failed(failure)) => {
             let (error, traceback) = (failure.error, failure.traceback);
@@ -121,7 +135,8 @@ fn new(lua: &Lua, opts: LuaValue) -> mlua::Result<MultiValue> {
 struct PoolCell {
     /// `None` once collected.
     pool: Option<Pool>,
-    recent: Recent,
+    /// The job functions it was given lately.
+    functions: Functions,
 }
 
 /// Push a new pool userdata owning the pool in `slot`. Its methods have
@@ -154,14 +169,14 @@ unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
         }
         let cell = lua_newuserdata(state, std::mem::size_of::<PoolCell>()) as *mut PoolCell;
         // From here on nothing raises: the userdata owns the pool at once.
-        ptr::write(cell, PoolCell { pool: slot.take(), recent: Recent::default() });
+        ptr::write(cell, PoolCell { pool: slot.take(), functions: Functions::default() });
         lua_insert(state, -2);
         lua_setmetatable(state, -2);
     }
 }
 
-/// A method: the state, the pool, and the functions it was given last.
-type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> LuaResult<c_int>;
+/// A method: the state and the pool.
+type Method = unsafe fn(*mut lua_State, &mut Pool) -> LuaResult<c_int>;
 
 /// Call `method` on the pool that is argument 1, raising its error, and
 /// refusing a pool made by the process this one was forked from.
@@ -170,11 +185,11 @@ type Method = unsafe fn(*mut lua_State, &mut Pool, &mut Recent) -> LuaResult<c_i
 /// In a C function called by Lua.
 unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
     let result = unsafe {
-        pool_at(state, name).and_then(|(pool, recent)| {
+        pool_at(state, name).and_then(|(pool, _)| {
             if pool.is_inherited() {
                 return Err(Raise::Message(format!("{name}: {INHERITED}")));
             }
-            method(state, pool, recent)
+            method(state, pool)
         })
     };
     unsafe { returned(state, result) }
@@ -184,11 +199,11 @@ unsafe fn call(state: *mut lua_State, name: &str, method: Method) -> c_int {
 const INHERITED: &str = "this pool belongs to the process that made it, and this one is a fork of it";
 
 /// The pool that is argument 1 of method `name` (not collected), and the
-/// functions it was given last.
+/// job functions it was given lately.
 ///
 /// # Safety
 /// In a method made by `push_pool`, called by Lua.
-unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> LuaResult<(&'a mut Pool, &'a mut Recent)> {
+unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> LuaResult<(&'a mut Pool, &'a mut Functions)> {
     unsafe {
         let cell = lua_touserdata(state, 1) as *mut PoolCell;
         let ours = !cell.is_null() && lua_getmetatable(state, 1) != 0 && {
@@ -201,9 +216,9 @@ unsafe fn pool_at<'a>(state: *mut lua_State, name: &str) -> LuaResult<(&'a mut P
             return Err(Raise::Arg(1, format!("pool expected, got {got}; call it as pool:{name}()")));
         }
         // SAFETY: a userdata with our metatable holds a PoolCell.
-        let PoolCell { pool, recent } = &mut *cell;
+        let PoolCell { pool, functions } = &mut *cell;
         let pool = pool.as_mut().ok_or_else(|| Raise::Message(format!("{name}: the pool was collected")))?;
-        Ok((pool, recent))
+        Ok((pool, functions))
     }
 }
 
@@ -230,14 +245,14 @@ unsafe fn id_at(state: *mut lua_State) -> LuaResult<Option<Id>> {
 /// values, so that the Lua layer raises that under the name of its own
 /// method (`submit`, `run`), at its caller's line.
 unsafe extern "C-unwind" fn pool_queue(state: *mut lua_State) -> c_int {
-    unsafe { returned(state, pool_at(state, "queue").and_then(|(pool, recent)| queue(state, pool, recent))) }
+    unsafe { returned(state, pool_at(state, "queue").and_then(|(pool, functions)| queue(state, pool, functions))) }
 }
 
-/// `queue(code, named, args...)`: queue a job running `code` (a dump, or
-/// "module.function" when `named`) with the arguments after `named`: `id` |
-/// `nil, position, message` | `nil, false, message` (made before a fork:
-/// this process may not use it).
-unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> LuaResult<c_int> {
+/// `queue(fn, args...)`: queue a job running `fn` (a Lua function, or a
+/// "module.function" name) with the arguments after it: `id` | `nil,
+/// position, message` | `nil, false, message` (made before a fork: this
+/// process may not use it).
+unsafe fn queue(state: *mut lua_State, pool: &mut Pool, functions: &mut Functions) -> LuaResult<c_int> {
     unsafe {
         if pool.is_inherited() {
             lua_pushnil(state);
@@ -245,25 +260,25 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, recent: &mut Recent) -> 
             push_str(state, INHERITED);
             return Ok(3);
         }
-        let top = lua_gettop(state).max(3);
+        let top = lua_gettop(state).max(2);
         lua_settop(state, top);
-        let Some(code) = bytes_at(state, 2) else {
-            let got = type_name(state, 2);
-            return Err(Raise::Arg(2, format!("string expected, got {got}")));
+        let refused = |position: usize, message: &str| {
+            lua_pushnil(state);
+            lua_pushinteger(state, position as lua_Integer);
+            push_str(state, message);
+            Ok(3)
         };
-        let named = lua_toboolean(state, 3) != 0;
-        let args = match Values::copy(state, 4, top - 3) {
+        let func = match functions.at(state, 2) {
+            Ok(func) => func,
+            Err(why) => return refused(0, &why),
+        };
+        let args = match Values::copy(state, 3, top - 2) {
             Ok(args) => args,
-            Err((position, e)) => {
-                let message = format!("{e} cannot be copied to a worker");
-                lua_pushnil(state);
-                lua_pushinteger(state, position as lua_Integer + 1);
-                push_str(state, &message);
-                return Ok(3);
-            }
+            Err((position, e)) => return refused(position + 1, &format!("{e} cannot be copied to a worker")),
         };
-        let job = Job { func: recent.get(code, named), args };
-        let id = pool.submit(job).ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
+        let id = pool
+            .submit(Job { func, args })
+            .ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
         lua_pushinteger(state, id as lua_Integer);
     }
     Ok(1)
@@ -273,7 +288,7 @@ unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {
     unsafe { call(state, "cancel", cancel) }
 }
 
-unsafe fn cancel(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
+unsafe fn cancel(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
     unsafe {
         match id_at(state)?.map_or(Cancelled::No, |id| pool.cancel(id)) {
             Cancelled::Queued => lua_pushstring(state, c"queued".as_ptr()),
@@ -291,7 +306,7 @@ unsafe extern "C-unwind" fn pool_status(state: *mut lua_State) -> c_int {
     unsafe { call(state, "status", status) }
 }
 
-unsafe fn status(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
+unsafe fn status(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
     unsafe {
         let name = match id_at(state)?.and_then(|id| pool.status(id)) {
             Some(Status::Queued) => c"queued",
@@ -311,7 +326,7 @@ unsafe extern "C-unwind" fn pool_stats(state: *mut lua_State) -> c_int {
     unsafe { call(state, "stats", stats) }
 }
 
-unsafe fn stats(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
+unsafe fn stats(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
     let snapshot = pool.snapshot();
     let counts = snapshot.counts;
     let integers: [(&CStr, u64); 8] = [
@@ -362,7 +377,7 @@ unsafe extern "C-unwind" fn pool_retire_stuck(state: *mut lua_State) -> c_int {
 }
 
 /// `retire_stuck()`: how many workers were retired and replaced.
-unsafe fn retire_stuck(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
+unsafe fn retire_stuck(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
     unsafe { lua_pushinteger(state, pool.retire_stuck() as lua_Integer) };
     Ok(1)
 }
@@ -372,7 +387,7 @@ unsafe extern "C-unwind" fn pool_close(state: *mut lua_State) -> c_int {
 }
 
 /// `close(timeout)`: true, or false and "timeout".
-unsafe fn close(state: *mut lua_State, pool: &mut Pool, _: &mut Recent) -> LuaResult<c_int> {
+unsafe fn close(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
     unsafe {
         if lua_type(state, 2) != LUA_TNUMBER {
             let got = type_name(state, 2);
@@ -399,9 +414,23 @@ unsafe extern "C-unwind" fn pool_gc(state: *mut lua_State) -> c_int {
         // Lua frees the block itself, without dropping it: what it owns
         // goes here (and a second __gc finds nothing).
         drop(cell.pool.take());
-        drop(std::mem::take(&mut cell.recent));
+        unsafe { cell.functions.release(state) };
+        drop(std::mem::take(&mut cell.functions));
     }
     0
+}
+
+/// `refusal(value)`: why `value` cannot be a job's function, or nil when
+/// it can.
+unsafe extern "C-unwind" fn refusal(state: *mut lua_State) -> c_int {
+    let why = unsafe { function::refusal(state, 1) };
+    unsafe {
+        match why {
+            Some(why) => push_str(state, &why),
+            None => lua_pushnil(state),
+        }
+    }
+    1
 }
 
 /// The module table: `new`, `cpus` (the threads the system can run at
@@ -411,6 +440,7 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     bgworker_ffi::fork::watch();
     let exports = lua.create_table()?;
     exports.set("new", lua.create_function(new)?)?;
+    exports.set("refusal", unsafe { lua.create_c_function(refusal) }?)?;
     exports.set("cpus", thread::available_parallelism().map_or(1, |n| n.get()))?;
     exports.set("MAX_THREADS", MAX_THREADS)?;
     exports.set("CLOSE_TIMEOUT", crate::lua::pool::CLOSE_TIMEOUT.as_secs_f64())?;

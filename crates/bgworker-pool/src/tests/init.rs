@@ -11,10 +11,10 @@ fn init_runs_once_in_each_worker_before_any_job() {
         r#"
         p = new_pool {
           threads = 3,
-          init = string.dump(function()
+          init = function()
             inits = (inits or 0) + 1
             cancelled_in_init = require("bgworker.worker").cancelled()
-          end),
+          end,
         }
         ids = {}
         for i = 1, 12 do ids[i] = submit(p, function() return inits, cancelled_in_init end) end
@@ -34,8 +34,8 @@ fn init_runs_once_in_each_worker_before_any_job() {
 #[test]
 fn a_named_init_is_required_and_called() {
     let f = Fixture::new(None);
-    assert!(f.eval::<bool>("return new_pool { init = 'os.time', init_named = true } ~= nil"));
-    let err: String = f.eval("return select(2, new_pool { init = 'os.nothing', init_named = true })");
+    assert!(f.eval::<bool>("return new_pool { init = 'os.time' } ~= nil"));
+    let err: String = f.eval("return select(2, new_pool { init = 'os.nothing' })");
     assert_eq!(err, "'os.nothing' is not a function: module 'os' has no function 'nothing'");
 }
 
@@ -62,7 +62,7 @@ fn a_failing_init_stops_every_worker_and_returns_its_error() {
           assert(io.open(dir .. "/a-" .. id, "w")):close()
           error({ code = 7 })
         ]])
-        local p, err, tb = new_pool { threads = 3, init = string.dump(init) }
+        local p, err, tb = new_pool { threads = 3, init = init }
         return p ~= nil, err.code, tb
         "#,
     );
@@ -97,7 +97,7 @@ fn an_init_that_does_not_finish_in_time_is_given_up() {
         r#"
         local p, err = new_pool {
           threads = 2,
-          init = string.dump(function() os.execute("sleep 2") end),
+          init = function() os.execute("sleep 2") end,
           init_timeout = 0.1,
         }
         return p ~= nil, err
@@ -113,7 +113,7 @@ fn an_init_cannot_report_progress() {
     let f = Fixture::new(None);
     let (made, err): (bool, String) = f.eval(
         r#"
-        local p, err = new_pool { init = string.dump(function() require("bgworker.worker").progress(1) end) }
+        local p, err = new_pool { init = function() require("bgworker.worker").progress(1) end }
         return p ~= nil, err
         "#,
     );
