@@ -40,7 +40,7 @@ copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
 .PHONY: all setup build dist demo demo-ticker docs test lint specs examples cargo-test rock-check \
-        nginx-test leakcheck soak copas-suite bench bench-pool clean FORCE \
+        nginx-test leakcheck soak copas-suite bench bench-openresty bench-pool clean FORCE \
         $(addprefix build-,$(LUA_VERSIONS)) $(addprefix specs-,$(LUA_VERSIONS)) \
         $(addprefix examples-,$(LUA_VERSIONS)) \
         $(addprefix copas-,$(LUA_VERSIONS)) $(addprefix specs-copas1-,$(COPAS1_LUA))
@@ -236,6 +236,10 @@ bench: setup $(addprefix build-,$(BENCH_LUA)) $(addprefix copas-,$(BENCH_LUA))
 	BENCH_LUA="$(BENCH_LUA)" BENCH_BUILD="$(BUILD)" lua5.4 bench/bench.lua
 
 # Inline vs bgworker.pool vs luv's uv.new_work, on every Lua version.
+# bgworker.pool against ngx.run_worker_thread in a real nginx (issue 18).
+bench-openresty: setup build-jit
+	BENCH_BUILD="$(CURDIR)/$(BUILD)/jit" luajit bench/openresty.lua
+
 bench-pool: build
 	$(foreach v,$(LUA_VERSIONS),$(call with_lua,$(v),$(call lua_bin,$(v)) bench/pool.lua) &&) true
 

@@ -128,6 +128,8 @@ local function parse_pool(out)
       r.rows[#r.rows + 1] = { name = name, wall_seconds = tonumber(a), vs_inline = tonumber(b) }
     elseif section == "empty" and name then
       r.empty[#r.empty + 1] = { name = name, jobs_per_second = tonumber(a), vs_luv = tonumber(b) }
+    elseif section == "empty" and line:match("^idle") then
+      r.idle_cpu_seconds = tonumber(line:match("([%d.]+) CPU s"))
     elseif section == "cancel" then
       local p50, p99, max = line:match("([%d.]+)%s+([%d.]+)%s+([%d.]+)%s*$")
       if p50 then r.cancel = { p50_ms = tonumber(p50), p99_ms = tonumber(p99), max_ms = tonumber(max) } end
@@ -206,7 +208,7 @@ local function derive(res)
 end
 
 --------------------------------------------------------------------------
--- Targets: issue 12's goals, issue 8's (the pool), and those of the first
+-- Targets: issue 12's goals, issues 8's and 18's (the pool), and those of the first
 -- benchmark that still say something (wake-ups, idle). Each is checked
 -- where the goal names a version, else on every one.
 
@@ -276,12 +278,25 @@ local function targets(v, res)
     check("idle: no CPU beyond the plain loop's (+1 ms)", i.helper.cpu_seconds <= i.baseline.cpu_seconds + 0.001,
       i.helper.cpu_seconds)
   end
-  -- Issue 8's: bgworker.pool against luv's uv.new_work, and cancelling.
+  -- Issue 18's: bgworker.pool against luv's uv.new_work, with the job's
+  -- function written inline (a new closure per job) and made once, and
+  -- idle; issue 8's: cancelling.
   local p = res.pool
   if type(p) == "table" then
-    local empty = p.empty[1]
-    if empty then
-      check("pool: empty jobs through bgworker.pool >= 2x luv's uv.new_work", empty.vs_luv >= 2, empty.vs_luv)
+    local inline, once = p.empty[1], p.empty[2]
+    if inline and inline.vs_luv then
+      check("pool: empty jobs, new closure per job >= 1.0x luv's uv.new_work", inline.vs_luv >= 1, inline.vs_luv)
+    end
+    if once and once.vs_luv then
+      check("pool: empty jobs, one function >= 1.5x luv's uv.new_work", once.vs_luv >= 1.5, once.vs_luv)
+    end
+    local on_pool = p.rows[2]
+    if v == "jit" and on_pool then
+      check("LuaJIT: CPU-bound jobs on 2 threads, default options, >= 1.6x inline", on_pool.vs_inline >= 1.6,
+        on_pool.vs_inline)
+    end
+    if p.idle_cpu_seconds then
+      check("pool: no CPU while idle (<= 1 ms over 1 s)", p.idle_cpu_seconds <= 0.001, p.idle_cpu_seconds)
     end
     if p.cancel then
       check("pool: cancel latency of a CPU-bound job, p99 <= 50 ms", p.cancel.p99_ms <= 50, p.cancel.p99_ms)
@@ -512,12 +527,13 @@ local function rows(items)
       return r and ("%.3f s (x%.2f of inline) %s"):format(r.wall_seconds, r.vs_inline, r.name) or "n/a"
     end, short = name == "bgworker.pool" }
   end
-  list[#list + 1] = { "empty jobs per second, bgworker.pool (luv uv.new_work)", function(res)
-    local e = at(res, "pool.empty")
-    if type(e) ~= "table" or not e[1] then return "n/a" end
-    return ("%s/s, x%.2f of luv's (%s/s)"):format(si(e[1].jobs_per_second), e[1].vs_luv,
-      e[2] and si(e[2].jobs_per_second) or "n/a")
-  end, short = true }
+  list[#list + 1] = { "empty jobs per second, bgworker.pool: new closure per job, one function (luv uv.new_work)",
+    function(res)
+      local e = at(res, "pool.empty")
+      if type(e) ~= "table" or not e[3] then return "n/a" end
+      return ("%s/s (x%.2f), %s/s (x%.2f) of luv's %s/s"):format(si(e[1].jobs_per_second), e[1].vs_luv,
+        si(e[2].jobs_per_second), e[2].vs_luv, si(e[3].jobs_per_second))
+    end, short = true }
   list[#list + 1] = { "cancel latency of a running job, ms", field("pool.cancel", function(x)
     return ("p50 %.3f, p99 %.3f, max %.3f"):format(x.p50_ms, x.p99_ms, x.max_ms)
   end), short = true }

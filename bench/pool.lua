@@ -4,8 +4,9 @@
 -- 1. Wall time of CPU-bound jobs: inline, on the pool, with uv.new_work
 --    (on LuaJIT also on a pool with the JIT off in its workers).
 -- 2. Empty jobs per second: the per-job overhead, bgworker.pool (as a
---    program uses it: job handles and callbacks) vs uv.new_work (target: at
---    least 2x luv's); and the native half alone, as a breakdown.
+--    program uses it: job handles and callbacks, the function written
+--    inline or made once) vs uv.new_work, in interleaved rounds (medians);
+--    the native half alone, as a breakdown; then the CPU of the idle pool.
 -- 3. Cancel latency of a CPU-bound job: from `cancel` until its worker
 --    starts the next job (target: p99 <= 50 ms).
 -- 4. Close time of a pool whose workers run `while true do end`.
@@ -271,6 +272,14 @@ if luv_rate then
   row(("luv uv.new_work, %s threads"):format(LUV_THREADS), luv_rate)
 end
 row(("bgworker.pool_native alone, %d threads"):format(THREADS), EMPTY_JOBS / times[3])
+
+-- Idle: the pool that just ran all those jobs, and the dispatcher, spend
+-- no CPU while nothing comes (the workers sleep on a condition variable).
+local IDLE_SECONDS = 1
+local idle_cpu = os.clock()
+socket.sleep(IDLE_SECONDS)
+idle_cpu = os.clock() - idle_cpu
+print(("%-44s %8.4f CPU s over %d s"):format(("idle, %d threads"):format(THREADS), idle_cpu, IDLE_SECONDS))
 assert(lua_pool:close(5))
 assert(pool:close(5))
 

@@ -243,6 +243,7 @@ function Ngx.start(self, opts)
   end
   self.start_opts = opts.capacity and { capacity = opts.capacity } or nil
   self.timeout_ms = floor((opts.timeout or M.DEFAULT_TIMEOUT) * 1000)
+  self.spare_suspenders = {}
   local ok, err = start_core(self)
   if not ok then
     return nil, err
@@ -312,9 +313,25 @@ function Ngx:run_in_runner(body, slice)
   return slice.finished
 end
 
+-- Suspenders whose wait is over, kept for the next waits (at most
+-- SPARE_SUSPENDERS): a semaphore (a cdata with a finaliser) and three
+-- closures per wait cost more than the rest of a request's wait. A resume
+-- that comes after its wait is over posts to a semaphore that another wait
+-- may use by then: that wait returns early once and waits again, as a
+-- waiter does after any early return (bgworker.waiter).
+local SPARE_SUSPENDERS = 64
+
 function Ngx:suspender()
+  local spare = self.spare_suspenders
+  local n = #spare
+  if n > 0 then
+    local suspender = spare[n]
+    spare[n] = nil
+    return suspender
+  end
   local sema = semaphore.new()
-  return {
+  local suspender
+  suspender = {
     timed = true,
     suspend = function(left)
       local ok, err = sema:wait(left or FOREVER)
@@ -325,15 +342,19 @@ function Ngx:suspender()
     resume = function()
       sema:post(1)
     end,
-    -- The reader of an exiting worker goes on while requests wait; the
-    -- last one to leave wakes it to stop, or it would hold the worker
-    -- until its read timeout.
     done = function()
+      if #spare < SPARE_SUSPENDERS then
+        spare[#spare + 1] = suspender
+      end
+      -- The reader of an exiting worker goes on while requests wait; the
+      -- last one to leave wakes it to stop, or it would hold the worker
+      -- until its read timeout.
       if should_stop(self) and self:owns_run() then
         core.wake()
       end
     end,
   }
+  return suspender
 end
 
 -- An `ngx.timer.at` timer: `fn()` runs in protected mode after `seconds`.
