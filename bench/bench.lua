@@ -527,13 +527,13 @@ local function rows(items)
       return r and ("%.3f s (x%.2f of inline) %s"):format(r.wall_seconds, r.vs_inline, r.name) or "n/a"
     end, short = name == "bgworker.pool" }
   end
-  list[#list + 1] = { "empty jobs per second, bgworker.pool: new closure per job, one function (luv uv.new_work)",
-    function(res)
-      local e = at(res, "pool.empty")
-      if type(e) ~= "table" or not e[3] then return "n/a" end
-      return ("%s/s (x%.2f), %s/s (x%.2f) of luv's %s/s"):format(si(e[1].jobs_per_second), e[1].vs_luv,
-        si(e[2].jobs_per_second), e[2].vs_luv, si(e[3].jobs_per_second))
-    end, short = true }
+  local empty_jobs = "empty jobs per second, bgworker.pool: new closure per job, one function (luv uv.new_work)"
+  list[#list + 1] = { empty_jobs, function(res)
+    local e = at(res, "pool.empty")
+    if type(e) ~= "table" or not e[3] then return "n/a" end
+    return ("%s/s (x%.2f), %s/s (x%.2f) of luv's %s/s"):format(si(e[1].jobs_per_second), e[1].vs_luv,
+      si(e[2].jobs_per_second), e[2].vs_luv, si(e[3].jobs_per_second))
+  end, short = true }
   list[#list + 1] = { "cancel latency of a running job, ms", field("pool.cancel", function(x)
     return ("p50 %.3f, p99 %.3f, max %.3f"):format(x.p50_ms, x.p99_ms, x.max_ms)
   end), short = true }

@@ -142,3 +142,36 @@ describe("a cancelled job that does not stop", function()
     assert.matches("next\ttrue\t1\nnext\ttrue\t2\nabandoned\t0", output)
   end)
 end)
+
+describe("an init that does not return in time", function()
+  -- Code an init's cancel cannot stop, on every version; on LuaJIT also a
+  -- compiled loop (the JIT is on by default).
+  local HANGS = { { "a call blocked in C", [[function() require("socket").sleep(30) end]] } }
+  if rawget(_G, "jit") then
+    HANGS[#HANGS + 1] = { "a loop LuaJIT compiled", [[function() local n = 0 while true do n = n + 1 end end]] }
+  end
+
+  for _, case in ipairs(HANGS) do
+    it("in " .. case[1] .. " makes pool.new raise at its init_timeout, and the process still exits", function()
+      local script = ([[
+        local bgworker = require "bgworker"
+        local pool = require "bgworker.pool"
+        local socket = require "socket"
+        local d = bgworker.new()
+        local t0 = socket.gettime()
+        local ok, err = pcall(pool.new, { threads = 2, init = %s, init_timeout = 0.3 })
+        local took = socket.gettime() - t0
+        print("made", ok, err, took < 1 and "within 1 s" or ("after " .. took .. " s"))
+        print("exiting")
+        io.stdout:flush()
+        d:stop()
+      ]]):format(case[2])
+      local t0 = socket.gettime()
+      local status, output = support.run_lua(script, 60)
+      local took = socket.gettime() - t0
+      assert.equals(0, status, output)
+      assert.matches("made\tfalse\t[^\n]*init timed out\twithin 1 s\nexiting\n$", output)
+      assert.is_true(took < support.size(2.5, 10), ("the process took %.2f s"):format(took))
+    end)
+  end
+end)

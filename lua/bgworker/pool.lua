@@ -634,10 +634,11 @@ end
 
 --- Counters of the pool, consistent with each other at every moment:
 -- `queued + running + done + failed + cancelled == submitted`.
--- @treturn table `threads` (those that serve), `abandoned` (workers
--- retired by a cancel they did not heed, still in that job's code),
--- `submitted`, `queued`, `running` (taken by a
--- worker, outcome not yet received here), `done`, `failed`, `cancelled`;
+-- @treturn table `threads` (those that serve: fewer than asked for when a
+-- replacement's init failed, see @{jobs.md}), `abandoned` (workers retired
+-- by a cancel they did not heed, still in that job's code, or given up in
+-- their init), `submitted`, `queued`, `running` (taken by a worker,
+-- outcome not yet received here), `done`, `failed`, `cancelled`;
 -- `wait_mean`, `wait_max` (seconds a job waited in the queue) and
 -- `run_mean`, `run_max` (seconds a job ran)
 function Pool:stats()

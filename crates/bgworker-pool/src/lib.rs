@@ -97,7 +97,10 @@
 //!   start a worker in its place; returns how many. A retired worker takes
 //!   no other job and ends when its code returns; `stats().abandoned`
 //!   counts those still running. The Lua layer calls it `RETIRE_GRACE`
-//!   after each cancel that returned `"running"`.
+//!   after each cancel that returned `"running"`. A replacement whose init
+//!   raises, or runs for `init_timeout`, is given up when the pool next
+//!   retires workers or takes stats: retired in its init if it runs on,
+//!   and not replaced; `stats().threads` is one less for each.
 //! - `pool:notify_lost()`: call it when a dispatcher starts: the jobs whose
 //!   outcomes were dropped unread while none ran reach `on_events` through
 //!   it, as pairs `id, false` (they also do, without this call, when a

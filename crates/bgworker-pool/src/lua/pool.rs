@@ -76,8 +76,11 @@ pub struct Pool {
     /// included; `None` for one whose thread could not start. Empty once
     /// closed.
     workers: Vec<Option<WorkerThread>>,
-    /// The workers that serve: what `new` was asked for.
+    /// The workers that serve: what `new` was asked for, less the
+    /// replacements given up in their init (`give_up_late_inits`).
     threads: usize,
+    /// How long a worker's init may run (its replacements' too).
+    init_timeout: Option<Duration>,
     /// The fork generation of the process that made it.
     generation: u64,
 }
@@ -105,6 +108,7 @@ impl Pool {
             setup,
             workers: Vec::with_capacity(options.threads),
             threads: options.threads,
+            init_timeout: options.init_timeout,
             generation,
         };
         for index in 0..options.threads {
@@ -165,6 +169,7 @@ impl Pool {
         if self.is_inherited() || self.workers.is_empty() {
             return 0;
         }
+        self.give_up_late_inits();
         let retired = self.board.retire_stuck(RETIRE_GRACE);
         for _ in &retired {
             let index = self.crew.add();
@@ -175,6 +180,22 @@ impl Pool {
             }
         }
         retired.len()
+    }
+
+    /// Give up the replacements whose init failed or has run for
+    /// `init_timeout`: the pool serves with one thread less for each (a
+    /// replacement of a replacement would most likely fail the same way).
+    /// One still in its init is cancelled, and retired so that it never
+    /// serves: it is abandoned like a worker retired in a job. Looked at
+    /// lazily, whenever the pool retires workers or reports its stats.
+    fn give_up_late_inits(&mut self) {
+        for (worker, running) in self.crew.given_up(self.init_timeout) {
+            if running {
+                self.board.retire(worker);
+                self.interrupt(worker);
+            }
+            self.threads -= 1;
+        }
     }
 
     /// Queue `job`: its id, or `None` when the pool is closed.
@@ -194,7 +215,10 @@ impl Pool {
         self.board.status(id)
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&mut self) -> Snapshot {
+        if !self.is_inherited() && !self.workers.is_empty() {
+            self.give_up_late_inits();
+        }
         self.board.snapshot()
     }
 

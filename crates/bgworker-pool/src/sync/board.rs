@@ -53,8 +53,9 @@
 //!   a retired worker takes no other job (`finish` and `take` give it
 //!   none, under the lock that `retire_stuck` holds), so a worker is
 //!   either back in time and serves on, or retired and replaced, never
-//!   both. `retired` holds the retired workers until they leave `serve`:
-//!   the `abandoned` of a snapshot.
+//!   both. A worker given up in its init (`retire`) is retired before it
+//!   serves. `retired` holds the retired workers until they leave `serve`
+//!   (or `left`, whose init failed): the `abandoned` of a snapshot.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -215,7 +216,8 @@ impl Times {
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
     pub counts: Counts,
-    /// Retired workers still running the job they were retired in.
+    /// Retired workers still running the job (or the init) they were
+    /// retired in.
     pub abandoned: u64,
     /// Submit to start, over the jobs started.
     pub wait_mean: f64,
@@ -446,6 +448,19 @@ impl<J> Board<J> {
             false
         });
         retiring
+    }
+
+    /// Retire `worker`, given up in its init (a replacement whose init
+    /// failed or ran too long, crew.rs): if its init returns, it takes no
+    /// job; it counts as abandoned until it leaves.
+    pub fn retire(&self, worker: usize) {
+        self.lock().retired.insert(worker);
+    }
+
+    /// `worker`'s thread ends without serving (its init failed): it no
+    /// longer counts as abandoned.
+    pub fn left(&self, worker: usize) {
+        self.lock().retired.remove(&worker);
     }
 
     /// These outcomes (`id, failed`) reached the Lua thread: each job ends,

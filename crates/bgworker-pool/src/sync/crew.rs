@@ -1,17 +1,23 @@
 //! A pool's workers as a group: which finished their init, the first init
 //! failure, which ended. What `new` waits for before it returns, and
 //! `close` before it joins. A worker that replaces a retired one joins
-//! the group later (`add`). Lua-free: the failure is any `F`.
+//! the group later (`add`): it is *joining* until its init returns, and
+//! `given_up` tells the pool which of those to give up on (their init
+//! failed, or ran past the pool's init timeout). Lua-free: the failure is
+//! any `F`.
 //!
 //! # Invariants
 //! - Each worker reports `ready` or `failed` at most once, then `ended`
 //!   exactly once (a drop guard of its thread, after its Lua state closed).
 //!   A worker that never started is marked ended at once.
+//! - `joining` holds exactly the added workers not yet ready and not yet
+//!   given up; `given_up` returns each worker at most once.
 //! - Every wait takes a deadline: `None` only when the caller was given an
 //!   unbounded timeout.
 
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::sync::control::Control;
 use crate::sync::locks::{Condvar, Mutex, MutexGuard};
@@ -29,6 +35,14 @@ struct State<F> {
     ended: Vec<bool>,
     /// Each worker's init task, so that `close` can cancel one that runs.
     init: Vec<Arc<Control>>,
+    joining: HashMap<usize, Joining>,
+}
+
+/// Where the init of a worker added after the startup is.
+enum Joining {
+    /// Running, since then.
+    Since(Instant),
+    Failed,
 }
 
 /// How the workers' start went.
@@ -56,7 +70,14 @@ impl<F> Drop for Ending<F> {
 impl<F> Crew<F> {
     pub fn new(workers: usize) -> Crew<F> {
         let init = (0..workers).map(|_| Arc::new(Control::default())).collect();
-        let state = State { ready: 0, starting: workers, failure: None, ended: vec![false; workers], init };
+        let state = State {
+            ready: 0,
+            starting: workers,
+            failure: None,
+            ended: vec![false; workers],
+            init,
+            joining: HashMap::new(),
+        };
         Crew { state: Mutex::new(state), changed: Condvar::new() }
     }
 
@@ -66,7 +87,33 @@ impl<F> Crew<F> {
         let mut state = self.lock();
         state.ended.push(false);
         state.init.push(Arc::new(Control::default()));
-        state.ended.len() - 1
+        let worker = state.ended.len() - 1;
+        state.joining.insert(worker, Joining::Since(Instant::now()));
+        worker
+    }
+
+    /// The added workers to give up on: those whose init failed (their
+    /// thread ends by itself: `false`), and those whose init has run for
+    /// `timeout` or more (`None`: no limit), which is cancelled (`true`:
+    /// their thread may run on). Each is returned once.
+    pub fn given_up(&self, timeout: Option<Duration>) -> Vec<(usize, bool)> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let State { joining, init, .. } = &mut *state;
+        let mut given_up = Vec::new();
+        joining.retain(|&worker, joining| {
+            let running = match joining {
+                Joining::Failed => false,
+                Joining::Since(since) if timeout.is_some_and(|t| now.saturating_duration_since(*since) >= t) => {
+                    init[worker].cancel();
+                    true
+                }
+                Joining::Since(_) => return true,
+            };
+            given_up.push((worker, running));
+            false
+        });
+        given_up
     }
 
     fn lock(&self) -> MutexGuard<'_, State<F>> {
@@ -107,15 +154,28 @@ impl<F> Crew<F> {
         self.lock().init.iter().for_each(|task| task.cancel());
     }
 
-    pub fn ready(&self) {
-        self.lock().ready += 1;
+    pub fn ready(&self, worker: usize) {
+        let mut state = self.lock();
+        if worker < state.starting {
+            state.ready += 1;
+        } else {
+            state.joining.remove(&worker);
+        }
+        drop(state);
         self.changed.notify_all();
     }
 
     /// A worker's init failed (or its state could not be made). The first
-    /// failure is kept.
-    pub fn failed(&self, failure: F) {
-        self.lock().failure.get_or_insert(failure);
+    /// failure of the startup is kept, for `new`; an added worker's is
+    /// dropped, and the worker is to be given up (if it was not already).
+    pub fn failed(&self, worker: usize, failure: F) {
+        let mut state = self.lock();
+        if worker < state.starting {
+            state.failure.get_or_insert(failure);
+        } else if let Some(joining) = state.joining.get_mut(&worker) {
+            *joining = Joining::Failed;
+        }
+        drop(state);
         self.changed.notify_all();
     }
 
@@ -156,26 +216,26 @@ mod tests {
     fn startup_waits_for_every_worker_or_the_first_failure_or_the_deadline() {
         let crew = Arc::new(Crew::<&str>::new(2));
         let soon = || Some(Instant::now() + Duration::from_millis(30));
-        crew.ready();
+        crew.ready(0);
         assert!(matches!(crew.wait_startup(soon()), Startup::TimedOut));
         let other = {
             let crew = Arc::clone(&crew);
-            thread::spawn(move || crew.ready())
+            thread::spawn(move || crew.ready(1))
         };
         assert!(matches!(crew.wait_startup(None), Startup::Ready));
         other.join().unwrap();
 
         let crew = Crew::<&str>::new(3);
-        crew.ready();
-        crew.failed("first");
-        crew.failed("second");
+        crew.ready(0);
+        crew.failed(1, "first");
+        crew.failed(2, "second");
         assert!(matches!(crew.wait_startup(None), Startup::Failed("first")));
     }
 
     #[test]
     fn a_worker_added_later_is_waited_for_at_the_close_but_not_at_the_startup() {
         let crew = Arc::new(Crew::<()>::new(1));
-        crew.ready();
+        crew.ready(0);
         assert!(matches!(crew.wait_startup(None), Startup::Ready));
         let first = crew.ending(0);
         assert_eq!(crew.add(), 1);
@@ -186,6 +246,23 @@ mod tests {
         assert!(crew.init_task(1).is_cancelled(), "close cancels an added worker's init too");
         drop(added);
         assert_eq!(crew.wait_ended(None), [true, true]);
+    }
+
+    #[test]
+    fn added_workers_whose_init_fails_or_runs_too_long_are_given_up_once() {
+        let crew = Crew::<&str>::new(1);
+        crew.ready(0);
+        let (failing, slow, quick) = (crew.add(), crew.add(), crew.add());
+        crew.failed(failing, "raised");
+        crew.ready(quick);
+        assert_eq!(crew.given_up(None), [(failing, false)], "no limit: only the failure");
+        assert!(matches!(crew.wait_startup(None), Startup::Ready), "an added worker's failure is not the startup's");
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(crew.given_up(Some(Duration::from_secs(5))), []);
+        assert_eq!(crew.given_up(Some(Duration::from_millis(10))), [(slow, true)]);
+        assert!(crew.init_task(slow).is_cancelled(), "its init is cancelled");
+        assert!(!crew.init_task(quick).is_cancelled());
+        assert_eq!(crew.given_up(Some(Duration::ZERO)), [], "each once; the startup's workers never");
     }
 
     #[test]
@@ -227,8 +304,8 @@ mod loom_model {
                     thread::spawn(move || {
                         let _ending = crew.ending(worker);
                         match init {
-                            Ok(()) => crew.ready(),
-                            Err(failure) => crew.failed(failure),
+                            Ok(()) => crew.ready(worker),
+                            Err(failure) => crew.failed(worker, failure),
                         }
                     })
                 })

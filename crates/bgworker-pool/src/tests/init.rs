@@ -1,5 +1,6 @@
 //! A pool's init: once per worker before any job; failure and timeout.
 
+use std::thread;
 use std::time::{Duration, Instant};
 
 use super::Fixture;
@@ -119,4 +120,58 @@ fn an_init_cannot_report_progress() {
     );
     assert!(!made);
     assert!(err.ends_with("bgworker.worker.progress: not in a job (a pool's init cannot report progress)"), "{err}");
+}
+
+/// A 2-thread pool whose init hangs (`sleep 3`) or raises once the file
+/// `marker` exists, with a worker retired in a job that ignores its cancel
+/// (a call blocked in C), and the marker made before its replacement starts.
+const REPLACEMENT: &str = r#"
+    marker = os.tmpname() .. ".init"
+    local init = load(("local marker, mode = %q, %q\n"):format(marker, MODE) .. [[
+      local f = io.open(marker)
+      if not f then return end
+      f:close()
+      if mode == "hang" then os.execute("sleep 3") else error("the replacement's init fails") end
+    ]])
+    p = new_pool { threads = 2, init = init, init_timeout = 0.3 }
+    stuck = submit(p, function() os.execute("sleep 3") end)
+"#;
+
+/// Retire the stuck worker and start its replacement, whose init then
+/// hangs or raises.
+fn replace_stuck_worker(f: &Fixture) {
+    f.wait_until("p:status(stuck) == 'running'");
+    assert_eq!(f.eval::<String>("return p:cancel(stuck)"), "running");
+    f.exec("io.open(marker, 'w'):close()");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.eval::<i64>("return p:retire_stuck()"), 1, "the worker stuck in its job is replaced");
+}
+
+#[test]
+fn a_replacement_whose_init_does_not_return_in_time_is_given_up() {
+    let f = Fixture::new(None);
+    f.exec(&REPLACEMENT.replace("MODE", "'hang'"));
+    replace_stuck_worker(&f);
+    assert_eq!(f.eval::<(i64, i64)>("local s = p:stats() return s.threads, s.abandoned"), (2, 1));
+    thread::sleep(Duration::from_millis(400));
+    // Past init_timeout: given up, cancelled (its `sleep` goes on), never to
+    // serve; the pool says it serves with one thread, and both old threads
+    // are abandoned.
+    assert_eq!(f.eval::<(i64, i64)>("local s = p:stats() return s.threads, s.abandoned"), (1, 2));
+    f.exec("quick = submit(p, function() return 'served' end)");
+    f.serve_until("outcome(quick)");
+    assert!(f.eval::<bool>("os.remove(marker) return outcome(quick)[2] == 'served'"));
+}
+
+#[test]
+fn a_replacement_whose_init_raises_is_given_up() {
+    let f = Fixture::new(None);
+    f.exec(&REPLACEMENT.replace("MODE", "'raise'"));
+    replace_stuck_worker(&f);
+    // Its thread ends: not abandoned, and the pool serves with one thread.
+    f.wait_until("p:stats().threads == 1");
+    assert_eq!(f.eval::<i64>("return p:stats().abandoned"), 1, "only the one stuck in its job");
+    f.exec("quick = submit(p, function() return 'served' end)");
+    f.serve_until("outcome(quick)");
+    assert!(f.eval::<bool>("os.remove(marker) return outcome(quick)[2] == 'served'"));
 }

@@ -35,18 +35,20 @@ pub fn work(worker: Worker) {
         Ok(state) => state,
         Err(e) => {
             let error = ErrorValue::Described(format!("the worker's Lua state could not be set up: {e}"));
-            worker.crew.failed(InitFailure { error, traceback: None });
+            worker.crew.failed(worker.index, InitFailure { error, traceback: None });
+            worker.board.left(worker.index);
             return;
         }
     };
     if let Some(init) = &worker.setup.init {
         let task = worker.crew.init_task(worker.index);
         if let Outcome::Failed { error, traceback } = state.run(&task, None, init, &Values::default()) {
-            worker.crew.failed(InitFailure { error, traceback });
+            worker.crew.failed(worker.index, InitFailure { error, traceback });
+            worker.board.left(worker.index);
             return;
         }
     }
-    worker.crew.ready();
+    worker.crew.ready(worker.index);
     worker.board.serve(
         worker.index,
         |taken| state.run(&taken.control, Some(taken.id), &taken.job.func, &taken.job.args),
