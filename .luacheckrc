@@ -4,3 +4,7 @@ std = "max"
 files["spec"] = {
   std = "+busted",
 }
+
+files["examples/server_spec.lua"] = {
+  std = "+busted",
+}

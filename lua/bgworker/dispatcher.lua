@@ -93,8 +93,18 @@ function M.default_errorhandler(err, tb)
 end
 
 -- The dispatcher that started the core's current run, if any. Weak, so that
--- a dispatcher nobody references can be collected (and so stopped).
-local current = setmetatable({}, { __mode = "v" })
+-- a dispatcher nobody references can be collected (and so stopped). Kept in
+-- the registry, as the core's run is: a second copy of this module (loaded
+-- after `package.loaded` was reset, as busted does between spec files)
+-- finds the dispatcher that the first one started, so that there is always
+-- a dispatcher to stop when one is running.
+local CURRENT_KEY = "bgworker.dispatcher.current"
+local registry = debug.getregistry()
+local current = registry[CURRENT_KEY]
+if not current then
+  current = setmetatable({}, { __mode = "v" })
+  registry[CURRENT_KEY] = current
+end
 
 local Dispatcher = {}
 M.Dispatcher = Dispatcher

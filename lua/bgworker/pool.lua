@@ -754,4 +754,16 @@ function Job:on_progress(fn)
   return self
 end
 
+-- The pools of this state that are not closed, in no order: for
+-- bgworker.busted, which closes those that a test made.
+function pool.open_pools()
+  local list = {}
+  for p in pairs(live) do
+    if not p.closed then
+      list[#list + 1] = p
+    end
+  end
+  return list
+end
+
 return pool

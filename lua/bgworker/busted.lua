@@ -1,0 +1,289 @@
+--- Async tests for busted: a test body that runs in an event loop with a
+-- bgworker dispatcher, waits as any callback can (`job:get`, `dns.toip`,
+-- `bgworker.await`, `copas.pause`, Copas sockets), fails on an error raised
+-- anywhere it started, and fails at its timeout instead of hanging the run.
+--
+--     local async = require("bgworker.busted").async
+--
+--     it("adds on a worker", async(function()
+--       local pool = require("bgworker.pool").new { threads = 1 }
+--       assert.same({ true, 3 }, { pool:submit(function(a, b) return a + b end, 1, 2):get(1) })
+--     end, { loop = "copas", timeout = 5 }))
+--
+-- `async(fn, opts)` gives a function for `it`, `before_each`, `after_each`,
+-- `setup` or `teardown`. When busted calls it:
+--
+-- 1. a dispatcher still running (left by an earlier test, or by a spec file
+--    that busted's insulation has unloaded) is stopped;
+-- 2. a dispatcher of `opts.loop` starts, and `fn` runs in a coroutine of
+--    that loop (a Copas thread for Copas) while the test drives the loop;
+-- 3. the test fails with the first error raised in `fn`, in a callback the
+--    dispatcher runs (a pool's `on_done` or `on_progress`, a `dns` or
+--    `await` callback, an item of a native library), or in another Copas
+--    thread or server handler (Copas 4); or, when `fn` has not returned
+--    within `opts.timeout` seconds, with a message that says so and where
+--    `fn` is waiting;
+-- 4. whatever happened, the loop is left clean for the next test: the pools
+--    made during the test are closed, the dispatcher is stopped, and with
+--    Copas 4 every thread, timer, socket and server left over is removed
+--    (`copas.cancelall`); with luv the handles made during the test are
+--    closed.
+--
+-- With Copas 1.x (Lua 5.1, 5.2 and LuaJIT on Debian) the tests run, but
+-- the Copas threads and servers a test leaves behind stay: Copas 1.x has
+-- no way to remove them.
+--
+-- @module bgworker.busted
+
+local args = require "bgworker.args"
+local bgworker = require "bgworker"
+local pool = require "bgworker.pool"
+
+local coroutine, debug, error, ipairs, pcall, require, tostring, type =
+  coroutine, debug, error, ipairs, pcall, require, tostring, type
+
+local M = {}
+
+--- Seconds a test may run by default.
+M.DEFAULT_TIMEOUT = 5
+
+--- How often (seconds) a test looks at its clock while its loop is idle.
+local TICK = 0.01
+
+-- ------------------------------------------------------------------------
+-- Loops: each runs the test's body and drives its loop until `test.done`,
+-- a failure, or the deadline; then cleans up after it.
+
+local loops = {}
+
+-- The body, in the coroutine of the test (`test.co`), unprotected: an
+-- error ends that coroutine, whose stack then shows where it was raised,
+-- and whoever resumed it makes it the test's failure (see each loop). So
+-- also the stack of a body still waiting at the timeout is that
+-- coroutine's own (a protected call would run it in a coroutine of its
+-- own on Lua 5.1).
+local function run_body(test)
+  test.body()
+  test.done = true
+end
+
+-- The failure of the test whose coroutine `co` raised `err`.
+local function raised(test, err, co)
+  test.fail(err, debug.traceback(co, tostring(err)))
+end
+
+local function driving(test)
+  return not test.done and not test.failure and test.dispatcher.gettime() < test.deadline
+end
+
+loops.copas = {
+  start = function(test)
+    local copas = require "copas"
+    test.copas = copas
+    if copas.geterrorhandler then
+      -- Copas 4: errors of every Copas thread come here, as failures.
+      test.copas_errorhandler = copas.geterrorhandler()
+      copas.seterrorhandler(function(msg, co, skt)
+        test.fail(msg, copas.gettraceback(msg, co, skt))
+      end, true)
+    end
+    test.co = copas.addthread(function()
+      -- The test's own thread reports to the test, with Copas 1.x too
+      -- (whose error handlers are per thread).
+      local set_handler = copas.seterrorhandler or copas.setErrorHandler
+      set_handler(function(err, co) raised(test, err, co) end)
+      run_body(test)
+    end)
+  end,
+  drive = function(test)
+    local copas = test.copas
+    while driving(test) do
+      copas.step(TICK)
+    end
+  end,
+  clean = function(test)
+    local copas = test.copas
+    if copas.cancelall then
+      -- Its last step, copas.exit(), raises when no copas.loop() ever ran
+      -- (the test drove Copas with copas.step()): what it removes is
+      -- removed by then.
+      pcall(copas.cancelall)
+      -- Copas is left exiting: an empty loop (which returns at once)
+      -- starts it afresh.
+      if copas.finished() then
+        copas.loop()
+      end
+    end
+    if test.copas_errorhandler then
+      copas.seterrorhandler(test.copas_errorhandler, true)
+    end
+  end,
+}
+
+-- A plain coroutine that the dispatcher resumes when what it waits for
+-- comes (bgworker.waiter): select and luv. An error after a wait reaches
+-- the dispatcher's error handler, which is the test's.
+local function start_coroutine(test)
+  test.co = coroutine.create(run_body)
+  local ok, err = coroutine.resume(test.co, test)
+  if not ok then
+    raised(test, err, test.co)
+  end
+end
+
+loops.select = {
+  start = start_coroutine,
+  drive = function(test)
+    while driving(test) do
+      test.dispatcher:wait(TICK)
+    end
+  end,
+  clean = function() end,
+}
+
+-- The luv handles that exist now.
+local function luv_handles(uv)
+  local handles = {}
+  uv.walk(function(handle) handles[handle] = true end)
+  return handles
+end
+
+loops.luv = {
+  start = function(test)
+    local uv = require "luv"
+    test.uv, test.handles = uv, luv_handles(uv)
+    -- Brings uv.run("once") back at least every TICK, for the clock.
+    test.ticker = uv.new_timer()
+    test.ticker:start(TICK * 1000, TICK * 1000, function() end)
+    start_coroutine(test)
+  end,
+  drive = function(test)
+    while driving(test) do
+      test.uv.run("once")
+    end
+  end,
+  clean = function(test)
+    local uv = test.uv
+    uv.walk(function(handle)
+      if not test.handles[handle] and not handle:is_closing() then
+        handle:close()
+      end
+    end)
+    uv.run("nowait")
+  end,
+}
+
+-- ------------------------------------------------------------------------
+-- Running a test
+
+local function default_loop()
+  return pcall(require, "copas") and "copas" or "select"
+end
+
+-- The pools open now, as a set.
+local function open_pools()
+  local set = {}
+  for _, p in ipairs(pool.open_pools()) do
+    set[p] = true
+  end
+  return set
+end
+
+-- The error the test fails with for `failure` ({ err, traceback }): the
+-- error value itself (busted tells a failed assertion by it), with the
+-- traceback of where it was raised when it is a string.
+local function failure_error(failure)
+  local err = failure.err
+  if type(err) == "string" and failure.traceback then
+    return failure.traceback:find(err, 1, true) and failure.traceback or err .. "\n" .. failure.traceback
+  end
+  return err
+end
+
+local function run(body, opts)
+  local leftover = bgworker.current()
+  if leftover then
+    leftover:stop()
+  end
+  local loop = loops[opts.loop or default_loop()]
+  local test = { body = body, done = false }
+  function test.fail(err, tb)
+    test.failure = test.failure or { err = err, traceback = tb }
+  end
+  local pools_before = open_pools()
+  test.dispatcher = bgworker.new { loop = opts.loop or default_loop(), errorhandler = test.fail }
+  test.deadline = test.dispatcher.gettime() + (opts.timeout or M.DEFAULT_TIMEOUT)
+  local ok, err = pcall(function()
+    loop.start(test)
+    loop.drive(test)
+  end)
+  if not ok then
+    test.fail(err, debug.traceback(tostring(err)))
+  end
+  local timed_out = not test.done and not test.failure
+  local waiting_at = timed_out and test.co and debug.traceback(test.co, "", 0) or ""
+  for _, p in ipairs(pool.open_pools()) do
+    if not pools_before[p] then
+      p:close(0)
+    end
+  end
+  test.dispatcher:stop()
+  loop.clean(test)
+  if test.failure then
+    error(failure_error(test.failure), 0)
+  elseif timed_out then
+    error(("the test did not end within %g s (opts.timeout); it was waiting here:%s"):format(
+      opts.timeout or M.DEFAULT_TIMEOUT, waiting_at), 0)
+  end
+end
+
+local OPTIONS = {
+  loop = args.option.one_of { "copas", "select", "luv" },
+  timeout = args.option.seconds,
+}
+
+--- A function for busted's `it` (or `before_each`, `after_each`, `setup`,
+-- `teardown`) that runs `fn` as an async test (see above).
+-- @tparam function fn the test's body
+-- @tparam[opt] table opts `loop`: `"copas"`, `"select"` or `"luv"` (by
+--   default Copas when it can be required, else select); `timeout`: seconds
+--   the test may take (`DEFAULT_TIMEOUT`, 5 s, by default)
+-- @treturn function
+function M.async(fn, opts)
+  local msg = args.typed("bgworker.busted.async", 1, "fn", fn, "function")
+  if msg then error(msg, 2) end
+  opts, msg = args.options("bgworker.busted.async", 2, opts, OPTIONS)
+  if not opts then error(msg, 2) end
+  return function()
+    return run(fn, opts)
+  end
+end
+
+--- In an async test: wait until `predicate()` is true, letting the loop
+-- run meanwhile; raise when it is not after `timeout` seconds (1 s by
+-- default).
+-- @tparam function predicate
+-- @tparam[opt] number timeout seconds
+-- @return what `predicate` returned
+function M.eventually(predicate, timeout)
+  local msg = args.typed("eventually", 1, "predicate", predicate, "function") or
+    args.seconds("eventually", 2, "timeout", timeout, true)
+  if msg then error(msg, 2) end
+  local d = bgworker.current()
+  if not d then
+    error("eventually: no bgworker dispatcher is running; call it in an async test", 2)
+  end
+  local deadline = d.gettime() + (timeout or 1)
+  while true do
+    local result = predicate()
+    if result then
+      return result
+    end
+    if d.gettime() >= deadline then
+      error(("eventually: still not true after %g s"):format(timeout or 1), 2)
+    end
+    bgworker.await(function(done) d:timer(TICK, done) end)
+  end
+end
+
+return M
