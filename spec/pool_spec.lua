@@ -1321,64 +1321,61 @@ describe("bgworker.pool", function()
   end)
 end)
 
+-- Each test is a Copas thread of bgworker.busted's: a dispatcher of its
+-- own, and its pool closed and its threads removed after it.
 describe("bgworker.pool in Copas", function()
   local copas = support.needs_copas()
   if not copas then return end
+  local helper = require "bgworker.busted"
 
-  before_each(function()
-    support.stop_core()
-    d = bgworker.new { loop = "copas" }
-    p = interpreted_pool(2)
-  end)
+  local function in_copas(body)
+    return helper.async(body, { loop = "copas", timeout = 10 })
+  end
 
-  after_each(function()
-    p:close(5)
-    assert(support.stop_copas(d))
-    p, d = nil, nil
-  end)
+  -- Pause the calling Copas thread (Copas 1.x has no copas.pause).
+  local function pause(seconds)
+    bgworker.await(function(done) bgworker.current():timer(seconds, done) end)
+  end
 
-  it("run suspends only the calling thread, and returns like pcall", function()
-    local got, ticker
+  it("run suspends only the calling thread, and returns like pcall", in_copas(function()
+    local workers = interpreted_pool(2)
+    local ticks, waiting = 0, true
     copas.addthread(function()
-      got = pack(p:run(function() require("socket").sleep(0.2) return "done" end))
+      while waiting do
+        ticks = ticks + 1
+        pause(0.01)
+      end
     end)
-    ticker = support.copas_ticker(function() return got ~= nil end)
-    assert.is_true(ticker.run())
+    local got = pack(workers:run(function() require("socket").sleep(0.2) return "done" end))
+    waiting = false
     assert.same(pack(true, "done"), got)
-    assert.is_true(ticker.ticks > 1, "the other thread did not run")
-  end)
+    assert.is_true(ticks > 1, "the other thread did not run")
+  end))
 
-  it("get answers a request with a timeout, and cancel stops the job", function()
-    local got
-    copas.addthread(function()
-      local job = p:submit(spin, 60)
-      local ok, err = job:get(0.1)
-      got = { ok, err, job:cancel(), job:status() }
-    end)
-    assert.is_true(support.copas_until(function() return got ~= nil end, 5))
-    assert.same({ nil, "timeout", true, "cancelled" }, got)
-  end)
+  it("get answers a request with a timeout, and cancel stops the job", in_copas(function()
+    local job = interpreted_pool(2):submit(spin, 60)
+    assert.same(pack(nil, "timeout"), pack(job:get(0.1)))
+    assert.is_true(job:cancel())
+    assert.equals("cancelled", job:status())
+  end))
 
-  it("serves many threads at once, each with its own results", function()
+  it("serves many threads at once, each with its own results", in_copas(function()
+    local workers = interpreted_pool(2)
     local n, got, done = 10, {}, 0
     for i = 1, n do
       copas.addthread(function()
-        got[i] = pack(p:run(function(x) return x * x, "square" end, i))
+        got[i] = pack(workers:run(function(x) return x * x, "square" end, i))
         done = done + 1
       end)
     end
-    assert.is_true(support.copas_until(function() return done == n end, 10))
+    helper.eventually(function() return done == n end, 10)
     for i = 1, n do assert.same(pack(true, i * i, "square"), got[i]) end
-  end)
+  end))
 
-  it("raises bad arguments in the calling thread, without waiting", function()
-    local got
-    copas.addthread(function()
-      got = { pcall(function() local _ = p:run(identity, io.stdout) end) }
-    end)
-    assert.is_true(support.copas_until(function() return got ~= nil end))
-    assert.is_false(got[1])
-    assert.matches("pool_spec.lua:%d+: bad argument #2 to 'run' %(a userdata cannot be copied to a worker%)",
-      got[2])
-  end)
+  it("raises bad arguments in the calling thread, without waiting", in_copas(function()
+    local workers = interpreted_pool(2)
+    local ok, err = pcall(function() local _ = workers:run(identity, io.stdout) end)
+    assert.is_false(ok)
+    assert.matches("pool_spec.lua:%d+: bad argument #2 to 'run' %(a userdata cannot be copied to a worker%)", err)
+  end))
 end)

@@ -22,7 +22,8 @@
 --    `await` callback, an item of a native library), or in another Copas
 --    thread or server handler (Copas 4); or, when `fn` has not returned
 --    within `opts.timeout` seconds, with a message that says so and where
---    `fn` is waiting;
+--    `fn` is waiting (a body that never yields fails there too, on Lua
+--    5.1 to 5.4; LuaJIT runs no hook in compiled code);
 -- 4. whatever happened, the loop is left clean for the next test: the pools
 --    made during the test are closed, the dispatcher is stopped, and with
 --    Copas 4 every thread, timer, socket and server left over is removed
@@ -39,8 +40,8 @@ local args = require "bgworker.args"
 local bgworker = require "bgworker"
 local pool = require "bgworker.pool"
 
-local coroutine, debug, error, ipairs, pcall, require, tostring, type =
-  coroutine, debug, error, ipairs, pcall, require, tostring, type
+local coroutine, debug, error, ipairs, pcall, rawget, require, tostring, type =
+  coroutine, debug, error, ipairs, pcall, rawget, require, tostring, type
 
 local M = {}
 
@@ -72,6 +73,26 @@ local function raised(test, err, co)
   test.fail(err, debug.traceback(co, tostring(err)))
 end
 
+local function timeout_message(test, where)
+  return ("the test did not end within %g s (opts.timeout); %s"):format(test.timeout, where)
+end
+
+-- PUC Lua: a count hook on the test's coroutine raises at the deadline, so
+-- that a body that never yields (a loop of its own) fails at its timeout
+-- too. Not on LuaJIT, whose hooks are the whole state's and do not run in
+-- compiled code.
+local function watch(test)
+  if rawget(_G, "jit") then
+    return
+  end
+  local gettime, deadline = test.dispatcher.gettime, test.deadline
+  debug.sethook(test.co, function()
+    if gettime() >= deadline then
+      error(timeout_message(test, "it was still running, without a wait"), 2)
+    end
+  end, "", 10000)
+end
+
 local function driving(test)
   return not test.done and not test.failure and test.dispatcher.gettime() < test.deadline
 end
@@ -87,13 +108,24 @@ loops.copas = {
         test.fail(msg, copas.gettraceback(msg, co, skt))
       end, true)
     end
-    test.co = copas.addthread(function()
+    local function thread()
       -- The test's own thread reports to the test, with Copas 1.x too
       -- (whose error handlers are per thread).
       local set_handler = copas.seterrorhandler or copas.setErrorHandler
       set_handler(function(err, co) raised(test, err, co) end)
       run_body(test)
-    end)
+    end
+    -- Copas resumes a new thread at once: Copas 4 up to a first pause
+    -- before the body, Copas 1.x into the body, so there the coroutine is
+    -- ours, watched before it starts.
+    if copas.addnamedthread then
+      test.co = copas.addthread(thread)
+      watch(test)
+    else
+      test.co = coroutine.create(thread)
+      watch(test)
+      copas.addthread(test.co)
+    end
   end,
   drive = function(test)
     local copas = test.copas
@@ -125,6 +157,7 @@ loops.copas = {
 -- the dispatcher's error handler, which is the test's.
 local function start_coroutine(test)
   test.co = coroutine.create(run_body)
+  watch(test)
   local ok, err = coroutine.resume(test.co, test)
   if not ok then
     raised(test, err, test.co)
@@ -205,14 +238,15 @@ local function run(body, opts)
   if leftover then
     leftover:stop()
   end
-  local loop = loops[opts.loop or default_loop()]
-  local test = { body = body, done = false }
+  local loop_name = opts.loop or default_loop()
+  local loop = loops[loop_name]
+  local test = { body = body, done = false, timeout = opts.timeout or M.DEFAULT_TIMEOUT }
   function test.fail(err, tb)
     test.failure = test.failure or { err = err, traceback = tb }
   end
   local pools_before = open_pools()
-  test.dispatcher = bgworker.new { loop = opts.loop or default_loop(), errorhandler = test.fail }
-  test.deadline = test.dispatcher.gettime() + (opts.timeout or M.DEFAULT_TIMEOUT)
+  test.dispatcher = bgworker.new { loop = loop_name, errorhandler = test.fail }
+  test.deadline = test.dispatcher.gettime() + test.timeout
   local ok, err = pcall(function()
     loop.start(test)
     loop.drive(test)
@@ -232,8 +266,7 @@ local function run(body, opts)
   if test.failure then
     error(failure_error(test.failure), 0)
   elseif timed_out then
-    error(("the test did not end within %g s (opts.timeout); it was waiting here:%s"):format(
-      opts.timeout or M.DEFAULT_TIMEOUT, waiting_at), 0)
+    error(timeout_message(test, "it was waiting here:" .. waiting_at), 0)
   end
 end
 

@@ -1,7 +1,8 @@
 -- Run by spec/busted_spec.lua in a busted of its own (TAP output): in each
 -- loop (LOOPS, or those of the environment's BGWORKER_TEST_LOOPS), one
 -- test of each kind, in this order: passes, fails in a pool callback,
--- never ends, passes (after the one that timed out).
+-- never ends, never yields (PUC Lua only: LuaJIT runs no hook in compiled
+-- code), passes (after those that timed out).
 
 local helper = require "bgworker.busted"
 local pool = require "bgworker.pool"
@@ -38,6 +39,12 @@ for _, loop in ipairs(loops) do
       local p = pool.new { threads = 1 }
       p:submit(function() require("socket").sleep(5) end):get()
     end, { loop = loop, timeout = 0.3 }))
+
+    if not rawget(_G, "jit") then
+      it("never yields", async(function()
+        while true do end
+      end, { loop = loop, timeout = 0.3 }))
+    end
 
     it("passes after one that timed out", async(function()
       local p = pool.new { threads = 1 }
