@@ -16,7 +16,7 @@
 -- build/jit. Writes bench/openresty.md. Environment: BENCH_BUILD (default
 -- build/jit), NGINX and NGINX_MODULES as for the harness.
 
-package.path = "./?.lua;./bench/openresty/?.lua;" .. package.path
+package.path = "./?.lua;./bench/?.lua;" .. package.path
 local harness = require "spec.nginx.harness"
 local jobs = require "jobs"
 local socket = require "socket"
@@ -77,7 +77,7 @@ events {
 http {
     access_log off;
 TEMPPATHS
-    lua_package_path "ROOT/lua/?.lua;ROOT/lua/?/init.lua;ROOT/bench/openresty/?.lua;;";
+    lua_package_path "ROOT/lua/?.lua;ROOT/lua/?/init.lua;ROOT/bench/?.lua;ROOT/bench/openresty/?.lua;;";
     lua_package_cpath "BUILD/?.so;;";
 
     init_worker_by_lua_block {

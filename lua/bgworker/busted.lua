@@ -40,8 +40,8 @@ local args = require "bgworker.args"
 local bgworker = require "bgworker"
 local pool = require "bgworker.pool"
 
-local coroutine, debug, error, ipairs, pcall, rawget, require, tostring, type =
-  coroutine, debug, error, ipairs, pcall, rawget, require, tostring, type
+local coroutine, debug, error, pairs, pcall, rawget, require, tostring, type =
+  coroutine, debug, error, pairs, pcall, rawget, require, tostring, type
 
 local M = {}
 
@@ -56,17 +56,6 @@ local TICK = 0.01
 -- a failure, or the deadline; then cleans up after it.
 
 local loops = {}
-
--- The body, in the coroutine of the test (`test.co`), unprotected: an
--- error ends that coroutine, whose stack then shows where it was raised,
--- and whoever resumed it makes it the test's failure (see each loop). So
--- also the stack of a body still waiting at the timeout is that
--- coroutine's own (a protected call would run it in a coroutine of its
--- own on Lua 5.1).
-local function run_body(test)
-  test.body()
-  test.done = true
-end
 
 -- The failure of the test whose coroutine `co` raised `err`.
 local function raised(test, err, co)
@@ -93,6 +82,19 @@ local function watch(test)
   end, "", 10000)
 end
 
+-- The body, in the coroutine it is resumed in, which becomes the test's
+-- (`test.co`, watched from here on), unprotected: an error ends that
+-- coroutine, whose stack then shows where it was raised, and whoever
+-- resumed it makes it the test's failure (see each loop). So also the
+-- stack of a body still waiting at the timeout is that coroutine's own (a
+-- protected call would run it in a coroutine of its own on Lua 5.1).
+local function run_body(test)
+  test.co = coroutine.running()
+  watch(test)
+  test.body()
+  test.done = true
+end
+
 local function driving(test)
   return not test.done and not test.failure and test.dispatcher.gettime() < test.deadline
 end
@@ -108,24 +110,13 @@ loops.copas = {
         test.fail(msg, copas.gettraceback(msg, co, skt))
       end, true)
     end
-    local function thread()
+    copas.addthread(function()
       -- The test's own thread reports to the test, with Copas 1.x too
       -- (whose error handlers are per thread).
       local set_handler = copas.seterrorhandler or copas.setErrorHandler
       set_handler(function(err, co) raised(test, err, co) end)
       run_body(test)
-    end
-    -- Copas resumes a new thread at once: Copas 4 up to a first pause
-    -- before the body, Copas 1.x into the body, so there the coroutine is
-    -- ours, watched before it starts.
-    if copas.addnamedthread then
-      test.co = copas.addthread(thread)
-      watch(test)
-    else
-      test.co = coroutine.create(thread)
-      watch(test)
-      copas.addthread(test.co)
-    end
+    end)
   end,
   drive = function(test)
     local copas = test.copas
@@ -156,11 +147,10 @@ loops.copas = {
 -- comes (bgworker.waiter): select and luv. An error after a wait reaches
 -- the dispatcher's error handler, which is the test's.
 local function start_coroutine(test)
-  test.co = coroutine.create(run_body)
-  watch(test)
-  local ok, err = coroutine.resume(test.co, test)
+  local co = coroutine.create(run_body)
+  local ok, err = coroutine.resume(co, test)
   if not ok then
-    raised(test, err, test.co)
+    raised(test, err, co)
   end
 end
 
@@ -213,15 +203,6 @@ local function default_loop()
   return pcall(require, "copas") and "copas" or "select"
 end
 
--- The pools open now, as a set.
-local function open_pools()
-  local set = {}
-  for _, p in ipairs(pool.open_pools()) do
-    set[p] = true
-  end
-  return set
-end
-
 -- The error the test fails with for `failure` ({ err, traceback }): the
 -- error value itself (busted tells a failed assertion by it), with the
 -- traceback of where it was raised when it is a string.
@@ -244,7 +225,7 @@ local function run(body, opts)
   function test.fail(err, tb)
     test.failure = test.failure or { err = err, traceback = tb }
   end
-  local pools_before = open_pools()
+  local pools_before = pool.open_pools()
   test.dispatcher = bgworker.new { loop = loop_name, errorhandler = test.fail }
   test.deadline = test.dispatcher.gettime() + test.timeout
   local ok, err = pcall(function()
@@ -256,7 +237,7 @@ local function run(body, opts)
   end
   local timed_out = not test.done and not test.failure
   local waiting_at = timed_out and test.co and debug.traceback(test.co, "", 0) or ""
-  for _, p in ipairs(pool.open_pools()) do
+  for p in pairs(pool.open_pools()) do
     if not pools_before[p] then
       p:close(0)
     end

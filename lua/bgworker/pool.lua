@@ -754,16 +754,16 @@ function Job:on_progress(fn)
   return self
 end
 
--- The pools of this state that are not closed, in no order: for
+-- The pools of this state that are not closed, as a set: for
 -- bgworker.busted, which closes those that a test made.
 function pool.open_pools()
-  local list = {}
+  local set = {}
   for p in pairs(live) do
     if not p.closed then
-      list[#list + 1] = p
+      set[p] = true
     end
   end
-  return list
+  return set
 end
 
 return pool

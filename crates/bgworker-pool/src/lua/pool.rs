@@ -166,10 +166,10 @@ impl Pool {
     /// threads are left to end when their code returns. Returns how many
     /// were replaced.
     pub fn retire_stuck(&mut self) -> usize {
+        self.give_up_late_inits();
         if self.is_inherited() || self.workers.is_empty() {
             return 0;
         }
-        self.give_up_late_inits();
         let retired = self.board.retire_stuck(RETIRE_GRACE);
         for _ in &retired {
             let index = self.crew.add();
@@ -188,7 +188,12 @@ impl Pool {
     /// One still in its init is cancelled, and retired so that it never
     /// serves: it is abandoned like a worker retired in a job. Looked at
     /// lazily, whenever the pool retires workers or reports its stats.
+    /// Nothing once closed, or in a fork's child (the threads are not its
+    /// own).
     fn give_up_late_inits(&mut self) {
+        if self.is_inherited() || self.workers.is_empty() {
+            return;
+        }
         for (worker, running) in self.crew.given_up(self.init_timeout) {
             if running {
                 self.board.retire(worker);
@@ -216,9 +221,7 @@ impl Pool {
     }
 
     pub fn snapshot(&mut self) -> Snapshot {
-        if !self.is_inherited() && !self.workers.is_empty() {
-            self.give_up_late_inits();
-        }
+        self.give_up_late_inits();
         self.board.snapshot()
     }
 

@@ -147,6 +147,13 @@ fn replace_stuck_worker(f: &Fixture) {
     assert_eq!(f.eval::<i64>("return p:retire_stuck()"), 1, "the worker stuck in its job is replaced");
 }
 
+/// The pool still runs a job, on the thread it has left.
+fn assert_still_serves(f: &Fixture) {
+    f.exec("quick = submit(p, function() return 'served' end)");
+    f.serve_until("outcome(quick)");
+    assert!(f.eval::<bool>("os.remove(marker) return outcome(quick)[2] == 'served'"));
+}
+
 #[test]
 fn a_replacement_whose_init_does_not_return_in_time_is_given_up() {
     let f = Fixture::new(None);
@@ -158,9 +165,7 @@ fn a_replacement_whose_init_does_not_return_in_time_is_given_up() {
     // serve; the pool says it serves with one thread, and both old threads
     // are abandoned.
     assert_eq!(f.eval::<(i64, i64)>("local s = p:stats() return s.threads, s.abandoned"), (1, 2));
-    f.exec("quick = submit(p, function() return 'served' end)");
-    f.serve_until("outcome(quick)");
-    assert!(f.eval::<bool>("os.remove(marker) return outcome(quick)[2] == 'served'"));
+    assert_still_serves(&f);
 }
 
 #[test]
@@ -171,7 +176,5 @@ fn a_replacement_whose_init_raises_is_given_up() {
     // Its thread ends: not abandoned, and the pool serves with one thread.
     f.wait_until("p:stats().threads == 1");
     assert_eq!(f.eval::<i64>("return p:stats().abandoned"), 1, "only the one stuck in its job");
-    f.exec("quick = submit(p, function() return 'served' end)");
-    f.serve_until("outcome(quick)");
-    assert!(f.eval::<bool>("os.remove(marker) return outcome(quick)[2] == 'served'"));
+    assert_still_serves(&f);
 }
