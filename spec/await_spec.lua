@@ -107,20 +107,27 @@ describe("bgworker.await", function()
   end)
 end)
 
+-- Each test but the first is a Copas thread of bgworker.busted's, with a
+-- Copas dispatcher of its own.
 describe("bgworker.await in Copas", function()
   local copas = support.needs_copas()
   if not copas then return end
+  local helper = require "bgworker.busted"
+  local eventually = helper.eventually
 
-  support.copas_dispatcher_each()
-  local run_until = support.copas_until
+  local function in_copas(body)
+    return helper.async(body, { loop = "copas" })
+  end
 
   it("raises at the caller's line in the main program", function()
+    local d = bgworker.new { loop = "copas" }
     local ok, err = pcall(function() local _ = await(deliver_to) end)
+    d:stop()
     assert.is_false(ok)
     assert.matches("await_spec.lua:%d+: await: with a Copas dispatcher, wait in a Copas thread", err)
   end)
 
-  it("keeps working after threads that waited have ended", function()
+  it("keeps working after threads that waited have ended", in_copas(function()
     -- Copas 1.x closes the socket that last resumed a thread when the thread
     -- ends; the wait's socket must survive that for the next wait.
     for round = 1, 3 do
@@ -130,12 +137,12 @@ describe("bgworker.await in Copas", function()
           deliver_to(function() callback(round) end)
         end))
       end)
-      assert.is_true(run_until(function() return got ~= nil end), "round " .. round)
-      assert.equals(round, got)
+      eventually(function() return got ~= nil end, 5)
+      assert.equals(round, got, "round " .. round)
     end
-  end)
+  end))
 
-  it("lets other threads run while one waits", function()
+  it("lets other threads run while one waits", in_copas(function()
     local release -- the waiting thread's callback
     local got, ticks_seen, ticker = nil, nil, nil
     copas.addthread(function()
@@ -146,21 +153,16 @@ describe("bgworker.await in Copas", function()
     ticker = support.copas_ticker(function() return got ~= nil end, function(ticks)
       if ticks == 3 then release("done") end
     end)
-    assert.is_true(ticker.run())
+    eventually(function() return ticker.ended end, 5)
     assert.equals("done", got)
     -- Released at the third tick; the ticker may tick once more in the step
     -- that resumes the waiter.
     assert.is_true(ticks_seen == 3 or ticks_seen == 4, "resumed after tick " .. tostring(ticks_seen))
-  end)
+  end))
 
-  it("times out in a Copas thread while the loop has nothing else to do", function()
-    local got
-    copas.addthread(function()
-      got = pack(await(function() end, 0.05))
-    end)
-    assert.is_true(run_until(function() return got ~= nil end, 2))
-    assert.same({ n = 3, nil, "timeout", nil }, got)
-  end)
+  it("times out in a Copas thread while the loop has nothing else to do", in_copas(function()
+    assert.same({ n = 3, nil, "timeout", nil }, pack(await(function() end, 0.05)))
+  end))
 end)
 
 describe("bgworker.await with a select dispatcher, in a Copas loop", function()

@@ -4,9 +4,10 @@
 -- checked here. In each loop: a passing test, a failed assertion inside a
 -- pool callback, a test that never ends (failed at its timeout) and the
 -- test after it; errors of other Copas threads and server handlers (Copas
--- 4); a second spec file in the same run after one that left a
--- dispatcher running; and the example spec of the docs
--- (examples/server_spec.lua: a Copas 4 server, end to end).
+-- 4) and of other coroutines of a cqueues controller; a second spec file
+-- in the same run after one that left a dispatcher running; and the
+-- example spec of the docs (examples/server_spec.lua: a Copas 4 server,
+-- end to end).
 
 local support = require "support"
 
@@ -48,7 +49,7 @@ describe("bgworker.busted", function()
   local copas = support.needs_copas()
   if not copas then return end
 
-  for _, loop in ipairs { "copas", "select", "luv" } do
+  for _, loop in ipairs { "copas", "select", "luv", "cqueues" } do
     it("runs async tests in " .. loop .. ": callbacks' failures and timeouts fail their own test", function()
       local t0 = os.time()
       local tests, output = run_busted({ FIXTURES .. "loops.lua" }, "BGWORKER_TEST_LOOPS=" .. loop)
@@ -81,6 +82,12 @@ describe("bgworker.busted", function()
     assert_test(tests[2], "fails at an error of a server handler it added", false, "the handler's own message",
       output)
     assert_test(tests[3], "finds none of their threads and servers left", true, nil, output)
+  end)
+
+  it("fails a test at an error of another coroutine of its cqueues controller, and drops them", function()
+    local tests, output = run_busted { FIXTURES .. "cqueues_coroutines.lua" }
+    assert_test(tests[1], "fails at an error of a coroutine it wrapped", false, "the coroutine's own message", output)
+    assert_test(tests[2], "finds what the last test left behind stopped", true, nil, output)
   end)
 
   it("stops a dispatcher that an earlier spec file of the run left running", function()
@@ -117,7 +124,7 @@ describe("bgworker.busted", function()
     assert.matches("bad argument #1 to 'bgworker.busted.async' %(fn must be a function, got 1%)", err)
     ok, err = pcall(async, function() end, { loop = "uv" })
     assert.is_false(ok)
-    assert.matches("opts.loop must be one of \"copas\", \"select\", \"luv\", got \"uv\"", err)
+    assert.matches("opts.loop must be one of \"copas\", \"select\", \"luv\", \"cqueues\", got \"uv\"", err)
     ok, err = pcall(async, function() end, { timeout = -1 })
     assert.is_false(ok)
     assert.matches("opts.timeout must be a non%-negative number of seconds", err)

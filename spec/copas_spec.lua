@@ -6,7 +6,10 @@
 -- LuaJIT; a missing Copas fails (support.needs_copas). The tests
 -- drive Copas with copas.step, which every version has; what Copas 1.x lacks
 -- (a copas.loop that returns, copas.exit, socket timeouts) is pending there
--- only.
+-- only. They step Copas themselves (support.copas_until) rather than run in
+-- bgworker.busted's async tests, which are built on this dispatcher: they
+-- look at single steps and at the reader thread, and make dispatchers with
+-- options (errorhandler, spawn) that an async test sets itself.
 
 local support = require "support"
 

@@ -300,60 +300,47 @@ describe("bgworker.dns against a resolver that never answers", function()
   end)
 end)
 
+-- Each test is a Copas thread of bgworker.busted's, with a Copas
+-- dispatcher of its own.
 describe("bgworker.dns in Copas", function()
   local copas = support.needs_copas()
   if not copas then return end
+  local helper = require "bgworker.busted"
+  local eventually = helper.eventually
 
-  support.copas_dispatcher_each()
-  local run_until = support.copas_until
-
-  -- toip in a Copas thread of its own; its values once it returned.
-  local function toip_in_thread(host)
-    local got
-    copas.addthread(function()
-      got = pack(dns.toip(host))
-    end)
-    return function() return got end
+  local function in_copas(body, timeout)
+    return helper.async(body, { loop = "copas", timeout = timeout })
   end
 
-  it("toip matches LuaSocket's toip, also for a name that does not resolve", function()
+  it("toip matches LuaSocket's toip, also for a name that does not resolve", in_copas(function()
+    -- Each lookup in a Copas thread of its own, all at once.
     local results = {}
     for _, host in ipairs { "localhost", "127.0.0.1", INVALID } do
-      results[host] = toip_in_thread(host)
+      copas.addthread(function()
+        results[host] = pack(dns.toip(host))
+      end)
     end
-    assert.is_true(run_until(function()
-      for _, got in pairs(results) do
-        if not got() then return false end
-      end
-      return true
-    end))
-    local ip, resolved = results.localhost()[1], results.localhost()[2]
+    eventually(function() return results.localhost and results["127.0.0.1"] and results[INVALID] end, 10)
+    local ip, resolved = results.localhost[1], results.localhost[2]
     assert.equals((luasocket_toip("localhost")), ip)
     assert.same({ name = "localhost", alias = {}, ip = resolved.ip }, resolved)
-    assert.equals("127.0.0.1", results["127.0.0.1"]()[1])
-    assert.same(pack(luasocket_toip(INVALID)), results[INVALID]())
-  end)
+    assert.equals("127.0.0.1", results["127.0.0.1"][1])
+    assert.same(pack(luasocket_toip(INVALID)), results[INVALID])
+  end, 15))
 
-  it("toip returns IPv6 answers", function()
-    local got = toip_in_thread("::1")
-    assert.is_true(run_until(got))
-    assert.same({ n = 2, "::1", { name = "::1", alias = {}, ip = { "::1" } } }, got())
-  end)
+  it("toip returns IPv6 answers", in_copas(function()
+    assert.same({ n = 2, "::1", { name = "::1", alias = {}, ip = { "::1" } } }, pack(dns.toip("::1")))
+  end))
 
-  it("toip suspends only its own thread: another thread keeps running", function()
-    local answer, ticks_at_answer, ticker = nil, nil, nil
-    copas.addthread(function()
-      answer = pack(dns.toip("localhost"))
-      ticks_at_answer = ticker.ticks
-    end)
-    local toip_returned_at_once = answer ~= nil
+  it("toip suspends only its own thread: another thread keeps running", in_copas(function()
+    local answer, ticks_at_answer
     -- A thread that ticks once a loop step, until the answer came.
-    ticker = support.copas_ticker(function() return answer ~= nil end)
-    assert.is_true(ticker.run())
-    assert.is_false(toip_returned_at_once)
+    local ticker = support.copas_ticker(function() return answer ~= nil end)
+    answer = pack(dns.toip("localhost"))
+    ticks_at_answer = ticker.ticks
     assert.equals("127.0.0.1", answer[1])
     -- The answer comes through the dispatcher's socket, then the waiting
     -- thread's: at least one loop step in which the ticker ran.
     assert.is_true(ticks_at_answer >= 1, "ticks before the answer: " .. tostring(ticks_at_answer))
-  end)
+  end))
 end)

@@ -1,7 +1,9 @@
 -- Drivers for the loop contract (loop_contract_spec.lua): one small driver
 -- per event loop, each making that loop's dispatcher and running the loop
 -- for real (socket.select, Copas, luv, cqueues). Not a spec: busted runs
--- only *_spec.lua.
+-- only *_spec.lua. The drivers run each loop themselves, rather than
+-- through bgworker.busted (which is built on what they test): the contract
+-- counts the loop's turns and makes dispatchers with every option.
 --
 -- A driver has:
 --   name                 the loop, as bgworker.new's opts.loop

@@ -381,48 +381,45 @@ function support.stop_copas(d)
   return support.copas_until(function() return coroutine.status(d.reader) == "dead" end, 2)
 end
 
---- For the describe block that calls this: a Copas dispatcher
--- (`bgworker.new { loop = "copas" }`) before each test, stopped after it (stop_copas), and the jobs joined.
-function support.copas_dispatcher_each()
-  local d
-  busted.before_each(function()
-    d = require("bgworker").new { loop = "copas" }
-  end)
-  busted.after_each(function()
-    support.stop_copas(d)
-    support.join_all()
-  end)
+--- From a Copas thread: let the other threads run; this one resumes at a
+-- later loop step. Copas 4 pauses it for 0 s; Copas 1.x, which cannot
+-- pause, sees a send on a bound UDP socket (always writable) that reports
+-- "timeout" once, and resumes the thread when the socket is writable.
+function support.copas_yield()
+  local copas = require "copas"
+  if copas.pause then
+    copas.pause(0)
+    return
+  end
+  local udp, once = support.udp_socket(), true
+  copas.send({
+    getfd = function() return udp:getfd() end,
+    send = function()
+      if once then
+        once = false
+        return nil, "timeout", 0
+      end
+      return 1
+    end,
+    -- Copas 1.x closes the socket that last resumed a thread that ends.
+    close = function() return udp:close() end,
+  }, "")
+  udp:close()
 end
 
---- A Copas thread that ticks once per loop step until `done()`: `run()`
--- steps Copas (copas_until), sending the thread a datagram each step, until
--- the thread ended. `ticks` counts the ticks so far; `on_tick(ticks)`, if
--- given, runs after each.
+--- A Copas thread that ticks once per loop step (copas_yield) until
+-- `done()`: `ticks` counts the ticks so far, `ended` is true once it
+-- ended; `on_tick(ticks)`, if given, runs after each tick.
 function support.copas_ticker(done, on_tick)
-  local copas = require "copas"
-  local gate = assert(socket.udp())
-  assert(gate:setsockname("127.0.0.1", 0))
-  gate:settimeout(0)
-  local ip, port = gate:getsockname()
   local ticker = { ticks = 0, ended = false }
-  copas.addthread(function()
+  require("copas").addthread(function()
     while not done() do
-      copas.receive(gate, 16)
+      support.copas_yield()
       ticker.ticks = ticker.ticks + 1
       if on_tick then on_tick(ticker.ticks) end
     end
     ticker.ended = true
   end)
-  function ticker.run()
-    local poke = assert(socket.udp())
-    local ok = support.copas_until(function()
-      if not ticker.ended then poke:sendto("x", ip, tonumber(port)) end
-      return ticker.ended
-    end)
-    poke:close()
-    gate:close()
-    return ok
-  end
   return ticker
 end
 

@@ -16,19 +16,22 @@
 -- 1. a dispatcher still running (left by an earlier test, or by a spec file
 --    that busted's insulation has unloaded) is stopped;
 -- 2. a dispatcher of `opts.loop` starts, and `fn` runs in a coroutine of
---    that loop (a Copas thread for Copas) while the test drives the loop;
+--    that loop (a Copas thread for Copas, a coroutine of a controller of
+--    its own for cqueues) while the test drives the loop;
 -- 3. the test fails with the first error raised in `fn`, in a callback the
 --    dispatcher runs (a pool's `on_done` or `on_progress`, a `dns` or
---    `await` callback, an item of a native library), or in another Copas
---    thread or server handler (Copas 4); or, when `fn` has not returned
---    within `opts.timeout` seconds, with a message that says so and where
+--    `await` callback, an item of a native library), in another Copas
+--    thread or server handler (Copas 4), or in another coroutine of the
+--    controller (cqueues: `cqueues.running():wrap(fn)`); or, when `fn` has
+--    not returned within `opts.timeout` seconds, with a message that says so and where
 --    `fn` is waiting (a body that never yields fails there too, on Lua
 --    5.1 to 5.4; LuaJIT runs no hook in compiled code);
 -- 4. whatever happened, the loop is left clean for the next test: the pools
 --    made during the test are closed, the dispatcher is stopped, and with
 --    Copas 4 every thread, timer, socket and server left over is removed
 --    (`copas.cancelall`); with luv the handles made during the test are
---    closed.
+--    closed; with cqueues the test's controller is dropped, with whatever
+--    it still runs.
 --
 -- With Copas 1.x (Lua 5.1, 5.2 and LuaJIT on Debian) the tests run, but
 -- the Copas threads and servers a test leaves behind stay: Copas 1.x has
@@ -196,6 +199,27 @@ loops.luv = {
   end,
 }
 
+-- A controller of the test's own, with the dispatcher's loop and the body
+-- in two of its coroutines. An error in any coroutine of the controller
+-- ends that step of it, and is the test's failure; what is left in the
+-- controller after the test is dropped with it.
+loops.cqueues = {
+  start = function(test)
+    test.controller = require("cqueues").new()
+    test.controller:wrap(function() test.dispatcher:loop() end)
+    test.controller:wrap(run_body, test)
+  end,
+  drive = function(test)
+    while driving(test) do
+      local ok, err, _, co = test.controller:step(TICK)
+      if not ok then
+        raised(test, err, co)
+      end
+    end
+  end,
+  clean = function() end,
+}
+
 -- ------------------------------------------------------------------------
 -- Running a test
 
@@ -252,14 +276,15 @@ local function run(body, opts)
 end
 
 local OPTIONS = {
-  loop = args.option.one_of { "copas", "select", "luv" },
+  loop = args.option.one_of { "copas", "select", "luv", "cqueues" },
   timeout = args.option.seconds,
 }
 
 --- A function for busted's `it` (or `before_each`, `after_each`, `setup`,
 -- `teardown`) that runs `fn` as an async test (see above).
 -- @tparam function fn the test's body
--- @tparam[opt] table opts `loop`: `"copas"`, `"select"` or `"luv"` (by
+-- @tparam[opt] table opts `loop`: `"copas"`, `"select"`, `"luv"` or
+--   `"cqueues"` (by
 --   default Copas when it can be required, else select); `timeout`: seconds
 --   the test may take (`DEFAULT_TIMEOUT`, 5 s, by default)
 -- @treturn function

@@ -9,7 +9,7 @@ local pool = require "bgworker.pool"
 local async, eventually = helper.async, helper.eventually
 
 local loops = {}
-for loop in (os.getenv("BGWORKER_TEST_LOOPS") or "copas select luv"):gmatch("%S+") do
+for loop in (os.getenv("BGWORKER_TEST_LOOPS") or "copas select luv cqueues"):gmatch("%S+") do
   loops[#loops + 1] = loop
 end
 
