@@ -311,15 +311,6 @@ describe("bgworker.copas", function()
 
     it("raise in a coroutine of the program's own inside a Copas thread, which Copas cannot" ..
       " resume", function()
-      if rawget(_G, "jit") or support.is_copas1(copas) then
-        -- Copas's threads start with a tail call, which only Lua 5.1 to 5.4
-        -- record (Copas 4): elsewhere such a coroutine cannot be told from
-        -- a Copas thread. (Nor one whose own function ends in a tail call,
-        -- as Copas's do: this one does not.)
-        pending("a Copas thread cannot be told from another coroutine on " .. _VERSION ..
-          (rawget(_G, "jit") and " (LuaJIT)" or "") .. " with " .. copas._VERSION)
-        return
-      end
       d = bgworker.new { loop = "copas" }
       local p = require("bgworker.pool").new { threads = 1 }
       local got

@@ -500,13 +500,6 @@ describe("every loop's dispatcher", function()
 
       it("lets a coroutine that a callback resumes itself wait where the dispatcher resumes it," ..
         " and raises where it cannot", function()
-        if loop.copas1 then
-          -- Copas 1.x runs a thread that a callback adds inside the
-          -- callback: nothing tells a coroutine of the callback's own from
-          -- it, and the wait would hand Copas's values to the callback.
-          return pending(loop.label .. ": a callback's own coroutine cannot be told from a" ..
-            " Copas thread")
-        end
         new()
         local p = pool.new { threads = 1 }
         local got, raised

@@ -57,7 +57,7 @@ local signal = require "bgworker.signal"
 local error, pcall, rawget, require, setmetatable = error, pcall, rawget, require, setmetatable
 local tonumber, tostring, type = tonumber, tostring, type
 local check_self = dispatcher.check_self
-local getinfo = debug.getinfo
+local getinfo, getupvalue = debug.getinfo, debug.getupvalue
 
 local M = {}
 
@@ -166,22 +166,55 @@ local NOT_COPAS_THREAD = "this coroutine is not a Copas thread (a coroutine.wrap
 -- Coroutines found to be Copas threads (see `resumed_by_copas`).
 local copas_threads = setmetatable({}, { __mode = "k" })
 
--- Where a thread of `copas.addthread` starts: Copas's function calls the
--- handler with a tail call (Lua 5.2+ marks that frame, 5.1 shows a "tail"
--- frame below it); LuaJIT keeps no trace of it, so there every thread
--- passes.
-local FRAME_INFO = _VERSION == "Lua 5.1" and "S" or "St"
+-- Copas's own set of the threads that `copas.addthread` made (Copas 4.1
+-- and later keep one, `_threads`, to remove them): found among the
+-- upvalues of `copas.addnamedthread`, and only read. False when this Copas
+-- has none (or its names were stripped).
+local registries = setmetatable({}, { __mode = "k" })
 
-local function started_by_addthread(bottom)
-  return bottom.istailcall or bottom.what == "tail" or rawget(_G, "jit") ~= nil
+local function thread_registry(copas)
+  local registry = registries[copas]
+  if registry == nil then
+    registry = false
+    local add, i = copas.addnamedthread, 1
+    while add do
+      local name, value = getupvalue(add, i)
+      if name == nil then
+        break
+      elseif name == "_threads" and type(value) == "table" then
+        registry = value
+        break
+      end
+      i = i + 1
+    end
+    registries[copas] = registry
+  end
+  return registry
 end
 
--- Does Copas resume `co`? A thread of its own starts with a tail call from
--- `copas.addthread`, or has a name (a server's handlers); a runner of ours
--- is one once it waits. Anything else is a coroutine that some code of the
--- program resumes, and a wait there would hand Copas's values to that code.
--- (A heuristic: a coroutine of the program's whose function ends in a tail
--- call looks like a Copas thread, and on LuaJIT every one does.)
+-- Without that set: where a thread of `copas.addthread` starts, Copas's
+-- function calls the handler with a tail call (Lua 5.2+ marks that frame,
+-- 5.1 shows a "tail" frame below it); LuaJIT keeps no trace of it, so there
+-- every thread passes.
+local FRAME_INFO = _VERSION == "Lua 5.1" and "S" or "St"
+
+local function started_by_addthread(co)
+  local level, bottom = 0, nil
+  while true do
+    local info = getinfo(co, level, FRAME_INFO)
+    if not info then break end
+    bottom, level = info, level + 1
+  end
+  return bottom ~= nil and (bottom.istailcall or bottom.what == "tail" or rawget(_G, "jit") ~= nil)
+end
+
+-- Does Copas resume `co`? A thread of its own was made by
+-- `copas.addthread` (in Copas's set of them, or else it looks so), or has a
+-- name (a server's handlers); a runner of ours is one once it waits.
+-- Anything else is a coroutine that some code of the program resumes, and
+-- a wait there would hand Copas's values to that code. (Without Copas's
+-- set, a heuristic: a coroutine of the program's whose function ends in a
+-- tail call looks like a Copas thread, and on LuaJIT every one does.)
 local function resumed_by_copas(copas, co)
   if copas_threads[co] or runner.owns(co) then
     return true
@@ -190,24 +223,29 @@ local function resumed_by_copas(copas, co)
   local name = copas.getthreadname(co)
   local found = name ~= nil and name ~= tostring(co)
   if not found then
-    local level, bottom = 0, nil
-    while true do
-      local info = getinfo(co, level, FRAME_INFO)
-      if not info then break end
-      bottom, level = info, level + 1
+    local registry = thread_registry(copas)
+    if registry then
+      found = registry[co] ~= nil
+    else
+      found = started_by_addthread(co)
     end
-    found = bottom ~= nil and started_by_addthread(bottom)
   end
   copas_threads[co] = found or nil
   return found
 end
 
--- The calling thread sleeps until woken or the time is up.
-function COPAS4.suspender(self)
-  local copas, co = self.copas, copas_thread()
-  if not resumed_by_copas(copas, co) then
-    return nil, NOT_COPAS_THREAD
+-- Can Copas resume `co`, where a wait is to be? Not when a callback
+-- resumes it itself (a runner is "normal"); else see `resumed_by_copas`.
+function COPAS4.resumes(self, co)
+  if runner.resuming() and not runner.owns(co) then
+    return false
   end
+  return resumed_by_copas(self.copas, co)
+end
+
+-- The calling thread `co` sleeps until woken or the time is up.
+function COPAS4.suspender(self, co)
+  local copas = self.copas
   return {
     timed = true,
     suspend = function(left)
@@ -430,13 +468,10 @@ function Copas:suspender()
   if not co then
     return nil, "with a Copas dispatcher, wait in a Copas thread (copas.addthread), not in the" ..
       " main program"
-  elseif self.api == COPAS4 and runner.resuming() and not runner.owns(co) then
-    -- (Copas 1.x runs a new thread at once, inside copas.addthread: there
-    -- a thread that a callback adds is resumed by the callback too, and
-    -- nothing tells it from a coroutine of the callback's own.)
+  elseif not self.api.resumes(self, co) then
     return nil, NOT_COPAS_THREAD
   end
-  return self.api.suspender(self)
+  return self.api.suspender(self, co)
 end
 
 return M

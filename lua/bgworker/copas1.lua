@@ -12,16 +12,22 @@
 --   * It only yields when a socket is not ready: no pause, no sleep.
 --   * It waits on anything with `getfd`, and when a thread ends, closes
 --     the socket that last resumed it.
+--   * It keeps no set of its threads, and starts one with the handler
+--     itself: nothing tells a thread from a coroutine of the program's. So
+--     the first dispatcher's start wraps `copas.addthread` and
+--     `copas.addserver`, which then record each thread they start (see
+--     "Copas threads").
 -- (Copas 2 and 3, untested, also come here: they have `copas.sleep`.)
 --
 -- Invariant: a waker (a thread's wake-up socket for one wait) is sent a
 -- datagram only while its thread waits on it, so one that went back to the
 -- pool of idle wakers gets none.
 
+local runner = require "bgworker.runner"
 local signal = require "bgworker.signal"
 
-local assert, error, require, setmetatable, tostring = assert, error, require, setmetatable,
-  tostring
+local assert, error, pairs, require, setmetatable, tostring, type = assert, error, pairs, require,
+  setmetatable, tostring, type
 
 local M = {}
 
@@ -58,8 +64,67 @@ local function nudge(self)
   self.copas.send(n, "")
 end
 
+-- ------------------------------------------------------------------------
+-- Copas threads
+--
+-- A wait in a coroutine that Copas does not resume would hand Copas's
+-- values to whoever does. Threads started by `copas.addthread` and
+-- `copas.addserver` once a dispatcher started are recorded; a coroutine
+-- that is not, while one that is (or a runner) resumes it, is a coroutine
+-- of the program's: waiting there is refused. A coroutine that is not
+-- recorded otherwise (a thread that started before the first dispatcher)
+-- may wait, as before.
+
+local threads = setmetatable({}, { __mode = "k" })
+
+-- The Copas modules whose functions record their threads.
+local recording = setmetatable({}, { __mode = "k" })
+
+-- `handler`, recording the coroutine it runs in as it starts.
+local function recorded(handler)
+  return function(...)
+    threads[coroutine.running()] = true
+    return handler(...)
+  end
+end
+
+local function record_threads(copas)
+  if recording[copas] then
+    return
+  end
+  recording[copas] = true
+  local addthread, addserver = copas.addthread, copas.addserver
+  function copas.addthread(thread, ...)
+    if type(thread) ~= "thread" then
+      thread = coroutine.create(thread)
+    end
+    threads[thread] = true
+    return addthread(thread, ...)
+  end
+  function copas.addserver(server, handler, ...)
+    return addserver(server, recorded(handler), ...)
+  end
+end
+
+-- Can Copas resume `co`, where a wait is to be? Not a coroutine of the
+-- program's that a Copas thread or a callback resumes. (Copas 1.x runs a
+-- new thread at once, inside `copas.addthread`: one that a callback or a
+-- thread adds is recorded before.)
+function M.resumes(_, co)
+  if threads[co] or runner.owns(co) then
+    return true
+  end
+  for thread in pairs(threads) do
+    if coroutine.status(thread) == "normal" then
+      return false
+    end
+  end
+  return not runner.resuming()
+end
+
 -- At the dispatcher's start (its socket made).
 function M.setup(self)
+  record_threads(self.copas)
   if not self.copas.sleep then
     self.nudge = setmetatable({ socket = self.socket, armed = false }, Nudge)
   end
