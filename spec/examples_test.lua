@@ -7,7 +7,8 @@
 --   make examples            (examples-5.1 ... examples-jit)
 --
 -- Which examples run depends on the Lua version, as their loops do:
---   select, Copas 4 (the README's program), the Copas 1.x variant and the C
+--   select, messages (a job fed by messages, in a select loop), Copas 4
+--   (the README's program), the Copas 1.x variant and the C
 --   ticker (examples/c/ticker.c, from build/<ver>/) with Copas 4:
 --                              every version;
 --   the Copas 1.x variant and the README's program's Copas 1.x ending with
@@ -228,6 +229,17 @@ describe("examples/", function()
       "toip:\t127%.0%.0%.1",
       "jobs done:\t2\tcallback errors:\t0",
     }, true)
+  end)
+
+  it("messages.lua: a long-lived job fed by messages", function()
+    check_run("examples/messages.lua", LUA_PATH, {
+      "so far: 250 lines, 1250 words",
+      "so far: 500 lines, 2500 words",
+      "so far: 750 lines, 3750 words",
+      "so far: 1000 lines, 5000 words",
+      "counted:\ttrue\t1000\t5000",
+      { "sends refused as full, then sent again:\t(%d+)", at_least(0) },
+    })
   end)
 
   local COPAS1_OUTPUT = {

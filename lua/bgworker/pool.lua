@@ -41,7 +41,8 @@
 -- the job's `on_progress` handler, in order, before its outcome; at most
 -- `PROGRESS_IN_FLIGHT` (64) of a job's progress items wait to be dispatched
 -- at a time: beyond that `progress` waits, so a job that reports faster than
--- the loop drains is slowed, not buffered without bound) and `cancelled()`
+-- the loop drains is slowed, not buffered without bound), `receive()` (the
+-- next message that `job:send` queued for the job) and `cancelled()`
 -- (true once the job was cancelled, for jobs that check): see
 -- @{bgworker.worker}, and the topic @{jobs.md} for the whole story.
 --
@@ -68,6 +69,10 @@ pool.MAX_THREADS = 1024
 
 --- Progress items of one job that may wait to be dispatched at a time.
 pool.PROGRESS_IN_FLIGHT = native.PROGRESS_IN_FLIGHT
+
+--- Messages (`job:send`) that may wait for one job at a time; `send`
+-- refuses more.
+pool.MESSAGES_QUEUED = native.MESSAGES_QUEUED
 
 --- Most values a job may return, or `progress` send at once: as many as
 -- this state can spread on its stack for a callback or `get` (7900 on Lua
@@ -697,6 +702,29 @@ function Job:cancel()
   return true
 end
 
+
+--- Send a message to the job: values that the job takes, in the order
+-- sent, with `require("bgworker.worker").receive()`. They are copied as
+-- arguments are (a change in the worker is not seen here). A job that is
+-- still queued gets them once it starts. Messages it has not taken when it
+-- ends are dropped. At most `MESSAGES_QUEUED` (64) wait for a job at a
+-- time: `send` never waits, it refuses more.
+-- @param ... the values (a value that cannot be copied raises, naming it)
+-- @treturn boolean true when queued for the job
+-- @treturn[opt] string when not: `"ended"` (the job returned, failed or was
+-- cancelled, or its pool closed: nothing will receive it) or `"full"`
+function Job:send(...)
+  local msg = check_job(self, "send")
+  if msg then error(msg, 2) end
+  if ENDED[self[STATE]] then
+    return false, "ended"
+  end
+  local sent, why, message = self[POOL].native:send(self[ID], ...)
+  if sent == nil then
+    error(args.bad("send", why, message), 2)
+  end
+  return sent, why
+end
 
 --- Wait for the job's outcome (see `bgworker.await` for where a caller can
 -- wait). Several callers may wait for one job, and `get` may be called

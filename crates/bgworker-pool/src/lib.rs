@@ -18,6 +18,7 @@
 //!   - `board`: the queue and every live job's state; `stats`' counts.
 //!   - `outbox`: events on their way out, and when a carrier is needed.
 //!   - `control`: one task's cancel flag and its progress items in flight.
+//!   - `mail`: messages on their way to jobs.
 //!   - `crew`: the workers as a group: which started, failed, ended.
 //!   - `locks`: std's locks, or loom's under `--cfg loom`.
 //! - `worker/`: a worker thread and its Lua state.
@@ -43,7 +44,7 @@
 //! ```lua
 //! local native = require "bgworker.pool_native"
 //! native.cpus, native.MAX_THREADS, native.CLOSE_TIMEOUT, native.RETIRE_GRACE,
-//! native.PROGRESS_IN_FLIGHT, native.MAX_VALUES
+//! native.PROGRESS_IN_FLIGHT, native.MESSAGES_QUEUED, native.MAX_VALUES
 //! native.new(opts) -> pool | nil, err_value, traceback
 //! native.refusal(fn) -> nil | message
 //! ```
@@ -73,6 +74,13 @@
 //!   this process may not use (below), so that the Lua layer raises under
 //!   its own method's name. Ids are integers, from 1, unique within the
 //!   pool. Raises on a closed pool.
+//! - `pool:send(id, values...)` -> `true` | `false, "ended"` | `false,
+//!   "full"` | `nil, position, message`: queue a message for job `id`,
+//!   queued or running and not yet returned (else `"ended"`), unless
+//!   [`MESSAGES_QUEUED`](sync::mail::MESSAGES_QUEUED) (64) wait for it
+//!   already (`"full"`: it never waits). `position` (from 1) is a value
+//!   that cannot be copied. The job takes them in order with `receive`
+//!   (below); those it has not taken when it ends are dropped.
 //! - `pool:cancel(id)` -> `"queued"` (taken out of the queue: it will never
 //!   run) | `"running"` (its worker is interrupted, and its outcome will
 //!   never be delivered) | `false` (its outcome is on its way, or it ended,
@@ -137,8 +145,11 @@
 //! waits while
 //! [`PROGRESS_IN_FLIGHT`](sync::control::PROGRESS_IN_FLIGHT) (64) of the job's
 //! events are delivered but not yet decoded, so a job that emits faster than
-//! the loop drains is slowed, not buffered) and `cancelled()` (true once
-//! the running job is cancelled; false in init).
+//! the loop drains is slowed, not buffered), `cancelled()` (true once
+//! the running job is cancelled; false in init) and `receive([timeout])`
+//! (the values of the job's next message, waiting up to `timeout` seconds
+//! (nil: no limit), or `nil, "timeout"`; raises outside a job; a cancel
+//! ends the job there at once, as a cancellation point).
 //!
 //! # Cancelling
 //!

@@ -46,6 +46,7 @@ use mlua::{Function, Lua, RegistryKey};
 
 use crate::sync::board::{Board, Id};
 use crate::sync::control::{Control, InFlight, PROGRESS_IN_FLIGHT};
+use crate::sync::mail::Mail;
 use crate::sync::outbox::Outbox;
 use crate::worker::job::{Job, Outcome};
 use crate::worker::value::Values;
@@ -81,6 +82,9 @@ struct Shared {
     sender: Sender,
     outbox: Outbox<Event>,
     board: Arc<Board<Job>>,
+    /// Messages to the jobs: dropped here as the Lua thread learns that
+    /// their jobs ended, and received by the workers (state.rs).
+    mail: Arc<Mail<Values>>,
     /// `on_events`, in the Lua thread's registry.
     on_events: RegistryKey,
 }
@@ -146,6 +150,7 @@ impl Drop for Notice {
 unsafe impl RawItem for Notice {
     unsafe fn decode(&mut self, state: *mut lua_State) -> c_int {
         self.taken = self.shared.board.take_lost();
+        self.taken.iter().for_each(|&id| drop(self.shared.mail.discard(id)));
         unsafe {
             luaL_checkstack(state, 5, ptr::null());
             lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(self.shared.on_events.id()));
@@ -258,6 +263,7 @@ unsafe impl RawItem for Carrier {
             }
         };
         self.shared.board.settle(share.iter().filter_map(Event::outcome));
+        share.iter().filter_map(Event::outcome).for_each(|(id, _)| drop(self.shared.mail.discard(id)));
         self.delivered = true;
         count
     }
@@ -265,13 +271,18 @@ unsafe impl RawItem for Carrier {
 
 impl Events {
     /// On the Lua thread, where bgworker.core must be loaded.
-    pub fn new(lua: &Lua, on_events: Function, board: Arc<Board<Job>>) -> mlua::Result<Events> {
+    pub fn new(
+        lua: &Lua,
+        on_events: Function,
+        board: Arc<Board<Job>>,
+        mail: Arc<Mail<Values>>,
+    ) -> mlua::Result<Events> {
         let sender = Sender::new(lua)?;
         // Each job keeps the loop alive from the Lua side (bgworker.pool),
         // and an idle pool must let it end.
         sender.keep_loop_alive(lua, false)?;
         let on_events = lua.create_registry_value(on_events)?;
-        Ok(Events { shared: Arc::new(Shared { sender, outbox: Outbox::new(BATCH), board, on_events }) })
+        Ok(Events { shared: Arc::new(Shared { sender, outbox: Outbox::new(BATCH), board, mail, on_events }) })
     }
 
     /// Post `event`, and deliver a carrier if the outbox asks for one. The
@@ -299,6 +310,11 @@ impl Events {
     /// outcome.
     pub fn outcome(&self, id: Id, outcome: Outcome) {
         self.post(Event::Outcome { id, outcome });
+    }
+
+    /// The messages to the pool's jobs.
+    pub fn mail(&self) -> &Arc<Mail<Values>> {
+        &self.shared.mail
     }
 
     /// On the Lua thread, when a dispatcher starts: deliver a notice of

@@ -17,6 +17,7 @@ use mlua::{IntoLua, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 use crate::lua::function::{self, Functions};
 use crate::lua::pool::{Options, Pool, Refused};
 use crate::sync::board::{Cancelled, Id, Status};
+use crate::sync::mail::NotSent;
 use crate::worker::job::Job;
 use crate::worker::state::Setup;
 use crate::worker::value::Values;
@@ -148,8 +149,9 @@ struct PoolCell {
 unsafe fn push_pool(state: *mut lua_State, slot: &mut Option<Pool>) {
     unsafe {
         if luaL_newmetatable(state, METATABLE.as_ptr()) != 0 {
-            let methods: [(&CStr, lua_CFunction); 7] = [
+            let methods: [(&CStr, lua_CFunction); 8] = [
                 (c"queue", pool_queue),
+                (c"send", pool_send),
                 (c"cancel", pool_cancel),
                 (c"status", pool_status),
                 (c"stats", pool_stats),
@@ -262,19 +264,13 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, functions: &mut Function
         }
         let top = lua_gettop(state).max(2);
         lua_settop(state, top);
-        let refused = |position: usize, message: &str| {
-            lua_pushnil(state);
-            lua_pushinteger(state, position as lua_Integer);
-            push_str(state, message);
-            Ok(3)
-        };
         let func = match functions.at(state, 2) {
             Ok(func) => func,
-            Err(why) => return refused(0, &why),
+            Err(why) => return Ok(refused(state, 0, &why)),
         };
         let args = match Values::copy(state, 3, top - 2) {
             Ok(args) => args,
-            Err((position, e)) => return refused(position + 1, &format!("{e} cannot be copied to a worker")),
+            Err((position, e)) => return Ok(uncopyable(state, position, e)),
         };
         let id = pool
             .submit(Job { func, args })
@@ -282,6 +278,63 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, functions: &mut Function
         lua_pushinteger(state, id as lua_Integer);
     }
     Ok(1)
+}
+
+/// Push `nil, position, message`: what `queue` and `send` return for a
+/// value they refuse (`position` 0: the job's function; from 1, a value
+/// after it).
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn refused(state: *mut lua_State, position: usize, message: &str) -> c_int {
+    unsafe {
+        lua_pushnil(state);
+        lua_pushinteger(state, position as lua_Integer);
+        push_str(state, message);
+    }
+    3
+}
+
+/// `refused` for the value at `position` (counted from 0) of those after
+/// the function or id, which `Values::copy` could not copy.
+///
+/// # Safety
+/// In a C function called by Lua.
+unsafe fn uncopyable(state: *mut lua_State, position: usize, why: impl std::fmt::Display) -> c_int {
+    unsafe { refused(state, position + 1, &format!("{why} cannot be copied to a worker")) }
+}
+
+unsafe extern "C-unwind" fn pool_send(state: *mut lua_State) -> c_int {
+    unsafe { call(state, "send", send) }
+}
+
+/// `send(id, values...)`: queue a message for job `id`: `true` | `false,
+/// "ended"` | `false, "full"` | `nil, position, message` (a value that
+/// cannot be copied, counted from the first of `values`).
+unsafe fn send(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
+    unsafe {
+        let id = id_at(state)?;
+        let top = lua_gettop(state);
+        let message = match Values::copy(state, 3, top - 2) {
+            Ok(message) => message,
+            Err((position, e)) => return Ok(uncopyable(state, position, e)),
+        };
+        let sent = match id {
+            Some(id) => pool.send(id, message),
+            None => Err(NotSent::Ended(message)),
+        };
+        let refusal = match sent {
+            Ok(()) => {
+                lua_pushboolean(state, 1);
+                return Ok(1);
+            }
+            Err(NotSent::Ended(_)) => c"ended",
+            Err(NotSent::Full(_)) => c"full",
+        };
+        lua_pushboolean(state, 0);
+        lua_pushstring(state, refusal.as_ptr());
+    }
+    Ok(2)
 }
 
 unsafe extern "C-unwind" fn pool_cancel(state: *mut lua_State) -> c_int {
@@ -446,6 +499,7 @@ pub fn exports(lua: &Lua) -> mlua::Result<Table> {
     exports.set("CLOSE_TIMEOUT", crate::lua::pool::CLOSE_TIMEOUT.as_secs_f64())?;
     exports.set("RETIRE_GRACE", crate::lua::pool::RETIRE_GRACE.as_secs_f64())?;
     exports.set("PROGRESS_IN_FLIGHT", crate::sync::control::PROGRESS_IN_FLIGHT)?;
+    exports.set("MESSAGES_QUEUED", crate::sync::mail::MESSAGES_QUEUED)?;
     exports.set("MAX_VALUES", crate::worker::value::MAX_VALUES)?;
     Ok(exports)
 }

@@ -25,10 +25,12 @@ use mlua::{Function, Lua};
 use crate::lua::events::Events;
 use crate::sync::board::{Board, Cancelled, Id, Snapshot, Status};
 use crate::sync::crew::{Crew, Startup};
+use crate::sync::mail::NotSent;
 use crate::worker::interrupt::{self, Interrupt};
 use crate::worker::job::Job;
 use crate::worker::state::Setup;
 use crate::worker::thread::{self as worker, InitFailure, Worker};
+use crate::worker::value::Values;
 
 /// How long `close` waits for the workers by default (the Lua layer's
 /// default; this module's `close` takes it as an argument).
@@ -97,7 +99,7 @@ impl Pool {
         interrupt::ensure_handler();
         let board = Arc::new(Board::default());
         let crew = Arc::new(Crew::new(options.threads));
-        let events = Events::new(lua, options.on_events, Arc::clone(&board))?;
+        let events = Events::new(lua, options.on_events, Arc::clone(&board), Arc::default())?;
         let until = options.init_timeout.and_then(deadline);
         let setup = Arc::new(options.setup);
         let generation = fork::generation();
@@ -210,10 +212,22 @@ impl Pool {
 
     pub fn cancel(&self, id: Id) -> Cancelled {
         let cancelled = self.board.cancel(id);
+        if cancelled != Cancelled::No {
+            drop(self.events.mail().discard(id));
+        }
         if let Cancelled::Running { worker } = cancelled {
+            // A job waiting for a message returns at once; one running Lua
+            // code is interrupted.
+            self.events.mail().wake();
             self.interrupt(worker);
         }
         cancelled
+    }
+
+    /// Queue `message` for job `id`, if it is queued or running and has
+    /// not returned.
+    pub fn send(&self, id: Id, message: Values) -> Result<(), NotSent<Values>> {
+        self.events.mail().send(id, message, || self.board.is_pending(id))
     }
 
     pub fn status(&self, id: Id) -> Option<Status> {
@@ -269,6 +283,7 @@ impl Pool {
             return true;
         }
         self.board.close();
+        drop(self.events.mail().clear());
         self.crew.cancel_init();
         // Every worker, running or idle: an idle one ignores it.
         (0..self.workers.len()).for_each(|worker| self.interrupt(worker));

@@ -565,6 +565,16 @@ impl<J> Board<J> {
         }
     }
 
+    /// Is job `id` queued, or running and not yet returned? What a
+    /// message to it needs (mail.rs).
+    pub fn is_pending(&self, id: Id) -> bool {
+        let both = self.lock_both();
+        match both.state.running.get(&id) {
+            Some(running) => !running.produced,
+            None => both.is_queued(id),
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let both = self.lock_both();
         let (wait_mean, wait_max) = both.state.waits.seconds();

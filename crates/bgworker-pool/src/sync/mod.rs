@@ -13,4 +13,5 @@ pub mod board;
 pub mod control;
 pub mod crew;
 pub mod locks;
+pub mod mail;
 pub mod outbox;

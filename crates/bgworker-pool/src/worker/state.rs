@@ -10,14 +10,16 @@ use std::cell::RefCell;
 use std::ffi::CStr;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bgworker_ffi::lua::{protect, push_str, registry_pointer, string_at, Raised};
+use bgworker_ffi::lua::{error_text, protect, push_str, registry_pointer, string_at, Raised};
 use mlua::ffi::*;
 use mlua::{Lua, RegistryKey, Table};
 
 use crate::lua::events::Events;
 use crate::sync::board::Id;
 use crate::sync::control::Control;
+use crate::sync::mail::Received;
 use crate::worker::interrupt::{self, Interrupt};
 use crate::worker::job::{Func, Outcome};
 use crate::worker::value::{ErrorValue, Values, MAX_VALUES};
@@ -152,6 +154,8 @@ impl WorkerState {
             native.set("leave", lua.create_c_function(interrupt::leave)?)?;
             native.set("progress", lua.create_c_function(progress)?)?;
             native.set("cancelled", lua.create_c_function(cancelled)?)?;
+            native.set("in_job", lua.create_c_function(in_job)?)?;
+            native.set("receive", lua.create_c_function(receive)?)?;
         }
         let (handler, traceback, resolve): (mlua::Function, mlua::Function, mlua::Function) =
             lua.load(include_str!("worker.lua")).set_name(format!("={CHUNK}")).call((native, CHUNK))?;
@@ -363,4 +367,61 @@ unsafe extern "C-unwind" fn cancelled(state: *mut lua_State) -> c_int {
         lua_pushboolean(state, cancelled as c_int);
     }
     1
+}
+
+/// `in_job()`: true while a job runs (false in a pool's init).
+unsafe extern "C-unwind" fn in_job(state: *mut lua_State) -> c_int {
+    unsafe {
+        let in_job = context(state).current.borrow().is_some();
+        lua_pushboolean(state, in_job as c_int);
+    }
+    1
+}
+
+/// `receive(timeout)` of worker.lua, in a job, with `timeout` nil or a
+/// number >= 0 (checked there): `true, values...` for the next message,
+/// `false, "timeout"`, `false, "cancelled"`, or `false, "error", message`.
+/// It never raises itself (it owns the message while it pushes it).
+unsafe extern "C-unwind" fn receive(state: *mut lua_State) -> c_int {
+    unsafe {
+        let context = context(state);
+        let timeout = (lua_type(state, 1) == LUA_TNUMBER).then(|| lua_tonumber(state, 1));
+        lua_settop(state, 0);
+        let Some((id, task)) = context.current.borrow().clone() else {
+            lua_pushboolean(state, 0);
+            push_str(state, "error");
+            push_str(state, "bgworker.worker.receive: not in a job");
+            return 3;
+        };
+        // A timeout too long for the clock waits as long as there is none.
+        let deadline = timeout
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+            .and_then(|timeout| Instant::now().checked_add(timeout));
+        let problem = match context.events.mail().receive(id, &task, deadline) {
+            Received::Message(values) => {
+                match protect(state, 0, 0, |inner| {
+                    lua_pushboolean(inner, 1);
+                    values.push(inner) + 1
+                }) {
+                    Ok(count) => return count,
+                    Err(Raised) => {
+                        let message = format!("bgworker.worker.receive: {}", error_text(state, -1));
+                        lua_settop(state, 0);
+                        ("error", Some(message))
+                    }
+                }
+            }
+            Received::TimedOut => ("timeout", None),
+            Received::Cancelled => ("cancelled", None),
+        };
+        lua_pushboolean(state, 0);
+        push_str(state, problem.0);
+        match problem.1 {
+            Some(message) => {
+                push_str(state, &message);
+                3
+            }
+            None => 2,
+        }
+    }
 }

@@ -6,8 +6,8 @@
 local native, CHUNK = ...
 local CANCEL, interrupted, enter, leave = native.CANCEL, native.interrupted, native.enter, native.leave
 
-local coroutine, debug, error, package, require, table, type =
-  coroutine, debug, error, package, require, table, type
+local coroutine, debug, error, package, require, table, tostring, type =
+  coroutine, debug, error, package, require, table, tostring, type
 local raw_pcall, raw_xpcall, raw_resume, create = pcall, xpcall, coroutine.resume, coroutine.create
 -- Lua 5.4: runs a dead coroutine's pending __close variables.
 local close = coroutine.close
@@ -69,7 +69,23 @@ function coroutine.wrap(f)
   end
 end
 
-local progress, job_cancelled = native.progress, native.cancelled
+local progress, job_cancelled, in_job, next_message = native.progress, native.cancelled,
+  native.in_job, native.receive
+
+-- What `receive` returns for what the native side got (see state.rs).
+local function received(ok, ...)
+  if ok then
+    return ...
+  end
+  local problem, message = ...
+  if problem == "timeout" then
+    return nil, "timeout"
+  elseif problem == "cancelled" then
+    error(CANCEL, 0)
+  end
+  error(message, 0)
+end
+
 package.loaded["bgworker.worker"] = {
   -- Values cross as a job's results do. Waits while too many of this
   -- job's progress items are on their way; raises for a value that
@@ -85,6 +101,19 @@ package.loaded["bgworker.worker"] = {
   end,
   -- True once the running job was cancelled; false in a pool's init.
   cancelled = job_cancelled,
+  -- The values of the next message that `job:send` queued for this job,
+  -- in the order sent, waiting up to `timeout` seconds (nil: until one
+  -- comes); nil, "timeout" when none came. A cancellation point: a cancel
+  -- ends the job here at once.
+  receive = function(timeout)
+    if timeout ~= nil and (type(timeout) ~= "number" or not (timeout >= 0)) then
+      error("bad argument #1 to 'receive' (timeout must be a non-negative number of seconds, got " ..
+        tostring(timeout) .. ")", 2)
+    elseif not in_job() then
+      error("bgworker.worker.receive: not in a job (a pool's init receives no messages)", 2)
+    end
+    return received(next_message(timeout))
+  end,
 }
 
 -- A traceback without the frames of this file that called the task's
