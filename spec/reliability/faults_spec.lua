@@ -51,10 +51,14 @@ describe("faults", function()
       assert.is_true(ok, job)
       local counts = join(support.adopt(job))
       -- Each producer went on until five delivers in a row were refused.
+      -- (The state may close before a slow producer delivered all its
+      -- items: those who finished first linger, and their items count in
+      -- `pending` too. Its items left are refused as well.)
       assert.is_true(counts.BGW_OK >= pending)
-      assert.same(codes { BGW_OK = counts.BGW_OK, BGW_CLOSED = 20 }, counts)
+      assert.is_true(counts.BGW_CLOSED >= 20, counts.BGW_CLOSED)
+      assert.same(codes { BGW_OK = counts.BGW_OK, BGW_CLOSED = counts.BGW_CLOSED }, counts)
       local c = testutil.counters()
-      assert.equal(counts.BGW_OK + 20, c.allocated)
+      assert.equal(counts.BGW_OK + counts.BGW_CLOSED, c.allocated)
       assert.equal(0, c.decodes, "an item decoded after the state closed")
       support.assert_all_freed()
     end)
