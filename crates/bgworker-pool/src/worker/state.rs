@@ -388,37 +388,47 @@ unsafe extern "C-unwind" fn receive(state: *mut lua_State) -> c_int {
         let timeout = (lua_type(state, 1) == LUA_TNUMBER).then(|| lua_tonumber(state, 1));
         lua_settop(state, 0);
         let Some((id, task)) = context.current.borrow().clone() else {
-            lua_pushboolean(state, 0);
-            push_str(state, "error");
-            push_str(state, "bgworker.worker.receive: not in a job");
-            return 3;
+            return not_received(state, "error", Some("bgworker.worker.receive: not in a job"));
         };
         // A timeout too long for the clock waits as long as there is none.
         let deadline = timeout
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
             .and_then(|timeout| Instant::now().checked_add(timeout));
-        let problem = match context.events.mail().receive(id, &task, deadline) {
+        match context.events.mail().receive(id, &task, deadline) {
             Received::Message(values) => {
-                match protect(state, 0, 0, |inner| {
+                let pushed = protect(state, 0, 0, |inner| {
                     lua_pushboolean(inner, 1);
                     values.push(inner) + 1
-                }) {
-                    Ok(count) => return count,
+                });
+                match pushed {
+                    Ok(count) => count,
                     Err(Raised) => {
+                        // Dropped before the pushes below, which may raise.
+                        drop(values);
                         let message = format!("bgworker.worker.receive: {}", error_text(state, -1));
                         lua_settop(state, 0);
-                        ("error", Some(message))
+                        not_received(state, "error", Some(&message))
                     }
                 }
             }
-            Received::TimedOut => ("timeout", None),
-            Received::Cancelled => ("cancelled", None),
-        };
+            Received::TimedOut => not_received(state, "timeout", None),
+            Received::Cancelled => not_received(state, "cancelled", None),
+        }
+    }
+}
+
+/// Push what `receive` returns when it has no message: `false, problem`
+/// and the message, if any.
+///
+/// # Safety
+/// In a C function of a worker's state.
+unsafe fn not_received(state: *mut lua_State, problem: &str, message: Option<&str>) -> c_int {
+    unsafe {
         lua_pushboolean(state, 0);
-        push_str(state, problem.0);
-        match problem.1 {
+        push_str(state, problem);
+        match message {
             Some(message) => {
-                push_str(state, &message);
+                push_str(state, message);
                 3
             }
             None => 2,
