@@ -125,6 +125,25 @@ describe("bgworker", function()
       assert.equals(10, count)
     end)
 
+    it("returns from wait for callbacks carried over from the slice before", function()
+      -- A pool's outcomes cross in shared items: those past the budget are
+      -- carried over to the next drain, which may take no new item. The
+      -- drain counts them, so wait returns: a wait with no timeout, or a
+      -- job:get() in a select program's main chunk, would block for ever.
+      d = bgworker.new { budget = 4 }
+      local workers = require("bgworker.pool").new { threads = 1 }
+      finally(function() workers:close(0) end)
+      local n, done = 200, 0
+      for _ = 1, n do
+        workers:submit(function() end):on_done(function() done = done + 1 end)
+      end
+      while done < n do
+        local before = done
+        local handled = d:wait(5)
+        assert.is_true(handled > 0, ("wait ran %d callbacks but returned 0"):format(done - before))
+      end
+    end)
+
     it("takes items delivered during a dispatch", function()
       d = bgworker.new()
       local count = 0

@@ -311,7 +311,9 @@ end
 
 -- Run the calls carried over to this slice (not those they carry over in
 -- turn). The calls to run wait in `slice.pending`, each taken before it
--- runs, so a displacement hands the rest to the next runner.
+-- runs, so a displacement hands the rest to the next runner. Each counts as
+-- handled, as the item it continues did: a drain that runs only these
+-- still handled something (`Select:wait` returns on that).
 local function run_carried(self, slice)
   local calls = carried
   carried, any_carried = setmetatable({}, WEAK_KEYS), false
@@ -319,6 +321,7 @@ local function run_carried(self, slice)
   local x, f = next(calls)
   while x ~= nil and not slice.displaced do
     calls[x] = nil
+    slice.handled = slice.handled + 1
     local ok, err, tb = self.call(f, x)
     if not ok then
       self:report(err, tb)
