@@ -5,7 +5,8 @@
 --    (on LuaJIT also on a pool with the JIT off in its workers).
 -- 2. Empty jobs per second: the per-job overhead, bgworker.pool (as a
 --    program uses it: job handles and callbacks, the function written
---    inline or made once) vs uv.new_work, in interleaved rounds (medians);
+--    inline, made once, or a closure with an upvalue) vs uv.new_work, in
+--    interleaved rounds (medians);
 --    the native half alone, as a breakdown; then the CPU of the idle pool.
 -- 3. Cancel latency of a CPU-bound job: from `cancel` until its worker
 --    starts the next job (target: p99 <= 50 ms).
@@ -174,22 +175,26 @@ end
 local function empty() end
 
 -- Through bgworker.pool, as a program uses it: a job handle and a callback
--- per job, and the job's function either written inline (a new closure
--- each job, as the README writes jobs) or made once.
+-- per job, and the job's function written inline (a new closure each job,
+-- as the README writes jobs), made once, or a closure with an upvalue
+-- (copied with each job, and loaded anew in the worker).
 local lua_pool = require("bgworker.pool").new { threads = THREADS }
 
-local function empty_on_lua_pool(new_closure_per_job)
+local JOB_FUNCTIONS = {
+  closure = function() return function() end end,
+  ["function"] = function() return empty end,
+  upvalue = function(n) return function() return n end end,
+}
+
+local function empty_on_lua_pool(kind)
+  local job_function = JOB_FUNCTIONS[kind]
   return function()
     local done = 0
     local function callback()
       done = done + 1
     end
-    for _ = 1, EMPTY_JOBS do
-      if new_closure_per_job then
-        lua_pool:submit(function() end):on_done(callback)
-      else
-        lua_pool:submit(empty):on_done(callback)
-      end
+    for i = 1, EMPTY_JOBS do
+      lua_pool:submit(job_function(i)):on_done(callback)
     end
     while done < EMPTY_JOBS do
       dispatcher:wait()
@@ -248,12 +253,13 @@ end
 print()
 print(("Empty jobs, %d per run, medians of %d interleaved rounds"):format(EMPTY_JOBS, EMPTY_ROUNDS))
 print(("%-44s %8s %10s"):format("", "jobs/s", "vs luv"))
-local runs = { empty_on_lua_pool(true), empty_on_lua_pool(false), empty_on_pool }
+local runs = { empty_on_lua_pool("closure"), empty_on_lua_pool("function"), empty_on_pool,
+  empty_on_lua_pool("upvalue") }
 if has_luv then
   runs[#runs + 1] = empty_on_luv
 end
 local times = medians(runs)
-local luv_rate = has_luv and EMPTY_JOBS / times[4]
+local luv_rate = has_luv and EMPTY_JOBS / times[5]
 local function row(name, rate)
   if luv_rate then
     print(("%-44s %8.0f %9.2fx"):format(name, rate, rate / luv_rate))
@@ -263,6 +269,7 @@ local function row(name, rate)
 end
 row(("bgworker.pool, %d threads, new closure per job"):format(THREADS), EMPTY_JOBS / times[1])
 row(("bgworker.pool, %d threads, one function"):format(THREADS), EMPTY_JOBS / times[2])
+row(("bgworker.pool, %d threads, closure with an upvalue"):format(THREADS), EMPTY_JOBS / times[4])
 if luv_rate then
   row(("luv uv.new_work, %s threads"):format(LUV_THREADS), luv_rate)
 end

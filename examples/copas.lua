@@ -2,8 +2,8 @@ local copas = require "copas"
 local bgworker = require "bgworker"
 local pool = require "bgworker.pool"
 
--- CPU work for a worker thread. It runs in the worker's own Lua state, so
--- it uses no local variables from outside (no upvalues).
+-- CPU work for a worker thread. It runs in the worker's own Lua state:
+-- it requires what it uses (local variables from outside would be copied).
 local function count_primes(limit)
   local progress = require("bgworker.worker").progress
   local count = 0

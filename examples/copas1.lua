@@ -16,7 +16,8 @@ local workers = pool.new { threads = 1 }
 local waiting = 2
 
 copas.addthread(function()
-  -- The function moves to the worker's own Lua state: no upvalues.
+  -- The function moves to the worker's own Lua state (its upvalues would
+  -- be copied).
   local ok, digest = workers:run(function(text, times)
     local sum = 0
     for i = 1, times do

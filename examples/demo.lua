@@ -29,8 +29,8 @@ local PING_INTERVAL = 0.01 -- seconds between a ping's answer and the next ping
 local PROGRESS_INTERVAL = 0.1 -- seconds between updates of the progress line
 local THREADS = 2 -- of the pool
 
--- The CPU-heavy work: count the primes below `bound`. It uses no upvalues,
--- so that bgworker.pool can move it to a worker thread.
+-- The CPU-heavy work: count the primes below `bound`. bgworker.pool moves
+-- it to a worker thread, which has its own Lua state.
 local function count_primes(bound)
   local count = 0
   for n = 2, bound - 1 do

@@ -557,8 +557,8 @@ describe("bgworker.pool", function()
         submit_error("nodot"))
       assert.matches("bad argument #1 to 'submit' %(a C function cannot move to a worker%)",
         submit_error(print))
-      local upvalue = 1
-      assert.matches("bad argument #1 to 'submit' %(the function has upvalue 'upvalue'",
+      local upvalue = io.stdout
+      assert.matches("bad argument #1 to 'submit' %(a userdata at upvalue 'upvalue' cannot be copied to a worker",
         submit_error(function() return upvalue end))
     end)
 

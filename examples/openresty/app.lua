@@ -17,9 +17,9 @@ function app.start()
   workers = pool.new { threads = 2 }
 end
 
--- CPU work for a pool thread (no upvalues: it runs in the thread's own
--- Lua state): the start up to `limit` with the longest Collatz sequence,
--- and its length, with progress at each hundredth.
+-- CPU work for a pool thread (it runs in the thread's own Lua state): the
+-- start up to `limit` with the longest Collatz sequence, and its length,
+-- with progress at each hundredth.
 local function longest_collatz(limit)
   local progress = require("bgworker.worker").progress
   local every = math.max(1, math.floor(limit / 100))

@@ -27,9 +27,9 @@
 -- coroutine or an OpenResty request; outside any coroutine, with a select
 -- dispatcher, it blocks while running that dispatcher.
 --
--- The job's function is either a Lua function without upvalues (other than
--- `_ENV`), moved with `string.dump` (so it sees the worker's globals, not
--- this state's), or a string "module.function", which the worker requires.
+-- The job's function is either a Lua function, moved with `string.dump` (so
+-- it sees the worker's globals, not this state's) with copies of its
+-- upvalues, or a string "module.function", which the worker requires.
 -- Each worker keeps its state between jobs: required modules stay loaded.
 --
 -- Arguments, results, error values and progress values cross by copy; which
@@ -573,8 +573,8 @@ local function add_job(self, id)
 end
 
 --- Run `fn(...)` on a worker.
--- @param fn a function without upvalues (other than `_ENV`), or a string
---   "module.function"
+-- @param fn a Lua function (its upvalues are copied, as its arguments are:
+--   see the topic @{jobs.md}), or a string "module.function"
 -- @param ... fn's arguments, values that can cross (see the topic
 --   @{jobs.md}); a function among them is refused like any value that
 --   cannot cross. The job's callback is given with `job:on_done`.

@@ -86,7 +86,7 @@ end
 -- The utility libraries other than the ticker load on first use, so that
 -- the ticker's endpoints work without them.
 
--- A pool job: moved to a worker thread by string.dump, so no upvalues.
+-- A pool job: moved to a worker thread by string.dump.
 local function sum_to(n)
   local s = 0
   for i = 1, n do

@@ -190,6 +190,47 @@ pub unsafe fn registry_pointer<T>(state: *mut lua_State, key: *const c_void) -> 
     }
 }
 
+/// Which variable upvalue `n` of the Lua function at `index` is: two
+/// closures that share a local variable share its identity. `None` on Lua
+/// 5.1, which cannot tell (LuaJIT can: it has the 5.2 API for it).
+pub unsafe fn upvalue_id(state: *mut lua_State, index: c_int, n: c_int) -> Option<*const c_void> {
+    #[cfg(feature = "lua51")]
+    {
+        let _ = (state, index, n);
+        None
+    }
+    #[cfg(not(feature = "lua51"))]
+    unsafe {
+        Some(lua_upvalueid(state, index, n).cast_const())
+    }
+}
+
+/// Make upvalue `n` of the Lua function at `index` (absolute) the same
+/// variable as upvalue `other_n` of the one at `other`: what
+/// [`upvalue_id`] told shared becomes shared again. Lua 5.1 cannot: it
+/// gives the value only (it tells no upvalues shared, so this is not
+/// asked of it).
+pub unsafe fn upvalue_join(state: *mut lua_State, index: c_int, n: c_int, other: c_int, other_n: c_int) {
+    #[cfg(feature = "lua51")]
+    unsafe {
+        if !lua_getupvalue(state, other, other_n).is_null() && lua_setupvalue(state, index, n).is_null() {
+            lua_pop(state, 1);
+        }
+    }
+    #[cfg(not(feature = "lua51"))]
+    unsafe {
+        lua_upvaluejoin(state, index, n, other, other_n)
+    }
+}
+
+// LuaJIT has the two functions of Lua 5.2, which mlua declares for 5.2 and
+// later only.
+#[cfg(feature = "luajit")]
+extern "C-unwind" {
+    fn lua_upvalueid(state: *mut lua_State, index: c_int, n: c_int) -> *mut c_void;
+    fn lua_upvaluejoin(state: *mut lua_State, index: c_int, n: c_int, other: c_int, other_n: c_int);
+}
+
 /// A protected call raised: its error is on top of the stack.
 #[derive(Debug)]
 pub struct Raised;

@@ -48,10 +48,11 @@
 //! native.new(opts) -> pool | nil, err_value, traceback
 //! native.refusal(fn) -> nil | message
 //! ```
-//! A job's function (and an init) is a Lua function without upvalues but
-//! `_ENV` (moved by its dump: lua/function.rs), or a "module.function"
-//! string, required in the worker. `refusal` says why a value cannot be
-//! one (nil when it can).
+//! A job's function (and an init) is a Lua function (moved by its dump:
+//! lua/function.rs, with copies of its upvalues: worker/value), or a
+//! "module.function" string, required in the worker. `refusal` says why a
+//! value cannot be one (nil when it can; its upvalues are checked as they
+//! are copied, by `queue` and `new`).
 //!
 //! `opts`: `threads` (1..MAX_THREADS), `path` and `cpath` (the workers'
 //! `package.path` and `package.cpath`), `init` (a job's function; optional), `on_events`
@@ -69,7 +70,8 @@
 //! - `pool:queue(fn, args...)` -> `id` | `nil, position, message` |
 //!   `nil, false, message`: queue a job running `fn` with `args` as its
 //!   arguments (a function among them is refused, as any value that cannot
-//!   cross). `position` 0 is `fn` itself (`message`: its `refusal`), from 1
+//!   cross). `position` 0 is `fn` itself (`message`: its `refusal`, or an
+//!   upvalue that cannot be copied), from 1
 //!   an argument that cannot be copied (counted from the first of `args`); `false`, a pool that
 //!   this process may not use (below), so that the Lua layer raises under
 //!   its own method's name. Ids are integers, from 1, unique within the

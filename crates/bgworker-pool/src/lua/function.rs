@@ -1,6 +1,7 @@
 //! What a job's function becomes on its way to the workers: a Lua function
-//! without upvalues (but `_ENV`) is dumped, a string is a
-//! "module.function" name; anything else is refused, with why.
+//! is dumped (its upvalues are copied with its arguments, by
+//! `Values::copy_call`), a string is a "module.function" name; anything
+//! else is refused, with why.
 //!
 //! Programs write jobs inline (`pool:submit(function() ... end)`), which
 //! makes a new closure per job on Lua 5.4 and LuaJIT (5.2 and 5.3 reuse
@@ -12,19 +13,20 @@
 //! - **by dump**, a new closure of a function given before ([`Recent`],
 //!   job.rs): closures of one prototype dump to the same bytes, and equal
 //!   bytes make the same function (code, constants, debug information and
-//!   upvalue names; a job has no upvalue values to differ, since `_ENV` is
-//!   the worker's own). So the wrong function can never run.
+//!   upvalue names; the values of its upvalues are copied for each job).
+//!   So the wrong function can never run.
 //!
 //! The dump goes to a buffer kept from job to job: no allocation, and no
 //! Lua string, unless the function is new.
 
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
 use bgworker_ffi::lua::{bytes_at, type_name};
 use mlua::ffi::*;
 
 use crate::worker::job::{Func, Recent};
+use crate::worker::value::append;
 
 /// How many closures are held for recognition by address.
 const HELD: usize = 4;
@@ -95,41 +97,21 @@ impl Functions {
 
 /// Why the value at `index` cannot be a job's function, if it cannot: it
 /// is neither a function nor a string; a string that is not a
-/// "module.function" name; a C function; a function with an upvalue other
-/// than `_ENV` (a local variable from outside it, which the worker does not
-/// have).
+/// "module.function" name; a C function. (Upvalues that cannot be copied
+/// are found when they are: `Values::copy_call`.)
 pub unsafe fn refusal(state: *mut lua_State, index: c_int) -> Option<String> {
     unsafe {
         match lua_type(state, index) {
-            LUA_TFUNCTION => {}
+            LUA_TFUNCTION if lua_iscfunction(state, index) != 0 => Some("a C function cannot move to a worker".into()),
+            LUA_TFUNCTION => None,
             LUA_TSTRING => {
                 let name = bytes_at(state, index).unwrap_or_default();
-                return (!is_name(name))
-                    .then(|| format!("'module.function' expected, got '{}'", String::from_utf8_lossy(name)));
+                (!is_name(name)).then(|| format!("'module.function' expected, got '{}'", String::from_utf8_lossy(name)))
             }
             _ => {
                 let got = type_name(state, index);
-                return Some(format!("function or 'module.function' string expected, got {got}"));
+                Some(format!("function or 'module.function' string expected, got {got}"))
             }
-        }
-        if lua_iscfunction(state, index) != 0 {
-            return Some("a C function cannot move to a worker".into());
-        }
-        let mut n = 1;
-        loop {
-            let name = lua_getupvalue(state, index, n);
-            if name.is_null() {
-                return None;
-            }
-            lua_pop(state, 1);
-            let name = CStr::from_ptr(name);
-            if name != c"_ENV" {
-                return Some(format!(
-                    "the function has upvalue '{}': a job's function must not use local variables from outside it",
-                    name.to_string_lossy()
-                ));
-            }
-            n += 1;
         }
     }
 }
@@ -141,15 +123,6 @@ fn is_name(name: &[u8]) -> bool {
         Some(dot) => dot > 0 && name[0] != b'.' && dot + 1 < name.len(),
         None => false,
     }
-}
-
-/// `lua_dump`'s writer: append to the `Vec<u8>` at `data`.
-unsafe extern "C-unwind" fn append(_: *mut lua_State, bytes: *const c_void, len: usize, data: *mut c_void) -> c_int {
-    if len > 0 {
-        // SAFETY: `data` is the buffer `at` passed, `bytes` Lua's `len` bytes.
-        unsafe { (*data.cast::<Vec<u8>>()).extend_from_slice(std::slice::from_raw_parts(bytes.cast(), len)) };
-    }
-    0
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::sync::board::{Cancelled, Id, Status};
 use crate::sync::mail::NotSent;
 use crate::worker::job::Job;
 use crate::worker::state::Setup;
-use crate::worker::value::Values;
+use crate::worker::value::{CrossError, Values};
 
 /// Most threads a pool may have.
 pub const MAX_THREADS: usize = 1024;
@@ -78,17 +78,17 @@ fn options(lua: &Lua, opts: Table) -> mlua::Result<Options> {
     let init = if init.is_nil() {
         None
     } else {
-        let mut func = None;
+        let mut job = None;
         let mut functions = Functions::default();
         // SAFETY: init is argument 1 of the protected call.
         unsafe {
             lua.exec_raw::<()>(init, |state| {
-                func = Some(functions.at(state, 1));
+                job = Some(job_at(state, &mut functions, 1, 0));
                 functions.release(state);
             })
         }?;
-        let func = func.ok_or_else(|| mlua::Error::runtime("bgworker.pool_native.new: init was not read"))?;
-        Some(func.map_err(|why| refuse(format!("opts.init: {why}")))?)
+        let job = job.ok_or_else(|| mlua::Error::runtime("bgworker.pool_native.new: init was not read"))?;
+        Some(job.map_err(|(_, why)| refuse(format!("opts.init: {why}")))?)
     };
     let timeout = option(&opts, "init_timeout", "a number")?.unwrap_or(INIT_TIMEOUT);
     let init_timeout =
@@ -264,20 +264,36 @@ unsafe fn queue(state: *mut lua_State, pool: &mut Pool, functions: &mut Function
         }
         let top = lua_gettop(state).max(2);
         lua_settop(state, top);
-        let func = match functions.at(state, 2) {
-            Ok(func) => func,
-            Err(why) => return Ok(refused(state, 0, &why)),
+        let job = match job_at(state, functions, 2, top - 2) {
+            Ok(job) => job,
+            Err((position, why)) => return Ok(refused(state, position, &why)),
         };
-        let args = match Values::copy(state, 3, top - 2) {
-            Ok(args) => args,
-            Err((position, e)) => return Ok(uncopyable(state, position, e)),
-        };
-        let id = pool
-            .submit(Job { func, args })
-            .ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
+        let id = pool.submit(job).ok_or_else(|| Raise::Message("bgworker.pool_native: the pool is closed".into()))?;
         lua_pushinteger(state, id as lua_Integer);
     }
     Ok(1)
+}
+
+/// The job of the function at `index` with the `count` values after it as
+/// its arguments; or why one of those cannot go to a worker: its position
+/// (0 the function, from 1 an argument) and the message.
+///
+/// # Safety
+/// In a C function called by Lua, with those values on the stack.
+unsafe fn job_at(
+    state: *mut lua_State,
+    functions: &mut Functions,
+    index: c_int,
+    count: c_int,
+) -> Result<Job, (usize, String)> {
+    unsafe {
+        let func = functions.at(state, index).map_err(|why| (0, why))?;
+        match Values::copy_call(state, index, index + 1, count) {
+            Ok(args) => Ok(Job { func, args }),
+            Err((0, e)) => Err((0, uncopyable_upvalue(e))),
+            Err((position, e)) => Err((position, uncopyable(e))),
+        }
+    }
 }
 
 /// Push `nil, position, message`: what `queue` and `send` return for a
@@ -295,13 +311,14 @@ unsafe fn refused(state: *mut lua_State, position: usize, message: &str) -> c_in
     3
 }
 
-/// `refused` for the value at `position` (counted from 0) of those after
-/// the function or id, which `Values::copy` could not copy.
-///
-/// # Safety
-/// In a C function called by Lua.
-unsafe fn uncopyable(state: *mut lua_State, position: usize, why: impl std::fmt::Display) -> c_int {
-    unsafe { refused(state, position + 1, &format!("{why} cannot be copied to a worker")) }
+/// The message for a value that `Values` could not copy, and why.
+fn uncopyable(why: CrossError) -> String {
+    format!("{why} cannot be copied to a worker")
+}
+
+/// `uncopyable` for an upvalue of a job's function, with what to do.
+fn uncopyable_upvalue(why: CrossError) -> String {
+    uncopyable(why) + " (upvalues are copied: require modules inside the function)"
 }
 
 unsafe extern "C-unwind" fn pool_send(state: *mut lua_State) -> c_int {
@@ -317,7 +334,7 @@ unsafe fn send(state: *mut lua_State, pool: &mut Pool) -> LuaResult<c_int> {
         let top = lua_gettop(state);
         let message = match Values::copy(state, 3, top - 2) {
             Ok(message) => message,
-            Err((position, e)) => return Ok(uncopyable(state, position, e)),
+            Err((position, e)) => return Ok(refused(state, position + 1, &uncopyable(e))),
         };
         let sent = match id {
             Some(id) => pool.send(id, message),
@@ -473,10 +490,14 @@ unsafe extern "C-unwind" fn pool_gc(state: *mut lua_State) -> c_int {
     0
 }
 
-/// `refusal(value)`: why `value` cannot be a job's function, or nil when
-/// it can.
+/// `refusal(value)`: why `value` cannot be a job's function (itself, or an
+/// upvalue that cannot be copied), or nil when it can.
 unsafe extern "C-unwind" fn refusal(state: *mut lua_State) -> c_int {
-    let why = unsafe { function::refusal(state, 1) };
+    let why = unsafe {
+        lua_settop(state, 1);
+        function::refusal(state, 1)
+            .or_else(|| Values::copy_call(state, 1, 2, 0).err().map(|(_, e)| uncopyable_upvalue(e)))
+    };
     unsafe {
         match why {
             Some(why) => push_str(state, &why),

@@ -305,11 +305,44 @@ fn new_closures_run_their_own_function_however_alike() {
 }
 
 #[test]
+fn a_closure_runs_with_the_values_its_upvalues_had_when_queued() {
+    let f = Fixture::new(None);
+    // One closure given again (recognised by address) and new ones (by
+    // dump), over a variable that changes between jobs, and a table that
+    // each job changes in the worker: the changes stay there.
+    f.exec(
+        r#"
+        p = new_pool { threads = 2 }
+        local n, seen = 0, { count = 0 }
+        local held = function() seen.count = seen.count + 1 return n, seen.count end
+        ids = {}
+        for i = 1, 200 do
+          n = i
+          ids[i] = submit(p, i % 2 == 0 and held or function() return n * 10, seen.count end)
+        end
+        caller_count = seen.count
+        "#,
+    );
+    f.serve_until("p:stats().done == 200");
+    f.exec(
+        r#"
+        assert(caller_count == 0)
+        for i = 1, 200 do
+          local e = outcome(ids[i])
+          local want = i % 2 == 0 and i or i * 10
+          assert(e[1] == "done" and e[2] == want, "job " .. i .. ": " .. tostring(e[2]))
+          assert(e[3] == (i % 2 == 0 and 1 or 0), "job " .. i .. ": a copy per job")
+        end
+        "#,
+    );
+}
+
+#[test]
 fn queue_refuses_a_function_that_cannot_move_as_position_0() {
     let f = Fixture::new(None);
-    f.exec("p = new_pool(); local up = 1; closure = function() return up end");
+    f.exec("p = new_pool(); local up = io.stdout; closure = function() return up end");
     for (call, message) in [
-        ("p:queue(closure)", "the function has upvalue 'up'"),
+        ("p:queue(closure)", "a userdata at upvalue 'up' cannot be copied to a worker (upvalues are copied"),
         ("p:queue(print)", "a C function cannot move to a worker"),
         ("p:queue('nodot')", "'module.function' expected, got 'nodot'"),
         ("p:queue({})", "function or 'module.function' string expected, got table"),
@@ -317,6 +350,9 @@ fn queue_refuses_a_function_that_cannot_move_as_position_0() {
         let (id, position, got): (Option<i64>, i64, String) = f.eval(&format!("return {call}"));
         assert!(id.is_none() && position == 0 && got.starts_with(message), "{call}: {got}");
     }
-    assert!(f.eval::<bool>("return native.refusal(closure):find('upvalue') ~= nil and native.refusal(print) ~= nil"));
+    assert!(
+        f.eval::<bool>("return native.refusal(closure):find(\"upvalue 'up'\") ~= nil and native.refusal(print) ~= nil")
+    );
+    assert!(f.eval::<bool>("local n = 1 return native.refusal(function() return n end) == nil"));
     assert!(f.eval::<bool>("return native.refusal(function() return x end) == nil and native.refusal('a.b') == nil"));
 }

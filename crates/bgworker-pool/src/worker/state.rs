@@ -21,7 +21,7 @@ use crate::sync::board::Id;
 use crate::sync::control::Control;
 use crate::sync::mail::Received;
 use crate::worker::interrupt::{self, Interrupt};
-use crate::worker::job::{Func, Outcome};
+use crate::worker::job::{Func, Job, Outcome};
 use crate::worker::value::{ErrorValue, Values, MAX_VALUES};
 
 /// What every worker's state starts from.
@@ -32,8 +32,8 @@ pub struct Setup {
     /// False: turn LuaJIT's JIT off (`jit.off()`), so that every job can be
     /// cancelled (interrupt.rs). No effect on other Lua versions.
     pub jit: bool,
-    /// Run once, before any job.
-    pub init: Option<Arc<Func>>,
+    /// Run once, before any job: a job without arguments.
+    pub init: Option<Job>,
 }
 
 /// What `bgworker.worker`'s functions need: the running job, and where
@@ -198,8 +198,7 @@ impl WorkerState {
             // load or require that fails): inside the protected call, and
             // the body only borrows.
             let called = protect(state, base + 1, 0, |inner| {
-                self.push_function(inner, func);
-                let count = args.push(inner);
+                let count = args.push_call(inner, |inner| self.push_function(inner, func, args.sets_upvalues()));
                 lua_call(inner, count, LUA_MULTRET);
                 lua_gettop(inner)
             });
@@ -230,11 +229,13 @@ impl WorkerState {
         }
     }
 
-    /// Push the task's function. It may raise; it owns nothing meanwhile.
+    /// Push the task's function: `fresh`, a closure of its own (its
+    /// upvalues are then set), else one loaded before if there is one. It
+    /// may raise; it owns nothing meanwhile.
     ///
     /// # Safety
     /// On the worker thread, in a protected call.
-    unsafe fn push_function(&self, state: *mut lua_State, func: &Arc<Func>) {
+    unsafe fn push_function(&self, state: *mut lua_State, func: &Arc<Func>, fresh: bool) {
         const CHUNKNAME: &CStr = c"=job";
         unsafe {
             luaL_checkstack(state, 2, std::ptr::null());
@@ -245,7 +246,7 @@ impl WorkerState {
                     lua_call(state, 1, 1);
                 }
                 Func::Code(code) => {
-                    let found = self.loaded.borrow().find(func);
+                    let found = if fresh { None } else { self.loaded.borrow().find(func) };
                     if let Some(reference) = found {
                         lua_rawgeti(state, LUA_REGISTRYINDEX, lua_Integer::from(reference));
                         return;
@@ -254,6 +255,9 @@ impl WorkerState {
                         luaL_loadbufferx(state, code.as_ptr().cast(), code.len(), CHUNKNAME.as_ptr(), std::ptr::null());
                     if status != LUA_OK {
                         lua_error(state);
+                    }
+                    if fresh {
+                        return;
                     }
                     lua_pushvalue(state, -1);
                     let reference = luaL_ref(state, LUA_REGISTRYINDEX);

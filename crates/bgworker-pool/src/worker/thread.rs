@@ -9,7 +9,7 @@ use crate::sync::crew::Crew;
 use crate::worker::interrupt::Interrupt;
 use crate::worker::job::{Job, Outcome};
 use crate::worker::state::{Setup, WorkerState};
-use crate::worker::value::{ErrorValue, Values};
+use crate::worker::value::ErrorValue;
 
 /// Why a worker did not start: its init raised `error` (with its
 /// traceback), or its state could not be made (with none).
@@ -42,7 +42,7 @@ pub fn work(worker: Worker) {
     };
     if let Some(init) = &worker.setup.init {
         let task = worker.crew.init_task(worker.index);
-        if let Outcome::Failed { error, traceback } = state.run(&task, None, init, &Values::default()) {
+        if let Outcome::Failed { error, traceback } = state.run(&task, None, &init.func, &init.args) {
             worker.crew.failed(worker.index, InitFailure { error, traceback });
             worker.board.left(worker.index);
             return;
