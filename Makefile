@@ -35,7 +35,7 @@ ROCKS_SERVER ?= $(if $(wildcard ../shared/rocks/manifest),$(abspath ../shared/ro
 # specs check that they got the Copas they expect: BGWORKER_COPAS_VERSION.
 COPAS_VERSION := 4.11.0
 COPAS1_LUA := 5.1 5.2 jit
-COPAS1_SPECS := $(addprefix spec/,await_spec.lua busted_spec.lua copas_spec.lua dns_spec.lua loop_contract_spec.lua pool_closures_spec.lua pool_spec.lua)
+COPAS1_SPECS := $(addprefix spec/,await_spec.lua busted_spec.lua copas_spec.lua dns_spec.lua loop_contract_spec.lua pool_closures_spec.lua pool_spec.lua process_spec.lua)
 copas_tree = $(BUILD)/rocks/$(1)
 with_copas4 = $(call with_lua,$(1),BGWORKER_COPAS_VERSION=$(COPAS_VERSION) $(2),$(call copas_tree,$(1)))
 
@@ -162,7 +162,7 @@ test: setup lint docs cargo-test specs examples rock-check nginx-test leakcheck
 # (`vendored`); clippy also checks the core without Lua, and the `module`
 # build, which compiles the luaopen entry points. The `loom` models are in
 # the crates whose sources say `cfg(loom)`.
-CRATES := bgworker bgworker-ffi bgworker-util bgworker-dns bgworker-pool
+CRATES := bgworker bgworker-ffi bgworker-util bgworker-dns bgworker-pool bgworker-process
 crate_dir = $(if $(filter bgworker,$(1)),.,crates/$(1))
 cargo_packages = $(addprefix -p ,$(1))
 LOOM_CRATES = $(foreach c,$(CRATES),$(if $(shell grep -rl 'cfg(loom)' $(call crate_dir,$(c))/src),$(c)))

@@ -38,6 +38,7 @@ describe("bgworker", function()
     -- The utilities load on first use.
     assert.equals(require "bgworker.pool", bgworker.pool)
     assert.equals(require "bgworker.dns", bgworker.dns)
+    assert.equals(require "bgworker.process", bgworker.process)
     assert.is_nil(bgworker.no_such_module)
   end)
 

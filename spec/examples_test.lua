@@ -8,7 +8,7 @@
 --
 -- Which examples run depends on the Lua version, as their loops do:
 --   select, messages (a job fed by messages, in a select loop), Copas 4
---   (the README's program), the Copas 1.x variant and the C
+--   (the README's program, process.lua), the Copas 1.x variant and the C
 --   ticker (examples/c/ticker.c, from build/<ver>/) with Copas 4:
 --                              every version;
 --   the Copas 1.x variant and the README's program's Copas 1.x ending with
@@ -240,6 +240,16 @@ describe("examples/", function()
       "counted:\ttrue\t1000\t5000",
       { "sends refused as full, then sent again:\t(%d+)", at_least(0) },
     })
+  end)
+
+  it("process.lua: a Copas server that streams the output of a command per request", function()
+    local path = copas4_path()
+    need_copas(path, COPAS4_VERSION:match("^%d+"))
+    check_run("examples/process.lua", path, {
+      "count: out 1", "count: out 2", "count: out 3", "count: end true exit 0", "count: streamed: true",
+      "hello: out hello from a child process", "hello: end true exit 0",
+      "fail: err about to fail", "fail: end nil exit 3",
+    }, true)
   end)
 
   local COPAS1_OUTPUT = {

@@ -174,6 +174,17 @@ function M.current()
   return nil
 end
 
+-- The running dispatcher, or nil and the message of an error for `fname`
+-- to raise, for what needs one.
+function M.current_for(fname)
+  local d = M.current()
+  if d then
+    return d
+  end
+  return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one" ..
+    " with bgworker.new() first"
+end
+
 -- Nothing, or why `self` is not a dispatcher: the message of a bad self
 -- error of `method`.
 function M.check_self(self, method)
@@ -288,6 +299,16 @@ function M.on_start(name, fn)
   start_hooks[name] = fn
 end
 
+-- What to call, by name, when a dispatcher stops.
+local stop_hooks = {}
+
+-- Call `fn(d)` when dispatcher `d` stops (in protected mode: an error is
+-- reported by the default handler), for the modules that end what belongs
+-- to its run. `name` (the module's) replaces the hook of that name.
+function M.on_stop(name, fn)
+  stop_hooks[name] = fn
+end
+
 -- Take the core's current run as this dispatcher's (after `open`'s start,
 -- or a loop's restart of the core).
 function Dispatcher:adopt_run()
@@ -337,9 +358,11 @@ end
 --- Stop dispatching. The core refuses further items and frees the pending
 -- ones without running them; the loop lets go of the wake-up socket or
 -- descriptor (so Copas 4's `copas.loop()` and luv's `uv.run()` can
--- return); and every caller waiting in `bgworker.await`, `job:get`,
--- `pool:run` or `dns.toip` returns `nil, "stopped"`. Stopping a stopped
--- dispatcher does nothing. It may be called from a callback.
+-- return); the processes of `bgworker.process` started under it that still
+-- run are killed; and every caller waiting in `bgworker.await`, `job:get`,
+-- `pool:run`, `dns.toip` or on a process returns `nil, "stopped"`.
+-- Stopping a stopped dispatcher does nothing. It may be called from a
+-- callback.
 -- @treturn int the number of pending items cancelled
 function Dispatcher:stop()
   local msg = M.check_self(self, "stop")
@@ -360,6 +383,12 @@ function Dispatcher:stop()
     cancelled = core.stop()
   end
   self:after_stop()
+  for _, hook in pairs(stop_hooks) do
+    local ok, err = pcall(hook, self)
+    if not ok then
+      M.default_errorhandler(err)
+    end
+  end
   for waiter in pairs(self.waiters) do
     waiter.resume()
   end

@@ -48,11 +48,10 @@ end
 -- function that gives up the lookup without a callback, or nil and the
 -- message of an error for `fname` to raise.
 local function lookup(fname, host, callback, timeout)
-  local d = dispatcher.current()
+  -- Without a dispatcher the answer would never be delivered.
+  local d, why = dispatcher.current_for(fname)
   if not d then
-    -- Without a dispatcher the answer would never be delivered.
-    return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one" ..
-      " with bgworker.new() first"
+    return nil, why
   end
   local token = core.token()
   local timer

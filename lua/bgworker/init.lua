@@ -18,9 +18,9 @@
 -- `opts.loop` naming the loop; one runs in a Lua state at a time. What
 -- every dispatcher has is on the page @{Dispatcher}.
 --
--- The fields `pool`, `dns`, `await`, `select`, `copas`, `luv`, `cqueues`
--- and `ngx` are the modules @{bgworker.pool}, @{bgworker.dns}, ..., loaded
--- on first use.
+-- The fields `pool`, `dns`, `process`, `await`, `select`, `copas`, `luv`,
+-- `cqueues` and `ngx` are the modules @{bgworker.pool}, @{bgworker.dns},
+-- ..., loaded on first use.
 --
 -- @module bgworker
 
@@ -86,7 +86,7 @@ end
 -- `bgworker.luv`, ... are `require "bgworker.pool"`, ... (each needs its
 -- native library, or its loop's, which a program that only dispatches in
 -- another loop should not have to load).
-local SUBMODULES = { pool = true, dns = true, await = true }
+local SUBMODULES = { pool = true, dns = true, process = true, await = true }
 for _, loop in ipairs(adapter.LOOPS) do
   SUBMODULES[loop] = true
 end

@@ -540,8 +540,7 @@ local function cannot_queue(self, fname)
     return fname .. ": the pool is closed"
   end
   if not running() then
-    return fname .. ": no bgworker dispatcher is running in this Lua state; start one with" ..
-      " bgworker.new() first"
+    return select(2, dispatcher.current_for(fname))
   end
 end
 

@@ -43,10 +43,9 @@ end
 -- The running dispatcher's waiter for the caller, or nil and why the
 -- caller cannot wait now (the message of an error for `fname` to raise).
 function M.for_caller(fname)
-  local d = dispatcher.current()
+  local d, none = dispatcher.current_for(fname)
   if not d then
-    return nil, fname .. ": no bgworker dispatcher is running in this Lua state; start one" ..
-      " with bgworker.new() first"
+    return nil, none
   end
   local waiter, why = new(d)
   if not waiter then
