@@ -301,12 +301,47 @@ local function loop_block(loop)
     assert.is_true(ticks > 3, "the loop ticked " .. ticks .. " times")
   end))
 
-  it("streams the lines of a spawned program", async(function()
-    local p = process.spawn { "sh", "-c", "echo a; sleep 0.1; echo b" }
+  it("streams the lines of a spawned program as they are written", async(function()
+    local p = process.spawn { "sh", "-c", "echo a; sleep 0.3; echo b" }
+    local t0 = core.now()
     assert.equals("a", p:read_line(5))
+    local first = core.now() - t0
     assert.equals("b", p:read_line(5))
+    local second = core.now() - t0
     assert.same(pack(nil, "eof"), pack(p:read_line(5)))
     assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+    assert.is_true(first < 0.25, "a came after " .. first .. " s")
+    assert.is_true(second >= 0.25, "b came after " .. second .. " s")
+  end))
+
+  it("echoes what is written to cat", async(function()
+    local p = process.spawn { "cat" }
+    for i = 1, 10 do
+      assert.is_true(p:write(i .. "\n"))
+      assert.equals(tostring(i), p:read_line(5))
+    end
+    p:close_stdin()
+    assert.same(pack(nil, "eof"), pack(p:read_line(5)))
+    assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+  end))
+
+  it("kills a program that started processes of its own at its timeout, leaving none", async(function()
+    local marker = "16.1803" .. math.random(1000, 9999)
+    assert.same(pack(nil, "timeout"), pack(process.run({ "sh", "-c", "sleep " .. marker .. " & sleep " .. marker },
+      { timeout = 0.3 })))
+    helper.eventually(function() return #with_marker(marker) == 0 end, 5)
+  end))
+
+  it("runs 100 processes at once, each with its output and status, and leaves no zombie", async(function()
+    local list = {}
+    for i = 1, 100 do
+      list[i] = process.spawn { "sh", "-c", "echo " .. i .. "; exit " .. (i % 7) }
+    end
+    for i = 1, 100 do
+      assert.equals(tostring(i), list[i]:read_line(10))
+      assert.same(pack(i % 7 == 0 or nil, "exit", i % 7), pack(list[i]:wait(10)))
+    end
+    assert.same({}, zombies())
   end))
 
   it("runs 20 processes at once from as many job callbacks, which wait", async(function()

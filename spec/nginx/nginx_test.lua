@@ -290,6 +290,19 @@ describe("bgworker.ngx in nginx", function()
     end
   end)
 
+  it("runs programs with bgworker.process, each request waiting on its own", function()
+    local why = missing(ROOT .. "/lua/bgworker/process.lua", BUILD .. "/bgworker/process_native.so")
+    assert(not why, why)
+    local paths = {}
+    for i = 1, 20 do
+      paths[i] = "/process?ms=300&i=" .. i
+    end
+    for i, r in ipairs(parallel(paths)()) do
+      assert(r.code == 200 and r.body == "exit 3 out err a b",
+        ("/process #%d: %s %s%s"):format(i, tostring(r.code), tostring(r.body), log_tail()))
+    end
+  end)
+
   it("finishes requests in flight across reloads, and old workers leave soon after", function()
     -- From here on, a reader that stops only at its read timeout holds its
     -- old worker 60 s. The first reload leaves the 0.2 s readers; the others

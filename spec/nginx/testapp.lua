@@ -199,6 +199,19 @@ function app.dns()
   return reply(ip and 200 or 504, ip and table.concat(info.ip, ",") or info)
 end
 
+-- GET /process?ms=200: a program run by bgworker.process, with its output
+-- and status: "exit 3 out err"; a spawned one's two lines, the second
+-- written ms later: "a b".
+function app.process()
+  local process = require "bgworker.process"
+  local ms = int_arg("ms", 200)
+  local _, how, code, out, err = process.run({ "sh", "-c", "sleep " .. ms / 1000 ..
+    "; echo out; echo err >&2; exit 3" }, { timeout = 10 })
+  local p = process.spawn { "sh", "-c", "echo a; sleep " .. ms / 1000 .. "; echo b" }
+  local a, b = p:read_line(10), p:read_line(10)
+  return reply(200, ("%s %s %s %s %s %s"):format(how, code, out:gsub("\n", ""), err:gsub("\n", ""), a, b))
+end
+
 -- GET /stats: this worker's core counters and the shared counters, one
 -- "name value" a line.
 function app.stats()

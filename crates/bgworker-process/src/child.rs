@@ -1,31 +1,28 @@
-//! A child's I/O thread: it writes what the Lua side queued for stdin,
-//! reads stdout and stderr as the child writes them, reaps the child, and
-//! hands each of those events to `deliver`, in order. It ends once the
-//! child was reaped and both outputs reached their end.
+//! A program's I/O thread: it writes what the Lua side queued for stdin,
+//! reads stdout and stderr as the program writes them, learns from the
+//! program's helper (spawn.rs) how it ended, and hands each of those
+//! events to `deliver`, in order. It ends once the program ended and both
+//! outputs reached their end.
 //!
 //! The thread waits in `poll`: on the outputs (unless `UNREAD_MAX` bytes
 //! wait unread on the Lua side), on stdin while there is data for it, on
-//! the wake-up pipe of [`Shared`], and on a pidfd of the child (Linux 5.3
-//! and later: without one, it looks at the child every 20 ms until it
-//! ended).
+//! the wake-up pipe of [`Shared`], and on the helper's status pipe, which
+//! becomes readable when the program ended.
 //!
 //! When the Lua side is gone (its handle was dropped) or takes no more
 //! events (a delivery was refused: the dispatcher stopped, the Lua state
-//! closed), the child was killed (`SIGKILL` to its group): the thread
-//! closes the pipes, says the outputs ended, reaps the child and says how
-//! it ended (deliveries that are refused are dropped).
+//! closed), the program was killed (`SIGKILL` to its group): the thread
+//! closes the pipes, says the outputs ended, waits for the program's end
+//! and says how it ended (deliveries that are refused are dropped).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ExitStatus};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::shared::{Shared, UNREAD_MAX};
+use crate::spawn::{Child, Ended, Helper};
 
 /// Bytes read from an output at a time.
 const CHUNK: usize = 64 * 1024;
-/// How often the child is looked at without a pidfd, in milliseconds.
-const REAP_EVERY_MS: i32 = 20;
 
 #[derive(Clone, Copy)]
 pub enum Stream {
@@ -33,25 +30,27 @@ pub enum Stream {
     Stderr,
 }
 
+const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+
 pub enum Event {
-    /// Bytes the child wrote, or `None` at the end of the stream.
+    /// Bytes the program wrote, or `None` at the end of the stream.
     Output(Stream, Option<Vec<u8>>),
-    /// How the child ended: `"exit"` and its status, or `"signal"` and the
-    /// signal.
-    Exit(&'static str, i32),
+    /// How the program ended.
+    Exit(Ended),
 }
 
-/// Serve `child` until it was reaped and its outputs ended. `deliver`
-/// returns false when the Lua side takes no more events.
-pub fn serve(mut child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -> bool) {
+/// Serve `child` until it ended and its outputs ended. `deliver` returns
+/// false when the Lua side takes no more events.
+pub fn serve(child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -> bool) {
     block_sigpipe();
-    let mut outputs = [child.stdout.take().map(OwnedFd::from), child.stderr.take().map(OwnedFd::from)];
-    let mut stdin = child.stdin.take().map(OwnedFd::from);
-    if let Some(fd) = &stdin {
-        set_nonblocking(fd.as_raw_fd());
+    let mut outputs = [Some(child.stdout), Some(child.stderr)];
+    let mut stdin = child.stdin;
+    match &stdin {
+        Some(fd) => set_nonblocking(fd.as_raw_fd()),
+        // Its stdin reads nothing: writes are refused.
+        None => shared.lock().stdin_closed = true,
     }
-    let pidfd = pidfd_open(shared.pid);
-    let mut exited = false;
+    let mut helper = Some(child.helper);
     let mut buffer = vec![0u8; CHUNK];
     let mut refused = false;
     loop {
@@ -70,7 +69,7 @@ pub fn serve(mut child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -
         if abandoned {
             break;
         }
-        if exited && outputs.iter().all(Option::is_none) {
+        if helper.is_none() && outputs.iter().all(Option::is_none) {
             return;
         }
         let mut fds = Vec::with_capacity(5);
@@ -86,10 +85,9 @@ pub fn serve(mut child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -
             .filter_map(|(n, fd)| fd.as_ref().map(|fd| (n, watch(fd.as_raw_fd(), libc::POLLIN))))
             .collect();
         let writer = stdin.as_ref().filter(|_| writing).map(|fd| watch(fd.as_raw_fd(), libc::POLLOUT));
-        let reaper = pidfd.as_ref().filter(|_| !exited).map(|fd| watch(fd.as_raw_fd(), libc::POLLIN));
-        let timeout = if exited || pidfd.is_some() { -1 } else { REAP_EVERY_MS };
+        let status = helper.as_ref().map(|helper| watch(helper.status.as_raw_fd(), libc::POLLIN));
         // SAFETY: `fds` is a live array of `fds.len()` pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) } < 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
             continue; // EINTR
         }
         let ready = |index: usize| fds[index].revents != 0;
@@ -100,7 +98,6 @@ pub fn serve(mut child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -
             if !ready(index) {
                 continue;
             }
-            let stream = if n == 0 { Stream::Stdout } else { Stream::Stderr };
             let fd = outputs[n].as_ref().map_or(-1, AsRawFd::as_raw_fd);
             // SAFETY: reads into a live buffer from our own descriptor.
             let read = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
@@ -109,19 +106,18 @@ pub fn serve(mut child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -
             }
             if read <= 0 {
                 outputs[n] = None;
-                refused |= !deliver(Event::Output(stream, None));
+                refused |= !deliver(Event::Output(STREAMS[n], None));
             } else {
                 shared.lock().unread += read as usize;
-                refused |= !deliver(Event::Output(stream, Some(buffer[..read as usize].to_vec())));
+                refused |= !deliver(Event::Output(STREAMS[n], Some(buffer[..read as usize].to_vec())));
             }
         }
-        if writer.is_some_and(ready) && !write_some(&mut stdin, shared) {
+        if writer.is_some_and(ready) && !write_some(&stdin, shared) {
             stdin = None;
         }
-        if !exited && (reaper.is_none_or(ready)) {
-            if let Some(status) = reap(&mut child, shared) {
-                exited = true;
-                refused |= !deliver(exit_event(status));
+        if status.is_some_and(ready) {
+            if let Some(helper) = helper.take() {
+                refused |= !deliver(Event::Exit(finish(helper, shared)));
             }
         }
     }
@@ -129,23 +125,26 @@ pub fn serve(mut child: Child, shared: &Shared, mut deliver: impl FnMut(Event) -
     drop(stdin);
     for (n, output) in outputs.iter_mut().enumerate() {
         if output.take().is_some() {
-            deliver(Event::Output(if n == 0 { Stream::Stdout } else { Stream::Stderr }, None));
+            deliver(Event::Output(STREAMS[n], None));
         }
     }
-    if !exited {
-        let status = loop {
-            wait_for_exit(shared.pid);
-            if let Some(status) = reap(&mut child, shared) {
-                break status;
-            }
-        };
-        deliver(exit_event(status));
+    if let Some(helper) = helper {
+        deliver(Event::Exit(finish(helper, shared)));
     }
 }
 
+/// How the program ended (waiting for it), marked reaped under the lock
+/// before its helper may reap it (shared.rs), then its helper reaped.
+fn finish(helper: Helper, shared: &Shared) -> Ended {
+    let ended = helper.ended();
+    shared.lock().reaped = true;
+    helper.release();
+    ended
+}
+
 /// Write what the Lua side queued for stdin, as much as the pipe takes.
-/// False when stdin is closed for good (the child closed its end).
-fn write_some(stdin: &mut Option<OwnedFd>, shared: &Shared) -> bool {
+/// False when stdin is closed for good (the program closed its end).
+fn write_some(stdin: &Option<OwnedFd>, shared: &Shared) -> bool {
     let Some(fd) = stdin.as_ref() else { return false };
     let mut state = shared.lock();
     while let Some(front) = state.stdin.front_mut() {
@@ -167,52 +166,6 @@ fn write_some(stdin: &mut Option<OwnedFd>, shared: &Shared) -> bool {
         }
     }
     true
-}
-
-/// Reap the child if it ended, under the lock (shared.rs).
-fn reap(child: &mut Child, shared: &Shared) -> Option<ExitStatus> {
-    let mut state = shared.lock();
-    let status = match child.try_wait() {
-        Ok(status) => status,
-        // ECHILD: reaped elsewhere (SIGCHLD ignored): how it ended is lost.
-        Err(_) => Some(ExitStatus::from_raw(0xff << 8)),
-    };
-    state.reaped |= status.is_some();
-    status
-}
-
-/// Wait until the child ended, without reaping it.
-fn wait_for_exit(pid: u32) {
-    // SAFETY: waitid fills a live siginfo_t.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT);
-    }
-}
-
-fn exit_event(status: ExitStatus) -> Event {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => Event::Exit("exit", code),
-        (None, Some(signal)) => Event::Exit("signal", signal),
-        (None, None) => Event::Exit("exit", -1),
-    }
-}
-
-/// A descriptor that becomes readable when process `pid` ends (Linux 5.3
-/// and later), or `None`.
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: the syscall returns a fresh descriptor, or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        // SAFETY: a fresh descriptor that nothing else owns.
-        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = pid;
-        None
-    }
 }
 
 /// A write to a pipe whose reader is gone raises SIGPIPE, which would end

@@ -1,7 +1,7 @@
 //! The Lua side's handle of a child: what it asks of the child's I/O
 //! thread, and what it does itself (signals, under the lock: shared.rs).
 //! Dropped (collected, or its Lua state closed), it kills the child's
-//! group; the thread reaps the child.
+//! group; its helper reaps it.
 
 use std::sync::Arc;
 

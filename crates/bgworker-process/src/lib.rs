@@ -1,8 +1,8 @@
 //! `bgworker.process_native`: child processes off the Lua thread.
 //!
-//! `spawn(argv, opts, on_event)` starts a program (spawn.rs) and a thread
-//! of its own (child.rs) that feeds its stdin, reads its output and reaps
-//! it; each event reaches the Lua side through bgworker, in order, as
+//! `spawn(argv, opts, on_event)` starts a program (spawn.rs: through a
+//! helper process, which reaps it) and a thread of its own (child.rs) that
+//! feeds its stdin, reads its output and learns how it ended; each event reaches the Lua side through bgworker, in order, as
 //! `on_event(kind, ...)` run by the dispatcher:
 //! - `on_event("stdout", chunk)`, `on_event("stderr", chunk)`: bytes as the
 //!   child wrote them; `chunk` nil at the end of the stream;
@@ -23,7 +23,7 @@
 //! of output: past [`UNREAD_MAX`](shared::UNREAD_MAX) bytes unread, the
 //! thread reads no more). When the handle is dropped, or the Lua side takes
 //! no more events (the dispatcher stopped, the state closed), the child's
-//! group gets `SIGKILL`, and the thread reaps the child: never a zombie.
+//! group gets `SIGKILL`, and the helper reaps it: never a zombie.
 //!
 //! `SIGNALS`: the numbers of the signals by name (`TERM`, `KILL`...).
 
@@ -32,17 +32,17 @@ mod handle;
 mod shared;
 mod spawn;
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 use bgworker_util::mlua;
 use bgworker_util::Sender;
-use mlua::{Function, Lua, MultiValue, Table, Value};
+use mlua::{Function, Lua, MultiValue, RegistryKey, Table, Value};
 
 use child::{Event, Stream};
 use handle::Process;
 use shared::Shared;
-use spawn::Request;
+use spawn::{Child, Request};
 
 /// Stack of a child's I/O thread: it holds little (its read buffer is on
 /// the heap).
@@ -79,61 +79,73 @@ fn request(argv: Table, opts: Table) -> mlua::Result<Request> {
     Ok(Request { argv, cwd, env, stdin: opts.raw_get::<Option<bool>>("stdin")?.unwrap_or(false) })
 }
 
+/// Hand `event` to the Lua side's `on_event` through `sender`: false when
+/// it is refused (the dispatcher stopped, the state closed), or given up
+/// while waiting for room once the Lua side is gone.
+fn deliver(sender: &Sender, on_event: &Arc<RegistryKey>, shared: &Shared, event: Event) -> bool {
+    let on_event = Arc::clone(on_event);
+    let decode = move |lua: &Lua| {
+        let function: Function = lua.registry_value(&on_event)?;
+        let values = match event {
+            Event::Output(stream, chunk) => {
+                let kind = match stream {
+                    Stream::Stdout => "stdout",
+                    Stream::Stderr => "stderr",
+                };
+                let chunk = match chunk {
+                    Some(bytes) => Value::String(lua.create_string(bytes)?),
+                    None => Value::Nil,
+                };
+                (kind, chunk, Value::Nil)
+            }
+            Event::Exit((how, code)) => ("exit", Value::String(lua.create_string(how)?), Value::Integer(code.into())),
+        };
+        Ok((function, values))
+    };
+    sender.deliver_while(decode, || !shared.lock().abandoned).is_ok()
+}
+
 /// `spawn(argv, opts, on_event)`.
 fn spawn(lua: &Lua, sender: &Sender, (argv, opts, on_event): (Table, Table, Function)) -> mlua::Result<MultiValue> {
     let request = request(argv, opts)?;
+    let on_event = Arc::new(lua.create_registry_value(on_event)?);
+    // The thread first, which then waits for its program: a thread that
+    // cannot start leaves no program behind.
+    let (hand_over, handed) = mpsc::sync_channel::<(Child, Arc<Shared>)>(1);
+    let sender = sender.clone();
+    thread::Builder::new()
+        .name("bgworker-process".into())
+        .stack_size(THREAD_STACK)
+        .spawn(move || {
+            if let Ok((child, shared)) = handed.recv() {
+                child::serve(child, &shared, |event| deliver(&sender, &on_event, &shared, event));
+            }
+        })
+        .map_err(|e| mlua::Error::runtime(format!("cannot start a thread for the process: {e}")))?;
+    let mut shared = Shared::new().map_err(mlua::Error::external)?;
     let child = match spawn::spawn(&request) {
         Ok(child) => child,
         Err(e) => {
             let program = String::from_utf8_lossy(&request.argv[0]);
-            let message = format!("cannot run '{program}': {e}");
+            let message = format!("cannot run '{program}': {}", describe(&e));
             return Ok(MultiValue::from_vec(vec![Value::Nil, Value::String(lua.create_string(message)?)]));
         }
     };
-    let shared = Arc::new(Shared::new(child.id()).map_err(mlua::Error::external)?);
-    let on_event = Arc::new(lua.create_registry_value(on_event)?);
-    let sender = sender.clone();
-    let for_thread = Arc::clone(&shared);
-    let started = thread::Builder::new().name("bgworker-process".into()).stack_size(THREAD_STACK).spawn(move || {
-        let shared = for_thread;
-        child::serve(child, &shared, |event| {
-            let on_event = Arc::clone(&on_event);
-            let delivered = sender.deliver_while(
-                move |lua| {
-                    let function: Function = lua.registry_value(&on_event)?;
-                    let values = match event {
-                        Event::Output(stream, chunk) => {
-                            let kind = match stream {
-                                Stream::Stdout => "stdout",
-                                Stream::Stderr => "stderr",
-                            };
-                            let chunk = match chunk {
-                                Some(bytes) => Value::String(lua.create_string(bytes)?),
-                                None => Value::Nil,
-                            };
-                            (kind, chunk, Value::Nil)
-                        }
-                        Event::Exit(how, code) => {
-                            ("exit", Value::String(lua.create_string(how)?), Value::Integer(code.into()))
-                        }
-                    };
-                    Ok((function, values))
-                },
-                || !shared.lock().abandoned,
-            );
-            delivered.is_ok()
-        })
-    });
-    let process = Process { shared };
-    if let Err(e) = started {
-        // Dropping the handle kills the child; nobody would reap it: wait.
-        let shared = Arc::clone(&process.shared);
-        drop(process);
-        // SAFETY: waitpid on our own child, which nothing else reaps.
-        unsafe { libc::waitpid(shared.pid as libc::pid_t, std::ptr::null_mut(), 0) };
-        return Err(mlua::Error::runtime(format!("cannot start a thread for the process: {e}")));
-    }
+    shared.pid = child.pid;
+    let shared = Arc::new(shared);
+    let process = Process { shared: Arc::clone(&shared) };
+    // The thread waits in recv: it takes the program.
+    let _ = hand_over.send((child, shared));
     Ok(MultiValue::from_vec(vec![Value::UserData(lua.create_userdata(process)?)]))
+}
+
+/// The system's words for `e`, without Rust's " (os error N)".
+fn describe(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
 }
 
 /// The module table. Requires bgworker.core, whose instance the events go to.

@@ -3,12 +3,12 @@
 //! the thread's `poll` when one comes.
 //!
 //! Invariants:
-//! - **A signal never reaches a stranger.** The child leads a process
-//!   group of its own, whose id is its pid. That pid stays the child's
-//!   until it is reaped, and it is reaped only under the lock, which sets
-//!   `reaped`; a signal is sent only under the lock, while `reaped` is
-//!   false. So no signal can reach a group whose id the system gave to
-//!   another process since.
+//! - **A signal never reaches a stranger.** The program leads a process
+//!   group of its own, whose id is its pid. That pid stays the program's
+//!   until its helper reaps it, which the helper does only once the thread
+//!   let it (spawn.rs), after it set `reaped` under the lock; a signal is
+//!   sent only under the lock, while `reaped` is false. So no signal can
+//!   reach a group whose id the system gave to another process since.
 //! - **Output is bounded.** The thread reads only while fewer than
 //!   [`UNREAD_MAX`] bytes it delivered wait unread on the Lua side
 //!   (`unread`; the Lua side says what it took with `ack`).
@@ -36,13 +36,16 @@ pub struct State {
     pub unread: usize,
     /// The handle was dropped (collected, or its Lua state closed), or the
     /// Lua side can take no more deliveries: the child was killed, and the
-    /// thread only reaps it.
+    /// thread only waits for its end.
     pub abandoned: bool,
-    /// The child was reaped: its pid may belong to another process now.
+    /// The program ended, and its helper may reap it: its pid may belong
+    /// to another process soon.
     pub reaped: bool,
 }
 
 pub struct Shared {
+    /// The program's, also its process group's: set once it started,
+    /// before the thread and the handle share this.
     pub pid: u32,
     state: Mutex<State>,
     /// The pipe that wakes the thread: it polls `wake_read`.
@@ -51,7 +54,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(pid: u32) -> io::Result<Shared> {
+    pub fn new() -> io::Result<Shared> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two descriptors on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -59,7 +62,7 @@ impl Shared {
         }
         // SAFETY: fresh descriptors that nothing else owns.
         let (wake_read, wake_write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Shared { pid, state: Mutex::default(), wake_read, wake_write })
+        Ok(Shared { pid: 0, state: Mutex::default(), wake_read, wake_write })
     }
 
     /// The state, locked. A panic under the lock leaves it usable: each
