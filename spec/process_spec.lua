@@ -238,3 +238,122 @@ describe("bgworker.process", function()
     end)
   end)
 
+  describe("owners that end", function()
+    local function child_of(script)
+      local status, out = support.run_lua([[
+        local bgworker = require "bgworker"
+        local process = require "bgworker.process"
+        local d = bgworker.new()
+        local p = process.spawn { "sleep", "30" }
+        io.write(p.pid, "\n")
+        io.stdout:flush()
+        ]] .. script, 30)
+      local pid = tonumber(out:match("^(%d+)\n"))
+      assert(pid, out)
+      return status, pid
+    end
+
+    it("kills the processes of a Lua state that closes", function()
+      local status, pid = child_of("d:stop()")
+      assert.equals(0, status)
+      assert.is_true(gone(pid), "process " .. pid .. " still there")
+    end)
+
+    it("kills the processes of a program that exits without closing its state", function()
+      local status, pid = child_of("os.exit(3, false)")
+      assert.equals(3, status)
+      assert.is_true(gone(pid), "process " .. pid .. " still there")
+    end)
+  end)
+end)
+
+-- Waits suspend only the caller, in each loop.
+local function loop_block(loop)
+  local helper = require "bgworker.busted"
+  local function async(body) return helper.async(body, { loop = loop, timeout = 10 }) end
+
+  it("runs a program while the loop goes on", async(function()
+    local ticks, running = 0, true
+    local tick = bgworker.current()
+    local function again()
+      ticks = ticks + 1
+      if running then tick:timer(0.01, again) end
+    end
+    tick:timer(0.01, again)
+    local got = pack(process.run { "sh", "-c", "sleep 0.2; echo out; echo err >&2; exit 3" })
+    running = false
+    assert.same(pack(nil, "exit", 3, "out\n", "err\n"), got)
+    assert.is_true(ticks > 3, "the loop ticked " .. ticks .. " times")
+  end))
+
+  it("streams the lines of a spawned program as they are written", async(function()
+    local p = process.spawn { "sh", "-c", "echo a; sleep 0.3; echo b" }
+    local t0 = core.now()
+    assert.equals("a", p:read_line(5))
+    local first = core.now() - t0
+    assert.equals("b", p:read_line(5))
+    local second = core.now() - t0
+    assert.same(pack(nil, "eof"), pack(p:read_line(5)))
+    assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+    assert.is_true(first < 0.25, "a came after " .. first .. " s")
+    assert.is_true(second >= 0.25, "b came after " .. second .. " s")
+  end))
+
+  it("echoes what is written to cat", async(function()
+    local p = process.spawn { "cat" }
+    for i = 1, 10 do
+      assert.is_true(p:write(i .. "\n"))
+      assert.equals(tostring(i), p:read_line(5))
+    end
+    p:close_stdin()
+    assert.same(pack(nil, "eof"), pack(p:read_line(5)))
+    assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+  end))
+
+  it("kills a program that started processes of its own at its timeout, leaving none", async(function()
+    local marker = "16.1803" .. math.random(1000, 9999)
+    assert.same(pack(nil, "timeout"), pack(process.run({ "sh", "-c", "sleep " .. marker .. " & sleep " .. marker },
+      { timeout = 0.3 })))
+    helper.eventually(function() return #with_marker(marker) == 0 end, 5)
+  end))
+
+  it("runs 100 processes at once, each with its output and status, and leaves no zombie", async(function()
+    local list = {}
+    for i = 1, 100 do
+      list[i] = process.spawn { "sh", "-c", "echo " .. i .. "; exit " .. (i % 7) }
+    end
+    for i = 1, 100 do
+      assert.equals(tostring(i), list[i]:read_line(10))
+      assert.same(pack(i % 7 == 0 or nil, "exit", i % 7), pack(list[i]:wait(10)))
+    end
+    assert.same({}, zombies())
+  end))
+
+  it("runs 20 processes at once from as many job callbacks, which wait", async(function()
+    local done, results = 0, {}
+    local workers = require("bgworker.pool").new { threads = 1 }
+    for i = 1, 20 do
+      workers:submit(function() end):on_done(function()
+        results[i] = pack(process.run { "sh", "-c", "sleep 0.1; echo " .. i })
+        done = done + 1
+      end)
+    end
+    helper.eventually(function() return done == 20 end, 10)
+    for i = 1, 20 do assert.same(pack(true, "exit", 0, i .. "\n", ""), results[i]) end
+  end))
+end
+
+for _, loop in ipairs { "select", "copas", "luv", "cqueues" } do
+  describe("bgworker.process in " .. loop, function()
+    if loop == "copas" then
+      if not support.needs_copas() then return end
+    elseif loop ~= "select" then
+      local lib, why = support.require_native(loop, "bgworker." .. loop)
+      if not lib then
+        pending(loop .. " cannot be loaded under LuaJIT here: " .. tostring(why))
+        return
+      end
+    end
+    loop_block(loop)
+  end)
+end
