@@ -226,6 +226,23 @@ describe("bgworker.process", function()
       assert.same(pack(true, "exit", 0), pack(p:wait(5)))
     end)
 
+    it("hands the output to on_output as it comes, instead of keeping it", function()
+      local got, ended = {}, 0
+      local p = process.spawn({ "sh", "-c", "echo one; echo two >&2; sleep 0.1; echo three" }, {
+        on_output = function(stream, data)
+          if data then got[#got + 1] = stream .. ":" .. data else ended = ended + 1 end
+        end,
+      })
+      assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+      while ended < 2 do d:wait(1) end
+      table.sort(got)
+      assert.same({ "stderr:two\n", "stdout:one\n", "stdout:three\n" }, got)
+      assert.same(pack(nil, "eof"), pack(p:read_line(1)))
+      local ok, err = pcall(function() process.spawn({ "true" }, { on_output = 1 }) end)
+      assert.is_false(ok)
+      assert.matches("bad argument #2 to 'spawn' %(opts.on_output must be a function, got 1%)", err)
+    end)
+
     it("kills and reaps a process whose object is collected", function()
       local pid = process.spawn({ "sleep", "30" }).pid
       collectgarbage()

@@ -80,22 +80,29 @@ local function finished(state)
   return state.how ~= nil and state.stdout.ended and state.stderr.ended
 end
 
--- The event handler of `state`'s child, run by the dispatcher.
+local WEAK_VALUES = { __mode = "v" }
+
+-- The event handler of `state`'s child, run by the dispatcher. The
+-- program's `on_output` runs last: if it raises, the state is up to date.
 local function on_event(state)
   return function(kind, a, b)
+    local on_output = kind ~= "exit" and state.on_output
     if kind == "exit" then
       state.how, state.code = a, b
+    elseif a == nil then
+      state[kind].ended = true
+    elseif on_output then
+      -- Taken by on_output: the thread may read on (the handle is held
+      -- weakly: collected, it killed the program).
+      local handle = state.acker[1]
+      if handle then handle:ack(#a) end
     else
       local buffer = state[kind]
-      if a == nil then
-        buffer.ended = true
-      else
-        buffer.n = buffer.n + 1
-        buffer.parts[buffer.n] = a
-        if state.collect then
-          -- run keeps all of it: the thread may read on.
-          state.handle:ack(#a)
-        end
+      buffer.n = buffer.n + 1
+      buffer.parts[buffer.n] = a
+      if state.collect then
+        -- run keeps all of it: the thread may read on.
+        state.handle:ack(#a)
       end
     end
     local waiters = state.waiters
@@ -106,6 +113,9 @@ local function on_event(state)
     if not state.released and finished(state) then
       state.released = true
       state.dispatcher:unhold()
+    end
+    if on_output then
+      on_output(kind, a)
     end
   end
 end
@@ -173,7 +183,7 @@ local function check_string(fname, n, name, v)
 end
 
 local RUN_OPTIONS = { timeout = args.option.seconds, stdin = check_string, cwd = check_string, env = check_env }
-local SPAWN_OPTIONS = { cwd = check_string, env = check_env }
+local SPAWN_OPTIONS = { cwd = check_string, env = check_env, on_output = args.option.func }
 
 -- Start `argv` for `fname`: its state and native handle, or nil and the
 -- message of an error to raise. `collect`: keep all the output (run).
@@ -184,7 +194,7 @@ local function start(fname, argv, opts, collect)
   end
   local state = {
     dispatcher = d, waiters = {}, collect = collect, released = false,
-    stdout = new_buffer(), stderr = new_buffer(),
+    stdout = new_buffer(), stderr = new_buffer(), on_output = opts.on_output,
   }
   local handle, why = native.spawn(argv, {
     cwd = opts.cwd, env = opts.env, stdin = not collect or opts.stdin ~= nil,
@@ -194,6 +204,8 @@ local function start(fname, argv, opts, collect)
   end
   if collect then
     state.handle = handle
+  elseif state.on_output then
+    state.acker = setmetatable({ handle }, WEAK_VALUES)
   end
   running[handle] = d
   -- The loop stays alive until the child ended and its output was
@@ -367,7 +379,14 @@ end
 
 --- Start a program, to talk to it while it runs.
 -- @tparam table argv as for `run`
--- @tparam[opt] table opts `cwd`, `env`, as for `run`
+-- @tparam[opt] table opts `cwd`, `env`, as for `run`; `on_output`, a
+-- function that the dispatcher calls as `on_output("stdout", data)` or
+-- `on_output("stderr", data)` with the output as it comes (`data` nil at
+-- the end of that stream), instead of keeping it for `read_line` and
+-- `read` (which then say "eof" at once). It may wait; an error it raises
+-- goes to the dispatcher's error handler. The output of a program can end
+-- after the program (a process it started may hold it open): a `wait` may
+-- return before the last call.
 -- @return the process: `p.pid`, `p.stdout` and `p.stderr` (streams, with
 -- `read_line` and `read`), and the methods below
 -- @raise as `run`
