@@ -177,3 +177,7 @@ fn open(lua: &Lua) -> mlua::Result<Table> {
     module.set("SIGNALS", signals)?;
     Ok(module)
 }
+
+// They embed a Lua: `vendored` builds only.
+#[cfg(all(test, feature = "vendored"))]
+mod tests;
