@@ -44,6 +44,21 @@ describe("bgworker.luv", function()
     assert.is_true(d.handle:is_closing())
   end)
 
+  it("starts on a descriptor number that a dispatcher stopped through bgworker.core left polled", function()
+    -- core.stop() closes the descriptor under the old dispatcher's poll
+    -- handle; the next descriptor takes its number, which libuv still
+    -- lists (EEXIST) until the stale handle is closed.
+    local old = bgworker.new { loop = "luv" }
+    core.stop()
+    d = bgworker.new { loop = "luv" }
+    assert.equals(old.fd, d.fd)
+    assert.is_true(old.handle:is_closing())
+    local got = {}
+    join(produce { items = 3, callback = function(_, seq) got[#got + 1] = seq end })
+    assert.equals(3, d:dispatch())
+    assert.same({ 1, 2, 3 }, got)
+  end)
+
   it("dispatches without the loop", function()
     finally(support.untimed_drains())
     d = bgworker.new { loop = "luv" }

@@ -64,12 +64,25 @@ local function on_readable(self, err)
   self:drain_and_rewake(self.budget)
 end
 
+-- Close the poll handles still open on descriptor number `fd`, which is
+-- ours from now on: they are stale, left by a dispatcher whose run was
+-- stopped through bgworker.core (core.stop() closed its descriptor under
+-- them). libuv refuses a second handle on a number it lists (EEXIST).
+local function close_stale_polls(fd)
+  uv.walk(function(handle)
+    if handle:get_type() == "poll" and not handle:is_closing() and handle:fileno() == fd then
+      handle:close()
+    end
+  end)
+end
+
 function Luv.start(self, opts)
   local fd, err = signal.start_fd(opts)
   if not fd then
     return nil, err
   end
   self.fd = fd
+  close_stale_polls(fd)
   local ok, handle
   ok, handle, err = pcall(uv.new_poll, fd)
   if ok and handle then
