@@ -59,6 +59,28 @@ describe("bgworker.luv", function()
     assert.same({ 1, 2, 3 }, got)
   end)
 
+  it("works with a luv loaded anew, as a test runner's insulation does between files", function()
+    -- Unloaded and collected, then loaded again: luv's own uv.walk crashed
+    -- there (bgworker.busted walks the handles of each luv test), unless
+    -- bgworker.luv kept the first luv alive. In a new interpreter: nothing
+    -- else holds that first luv.
+    local status, output = support.run_lua([[
+      require "bgworker.luv"
+      package.loaded.luv, package.loaded["bgworker.luv"] = nil, nil
+      collectgarbage()
+      collectgarbage()
+      local uv = require "luv"
+      local d = require("bgworker").new { loop = "luv" }
+      collectgarbage()
+      local polls = 0
+      uv.walk(function(handle) if handle:get_type() == "poll" then polls = polls + 1 end end)
+      d:stop()
+      print("polls", polls)
+    ]], 30)
+    assert.equals(0, status, output)
+    assert.matches("polls\t1", output)
+  end)
+
   it("dispatches without the loop", function()
     finally(support.untimed_drains())
     d = bgworker.new { loop = "luv" }

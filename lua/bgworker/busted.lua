@@ -176,6 +176,9 @@ end
 
 loops.luv = {
   start = function(test)
+    -- bgworker.luv first: it keeps each luv alive (an earlier luv collected
+    -- makes uv.walk crash).
+    require "bgworker.luv"
     local uv = require "luv"
     test.uv, test.handles = uv, luv_handles(uv)
     -- Brings uv.run("once") back at least every TICK, for the clock.

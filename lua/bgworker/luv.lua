@@ -41,6 +41,18 @@ local uv = require "luv"
 
 local pcall, tostring = pcall, tostring
 
+-- luv cannot be loaded anew in a Lua state once an earlier luv of that
+-- state was collected: the new one's uv.walk then crashes (luv 1.44, on
+-- every Lua version). A test runner that unloads modules between spec
+-- files (busted's insulation) does just that. So every luv this module
+-- gets lives as long as the state, held by the registry.
+do
+  local registry = debug.getregistry()
+  local held = registry["bgworker.luv: luv modules"] or {}
+  held[uv] = true
+  registry["bgworker.luv: luv modules"] = held
+end
+
 local M = {}
 
 local Luv = dispatcher.class("luv", { kind = args.option.one_of { "eventfd", "pipe" } })
