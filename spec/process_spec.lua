@@ -10,6 +10,10 @@ local process = require "bgworker.process"
 local support = require "support"
 
 local function pack(...) return { n = select("#", ...), ... } end
+-- Seconds a wait that must end may take: far more under valgrind
+-- (BGWORKER_SMALL), where the helper processes (forks that never exec)
+-- run under valgrind too.
+local PATIENCE = support.size(10, 60)
 local unpack = table.unpack or unpack
 
 -- This process's pid: the parent of the shell it runs.
@@ -56,7 +60,7 @@ end
 -- Whether process `pid` is gone within `seconds` (reaped: its /proc entry
 -- is gone), while the dispatcher runs.
 local function gone(pid, seconds)
-  local deadline = core.now() + (seconds or 5)
+  local deadline = core.now() + (seconds or PATIENCE)
   repeat
     local f = io.open("/proc/" .. pid .. "/stat")
     if not f then return true end
@@ -71,12 +75,12 @@ end
 -- together).
 local function streams_lines()
   local p = process.spawn { "sh", "-c", "echo a; sleep 0.3; echo b" }
-  assert.equals("a", p:read_line(5))
+  assert.equals("a", p:read_line(PATIENCE))
   local first = core.now()
-  assert.equals("b", p:read_line(5))
+  assert.equals("b", p:read_line(PATIENCE))
   local between = core.now() - first
-  assert.same(pack(nil, "eof"), pack(p:read_line(5)))
-  assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+  assert.same(pack(nil, "eof"), pack(p:read_line(PATIENCE)))
+  assert.same(pack(true, "exit", 0), pack(p:wait(PATIENCE)))
   assert.is_true(between > 0.15, "b came " .. between .. " s after a")
 end
 
@@ -125,8 +129,8 @@ describe("bgworker.process", function()
       local t0 = core.now()
       assert.same(pack(nil, "timeout"), pack(process.run({ "sh", "-c", "sleep " .. marker .. " & sleep " .. marker },
         { timeout = 0.3 })))
-      assert.is_true(core.now() - t0 < 2)
-      local deadline = core.now() + 5
+      assert.is_true(core.now() - t0 < PATIENCE)
+      local deadline = core.now() + PATIENCE
       while #with_marker(marker) > 0 and core.now() < deadline do d:wait(0.05) end
       assert.same({}, with_marker(marker))
     end)
@@ -169,38 +173,38 @@ describe("bgworker.process", function()
       assert.is_number(p.pid)
       for i = 1, 20 do
         assert.is_true(p:write("line " .. i .. "\n"))
-        assert.equals("line " .. i, p:read_line(5))
+        assert.equals("line " .. i, p:read_line(PATIENCE))
       end
       assert.is_true(p:write("no newline"))
       p:close_stdin()
       assert.same(pack(nil, "closed"), pack(p:write("late")))
-      assert.equals("no newline", p:read_line(5))
-      assert.same(pack(nil, "eof"), pack(p:read_line(5)))
-      assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+      assert.equals("no newline", p:read_line(PATIENCE))
+      assert.same(pack(nil, "eof"), pack(p:read_line(PATIENCE)))
+      assert.same(pack(true, "exit", 0), pack(p:wait(PATIENCE)))
     end)
 
     it("reads stderr and raw chunks, and times out a read", function()
       local p = process.spawn { "sh", "-c", "printf 'x y'; printf 'e1\\ne2\\n' >&2; read line; echo \"got $line\"" }
-      assert.equals("e1", p.stderr:read_line(5))
-      assert.equals("e2", p.stderr:read_line(5))
-      local chunk = p:read(5)
+      assert.equals("e1", p.stderr:read_line(PATIENCE))
+      assert.equals("e2", p.stderr:read_line(PATIENCE))
+      local chunk = p:read(PATIENCE)
       assert.equals("x y", chunk)
       assert.same(pack(nil, "timeout"), pack(p:read(0.05)))
       assert.same(pack(nil, "timeout"), pack(p:wait(0.05)))
       p:write("it\n")
-      assert.equals("got it", p:read_line(5))
-      assert.same(pack(nil, "eof"), pack(p.stderr:read(5)))
-      assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+      assert.equals("got it", p:read_line(PATIENCE))
+      assert.same(pack(nil, "eof"), pack(p.stderr:read(PATIENCE)))
+      assert.same(pack(true, "exit", 0), pack(p:wait(PATIENCE)))
     end)
 
     it("sends signals to the whole group, and says when the program was reaped", function()
       local marker = "27.1828" .. math.random(1000, 9999)
       local p = process.spawn { "sh", "-c", "sleep " .. marker .. " & sleep " .. marker .. "; echo never" }
       assert.is_true(p:kill())
-      assert.same(pack(nil, "signal", 15), pack(p:wait(5)))
-      assert.same(pack(nil, "eof"), pack(p:read_line(5)))
+      assert.same(pack(nil, "signal", 15), pack(p:wait(PATIENCE)))
+      assert.same(pack(nil, "eof"), pack(p:read_line(PATIENCE)))
       assert.same(pack(nil, "ended"), pack(p:kill("KILL")))
-      local deadline = core.now() + 5
+      local deadline = core.now() + PATIENCE
       while #with_marker(marker) > 0 and core.now() < deadline do d:wait(0.05) end
       assert.same({}, with_marker(marker))
       local ok, err = pcall(function() p:kill("NOPE") end)
@@ -215,7 +219,7 @@ describe("bgworker.process", function()
       assert.same(pack(nil, "timeout"), pack(p:wait(0.5)))
       local total = 0
       while true do
-        local chunk, why = p:read(10)
+        local chunk, why = p:read(PATIENCE)
         if not chunk then
           assert.equals("eof", why)
           break
@@ -223,7 +227,7 @@ describe("bgworker.process", function()
         total = total + #chunk
       end
       assert.equals(8000000, total)
-      assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+      assert.same(pack(true, "exit", 0), pack(p:wait(PATIENCE)))
     end)
 
     it("hands the output to on_output as it comes, instead of keeping it", function()
@@ -233,7 +237,7 @@ describe("bgworker.process", function()
           if data then got[#got + 1] = stream .. ":" .. data else ended = ended + 1 end
         end,
       })
-      assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+      assert.same(pack(true, "exit", 0), pack(p:wait(PATIENCE)))
       while ended < 2 do d:wait(1) end
       table.sort(got)
       assert.same({ "stderr:two\n", "stdout:one\n", "stdout:three\n" }, got)
@@ -294,7 +298,7 @@ local MANY = support.size(100, 20)
 -- select and Copas (`all`), the others in every loop.
 local function loop_block(loop, all)
   local helper = require "bgworker.busted"
-  local function async(body) return helper.async(body, { loop = loop, timeout = 10 }) end
+  local function async(body) return helper.async(body, { loop = loop, timeout = 3 * PATIENCE }) end
 
   it("runs a program while the loop goes on", async(function()
     local ticks, running = 0, true
@@ -316,18 +320,18 @@ local function loop_block(loop, all)
     local p = process.spawn { "cat" }
     for i = 1, 10 do
       assert.is_true(p:write(i .. "\n"))
-      assert.equals(tostring(i), p:read_line(5))
+      assert.equals(tostring(i), p:read_line(PATIENCE))
     end
     p:close_stdin()
-    assert.same(pack(nil, "eof"), pack(p:read_line(5)))
-    assert.same(pack(true, "exit", 0), pack(p:wait(5)))
+    assert.same(pack(nil, "eof"), pack(p:read_line(PATIENCE)))
+    assert.same(pack(true, "exit", 0), pack(p:wait(PATIENCE)))
   end))
 
   it("kills a program that started processes of its own at its timeout, leaving none", async(function()
     local marker = "16.1803" .. math.random(1000, 9999)
     assert.same(pack(nil, "timeout"), pack(process.run({ "sh", "-c", "sleep " .. marker .. " & sleep " .. marker },
       { timeout = 0.3 })))
-    helper.eventually(function() return #with_marker(marker) == 0 end, 5)
+    helper.eventually(function() return #with_marker(marker) == 0 end, PATIENCE)
   end))
 
   it("runs 20 processes at once from as many job callbacks, which wait", async(function()
@@ -339,7 +343,7 @@ local function loop_block(loop, all)
         done = done + 1
       end)
     end
-    helper.eventually(function() return done == 20 end, 10)
+    helper.eventually(function() return done == 20 end, PATIENCE)
     for i = 1, 20 do assert.same(pack(true, "exit", 0, i .. "\n", ""), results[i]) end
   end))
 
@@ -351,8 +355,8 @@ local function loop_block(loop, all)
       list[i] = process.spawn { "sh", "-c", "echo " .. i .. "; exit " .. (i % 7) }
     end
     for i = 1, MANY do
-      assert.equals(tostring(i), list[i]:read_line(10))
-      assert.same(pack(i % 7 == 0 or nil, "exit", i % 7), pack(list[i]:wait(10)))
+      assert.equals(tostring(i), list[i]:read_line(PATIENCE))
+      assert.same(pack(i % 7 == 0 or nil, "exit", i % 7), pack(list[i]:wait(PATIENCE)))
     end
     assert.same({}, zombies())
   end))
