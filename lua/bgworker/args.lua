@@ -108,6 +108,10 @@ function args.option.boolean(fname, n, name, v)
   return args.typed(fname, n, name, v, "boolean", true)
 end
 
+function args.option.string(fname, n, name, v)
+  return args.typed(fname, n, name, v, "string", true)
+end
+
 function args.option.func(fname, n, name, v)
   return args.typed(fname, n, name, v, "function", true)
 end

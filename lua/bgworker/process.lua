@@ -50,7 +50,7 @@ local process = {}
 local running = setmetatable({}, { __mode = "k" })
 
 -- A dispatcher that stops kills the children started under it: their
--- events could no longer be delivered. Their threads reap them.
+-- events could no longer be delivered. Their helpers reap them.
 dispatcher.on_stop("bgworker.process", function(d)
   for handle, owner in pairs(running) do
     if owner == d then
@@ -178,12 +178,10 @@ local function check_env(fname, n, name, env)
   end
 end
 
-local function check_string(fname, n, name, v)
-  return args.typed(fname, n, name, v, "string", true)
-end
-
-local RUN_OPTIONS = { timeout = args.option.seconds, stdin = check_string, cwd = check_string, env = check_env }
-local SPAWN_OPTIONS = { cwd = check_string, env = check_env, on_output = args.option.func }
+local RUN_OPTIONS = {
+  timeout = args.option.seconds, stdin = args.option.string, cwd = args.option.string, env = check_env,
+}
+local SPAWN_OPTIONS = { cwd = args.option.string, env = check_env, on_output = args.option.func }
 
 -- Start `argv` for `fname`: its state and native handle, or nil and the
 -- message of an error to raise. `collect`: keep all the output (run).

@@ -2,8 +2,9 @@
 //!
 //! `spawn(argv, opts, on_event)` starts a program (spawn.rs: through a
 //! helper process, which reaps it) and a thread of its own (child.rs) that
-//! feeds its stdin, reads its output and learns how it ended; each event reaches the Lua side through bgworker, in order, as
-//! `on_event(kind, ...)` run by the dispatcher:
+//! feeds its stdin, reads its output and learns how it ended; each event
+//! reaches the Lua side through bgworker, in order, as `on_event(kind,
+//! ...)` run by the dispatcher:
 //! - `on_event("stdout", chunk)`, `on_event("stderr", chunk)`: bytes as the
 //!   child wrote them; `chunk` nil at the end of the stream;
 //! - `on_event("exit", how, code)`: `"exit"` and the exit status, or

@@ -80,17 +80,27 @@ fn send(fd: RawFd, kind: i32, value: i32) {
     unsafe { libc::write(fd, message.as_ptr().cast(), 8) };
 }
 
+/// `read` into `buffer` (`len` bytes at it), again when a signal
+/// interrupted it: what `read` returned. Async-signal-safe.
+///
+/// # Safety
+/// `buffer` is `len` writable bytes.
+unsafe fn read_retrying(fd: RawFd, buffer: *mut libc::c_void, len: usize) -> isize {
+    loop {
+        // SAFETY: the caller's buffer.
+        let n = unsafe { libc::read(fd, buffer, len) };
+        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return n;
+        }
+    }
+}
+
 /// The next message of the status pipe, or `None` at its end.
 fn receive(fd: RawFd) -> Option<(i32, i32)> {
     let mut message = [0i32; 2];
-    loop {
-        // SAFETY: reads into a live array from our own pipe.
-        let n = unsafe { libc::read(fd, message.as_mut_ptr().cast(), 8) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        return (n == 8).then_some((message[0], message[1]));
-    }
+    // SAFETY: a live array of 8 bytes.
+    let n = unsafe { read_retrying(fd, message.as_mut_ptr().cast(), 8) };
+    (n == 8).then_some((message[0], message[1]))
 }
 
 impl Helper {
@@ -218,13 +228,8 @@ pub fn spawn(request: &Request) -> io::Result<Child> {
         }
     };
     let mut errno = [0u8; 4];
-    // SAFETY: reads into a live buffer from our own pipe.
-    let reported = loop {
-        let n = unsafe { libc::read(exec_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
-        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break n;
-        }
-    };
+    // SAFETY: a live buffer of 4 bytes.
+    let reported = unsafe { read_retrying(exec_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
     if reported == 4 {
         // The program could not start: it exited, its helper says so.
         helper.ended();
@@ -360,10 +365,9 @@ impl Plan<'_> {
                 _ => (KILLED, info.si_status()),
             };
             send(self.status, kind, value);
+            // Until the end of the release pipe (we write nothing to it).
             let mut byte = 0u8;
-            while libc::read(self.release, (&mut byte as *mut u8).cast(), 1) != 0
-                && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-            {}
+            read_retrying(self.release, (&mut byte as *mut u8).cast(), 1);
             libc::waitpid(pid, ptr::null_mut(), 0);
             libc::_exit(0)
         }
